@@ -1,0 +1,117 @@
+"""Heap-ordered binary trees: the index arithmetic shared by FFF-v1 and FFF-v2.
+
+Conventions (both variants, and the published PyTorch code):
+
+* Node ``(level m, position j)`` has flat index ``2**m - 1 + j``; the root is 0.
+* Children of node ``n``: left ``2n + 1``, right ``2n + 2``, i.e. ``2n + 1 + go_right``.
+* A token goes right when its node's logit is positive (the tie rule is the caller's).
+* A tree with ``levels`` levels has ``2**levels - 1`` nodes. FFF-v1 of depth ``d`` has ``d``
+  routing levels and ``2**d`` leaves; FFF-v2 of depth ``d`` has ``d + 1`` levels of neurons.
+* With K trees, tree ``t`` owns flat indices ``[t*N, (t+1)*N)`` of the node dimension.
+
+Every function works on Python ints, numpy arrays and traced jax arrays alike.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+
+
+def num_nodes(levels: int) -> int:
+    """Nodes in a complete binary tree of ``levels`` levels: ``2**levels - 1``."""
+    if levels < 0:
+        raise ValueError(f"levels must be >= 0, got {levels}")
+    return 2**levels - 1
+
+
+def v1_sizes(depth: int) -> tuple[int, int]:
+    """``(n_nodes, n_leaves)`` of an FFF-v1 tree of ``depth`` routing levels."""
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    return 2**depth - 1, 2**depth
+
+
+def v2_nodes_per_tree(depth: int) -> int:
+    """Neurons per FFF-v2 tree of ``depth`` descents: ``2**(depth + 1) - 1``."""
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    return 2 ** (depth + 1) - 1
+
+
+def level_offset(level):
+    """Flat index of the first node of ``level``: ``2**level - 1``."""
+    return (1 << level) - 1 if isinstance(level, int) else (2**level) - 1
+
+
+def level_of(node):
+    """Level of a flat node index (root is level 0)."""
+    if isinstance(node, int):
+        return (node + 1).bit_length() - 1
+    xp = np if isinstance(node, np.ndarray) else jnp
+    # log2 of an integer below 2**24 is exact in float32.
+    return xp.floor(xp.log2((node + 1).astype(xp.float32))).astype(node.dtype)
+
+
+def child(node, go_right):
+    """Child of ``node``: ``2 * node + 1 + go_right`` (``go_right`` a bool or 0/1)."""
+    if isinstance(go_right, bool):
+        go_right = int(go_right)
+    elif hasattr(go_right, "astype"):
+        go_right = go_right.astype(getattr(node, "dtype", np.int32))
+    return 2 * node + 1 + go_right
+
+
+def parent(node):
+    """Parent of a non-root ``node``: ``(node - 1) // 2``."""
+    return (node - 1) // 2
+
+
+def leaf_to_node(leaf, depth: int):
+    """Flat node index that leaf ``leaf`` of a ``depth``-level tree would have: ``leaf + 2**depth - 1``."""
+    return leaf + (2**depth - 1)
+
+
+def node_to_leaf(node, depth: int):
+    """Leaf index of the flat index reached after ``depth`` descents: ``node - (2**depth - 1)``."""
+    return node - (2**depth - 1)
+
+
+def leaf_to_path(leaf, depth: int):
+    """Decisions ``(..., depth)`` (1 = right) leading to ``leaf``; the root decision comes first."""
+    shifts = np.arange(depth - 1, -1, -1)
+    if isinstance(leaf, int):
+        leaf = np.asarray(leaf)
+    xp = np if isinstance(leaf, np.ndarray) else jnp
+    return (xp.asarray(leaf)[..., None] >> xp.asarray(shifts, dtype=xp.asarray(leaf).dtype)) & 1
+
+
+def path_to_leaf(path):
+    """Inverse of :func:`leaf_to_path`: ``(..., depth)`` decisions (1 = right) to leaf indices ``(...)``."""
+    depth = path.shape[-1]
+    xp = np if isinstance(path, np.ndarray) else jnp
+    weights = xp.asarray(2 ** np.arange(depth - 1, -1, -1), dtype=path.dtype)
+    return (path * weights).sum(axis=-1)
+
+
+def leaf_ancestors(depth: int) -> np.ndarray:
+    """``(2**depth, depth)`` int32 table: the node visited at each level on the way to each leaf.
+
+    ``ancestors[l, k] = 2**k - 1 + (l >> (depth - k))``.
+    """
+    leaves = np.arange(2**depth)[:, None]
+    levels = np.arange(depth)[None, :]
+    return ((1 << levels) - 1 + (leaves >> (depth - levels))).astype(np.int32)
+
+
+def leaf_decisions(depth: int) -> np.ndarray:
+    """``(2**depth, depth)`` int32 table: the decision (1 = right) taken at each level towards each leaf."""
+    return leaf_to_path(np.arange(2**depth, dtype=np.int32), depth).astype(np.int32)
+
+
+def tree_offsets(n_trees: int, nodes_per_tree: int) -> np.ndarray:
+    """``(n_trees,)`` int32: the flat index of each tree's root in a K-tree node table."""
+    return (np.arange(n_trees) * nodes_per_tree).astype(np.int32)
+
+
+def global_node(tree, node, nodes_per_tree: int):
+    """Flat index in the ``(K * N, ...)`` node table of ``node`` of tree ``tree``."""
+    return tree * nodes_per_tree + node

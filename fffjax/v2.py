@@ -1,0 +1,109 @@
+"""FFF-v2 (UltraFastBERT, arXiv 2311.10770) as pure functions.
+
+K trees of depth D, ``N = 2**(D+1) - 1`` single-GELU-neuron nodes each, in one node table::
+
+    w_in (K*N, H)   b_in (K*N,)   w_out (K*N, H_out)     (published linear_out.weight = w_out.T)
+
+Per token: ``y = sum_trees sum_{k=0..D} gelu(z[n_k]) * w_out[n_k]``, with ``z = x @ w_in.T + b_in``,
+``n_0 = 0`` and ``n_{k+1} = 2 n_k + 1 + (z[n_k] > 0)`` (strict), exact erf GELU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fffjax import tree
+from fffjax._typing import Array, Float, Int, PRNGKeyArray
+
+HIGHEST = jax.lax.Precision.HIGHEST
+INIT_SCHEMES = ("published", "crammed")
+
+
+def gelu(z: Array) -> Array:
+    """Exact (erf) GELU, as torch ``nn.GELU()``; jax's default is the tanh approximation."""
+    return jax.nn.gelu(z, approximate=False)
+
+
+def init(
+    key: PRNGKeyArray,
+    features: int,
+    depth: int,
+    *,
+    n_trees: int = 1,
+    out_features: int | None = None,
+    scheme: str = "published",
+    dtype=jnp.float32,
+) -> dict[str, Array]:
+    """``scheme="published"``: the layer's own init (``U(+-1/sqrt(H))`` in, ``U(+-1/sqrt((D+1)K))`` out);
+    ``"crammed"``: crammed BERT's re-init of every linear (normal 0.02, zero bias)."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {INIT_SCHEMES}, got {scheme!r}")
+    out_features = features if out_features is None else out_features
+    n = n_trees * tree.v2_nodes_per_tree(depth)
+    k_in, k_b, k_out = jax.random.split(key, 3)
+    if scheme == "crammed":
+        return {
+            "w_in": 0.02 * jax.random.normal(k_in, (n, features), dtype),
+            "b_in": jnp.zeros((n,), dtype),
+            "w_out": 0.02 * jax.random.normal(k_out, (n, out_features), dtype),
+        }
+    a, b = 1.0 / np.sqrt(features), 1.0 / np.sqrt((depth + 1) * n_trees)
+    return {
+        "w_in": jax.random.uniform(k_in, (n, features), dtype, -a, a),
+        "b_in": jax.random.uniform(k_b, (n,), dtype, -a, a),
+        "w_out": jax.random.uniform(k_out, (n, out_features), dtype, -b, b),
+    }
+
+
+def path_from_logits(
+    z: Float[Array, "batch nodes"], *, depth: int, n_trees: int
+) -> Int[Array, "batch trees levels"]:
+    """Flat node indices on each token's path in each tree, from the logits of every node."""
+    per_tree = tree.v2_nodes_per_tree(depth)
+    offsets = jnp.asarray(tree.tree_offsets(n_trees, per_tree))
+    node = jnp.zeros((z.shape[0], n_trees), jnp.int32)
+    path = []
+    for _ in range(depth + 1):
+        flat = node + offsets
+        path.append(flat)
+        node = tree.child(node, jnp.take_along_axis(z, flat, axis=1) > 0)
+    return jnp.stack(path, axis=-1)
+
+
+def masked_forward(
+    x: Float[Array, "batch din"],
+    w_in: Float[Array, "nodes din"],
+    b_in: Float[Array, " nodes"],
+    w_out: Float[Array, "nodes dout"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+) -> Float[Array, "batch dout"]:
+    """The published computation: every node densely, times a (gradient-free) path mask."""
+    z = jnp.matmul(x, w_in.T, precision=HIGHEST) + b_in
+    path = path_from_logits(jax.lax.stop_gradient(z), depth=depth, n_trees=n_trees)
+    mask = jnp.zeros(z.shape, bool).at[jnp.arange(z.shape[0])[:, None], path.reshape(z.shape[0], -1)].set(True)
+    return jnp.matmul(jnp.where(mask, gelu(z), 0.0).astype(x.dtype), w_out, precision=HIGHEST)
+
+
+def conditional_forward(
+    x: Float[Array, "batch din"],
+    w_in: Float[Array, "nodes din"],
+    b_in: Float[Array, " nodes"],
+    w_out: Float[Array, "nodes dout"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+) -> Float[Array, "batch dout"]:
+    """Touches only the ``K * (D + 1)`` rows on each token's paths (row gathers; scatter-add gradients)."""
+    per_tree = tree.v2_nodes_per_tree(depth)
+    offsets = jnp.asarray(tree.tree_offsets(n_trees, per_tree))
+    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
+    acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else x.dtype
+    y = jnp.zeros((x.shape[0], w_out.shape[1]), acc)
+    for _ in range(depth + 1):
+        flat = node + offsets                                          # (B, K)
+        z = jnp.sum(x[:, None, :] * w_in[flat], axis=-1, dtype=acc) + b_in[flat]
+        y = y + jnp.sum(gelu(z)[..., None] * w_out[flat], axis=1, dtype=acc)
+        node = tree.child(node, z > 0)
+    return y.astype(x.dtype)

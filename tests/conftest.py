@@ -1,0 +1,21 @@
+"""Test configuration: 8 fake CPU devices and highest matmul precision, set before jax initialises."""
+
+import os
+import warnings
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    on_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("FFFJAX_GPU_TESTS") else False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (set FFFJAX_GPU_TESTS=1 on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not on_gpu:
+            item.add_marker(skip_gpu)
