@@ -1,0 +1,1 @@
+"""Data sets: images for FFF-v1 experiments, text for UltraFastBERT."""
