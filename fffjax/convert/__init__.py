@@ -1,0 +1,24 @@
+"""PyTorch interop: FFF layers to and from ``fastfeedforward`` / UltraFastBERT state dicts, and file I/O.
+
+Torch, safetensors and fastfeedforward are optional (the ``torch`` extra) and imported only
+inside the functions that need them.
+"""
+
+from fffjax.convert.io import load, save, to_numpy, to_numpy_dict
+from fffjax.convert.layers import (
+    export_fastfeedforward,
+    export_ultrafast_ff,
+    import_fastfeedforward,
+    import_ultrafast_ff,
+)
+
+__all__ = [
+    "export_fastfeedforward",
+    "export_ultrafast_ff",
+    "import_fastfeedforward",
+    "import_ultrafast_ff",
+    "load",
+    "save",
+    "to_numpy",
+    "to_numpy_dict",
+]
