@@ -1,0 +1,23 @@
+"""Crammed-BERT / UltraFastBERT models: configurations and NNX modules."""
+
+from fffjax.models.config import CONFIGS, ModelConfig, get_config
+from fffjax.models.crammed_bert import (
+    CrammedBertClassifier,
+    CrammedBertMLM,
+    count_parameters,
+    mlm_logits_at,
+    set_fff_implementation,
+    sinusoidal_positions,
+)
+
+__all__ = [
+    "CONFIGS",
+    "CrammedBertClassifier",
+    "CrammedBertMLM",
+    "ModelConfig",
+    "count_parameters",
+    "get_config",
+    "mlm_logits_at",
+    "set_fff_implementation",
+    "sinusoidal_positions",
+]

@@ -1,0 +1,240 @@
+"""Crammed-BERT configs and NNX modules (the torch parity tests are in test_convert_ultrafastbert.py)."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fffjax.models import (
+    CONFIGS,
+    CrammedBertClassifier,
+    CrammedBertMLM,
+    ModelConfig,
+    count_parameters,
+    get_config,
+    mlm_logits_at,
+    set_fff_implementation,
+    sinusoidal_positions,
+)
+
+TINY = get_config("tiny")
+
+
+def _batch(config, batch=3, seq=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, config.vocab_size, size=(batch, seq))
+    lengths = np.array([seq, seq - 5, 3])[:batch]
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, config.pad_token_id)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm():
+    model = CrammedBertMLM(TINY, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_json_and_arch_round_trip(name):
+    config = CONFIGS[name]
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert ModelConfig.from_json(config.to_json()) == config
+    assert ModelConfig.from_arch(json.loads(json.dumps(config.to_arch()))) == config
+    assert ModelConfig.from_arch({"arch": config.to_arch(), "model_type": "crammedBERT"}) == config
+
+
+def test_base_config_is_ultrafastbert_1x11_long():
+    base = get_config("base")
+    assert (base.num_layers, base.hidden_size, base.num_heads, base.vocab_size) == (16, 768, 12, 32768)
+    assert (base.ffn, base.fff_trees, base.fff_depth, base.fff_nodes) == ("fff", 1, 11, 4095)
+    assert base.norm_factor == 0.125 and base.norm_eps == 1e-12 and base.max_seq_length == 128
+    arch = base.to_arch()
+    assert (arch["intermed_type"], arch["intermed_size"], arch["intermed_depth"]) == ("fff", 1, 11)
+    assert arch["embedding"]["vocab_size"] == 32768 and arch["attention"]["num_attention_heads"] == 12
+    dense = get_config("base-dense").to_arch()
+    assert (dense["intermed_type"], dense["intermed_size"]) == ("ff", 3072) and "intermed_depth" not in dense
+
+
+def test_get_config_reads_json_files(tmp_path):
+    custom = dataclasses.replace(TINY, num_labels=3, num_layers=1)
+    (tmp_path / "c.json").write_text(custom.to_json())
+    assert get_config(tmp_path / "c.json") == custom
+    (tmp_path / "hf.json").write_text(json.dumps({"arch": custom.to_arch(), "model_type": "crammedBERT"}))
+    assert get_config(str(tmp_path / "hf.json")) == custom
+    with pytest.raises(ValueError, match="neither a preset"):
+        get_config("no-such-config")
+
+
+def test_config_rejects_bad_values_and_unsupported_arch():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        dataclasses.replace(TINY, num_heads=3)
+    with pytest.raises(ValueError, match="ffn must be one of"):
+        dataclasses.replace(TINY, ffn="moe")
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({**TINY.to_dict(), "hidden": 3})
+    for section, key, value in [(None, "nonlin", "GELUglu"), ("attention", "qkv_bias", True),
+                                ("embedding", "pos_embedding", "learned"), (None, "use_bias", True)]:
+        arch = TINY.to_arch()
+        (arch if section is None else arch[section])[key] = value
+        with pytest.raises(ValueError, match=key):
+            ModelConfig.from_arch(arch)
+    arch = TINY.to_arch()
+    arch["embedding"]["vocab_size"] = None
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelConfig.from_arch(arch)
+
+
+def test_published_arch_with_null_num_labels_and_unresolved_refs():
+    arch = get_config("base").to_arch()
+    arch["num_labels"] = None
+    arch["embedding"]["embedding_dim"] = "${arch.hidden_size}"
+    arch["sparse_prediction"] = "${train.objective.mlm_probability}"
+    assert ModelConfig.from_arch(arch) == get_config("base")
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def test_sinusoidal_positions_interleave_sin_and_cos():
+    table = sinusoidal_positions(10, 8)
+    t, i = 7, 2
+    omega = math.exp(-2 * i * math.log(10000.0) / 8)
+    np.testing.assert_allclose(table[t, 2 * i], math.sin(t * omega), atol=1e-6)
+    np.testing.assert_allclose(table[t, 2 * i + 1], math.cos(t * omega), atol=1e-6)
+    np.testing.assert_array_equal(table[0, 1::2], 1.0)
+
+
+def test_mlm_shapes_init_and_parameter_count(tiny_mlm):
+    ids, mask = _batch(TINY)
+    logits = tiny_mlm(ids, mask)
+    assert logits.shape == (3, 16, TINY.vocab_size) and logits.dtype == jnp.float32
+    assert tiny_mlm.encode(ids, mask).shape == (3, 16, TINY.hidden_size)
+    emb = tiny_mlm.encoder.embedding
+    assert np.all(np.asarray(emb.word_embedding.embedding[...][TINY.pad_token_id]) == 0.0)
+    np.testing.assert_allclose(emb.pos_embedding.scale_factor[...], [1 / math.sqrt(TINY.hidden_size)], rtol=1e-6)
+    ffn = tiny_mlm.encoder.layers[0].ffn
+    assert ffn.w_in[...].shape == (TINY.fff_nodes, TINY.hidden_size)
+    assert 0.015 < float(jnp.std(ffn.w_in[...])) < 0.025 and float(jnp.abs(ffn.b_in[...]).max()) == 0.0
+    h, n, v, l = TINY.hidden_size, TINY.fff_nodes, TINY.vocab_size, TINY.num_layers
+    expected = v * h + 1 + 2 * h + l * (4 * h + 3 * h * h + h * h + 2 * n * h + n) + 2 * h
+    assert count_parameters(tiny_mlm) == expected
+
+
+def test_base_shapes_without_materialising():
+    abstract = nnx.eval_shape(lambda: CrammedBertMLM(get_config("base"), rngs=nnx.Rngs(0)))
+    assert count_parameters(abstract) == 163_671_025
+    layer = abstract.encoder.layers[15]
+    assert layer.attn.query_key_value.kernel.shape == (768, 2304)
+    assert layer.ffn.w_in.shape == (4095, 768) and layer.ffn.w_out.shape == (4095, 768)
+    dense = nnx.eval_shape(lambda: CrammedBertMLM(get_config("base-dense"), rngs=nnx.Rngs(0)))
+    assert dense.encoder.layers[0].ffn.dense_in.kernel.shape == (768, 3072)
+
+
+def test_padding_is_masked(tiny_mlm):
+    """Appending padded positions leaves the logits of the real tokens unchanged."""
+    ids, _ = _batch(TINY, batch=1, seq=8)
+    short = tiny_mlm(ids, jnp.ones_like(ids))
+    padded_ids = jnp.concatenate([ids, jnp.zeros((1, 5), jnp.int32)], axis=1)
+    padded_mask = jnp.concatenate([jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 5), jnp.int32)], axis=1)
+    padded = tiny_mlm(padded_ids, padded_mask)
+    np.testing.assert_allclose(padded[:, :8], short, atol=2e-5)
+    unmasked = tiny_mlm(padded_ids, None)
+    assert float(jnp.abs(unmasked[:, :8] - short).max()) > 1e-3
+
+
+def test_conditional_fff_equals_masked_reference():
+    model = CrammedBertMLM(TINY, implementation="xla", rngs=nnx.Rngs(1))
+    model.eval()
+    ids, mask = _batch(TINY, seed=1)
+    conditional = model(ids, mask)
+    set_fff_implementation(model, "reference")
+    assert model.encoder.layers[1].ffn.implementation == "reference"
+    np.testing.assert_allclose(model(ids, mask), conditional, atol=1e-5)
+
+
+def test_dense_twin_runs_and_differs_from_fff():
+    dense = CrammedBertMLM(get_config("tiny-dense"), rngs=nnx.Rngs(0))
+    dense.eval()
+    ids, mask = _batch(TINY)
+    assert dense(ids, mask).shape == (3, 16, TINY.vocab_size)
+    assert dense.encoder.layers[0].ffn.dense_in.kernel.shape == (64, 256)
+
+
+def test_dropout_train_and_eval_modes():
+    config = dataclasses.replace(TINY, dropout=0.5)
+    model = CrammedBertMLM(config, rngs=nnx.Rngs(0, dropout=1))
+    ids, mask = _batch(TINY)
+    first, second = model(ids, mask), model(ids, mask)  # train mode: the dropout stream advances
+    assert float(jnp.abs(first - second).max()) > 1e-3
+    model.eval()
+    np.testing.assert_array_equal(model(ids, mask), model(ids, mask))
+
+
+def test_sparse_prediction_matches_full_logits(tiny_mlm):
+    ids, mask = _batch(TINY)
+    positions = jnp.array([[0, 5, 15], [1, 2, 3], [0, 1, 2]], jnp.int32)
+    sparse = mlm_logits_at(tiny_mlm, ids, mask, positions)
+    full = tiny_mlm(ids, mask)
+    np.testing.assert_allclose(sparse, jnp.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
+
+
+def test_pad_row_gets_no_gradient_through_the_lookup(tiny_mlm):
+    ids, mask = _batch(TINY)
+
+    def hidden_sum(model):
+        return jnp.sum(model.encode(ids, mask) ** 2)
+
+    grads = nnx.grad(hidden_sum)(tiny_mlm)
+    table_grad = grads.encoder.embedding.word_embedding.embedding[...]
+    assert float(jnp.abs(table_grad[TINY.pad_token_id]).max()) == 0.0
+    assert float(jnp.abs(table_grad[ids[0, 0]]).max()) > 0.0
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_classifier_shapes(num_labels):
+    config = dataclasses.replace(TINY, num_labels=num_labels)
+    model = CrammedBertClassifier(config, rngs=nnx.Rngs(0))
+    model.eval()
+    ids, mask = _batch(TINY)
+    out = model(ids, mask)
+    assert out.shape == (3, num_labels) and out.dtype == jnp.float32
+    assert model.pooler.dense.kernel.shape == (TINY.hidden_size, TINY.head_dim)
+
+
+def test_bf16_compute_runs_close_to_fp32(tiny_mlm):
+    model = CrammedBertMLM(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model.eval()
+    ids, mask = _batch(TINY)
+    low = model(ids, mask)
+    assert low.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(low)))
+    assert float(jnp.abs(low - tiny_mlm(ids, mask)).max()) < 0.1
+
+
+def test_bad_inputs_raise_clear_errors(tiny_mlm):
+    ids, mask = _batch(TINY, seq=8)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        tiny_mlm(jnp.ones((1, TINY.max_seq_length + 1), jnp.int32))
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        tiny_mlm(ids, mask[:, :4])
+    with pytest.raises(TypeError, match="integer token ids"):
+        tiny_mlm(ids.astype(jnp.float32))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        CrammedBertMLM(TINY.to_dict(), rngs=nnx.Rngs(0))
+
+
+def test_jit_of_the_module():
+    model = CrammedBertMLM(TINY, rngs=nnx.Rngs(0))
+    model.eval()
+    ids, mask = _batch(TINY)
+    jitted = jax.jit(lambda m, i, a: m(i, a))(model, ids, mask)
+    np.testing.assert_allclose(jitted, model(ids, mask), atol=1e-5)
