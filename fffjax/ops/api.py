@@ -12,7 +12,7 @@ from fffjax import tree, v1, v2
 # op name -> implementation name -> function(x2d, *weights, **static) -> y2d
 _REGISTRY: dict[str, dict[str, Callable]] = {"fff_v1_hard": {}, "fff_v2_hard": {}}
 # Preference order per platform; "xla" is always last and always works.
-_PREFERENCE = {"gpu": ("pallas", "xla"), "cuda": ("pallas", "xla")}
+_PREFERENCE = {"gpu": ("pallas", "xla"), "cuda": ("pallas", "xla"), "cpu": ("cpu_ffi", "xla")}
 _DEFAULT_PREFERENCE = ("xla",)
 _LAZY_BACKENDS = {"pallas": "pallas_kernels"}
 
@@ -165,7 +165,10 @@ def fff_v1_hard(
 _jit_static_v2 = functools.partial(jax.jit, static_argnames=("depth", "n_trees"))
 _jit_static_v1 = functools.partial(jax.jit, static_argnames=("depth", "activation", "leaf_output_bias"))
 
-register_implementation("fff_v2_hard", "xla", _jit_static_v2(v2.conditional_forward))
+from fffjax.ops import cpu_ffi, xla  # noqa: E402  (they import nothing from this module)
+
+register_implementation("fff_v2_hard", "xla", xla.fff_v2_hard_xla)
+register_implementation("fff_v2_hard", "cpu_ffi", cpu_ffi.registered_fn)
 register_implementation("fff_v2_hard", "reference", _jit_static_v2(v2.masked_forward))
 register_implementation("fff_v1_hard", "xla", _jit_static_v1(v1.hard_forward))
 register_implementation("fff_v1_hard", "reference", _jit_static_v1(v1.hard_forward_reference))

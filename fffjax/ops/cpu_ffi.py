@@ -1,0 +1,157 @@
+"""FFF-v2 hard forward as a C++ XLA FFI custom call on the CPU (``implementation="cpu_ffi"``).
+
+The kernel (``_fff_cpu.cc``) is compiled at first use with the machine's ``g++ -O3 -march=native``
+into a cache directory (``$FFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fffjax``, else
+``~/.cache/fffjax``), keyed by a hash of the source, the compiler, the flags and the CPU, and
+loaded with ctypes. When no compiler is found or the build fails, :func:`available` is ``False``
+and the registry falls back to ``"xla"``.
+
+Semantics are those of :func:`fffjax.v2.conditional_forward`: strict ``> 0`` routing, exact erf
+GELU, K trees, any width; bf16/f16 inputs are computed in float32 and cast back. Gradients come
+from a ``custom_vjp`` whose backward is the differentiable jnp gather path of ``fffjax.ops.xla``.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fffjax._typing import Array, Float
+from fffjax.ops import xla as xla_ops
+
+_SOURCE = Path(__file__).with_name("_fff_cpu.cc")
+_TARGET = "fffjax_v2_hard_f32"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_build_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Directory holding the compiled kernels."""
+    if os.environ.get("FFFJAX_CACHE_DIR"):
+        return Path(os.environ["FFFJAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fffjax"
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+        return model + flags
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str) -> Path:
+    """Build the shared library unless a matching one is cached; returns its path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(
+        "\n".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_signature(), jax.ffi.include_dir()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"fff_cpu_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename atomically: parallel test workers may race here.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
+            capture_output=True, text=True, check=True,
+        )
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Compile (or find cached), load and register the kernel; ``False`` when that is impossible."""
+    global _build_error
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None or platform.system() != "Linux":
+        _build_error = "no C++ compiler found (set CXX) or not Linux"
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FffV2HardF32), platform="cpu")
+    except (OSError, subprocess.CalledProcessError) as err:
+        _build_error = getattr(err, "stderr", None) or str(err)
+        return False
+    return True
+
+
+def build_error() -> str | None:
+    """Why the kernel is unavailable (compiler output), or ``None``."""
+    return _build_error
+
+
+def _ffi_forward(x, w_in, b_in, w_out, depth: int, n_trees: int):
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(
+        _TARGET, jax.ShapeDtypeStruct((x.shape[0], w_out.shape[1]), f32), vmap_method="sequential"
+    )
+    y = call(x.astype(f32), w_in.astype(f32), b_in.astype(f32), w_out.astype(f32),
+             depth=np.int64(depth), n_trees=np.int64(n_trees))
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _forward(x, w_in, b_in, w_out, depth, n_trees):
+    return _ffi_forward(x, w_in, b_in, w_out, depth, n_trees)
+
+
+def _forward_fwd(x, w_in, b_in, w_out, depth, n_trees):
+    return _ffi_forward(x, w_in, b_in, w_out, depth, n_trees), (x, w_in, b_in, w_out)
+
+
+def _forward_bwd(depth, n_trees, residuals, g):
+    _, vjp = jax.vjp(functools.partial(xla_ops.gather_forward, depth=depth, n_trees=n_trees), *residuals)
+    return vjp(g)
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "n_trees"))
+def fff_v2_hard_cpu(
+    x: Float[Array, "batch din"],
+    w_in: Float[Array, "nodes din"],
+    b_in: Float[Array, " nodes"],
+    w_out: Float[Array, "nodes dout"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+) -> Float[Array, "batch dout"]:
+    """FFF-v2 hard forward through the C++ kernel (CPU only; differentiable through the jnp path).
+
+    Args:
+        x: ``(B, H)`` inputs; w_in ``(K*N, H)``; b_in ``(K*N,)``; w_out ``(K*N, H_out)``.
+        depth: descents per tree; n_trees: K.
+
+    Returns:
+        ``(B, H_out)`` in the dtype of ``x``.
+    """
+    return _forward(x, w_in, b_in, w_out, depth, n_trees)
+
+
+def registered_fn(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
+    """Registry entry: raises ``NotImplementedError`` off the CPU or when the kernel did not build."""
+    if jax.default_backend() != "cpu" or not available():
+        raise NotImplementedError(f"cpu_ffi unavailable: {build_error() or 'not on the CPU backend'}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
+    return fff_v2_hard_cpu(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
