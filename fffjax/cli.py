@@ -1,0 +1,49 @@
+"""The ``fffjax`` command line: ``fffjax <subcommand> [options]``.
+
+Each subcommand lives in its own module, which defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int`` (the exit status). Register a new one with a single line in
+:data:`SUBCOMMANDS`. Only the module of the subcommand being run is imported, so a command
+does not pay for (or break on) the imports of the others.
+"""
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module defining HELP, add_arguments, run; one-line help shown by `fffjax --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("fffjax.demo", "train FFF-v1 and an equally wide FF on digits, harden, time, "
+                            "checkpoint, export to PyTorch and check it there"),
+    "pretrain": ("fffjax.train.pretrain", "MLM-pretrain crammed BERT (FFF or dense twin) on the offline corpus, resumable"),
+    "finetune": ("fffjax.train.finetune", "fine-tune a crammed-BERT classifier on amazon reviews or spam"),
+}
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed; only ``selected``'s module is imported for its options."""
+    parser = argparse.ArgumentParser(
+        prog="fffjax", description="Fast feedforward networks (FFF-v1, UltraFastBERT's FFF-v2) in JAX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
+    return parser
+
+
+def _selected_command(argv: Sequence[str]) -> str | None:
+    return next((arg for arg in argv if arg in SUBCOMMANDS), None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fffjax`` script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_selected_command(argv)).parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
