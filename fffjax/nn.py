@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fffjax import ops, tree, v1, v2
+from fffjax import ops, parallel, tree, v1, v2
 
 USAGE_MODES = ("none", "soft", "hard")
 
@@ -145,6 +145,9 @@ class UltraFastFF(nnx.Module):
         implementation: see above.
         dtype: parameter dtype.
         rngs: ``nnx.Rngs`` with a ``params`` stream.
+        mesh, tree_parallel_axis: when both are set, the forward is
+            :func:`fffjax.parallel.fff_v2_tree_parallel` over that mesh axis (``mode="subtree"``),
+            which equals the single-device result; ``implementation`` is then unused.
     """
 
     def __init__(
@@ -158,6 +161,8 @@ class UltraFastFF(nnx.Module):
         implementation: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
+        mesh=None,
+        tree_parallel_axis: str | None = None,
     ):
         _check_positive(features=features, n_trees=n_trees)
         if out_features is not None:
@@ -167,12 +172,17 @@ class UltraFastFF(nnx.Module):
         self.features, self.depth, self.n_trees = features, depth, n_trees
         self.out_features = features if out_features is None else out_features
         self.implementation = implementation
+        self.mesh, self.tree_parallel_axis = mesh, tree_parallel_axis
         p = v2.init(rngs.params(), features, depth, n_trees=n_trees, out_features=out_features,
                     scheme=init, dtype=dtype)
         self.w_in, self.b_in, self.w_out = nnx.Param(p["w_in"]), nnx.Param(p["b_in"]), nnx.Param(p["w_out"])
 
     def __call__(self, x):
         """``x (..., H)`` -> ``(..., H_out)``."""
+        if self.mesh is not None and self.tree_parallel_axis is not None:
+            return parallel.fff_v2_tree_parallel(
+                x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
+                n_trees=self.n_trees, mesh=self.mesh, axis=self.tree_parallel_axis)
         return ops.fff_v2_hard(
             x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
             n_trees=self.n_trees, implementation=self.implementation)

@@ -1,0 +1,218 @@
+"""Tree-parallel FFF layers on the 8 fake CPU devices: exact against the single-device references.
+
+Each jitted function is compiled once per mesh and reused for every routing skew (same shapes),
+which keeps the file to about a dozen shard_map compilations.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from fffjax import nn, ops, parallel, tree, v1, v2
+
+DEPTH, TREES, H, H_OUT, TOKENS = 3, 2, 8, 6, 45
+
+
+def make_mesh(shape, names, explicit=False):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape), devices=jax.devices()[:n])
+
+
+def assert_close_per_tensor(got, want):
+    """Every tensor within ``1e-5 * max(1, max|reference|)``."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape
+        tol = 1e-5 * max(1.0, float(jnp.max(jnp.abs(w))))
+        err = float(jnp.max(jnp.abs(g - w)))
+        assert err <= tol, (err, tol)
+
+
+def loss_and_grads(forward):
+    """value_and_grad of a weighted sum of the outputs, w.r.t. every argument."""
+
+    def loss(*args):
+        y = forward(*args)
+        weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+        return jnp.sum(y * weights), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(4)), has_aux=True))
+
+
+def v2_reference(x, w_in, b_in, w_out):
+    return ops.fff_v2_hard(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES, implementation="reference")
+
+
+def v2_cases(top_levels):
+    """(name, x, w_in, b_in, w_out): random routing, and every token into the last / first subtree."""
+    p = v2.init(jax.random.key(0), H, DEPTH, n_trees=TREES, out_features=H_OUT)
+    x = jax.random.normal(jax.random.key(1), (TOKENS, H))
+    cases = [("random", x, p["w_in"], p["b_in"], p["w_out"])]
+    top_rows, _ = parallel.subtree_rows(DEPTH + 1, top_levels, TREES)
+    for name, push in (("all_right", 40.0), ("all_left", -40.0)):
+        cases.append((name, x, p["w_in"], p["b_in"].at[top_rows].add(push), p["w_out"]))
+    return cases
+
+
+def check_v2(mesh, **kwargs):
+    top_levels = mesh.shape["model"].bit_length() - 1
+    fwd = functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=TREES, mesh=mesh, **kwargs)
+    got_fn, want_fn = loss_and_grads(fwd), loss_and_grads(v2_reference)
+    for _, *args in v2_cases(top_levels):
+        (loss, y), grads = got_fn(*args)
+        (loss_ref, y_ref), grads_ref = want_fn(*args)
+        assert_close_per_tensor(y, y_ref)
+        assert_close_per_tensor(grads, grads_ref)
+
+
+@pytest.mark.parametrize("n_model", [2, 4, 8])
+def test_v2_subtree_equals_reference_any_skew(n_model):
+    check_v2(make_mesh((n_model,), ("model",)))
+
+
+def test_v2_subtree_with_data_axis_and_tiny_capacity():
+    # Tokens sharded over (data, model); 2 items per round and destination: up to 6 rounds.
+    check_v2(make_mesh((2, 4), ("data", "model")), capacity_factor=0.5)
+
+
+def test_v2_subtree_explicit_mesh_and_batch_dims():
+    mesh = make_mesh((4,), ("model",), explicit=True)
+    _, x, w_in, b_in, w_out = v2_cases(2)[0]
+    x3 = x[:44].reshape(4, 11, H)
+    y = jax.jit(functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=TREES, mesh=mesh))(
+        x3, w_in, b_in, w_out)
+    assert y.shape == (4, 11, H_OUT)
+    assert_close_per_tensor(y, v2_reference(x3, w_in, b_in, w_out))
+
+
+def test_v2_trees_mode_equals_reference():
+    check_v2(make_mesh((2, 2), ("data", "model")), mode="trees")
+
+
+def test_v2_skew_really_routes_everything_to_one_device():
+    _, x, w_in, b_in, _ = v2_cases(2)[1]
+    z = x @ w_in.T + b_in
+    path = v2.path_from_logits(z, depth=DEPTH, n_trees=TREES)           # (B, K, levels)
+    level2 = path[:, :, 2] - jnp.arange(TREES)[None, :] * tree.v2_nodes_per_tree(DEPTH)
+    assert bool(jnp.all(level2 == 6))                                    # last node of level 2
+
+
+def test_hlo_uses_all_to_all_for_subtrees_and_all_reduce_for_trees():
+    mesh = make_mesh((4,), ("model",))
+    _, *args = v2_cases(2)[0]
+    sub = jax.jit(functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=TREES, mesh=mesh))
+    trees = jax.jit(functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=TREES,
+                                      mesh=make_mesh((2,), ("model",)), mode="trees"))
+    assert "all_to_all" in sub.lower(*args).as_text()
+    text = trees.lower(*args).as_text()
+    assert "all_reduce" in text and "all_to_all" not in text
+
+
+def test_layout_round_trip_and_contiguous_blocks():
+    levels, top_levels = DEPTH + 1, 2
+    top, sub = parallel.subtree_rows(levels, top_levels, TREES)
+    n = TREES * tree.num_nodes(levels)
+    assert sorted(np.concatenate([top, sub]).tolist()) == list(range(n))
+    per_sub = tree.num_nodes(levels - top_levels)
+    block = sub.reshape(4, TREES, per_sub)
+    # Device 1's subtree of tree 1 is rooted at heap node 4 (level 2, position 1): children 9, 10.
+    assert block[1, 1, :3].tolist() == [n // 2 + 4, n // 2 + 9, n // 2 + 10]
+    w = jnp.arange(n * 3, dtype=jnp.float32).reshape(n, 3)
+    t, s = parallel.to_tree_parallel_layout(w, levels=levels, top_levels=top_levels, n_trees=TREES)
+    back = parallel.from_tree_parallel_layout(t, s, levels=levels, top_levels=top_levels, n_trees=TREES)
+    np.testing.assert_array_equal(back, w)
+
+
+def test_argument_errors_name_the_argument():
+    mesh8 = make_mesh((8,), ("model",))
+    _, x, w_in, b_in, w_out = v2_cases(2)[0]
+    p2 = v2.init(jax.random.key(0), H, 1)
+    with pytest.raises(ValueError, match="depth"):  # depth + 1 = 2 levels, log2(8) = 3 top levels
+        parallel.fff_v2_tree_parallel(x, p2["w_in"], p2["b_in"], p2["w_out"], depth=1, mesh=mesh8)
+    with pytest.raises(ValueError, match="n_trees"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES, mesh=mesh8, mode="trees")
+    with pytest.raises(ValueError, match="mode"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES, mesh=mesh8, mode="x")
+    with pytest.raises(ValueError, match="axis"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES, mesh=mesh8, axis="tp")
+    with pytest.raises(ValueError, match="power-of-two"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES,
+                                      mesh=make_mesh((3,), ("model",)))
+    with pytest.raises(ValueError, match="w_in"):
+        parallel.fff_v2_tree_parallel(x, w_in[1:], b_in[1:], w_out[1:], depth=DEPTH, n_trees=TREES, mesh=mesh8)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES, mesh=mesh8,
+                                      capacity_factor=0.0)
+    p1 = v1.init(jax.random.key(0), H, 4, H_OUT, 2)
+    with pytest.raises(ValueError, match="depth"):
+        parallel.fff_v1_tree_parallel(x, *(p1[n] for n in v1.PARAM_NAMES), depth=2, mesh=mesh8)
+    with pytest.raises(ValueError, match="node_weights"):
+        parallel.fff_v1_tree_parallel(x, p1["node_weights"][:2], p1["node_biases"][:2],
+                                      *(p1[n] for n in v1.PARAM_NAMES[2:]), depth=2, mesh=make_mesh((2,), ("model",)))
+
+
+def test_ultrafastff_module_calls_tree_parallel():
+    mesh = make_mesh((2,), ("model",))
+    plain = nn.UltraFastFF(H, DEPTH, n_trees=TREES, rngs=nnx.Rngs(0), implementation="reference")
+    sharded = nn.UltraFastFF(H, DEPTH, n_trees=TREES, rngs=nnx.Rngs(0), mesh=mesh, tree_parallel_axis="model")
+    x = jax.random.normal(jax.random.key(3), (2, 9, H))
+    got = jax.jit(lambda m, x: m(x))(sharded, x)
+    assert "all_to_all" in jax.jit(lambda m, x: m(x)).lower(sharded, x).as_text()
+    assert_close_per_tensor(got, plain(x))
+
+
+# ----------------------------------------------------------------------------- FFF-v1
+
+V1_DEPTH, V1_WIDTH = 3, 4
+
+
+def v1_cases(top_levels):
+    p = v1.init(jax.random.key(4), H, V1_WIDTH, H_OUT, V1_DEPTH)
+    x = jax.random.normal(jax.random.key(5), (TOKENS, H))
+    skew = dict(p, node_biases=p["node_biases"].at[: tree.num_nodes(top_levels)].add(40.0))
+    return [("random", x, p), ("all_right", x, skew)]
+
+
+def v1_loss_and_grads(forward):
+    def loss(x, params):
+        y = forward(x, *(params[n] for n in v1.PARAM_NAMES))
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("n_model", [2, 8])
+def test_v1_hard_equals_reference_any_skew(n_model):
+    mesh = make_mesh((n_model,), ("model",))
+    fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=mesh)
+    ref = functools.partial(ops.fff_v1_hard, depth=V1_DEPTH, implementation="reference")
+    got_fn, want_fn = v1_loss_and_grads(fwd), v1_loss_and_grads(ref)
+    for name, x, p in v1_cases(n_model.bit_length() - 1):
+        (_, y), grads = got_fn(x, p)
+        (_, y_ref), grads_ref = want_fn(x, p)
+        assert_close_per_tensor(y, y_ref)
+        assert_close_per_tensor(grads, grads_ref)
+        if name == "all_right":
+            leaves = v1.hard_leaves(x, p["node_weights"], p["node_biases"], V1_DEPTH)
+            assert bool(jnp.all(leaves >= 2**V1_DEPTH - 2**V1_DEPTH // n_model))
+
+
+def test_v1_soft_partial_mixtures_sum_to_soft_forward():
+    mesh = make_mesh((2, 4), ("data", "model"))
+    fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=mesh, soft=True)
+
+    def ref(x, *weights):
+        return v1.soft_forward(dict(zip(v1.PARAM_NAMES, weights)), x, depth=V1_DEPTH).y
+
+    got_fn, want_fn = v1_loss_and_grads(fwd), v1_loss_and_grads(ref)
+    _, x, p = v1_cases(2)[0]
+    (_, y), grads = got_fn(x, p)
+    (_, y_ref), grads_ref = want_fn(x, p)
+    assert_close_per_tensor(y, y_ref)
+    assert_close_per_tensor(grads, grads_ref)
+    assert float(jnp.max(jnp.abs(grads[1]["node_weights"]))) > 0  # soft routing trains the nodes
