@@ -3,18 +3,29 @@
 // Per token and tree: walk the D+1 levels, one dot product with the node's w_in row per level
 // (logit z = x . w_in[n] + b_in[n], next n = 2n + 1 + (z > 0)), remember (n, gelu(z)); then
 // y = sum over trees and levels of gelu(z) * w_out[n]. Only the K*(D+1) rows on the token's paths
-// are read. Tokens are processed in small groups so that several independent row streams are in
-// flight (hides L2/L3 latency of the gathered rows); tokens are split over threads.
+// are read.
+//
+// Memory is what costs: the deep levels' rows (UltraFastBERT 1x11: 2 x 12.6 MB) do not stay in
+// cache when tokens are taken in input order. So the top levels are walked in token order (their
+// few rows stay in L2), then tokens are counting-sorted by the node they reached, and the last
+// kSortedLevels levels plus the output sum run subtree by subtree: tokens sharing a subtree run
+// back to back and read its rows of w_in and w_out from memory once. Tokens go in groups of
+// kGroup to keep several independent row streams in flight; token ranges are split over threads.
 //
 // Built by fffjax/ops/cpu_ffi.py with the machine's g++ (-O3 -march=native) at first use.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,6 +43,19 @@ inline v16 load16(const float* p) {
 }
 
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Non-temporal store of 16 floats to a 64-byte aligned address (bypasses the caches).
+inline void stream16(float* p, v16 v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  typedef float v8 __attribute__((vector_size(32)));
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(v8{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}));
+  _mm256_stream_ps(p + 8, reinterpret_cast<__m256>(v8{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]}));
+#else
+  store16(p, v);
+#endif
+}
 
 inline float hsum(v16 v) {
   float s = 0.0f;
@@ -62,9 +86,13 @@ inline void dots(const float* const* xs, const float* const* rows, int64_t h, fl
 }
 
 constexpr int kGroup = 4;
+// Deepest tree supported (node indices are int32).
+constexpr int64_t kMaxLevels = 30;
 // Levels below this many from the bottom are walked in token order; the rest in path order.
 constexpr int64_t kSortedLevels = 4;
 constexpr int64_t kChunk = 64;
+// Tokens per unit of work handed to a thread.
+constexpr int64_t kBlock = 256;
 
 struct Problem {
   const float* x;
@@ -108,37 +136,42 @@ void walk(const Problem& p, int64_t k, const int32_t* order, int64_t i_begin, in
   }
 }
 
-// y[t] (+)= sum_l acts[t, l] * w_out[path[t, l]] for tokens order[i], i in [i_begin, i_end).
+// y[t] (+)= sum_l acts[t, l] * w_out[path[t, l]] for tokens order[i], i in [i_begin, i_end):
+// 128 output columns at a time held in 8 registers while the token's rows stream past.
 void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t i_end,
                 const int32_t* path, const float* acts, bool add) {
   const int64_t levels = p.levels();
+  const float* rows[kMaxLevels];
   for (int64_t i = i_begin; i < i_end; ++i) {
     const int64_t t = order ? order[i] : i;
-    const int32_t* nodes = path + t * levels;
     const float* a = acts + t * levels;
+    for (int64_t l = 0; l < levels; ++l) rows[l] = p.w_out + int64_t{path[t * levels + l]} * p.h_out;
     float* y = p.y + t * p.h_out;
+    // Written once and not read again here: stream it past the caches, which hold the weights.
+    const bool stream = !add && reinterpret_cast<uintptr_t>(y) % 64 == 0;
     int64_t c = 0;
-    for (; c + 64 <= p.h_out; c += 64) {
-      v16 a0{}, a1{}, a2{}, a3{};
-      if (add) {
-        a0 = load16(y + c), a1 = load16(y + c + 16), a2 = load16(y + c + 32), a3 = load16(y + c + 48);
-      }
+    for (; c + 128 <= p.h_out; c += 128) {
+      v16 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = add ? load16(y + c + 16 * j) : v16{};
       for (int64_t l = 0; l < levels; ++l) {
-        const float* r = p.w_out + int64_t{nodes[l]} * p.h_out + c;
+        const float* r = rows[l] + c;
         const float s = a[l];
-        a0 += s * load16(r);
-        a1 += s * load16(r + 16);
-        a2 += s * load16(r + 32);
-        a3 += s * load16(r + 48);
+        for (int j = 0; j < 8; ++j) acc[j] += s * load16(r + 16 * j);
       }
-      store16(y + c, a0);
-      store16(y + c + 16, a1);
-      store16(y + c + 32, a2);
-      store16(y + c + 48, a3);
+      if (stream) {
+        for (int j = 0; j < 8; ++j) stream16(y + c + 16 * j, acc[j]);
+      } else {
+        for (int j = 0; j < 8; ++j) store16(y + c + 16 * j, acc[j]);
+      }
+    }
+    for (; c + 16 <= p.h_out; c += 16) {
+      v16 acc = add ? load16(y + c) : v16{};
+      for (int64_t l = 0; l < levels; ++l) acc += a[l] * load16(rows[l] + c);
+      store16(y + c, acc);
     }
     for (; c < p.h_out; ++c) {
       float s = add ? y[c] : 0.0f;
-      for (int64_t l = 0; l < levels; ++l) s += a[l] * p.w_out[int64_t{nodes[l]} * p.h_out + c];
+      for (int64_t l = 0; l < levels; ++l) s += a[l] * rows[l][c];
       y[c] = s;
     }
   }
@@ -152,19 +185,24 @@ int thread_count(int64_t tokens) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, tokens / 256)));
 }
 
-// Runs fn(i_begin, i_end) over [0, n) split into `threads` contiguous parts.
+// Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
+// threads (the caller's included): on a shared machine a descheduled thread does not hold the
+// others up, which a fixed split into equal parts would.
 template <typename F>
-void parallel_for(int threads, int64_t n, F fn) {
+void parallel_for(int threads, int64_t n, int64_t block, F fn) {
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
   }
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t b = next.fetch_add(block); b < n; b = next.fetch_add(block)) {
+      fn(b, std::min(n, b + block));
+    }
+  };
   std::vector<std::thread> pool;
-  const int64_t per = (n + threads - 1) / threads;
-  for (int i = 1; i < threads; ++i) {
-    pool.emplace_back(fn, std::min(n, i * per), std::min(n, (i + 1) * per));
-  }
-  fn(int64_t{0}, std::min(n, per));
+  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
   for (auto& th : pool) th.join();
 }
 
@@ -187,6 +225,9 @@ void run(const Problem& p) {
   const int64_t levels = p.levels();
   const int64_t top = std::max<int64_t>(0, levels - kSortedLevels);
   const int threads = thread_count(p.tokens);
+  // FFFJAX_CPU_SORT=0 walks every level in token order (for measuring what the sort buys).
+  const char* sort_env = std::getenv("FFFJAX_CPU_SORT");
+  const bool sort = !(sort_env && std::atoi(sort_env) == 0);
   // Scratch reused across calls (thread_local: no fresh pages to fault in on every call).
   thread_local std::vector<int32_t> node, path, order, counts;
   thread_local std::vector<float> acts;
@@ -199,16 +240,20 @@ void run(const Problem& p) {
   float* acts_p = acts.data();
   for (int64_t k = 0; k < p.n_trees; ++k) {
     std::fill(node_p, node_p + p.tokens, 0);
-    parallel_for(threads, p.tokens, [&](int64_t b, int64_t e) {
+    parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
       walk(p, k, nullptr, b, e, 0, top, node_p, path_p, acts_p);
     });
-    const int32_t* ord = order_by_node(node.data(), p.tokens, top, order, counts) ? order.data() : nullptr;
-    parallel_for(threads, p.tokens, [&](int64_t b, int64_t e) {
+    const int32_t* ord =
+        sort && order_by_node(node_p, p.tokens, top, order, counts) ? order.data() : nullptr;
+    parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; c += kChunk) {
         const int64_t ce = std::min(e, c + kChunk);
         walk(p, k, ord, c, ce, top, levels, node_p, path_p, acts_p);
         accumulate(p, ord, c, ce, path_p, acts_p, k > 0);
       }
+#if defined(__x86_64__)
+      __builtin_ia32_sfence();  // order the streamed stores before the thread reports done
+#endif
     });
   }
 }
@@ -223,7 +268,7 @@ ffi::Error FffV2HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_in,
   const int64_t tokens = x.dimensions()[0];
   const int64_t h = x.dimensions()[1];
   const int64_t h_out = w_out.dimensions()[1];
-  if (depth < 0 || depth > 29 || n_trees < 1) {
+  if (depth < 0 || depth + 1 > kMaxLevels || n_trees < 1) {
     return ffi::Error::InvalidArgument("fffjax_v2_hard: need 0 <= depth <= 29 and n_trees >= 1");
   }
   const int64_t n = n_trees * ((int64_t{2} << depth) - 1);

@@ -1,0 +1,434 @@
+"""CPU benchmark: FFF-v2 hard inference against dense feedforward layers, side by side in one process.
+
+UltraFastBERT 1x11's layer: H = 768, FFF-v2 depth 11 (4095 neurons, 12 on each token's path),
+float32, 128 / 1024 / 16384 tokens. Variants (every weight and input random, every row its own):
+
+* ``xla_dense_{4095,4096,3072}``: jitted ``gelu(x @ w1 + b1) @ w2 + b2`` (exact GELU).
+* ``torch_dense_{4095,4096,3072}``: ``nn.Linear`` x2 + ``nn.GELU`` under ``torch.inference_mode``.
+* ``fff_reference``: ``fff_v2_hard(..., implementation="reference")``, the published masked dense form.
+* ``fff_xla``: ``implementation="xla"`` (jnp row gathers); ``fff_cpu_ffi``: the C++ custom call.
+* ``torch_fff_gather``: a hard FFF in torch, ``index_select`` per level + einsum dot + ``addcmul``.
+* At the largest token count, ablations that say where the time goes (see the ``.md``).
+
+The baseline of every ratio is the fastest dense layer of width 4095 or 4096 (XLA or torch) at the
+same token count, named beside the ratio. Timing: warm-up, then wall clock around one call ending in
+``block_until_ready``; variants interleaved round by round; median of the repeats (slow variants
+get fewer). FFF outputs are checked against the masked reference before anything is timed.
+
+Large fresh XLA output buffers are page-faulted in 4 KiB pages on every call (about 20 ms per 50 MB
+here, for every JAX variant alike); the script re-executes itself with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for malloc) unless
+``--no-hugetlb``. The setting is recorded in the JSON.
+
+Run: ``python experiments/bench_cpu.py`` (a few minutes on 2 cores).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def _reexec_with_hugetlb(argv: list[str]) -> None:
+    if "--no-hugetlb" in argv or HUGETLB in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGETLB]))
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+_reexec_with_hugetlb(sys.argv)
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fffjax import tree, v2  # noqa: E402
+from fffjax.ops import cpu_ffi, fff_v2_hard  # noqa: E402
+from fffjax.ops import xla as xla_ops  # noqa: E402
+
+H, DEPTH, WIDTHS = 768, 11, (4095, 4096, 3072)
+BASELINES = ("xla_dense_4095", "xla_dense_4096", "torch_dense_4095", "torch_dense_4096")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine_info() -> dict:
+    model = platform.processor()
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        caches = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                  if ln.strip().startswith(("L1d", "L2", "L3"))}
+    except OSError:
+        caches = {}
+    info = {
+        "cpu_model": model, "cores": os.cpu_count(), "caches": caches, "python": platform.python_version(),
+        "platform": platform.platform(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "cpu_ffi_available": cpu_ffi.available(), "cpu_ffi_build_error": cpu_ffi.build_error(),
+    }
+    try:
+        import jaxlib
+        info["jaxlib"] = jaxlib.__version__
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info.setdefault("torch", None)
+    return info
+
+
+# ----------------------------------------------------------------------------- variants
+
+def _gelu(z):
+    return jax.nn.gelu(z, approximate=False)
+
+
+@jax.jit
+def xla_dense(x, w1, b1, w2, b2):
+    return _gelu(x @ w1 + b1) @ w2 + b2
+
+
+@jax.jit
+def xla_dense_no_gelu(x, w1, b1, w2, b2):
+    return (x @ w1 + b1) @ w2 + b2
+
+
+@jax.jit
+def write_floor(x):
+    """Reads x and writes an output of the same size: the memory floor of any layer at this size."""
+    return x * 2.0
+
+
+def xla_routing_only(x, w_in, b_in, *, depth):
+    """The "xla" path's gathers and dots without the output stage: the path's node indices."""
+    node = jnp.zeros((x.shape[0],), jnp.int32)
+    nodes = []
+    for _ in range(depth + 1):
+        z = jnp.einsum("bh,bh->b", x, w_in.at[node].get(mode="promise_in_bounds")) + b_in[node]
+        nodes.append(node)
+        node = tree.child(node, z > 0)
+    return jnp.stack(nodes, axis=1)
+
+
+def xla_lax_map_chunks(x, w_in, b_in, w_out, *, depth, chunk):
+    """The "xla" path over token blocks with ``lax.map`` (to keep each block's gathered rows in cache)."""
+    blocks = x.reshape(-1, chunk, x.shape[1])
+    fn = lambda xb: xla_ops.gather_forward(xb, w_in, b_in, w_out, depth=depth)  # noqa: E731
+    return jax.lax.map(fn, blocks).reshape(x.shape[0], -1)
+
+
+def xla_fori_levels(x, w_in, b_in, w_out, *, depth):
+    """The "xla" path with a ``fori_loop`` over levels instead of unrolling them."""
+    def level(_, carry):
+        node, y = carry
+        z = jnp.einsum("bh,bh->b", x, w_in.at[node].get(mode="promise_in_bounds")) + b_in[node]
+        y = y + _gelu(z)[:, None] * w_out.at[node].get(mode="promise_in_bounds")
+        return tree.child(node, z > 0), y
+    init = (jnp.zeros((x.shape[0],), jnp.int32), jnp.zeros((x.shape[0], w_out.shape[1]), x.dtype))
+    return jax.lax.fori_loop(0, depth + 1, level, init)[1]
+
+
+def torch_fff_gather(torch, x, w_in, b_in, w_out, depth: int):
+    """Hard FFF-v2 in torch: per level gather each token's row, dot, GELU, accumulate its output row."""
+    node = torch.zeros(x.shape[0], dtype=torch.long)
+    y = torch.zeros(x.shape[0], w_out.shape[1])
+    for _ in range(depth + 1):
+        z = torch.einsum("bh,bh->b", x, w_in.index_select(0, node)) + b_in.index_select(0, node)
+        y.addcmul_(torch.nn.functional.gelu(z)[:, None], w_out.index_select(0, node))
+        node = 2 * node + 1 + (z > 0).long()
+    return y
+
+
+class Variant:
+    """One timed callable; ``call()`` returns only when the result is computed."""
+
+    def __init__(self, name: str, call, *, group: str, width: int | None = None, env: dict | None = None):
+        self.name, self.call, self.group, self.width, self.env = name, call, group, width, env or {}
+        self.times: list[float] = []
+        self.repeats = 0
+
+    def timed(self) -> float:
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            start = time.perf_counter()
+            self.call()
+            return time.perf_counter() - start
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
+    key = jax.random.PRNGKey(seed)
+    k_x, k_fff, *k_dense = jax.random.split(key, 2 + len(WIDTHS))
+    x = jax.random.normal(k_x, (tokens, H), jnp.float32)
+    p = v2.init(k_fff, H, DEPTH)
+    w_in, b_in, w_out = p["w_in"], p["b_in"], p["w_out"]
+    variants, checks = [], {}
+
+    def fff(impl):
+        return lambda: fff_v2_hard(x, w_in, b_in, w_out, depth=DEPTH, implementation=impl).block_until_ready()
+
+    dense_params = {}
+    for width, k in zip(WIDTHS, k_dense):
+        k1, k2, k3, k4 = jax.random.split(k, 4)
+        a, b = 1 / np.sqrt(H), 1 / np.sqrt(width)
+        dense_params[width] = (jax.random.uniform(k1, (H, width), jnp.float32, -a, a),
+                               jax.random.uniform(k2, (width,), jnp.float32, -a, a),
+                               jax.random.uniform(k3, (width, H), jnp.float32, -b, b),
+                               jax.random.uniform(k4, (H,), jnp.float32, -b, b))
+        variants.append(Variant(f"xla_dense_{width}", lambda dp=dense_params[width]: xla_dense(x, *dp).block_until_ready(),
+                                group="dense", width=width))
+    variants.append(Variant("fff_reference", fff("reference"), group="fff"))
+    variants.append(Variant("fff_xla", fff("xla"), group="fff"))
+    if cpu_ffi.available():
+        variants.append(Variant("fff_cpu_ffi", fff("cpu_ffi"), group="fff"))
+    if torch_mod is not None:
+        torch = torch_mod
+        tx = torch.from_numpy(np.asarray(x))
+        for width in WIDTHS:
+            layer = torch.nn.Sequential(torch.nn.Linear(H, width), torch.nn.GELU(), torch.nn.Linear(width, H))
+            w1, b1, w2, b2 = (torch.from_numpy(np.asarray(t)) for t in dense_params[width])
+            with torch.no_grad():
+                layer[0].weight.copy_(w1.T), layer[0].bias.copy_(b1), layer[2].weight.copy_(w2.T), layer[2].bias.copy_(b2)
+
+            def run_dense(layer=layer):
+                with torch.inference_mode():
+                    return layer(tx)
+            variants.append(Variant(f"torch_dense_{width}", run_dense, group="dense", width=width))
+        tw = [torch.from_numpy(np.asarray(t)) for t in (w_in, b_in, w_out)]
+
+        def run_torch_fff():
+            with torch.inference_mode():
+                return torch_fff_gather(torch, tx, *tw, DEPTH)
+        variants.append(Variant("torch_fff_gather", run_torch_fff, group="fff"))
+        checks["torch_fff_gather"] = lambda n: torch_fff_gather(torch, tx[:n], *tw, DEPTH).numpy()
+    if ablations:
+        routing = jax.jit(lambda x, w_in, b_in: xla_routing_only(x, w_in, b_in, depth=DEPTH))
+        orig = jax.jit(lambda *a: v2.conditional_forward(*a, depth=DEPTH))
+        chunked = jax.jit(lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=1024))
+        fori = jax.jit(lambda *a: xla_fori_levels(*a, depth=DEPTH))
+        p12 = v2.init(k_fff, H, 0, n_trees=12)  # a dense layer of 12 neurons: no routing at all
+        variants += [
+            Variant("ablation_write_floor", lambda: write_floor(x).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_dense_12", lambda d12=(p12["w_in"].T, p12["b_in"], p12["w_out"], jnp.zeros(H)):
+                    xla_dense(x, *d12).block_until_ready(), group="ablation", width=12),
+            Variant("ablation_xla_dense_4096_no_gelu", lambda: xla_dense_no_gelu(x, *dense_params[4096]).block_until_ready(), group="ablation", width=4096),
+            Variant("ablation_xla_routing_only", lambda: routing(x, w_in, b_in).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_multiply_sum", lambda: orig(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_lax_map_1024", lambda: chunked(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_fori_levels", lambda: fori(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+        ]
+        checks["ablation_xla_multiply_sum"] = lambda n: orig(x[:n], w_in, b_in, w_out)
+        checks["ablation_xla_lax_map_1024"] = lambda n: jax.jit(lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=n // 2))(x[:n], w_in, b_in, w_out)
+        checks["ablation_xla_fori_levels"] = lambda n: fori(x[:n], w_in, b_in, w_out)
+        if cpu_ffi.available():
+            variants += [
+                Variant("ablation_cpu_ffi_unsorted", fff("cpu_ffi"), group="ablation", env={"FFFJAX_CPU_SORT": "0"}),
+                Variant("ablation_cpu_ffi_1_thread", fff("cpu_ffi"), group="ablation", env={"FFFJAX_CPU_THREADS": "1"}),
+                Variant("ablation_cpu_ffi_depth_7", lambda p7=v2.init(k_fff, H, 7): fff_v2_hard(
+                    x, p7["w_in"], p7["b_in"], p7["w_out"], depth=7, implementation="cpu_ffi").block_until_ready(),
+                    group="ablation"),
+            ]
+    for impl in ("xla", "cpu_ffi"):
+        checks[f"fff_{impl}"] = lambda n, impl=impl: fff_v2_hard(x[:n], w_in, b_in, w_out, depth=DEPTH, implementation=impl)
+    reference = lambda n: v2.masked_forward(x[:n], w_in, b_in, w_out, depth=DEPTH)  # noqa: E731
+    return variants, checks, reference
+
+
+def check_outputs(checks, reference, tokens: int) -> dict:
+    """Max |error| of every FFF variant against the masked reference on the first tokens."""
+    n = min(tokens, 2048)
+    expected = np.asarray(reference(n), np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    errors = {}
+    for name, fn in checks.items():
+        if name == "fff_cpu_ffi" and not cpu_ffi.available():
+            continue
+        err = float(np.max(np.abs(np.asarray(fn(n), np.float64) - expected)))
+        errors[name] = err
+        if err > 1e-4 * scale:
+            raise AssertionError(f"{name} differs from the masked reference by {err:.3g} at {n} tokens")
+    return errors
+
+
+def time_variants(variants, *, max_repeats: int, budget_s: float) -> None:
+    """Warm up each, then interleave: round r runs every variant that still wants a repeat."""
+    for v in variants:
+        v.timed()  # compile / first touch
+        first = v.timed()
+        v.repeats = int(np.clip(budget_s / max(first, 1e-6), 3, max_repeats))
+        v.times = [first]
+        log(f"  warm {v.name:34s} {first * 1e3:10.2f} ms -> {v.repeats} repeats")
+    for r in range(1, max(v.repeats for v in variants)):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            if r < v.repeats:
+                v.times.append(v.timed())
+
+
+def summarise(tokens, variants) -> list[dict]:
+    rows = []
+    for v in variants:
+        ms = statistics.median(v.times) * 1e3
+        rows.append({"tokens": tokens, "variant": v.name, "group": v.group, "width": v.width,
+                     "ms_median": ms, "ms_min": min(v.times) * 1e3, "repeats": len(v.times),
+                     "tokens_per_s": tokens / (ms / 1e3), "env": v.env})
+    by_name = {r["variant"]: r for r in rows}
+    base = min((by_name[b] for b in BASELINES if b in by_name), key=lambda r: r["ms_median"])
+    d3072 = min((by_name[b] for b in ("xla_dense_3072", "torch_dense_3072") if b in by_name),
+                key=lambda r: r["ms_median"])
+    for r in rows:
+        r["baseline"] = base["variant"]
+        r["speedup_vs_baseline"] = base["ms_median"] / r["ms_median"]
+        r["baseline_3072"] = d3072["variant"]
+        r["speedup_vs_dense_3072"] = d3072["ms_median"] / r["ms_median"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_markdown(path: Path, info: dict, rows: list[dict], errors: dict, args) -> None:
+    lines = [
+        "# CPU benchmark: FFF-v2 hard inference vs dense feedforward",
+        "",
+        f"UltraFastBERT 1x11 layer: H = {H}, FFF-v2 depth {DEPTH} ({tree.v2_nodes_per_tree(DEPTH)} neurons, "
+        f"{DEPTH + 1} per token), float32. Machine: {info['cpu_model']}, {info['cores']} cores "
+        f"({', '.join(f'{k} {v}' for k, v in info['caches'].items())}); jax {info['jax']}, torch {info.get('torch')}; "
+        f"`GLIBC_TUNABLES={info['glibc_tunables'] or '(unset)'}`. Produced by `experiments/bench_cpu.py` "
+        f"on {info['date_utc']}; load average before/after: {info['loadavg_start']} / {info['loadavg_end']}.",
+        "",
+        "Wall clock per call (median of the repeats, variants interleaved in one process). **Speedup** is "
+        "relative to the fastest dense layer of width 4095 or 4096 (XLA or torch) at the same token count, "
+        "named in the *baseline* column; *vs 3072* is relative to the fastest dense layer of width 3072.",
+        "",
+    ]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        sub = [r for r in rows if r["tokens"] == tokens]
+        lines += [f"## {tokens} tokens", "",
+                  "| variant | ms (median) | ms (min) | repeats | tokens/s | speedup | baseline | vs 3072 |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for r in sub:
+            lines.append(f"| {r['variant']} | {r['ms_median']:.3f} | {r['ms_min']:.3f} | {r['repeats']} | "
+                         f"{r['tokens_per_s']:.3g} | {r['speedup_vs_baseline']:.1f}x | {r['baseline']} | "
+                         f"{r['speedup_vs_dense_3072']:.1f}x |")
+        lines.append("")
+    lines += ["## Output check (max |error| vs the masked reference, first min(tokens, 2048) tokens)", "",
+              "| tokens | " + " | ".join(sorted(next(iter(errors.values())))) + " |",
+              "|---|" + "---:|" * len(next(iter(errors.values())))]
+    for tokens, errs in errors.items():
+        lines.append(f"| {tokens} | " + " | ".join(f"{errs[k]:.2e}" for k in sorted(errs)) + " |")
+    lines.append("")
+    lines += analysis_lines(rows)
+    path.write_text("\n".join(lines))
+
+
+def analysis_lines(rows: list[dict]) -> list[str]:
+    """Where the time goes, from the ablation rows of the largest token count (filled in below)."""
+    return []
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["group"] != "ablation"]
+    names = list(dict.fromkeys(r["variant"] for r in main))
+    token_counts = sorted({r["tokens"] for r in main})
+    fig, (ax_ms, ax_sp) = plt.subplots(1, 2, figsize=(14, 5.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ms = [next((r["ms_median"] for r in main if r["variant"] == name and r["tokens"] == t), np.nan)
+              for t in token_counts]
+        sp = [next((r["speedup_vs_baseline"] for r in main if r["variant"] == name and r["tokens"] == t), np.nan)
+              for t in token_counts]
+        xs = np.arange(len(token_counts)) + (i - len(names) / 2 + 0.5) * width
+        ax_ms.bar(xs, ms, width, label=name)
+        ax_sp.bar(xs, sp, width, label=name)
+    for ax in (ax_ms, ax_sp):
+        ax.set_xticks(np.arange(len(token_counts)), [str(t) for t in token_counts])
+        ax.set_xlabel("tokens")
+        ax.set_yscale("log")
+    ax_ms.set_ylabel("ms per call (median)")
+    ax_ms.set_title(f"H={H}, FFF-v2 depth {DEPTH} vs dense, fp32, CPU")
+    ax_sp.axhline(50, color="k", ls="--", lw=1, label="50x target")
+    ax_sp.set_ylabel("speedup vs fastest dense 4095/4096")
+    ax_sp.set_title("speedup (baseline: fastest dense of width 4095/4096)")
+    ax_sp.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024, 16384])
+    parser.add_argument("--max-repeats", type=int, default=15)
+    parser.add_argument("--budget-s", type=float, default=3.0, help="time per variant per token count")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-hugetlb", action="store_true", help="keep glibc's default malloc (4 KiB page faults)")
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_cpu"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch_mod = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(os.cpu_count() or 1)
+            torch_mod = torch
+        except ImportError:
+            log("torch not installed: torch variants skipped")
+    log("compiling / loading the cpu_ffi kernel")
+    info = machine_info()
+    info["date_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    log(f"machine: {info['cpu_model']}, {info['cores']} cores, jax {info['jax']}, torch {info.get('torch')}, "
+        f"GLIBC_TUNABLES={info['glibc_tunables']!r}, load {info['loadavg_start']}")
+    rows, errors = [], {}
+    for tokens in args.tokens:
+        log(f"{tokens} tokens: building variants")
+        variants, checks, reference = build_variants(tokens, args.seed, tokens == max(args.tokens), torch_mod)
+        errors[tokens] = check_outputs(checks, reference, tokens)
+        log(f"{tokens} tokens: outputs match the masked reference (max |err| {max(errors[tokens].values()):.2e})")
+        time_variants(variants, max_repeats=args.max_repeats, budget_s=args.budget_s)
+        sub = summarise(tokens, variants)
+        rows += sub
+        for r in sub:
+            log(f"  {r['variant']:34s} {r['ms_median']:10.3f} ms  {r['speedup_vs_baseline']:8.1f}x vs {r['baseline']}")
+        info[f"loadavg_after_{tokens}"] = [round(v, 2) for v in os.getloadavg()]
+    info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"config": {"H": H, "depth": DEPTH, "dtype": "float32", "tokens": args.tokens,
+                         "dense_widths": list(WIDTHS), "baselines": list(BASELINES)},
+              "machine": info, "output_max_abs_error": {str(k): v for k, v in errors.items()}, "results": rows}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_markdown(out.with_suffix(".md"), info, rows, errors, args)
+    write_plot(out.with_suffix(".png"), rows)
+    log(f"wrote {out}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
