@@ -11,12 +11,15 @@ from fffjax.convert.layers import (
     import_fastfeedforward,
     import_ultrafast_ff,
 )
+from fffjax.convert.ultrafastbert import export_ultrafastbert, import_ultrafastbert
 
 __all__ = [
     "export_fastfeedforward",
     "export_ultrafast_ff",
+    "export_ultrafastbert",
     "import_fastfeedforward",
     "import_ultrafast_ff",
+    "import_ultrafastbert",
     "load",
     "save",
     "to_numpy",

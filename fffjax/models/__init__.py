@@ -6,6 +6,8 @@ from fffjax.models.crammed_bert import (
     CrammedBertMLM,
     count_parameters,
     mlm_logits_at,
+    model_from_params,
+    model_kind,
     set_fff_implementation,
     sinusoidal_positions,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "count_parameters",
     "get_config",
     "mlm_logits_at",
+    "model_from_params",
+    "model_kind",
     "set_fff_implementation",
     "sinusoidal_positions",
 ]

@@ -330,3 +330,71 @@ def set_fff_implementation(model: nnx.Module, implementation: str | None) -> Non
 def count_parameters(model: nnx.Module) -> int:
     """Number of trainable scalars (the tied decoder is the embedding, counted once)."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+MODEL_KINDS = {"mlm": CrammedBertMLM, "classifier": CrammedBertClassifier}
+
+
+def _lookup(tree, path: tuple):
+    node = tree
+    for key in path:
+        # Orbax and JSON round trips turn the int keys of nnx.List items into strings.
+        for candidate in (key, str(key)) + ((int(key),) if isinstance(key, str) and key.isdigit() else ()):
+            if isinstance(node, dict) and candidate in node:
+                node = node[candidate]
+                break
+        else:
+            raise KeyError(".".join(map(str, path)))
+    return node
+
+
+def model_from_params(
+    config: ModelConfig,
+    params,
+    *,
+    kind: str = "mlm",
+    dtype=jnp.float32,
+    implementation: str | None = None,
+    seed: int = 0,
+):
+    """A model holding ``params`` (a nested dict shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``;
+    list indices may be ints or strings, leaves numpy or jax arrays), without a random init.
+
+    The parameter tree is built abstractly (``nnx.eval_shape``), so a ``base`` model costs no
+    initialisation. The dropout streams are seeded with ``seed``. Raises ``ValueError`` naming a
+    missing parameter or one whose shape does not fit ``config``.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    cls = MODEL_KINDS[kind]
+    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, implementation=implementation, rngs=nnx.Rngs(seed)))
+    graphdef, param_state, other_state = nnx.split(abstract, nnx.Param, ...)
+
+    def fill_param(path, spec):
+        dotted = ".".join(str(getattr(k, "key", k)) for k in path)
+        try:
+            value = _lookup(params, tuple(getattr(k, "key", k) for k in path))
+        except KeyError:
+            raise ValueError(f"params has no entry {dotted!r} (expected shape {tuple(spec.shape)})") from None
+        if tuple(value.shape) != tuple(spec.shape):
+            raise ValueError(f"params[{dotted!r}]: expected shape {tuple(spec.shape)}, found {tuple(value.shape)}")
+        return jnp.asarray(value, spec.dtype)
+
+    root = jax.random.key(seed)
+    counter = iter(range(1 << 30))
+
+    def fill_other(spec):  # dropout streams: a fresh key each, counts at zero
+        if jax.dtypes.issubdtype(spec.dtype, jax.dtypes.prng_key):
+            return jax.random.fold_in(root, next(counter))
+        return jnp.zeros(spec.shape, spec.dtype)
+
+    params_pure = jax.tree_util.tree_map_with_path(fill_param, nnx.to_pure_dict(param_state))
+    other_pure = jax.tree.map(fill_other, nnx.to_pure_dict(other_state))
+    nnx.replace_by_pure_dict(param_state, params_pure)
+    nnx.replace_by_pure_dict(other_state, other_pure)
+    return nnx.merge(graphdef, param_state, other_state)
+
+
+def model_kind(params) -> str:
+    """``"classifier"`` when the parameter dict has a pooler/head, else ``"mlm"``."""
+    return "classifier" if isinstance(params, dict) and ("head" in params or "pooler" in params) else "mlm"
