@@ -1,0 +1,80 @@
+"""Helpers shared by the kernels: Triton compiler params, power-of-two sizes, erf/GELU that lower in Triton."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu_triton
+
+# jax >= 0.11 deprecates the Pallas Triton backend; the kernels stay on it behind implementation="pallas".
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*", category=DeprecationWarning)
+
+# Eigen's / XLA's rational erf for float32 on [-4, 4] (outside, erf is +-1 in float32): odd numerator,
+# even denominator, both in x**2. Max |error| 4e-7 against float64 erf (jax's own: 3e-7).
+_ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+            -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def erf(x: jax.Array) -> jax.Array:
+    """float32 erf from a rational polynomial (Triton has no ``erf``); exact to a few float32 ulps."""
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    num = jnp.full_like(x, _ERF_NUM[0])
+    for c in _ERF_NUM[1:]:
+        num = num * x2 + c
+    den = jnp.full_like(x, _ERF_DEN[0])
+    for c in _ERF_DEN[1:]:
+        den = den * x2 + c
+    return x * num / den
+
+
+def gelu(z: jax.Array) -> jax.Array:
+    """Exact (erf) GELU of float32 ``z``."""
+    return 0.5 * z * (1.0 + erf(z * _SQRT_HALF))
+
+
+def gelu_grad(z: jax.Array) -> jax.Array:
+    """d gelu / dz = Phi(z) + z phi(z)."""
+    return 0.5 * (1.0 + erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def column_chunks(width: int, chunk: int) -> tuple[int, int]:
+    """``(chunk_size, n_chunks)``: a power-of-two chunk no wider than needed, and how many cover ``width``."""
+    size = min(next_pow2(chunk), next_pow2(width))
+    return size, math.ceil(width / size)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Explicit Triton params: without them jax 0.10 sends a GPU ``pallas_call`` to Mosaic GPU."""
+    return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for 16-bit inputs, else the input dtype."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+def on_gpu() -> bool:
+    """Whether jax's default backend is a GPU (else the wrappers run in interpret mode)."""
+    return jax.default_backend() == "gpu"
+
+
+def load(ref, mask=None, other=None):
+    """Masked load (``other`` fills masked-out elements)."""
+    return plgpu_triton.load(ref, mask=mask, other=other)
+
+
+def store(ref, value, mask=None):
+    """Masked store."""
+    plgpu_triton.store(ref, value, mask=mask)

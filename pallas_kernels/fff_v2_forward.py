@@ -1,0 +1,239 @@
+"""FFF-v2 (UltraFastBERT) hard forward as a Pallas-Triton GPU kernel, beside its jnp reference.
+
+One program per ``block_t`` tokens. The token block's inputs stay in registers as power-of-two
+column chunks. Per tree, the descent computes each token's logit against the row of its current
+node (a gathered, masked load of ``w_in[node, chunk]``), adds the bias, applies the exact GELU
+(polynomial erf) and steps to ``2n + 1 + (z > 0)``; optionally the top ``dense_levels`` levels are
+computed for all their nodes at once with a tensor-core ``dot`` (tokens of a block share those
+rows). Then every output chunk sums ``gelu(z) * w_out[node, chunk]`` over the visited nodes in
+float32 and is stored once. Optionally the kernel also writes each (tree, level)'s node and logit,
+the residuals the training backward needs.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from fffjax import tree, v2
+from pallas_kernels import _common as cm
+
+
+@dataclasses.dataclass(frozen=True)
+class FffV2ForwardConfig:
+    """Block sizes of the FFF-v2 forward kernel.
+
+    Attributes:
+        block_t: tokens per program (power of two; >= 16 when ``dense_levels > 0``).
+        chunk: columns per chunk of ``H`` and ``H_out`` (power of two, capped at the padded width).
+        dense_levels: top levels of each tree computed densely with a tensor-core ``dot`` over their
+            ``2**dense_levels - 1`` nodes (0: every level by row gathers).
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+    """
+
+    block_t: int = 16
+    chunk: int = 256
+    dense_levels: int = 0
+    num_warps: int = 8
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("block_t", "chunk"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+        if self.dense_levels < 0:
+            raise ValueError(f"dense_levels must be >= 0, got {self.dense_levels}")
+        if self.dense_levels > 0 and self.block_t < 16:
+            raise ValueError(f"dense_levels > 0 needs block_t >= 16 (tensor-core dot), got {self.block_t}")
+
+
+DEFAULT_CONFIG = FffV2ForwardConfig()
+
+
+def _chunk_indices(c: int, chunk: int, width: int):
+    """Column indices of chunk ``c`` and their validity mask (None if all are in range).
+
+    Masked loads and stores keep the out-of-range indices as they are: a masked lane touches no
+    memory on the GPU, and interpret mode drops out-of-range scatter updates (clamping them instead
+    would make a masked store overwrite a real element with its old value).
+    """
+    cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    if (c + 1) * chunk <= width:
+        return cols, None
+    return cols, cols < width
+
+
+def _load_rows(ref, rows, cols, col_ok, row_ok=None):
+    """``ref[rows, cols]`` as a ``(len(rows), len(cols))`` block, zero where a mask is off."""
+    mask = None
+    if col_ok is not None:
+        mask = jnp.broadcast_to(col_ok[None, :], (rows.shape[0], cols.shape[0]))
+    if row_ok is not None:
+        rmask = jnp.broadcast_to(row_ok[:, None], (rows.shape[0], cols.shape[0]))
+        mask = rmask if mask is None else mask & rmask
+    block = ref.at[rows[:, None], cols[None, :]]
+    return cm.load(block, mask=mask, other=0.0 if mask is not None else None)
+
+
+def _dot(a, b, *, trans_b=False):
+    """Tensor-core dot with float32 accumulation; float32 operands stay IEEE (no tf32 rounding)."""
+    exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
+    return plgpu_triton.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None).astype(jnp.float32)
+
+
+def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
+            n_trees, cfg: FffV2ForwardConfig, save_residuals: bool):
+    y_ref = out_refs[0]
+    bt = cfg.block_t
+    c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
+    c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
+    per_tree = tree.v2_nodes_per_tree(depth)
+    levels = depth + 1
+    dense = min(cfg.dense_levels, levels)
+    rows = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
+    row_ok = rows < n_tokens
+    x_chunks = []
+    for c in range(n_in):
+        cols, ok = _chunk_indices(c, c_in, width_in)
+        x_chunks.append(_load_rows(x_ref, rows, cols, ok, row_ok))
+    x32 = [xc.astype(jnp.float32) for xc in x_chunks]
+    n_dense = cm.next_pow2(max(16, 2**dense - 1)) if dense else 0
+
+    def tree_body(k, y_chunks):
+        base = k * per_tree
+        node = jnp.zeros((bt,), jnp.int32)             # heap index inside the tree
+        path = []                                       # (flat node, logit) per level
+        if dense:
+            # All nodes of the top `dense` levels at once: (bt, n_dense) logits on the tensor cores.
+            top = jnp.arange(n_dense, dtype=jnp.int32)
+            top_ok = top < 2**dense - 1
+            top_rows = base + jnp.where(top_ok, top, 0)
+            logits = jnp.zeros((bt, n_dense), jnp.float32)
+            for c in range(n_in):
+                cols, ok = _chunk_indices(c, c_in, width_in)
+                w = _load_rows(w_in_ref, top_rows, cols, ok, top_ok)
+                logits += _dot(x_chunks[c], w.astype(x_chunks[c].dtype), trans_b=True)
+            logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
+            on_path = jnp.zeros((bt, n_dense), jnp.bool_)
+            for _ in range(dense):
+                hit = top[None, :] == node[:, None]
+                z = jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+                on_path = on_path | hit
+                path.append((base + node, z))
+                node = 2 * node + 1 + (z > 0).astype(jnp.int32)
+            top_act = jnp.where(on_path, cm.gelu(logits), 0.0)
+        for _ in range(dense, levels):
+            flat = base + node
+            z = cm.load(b_in_ref.at[flat]).astype(jnp.float32)
+            for c in range(n_in):
+                cols, ok = _chunk_indices(c, c_in, width_in)
+                z += jnp.sum(x32[c] * _load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
+            path.append((flat, z))
+            node = 2 * node + 1 + (z > 0).astype(jnp.int32)
+        if save_residuals:
+            node_ref, z_ref = out_refs[1], out_refs[2]
+            for level, (flat, z) in enumerate(path):
+                p = k * levels + level
+                cm.store(node_ref.at[p, rows], flat, mask=row_ok)
+                cm.store(z_ref.at[p, rows], z, mask=row_ok)
+        new = []
+        for c in range(n_out):
+            cols, ok = _chunk_indices(c, c_out, width_out)
+            acc = y_chunks[c]
+            if dense:
+                w = _load_rows(w_out_ref, top_rows, cols, ok, top_ok)
+                act = top_act if x_ref.dtype == jnp.float32 else top_act.astype(x_ref.dtype)
+                acc += _dot(act, w.astype(act.dtype))
+            for flat, z in path[dense:]:
+                acc += cm.gelu(z)[:, None] * _load_rows(w_out_ref, flat, cols, ok).astype(jnp.float32)
+            new.append(acc)
+        return tuple(new)
+
+    init = tuple(jnp.zeros((bt, c_out), jnp.float32) for _ in range(n_out))
+    if n_trees == 1:
+        y_chunks = tree_body(0, init)
+    else:
+        y_chunks = jax.lax.fori_loop(0, n_trees, tree_body, init)
+    for c in range(n_out):
+        cols, ok = _chunk_indices(c, c_out, width_out)
+        mask = jnp.broadcast_to(row_ok[:, None], (bt, c_out))
+        if ok is not None:
+            mask = mask & ok[None, :]
+        cm.store(y_ref.at[rows[:, None], cols[None, :]], y_chunks[c].astype(y_ref.dtype), mask=mask)
+
+
+def check_shapes(x, w_in, b_in, w_out, depth: int, n_trees: int) -> None:
+    """Raise ``ValueError`` naming the argument whose shape does not fit the FFF-v2 layout."""
+    if not isinstance(depth, int) or depth < 0 or depth > 15:
+        raise ValueError(f"depth must be an int in 0..15, got {depth!r}")
+    if not isinstance(n_trees, int) or n_trees < 1:
+        raise ValueError(f"n_trees must be an int >= 1, got {n_trees!r}")
+    n = n_trees * tree.v2_nodes_per_tree(depth)
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (tokens, H), got {tuple(x.shape)}")
+    if tuple(w_in.shape) != (n, x.shape[1]):
+        raise ValueError(f"w_in must have shape ({n}, {x.shape[1]}), got {tuple(w_in.shape)}")
+    if tuple(b_in.shape) != (n,):
+        raise ValueError(f"b_in must have shape ({n},), got {tuple(b_in.shape)}")
+    if w_out.ndim != 2 or w_out.shape[0] != n:
+        raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(w_out.shape)}")
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "n_trees", "interpret", "config", "save_residuals"))
+def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret: bool = False,
+                   config: FffV2ForwardConfig = DEFAULT_CONFIG, save_residuals: bool = False):
+    """The kernel call. Returns ``y (T, H_out)`` or, with ``save_residuals``, ``(y, nodes, logits)``.
+
+    ``nodes`` (int32) and ``logits`` (float32) have shape ``(n_trees * (depth + 1), T)``: row
+    ``k * (depth + 1) + level`` holds tree ``k``'s visited flat node and its logit at ``level``.
+    """
+    check_shapes(x, w_in, b_in, w_out, depth, n_trees)
+    n_tokens, width_in = x.shape
+    width_out = w_out.shape[1]
+    kernel = functools.partial(
+        _kernel, n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth,
+        n_trees=n_trees, cfg=config, save_residuals=save_residuals)
+    out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
+    if save_residuals:
+        p = n_trees * (depth + 1)
+        out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32), jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
+    out = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(pl.cdiv(n_tokens, config.block_t),),
+        compiler_params=cm.compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="fff_v2_forward",
+    )(x, w_in, b_in, w_out)
+    return tuple(out) if save_residuals else out[0]
+
+
+def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret: bool = False,
+                config: FffV2ForwardConfig | None = None):
+    """FFF-v2 hard forward through the Pallas kernel (argument layout of :func:`fffjax.ops.fff_v2_hard`).
+
+    Args:
+        x: ``(T, H)`` float32 or bfloat16 tokens.
+        w_in: ``(K*N, H)``; b_in: ``(K*N,)``; w_out: ``(K*N, H_out)``; ``N = 2**(depth+1) - 1``.
+        depth: descents per tree (0..15); n_trees: K.
+        interpret: run the kernel in Pallas interpret mode (CPU).
+        config: block sizes (default :data:`DEFAULT_CONFIG`).
+
+    Returns:
+        ``(T, H_out)`` in ``x.dtype``, accumulated in float32.
+    """
+    return fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
+                          config=DEFAULT_CONFIG if config is None else config)
+
+
+def fff_v2_hard_reference(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
+    """The jnp reference the kernel is tested against: fffjax's row-gather forward on float32 copies
+    of the inputs (16-bit products rounded before the sum would be less exact than the kernel),
+    returned in ``x.dtype``."""
+    f32 = [a.astype(jnp.float32) for a in (x, w_in, b_in, w_out)]
+    return v2.conditional_forward(*f32, depth=depth, n_trees=n_trees).astype(x.dtype)

@@ -1,0 +1,77 @@
+"""Cross-lowering of every Pallas kernel for an abstract H200 (runs the real Triton lowering on CPU).
+
+Interpret mode ignores the Triton backend's rules (power-of-two block sizes, no erf, 2-D dots of
+>= 16); lowering for ``platform="cuda"`` enforces them without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+import pallas_kernels as pk
+from fffjax import tree, v2
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from pallas_kernels.fff_v2_train import FffV2TrainConfig
+
+S = jax.ShapeDtypeStruct
+
+
+def _lower_for_h200(fn, *shapes) -> str:
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    with use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _v2_shapes(n_tokens, width, depth, n_trees, dtype):
+    n = n_trees * tree.v2_nodes_per_tree(depth)
+    return S((n_tokens, width), dtype), S((n, width), dtype), S((n,), dtype), S((n, width), dtype)
+
+
+@pytest.mark.parametrize("width,depth,n_trees,dtype,config", [
+    (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig()),
+    (1000, 4, 128, jnp.float32, FffV2ForwardConfig(block_t=32, chunk=128)),
+    (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=6)),
+    (96, 0, 2, jnp.float32, FffV2ForwardConfig(block_t=16, dense_levels=1)),
+])
+def test_v2_forward_lowers_for_h200(width, depth, n_trees, dtype, config):
+    fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, config=config, save_residuals=True)
+    text = _lower_for_h200(fn, *_v2_shapes(1001, width, depth, n_trees, dtype))
+    assert "fff_v2_forward" in text
+
+
+@pytest.mark.parametrize("width,depth,n_trees,dtype", [(768, 11, 1, jnp.bfloat16), (1000, 4, 4, jnp.float32)])
+def test_v2_training_lowers_for_h200(width, depth, n_trees, dtype):
+    def loss(*args):
+        y = pk.fff_v2_hard_trainable(*args, depth=depth, n_trees=n_trees, config=FffV2TrainConfig())
+        return jnp.sum(y.astype(jnp.float32))
+
+    text = _lower_for_h200(jax.grad(loss, argnums=(0, 1, 2, 3)), *_v2_shapes(1001, width, depth, n_trees, dtype))
+    assert "fff_v2_backward_tokens" in text and "fff_v2_backward_weights" in text
+
+
+@pytest.mark.parametrize("width,leaf_width,depth,dtype", [(768, 256, 8, jnp.bfloat16), (100, 3, 0, jnp.float32)])
+def test_v1_forward_lowers_for_h200(width, leaf_width, depth, dtype):
+    n_nodes, n_leaves = tree.v1_sizes(depth)
+    shapes = (S((1001, width), dtype), S((n_nodes, width), dtype), S((n_nodes,), dtype),
+              S((n_leaves, width, leaf_width), dtype), S((n_leaves, leaf_width), dtype),
+              S((n_leaves, leaf_width, 50), dtype), S((n_leaves, 50), dtype))
+    fn = functools.partial(pk.fff_v1_hard, depth=depth, activation=v2.gelu)
+    text = _lower_for_h200(fn, *shapes)
+    assert "fff_v1_descent" in text and "fff_v1_leaf_out" in text
+
+
+def test_backend_rule_violation_is_caught_by_lowering():
+    # A (16, 768) load is legal in interpret mode but not on Triton: lowering must refuse it.
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2
+
+    fn = pl.pallas_call(kernel, out_shape=S((16, 768), jnp.float32),
+                        compiler_params=pk._common.compiler_params(4, 1))
+    with pytest.raises(Exception, match="power of 2|power-of-2|power of two"):
+        _lower_for_h200(fn, S((16, 768), jnp.float32))

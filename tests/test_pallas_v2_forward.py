@@ -1,0 +1,112 @@
+"""FFF-v2 forward kernel in Pallas interpret mode against its jnp reference (CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fffjax
+import pallas_kernels as pk
+from fffjax import v2
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from tests._pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+
+SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _check(seed, n_tokens, width, depth, n_trees, dtype, dense_levels):
+    x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, n_trees, dtype)
+    config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), dense_levels=dense_levels)
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True, config=config)
+    assert y.dtype == x.dtype
+    ref = pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.slow
+@SETTINGS
+@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
+       width=st.sampled_from([64, 96, 768, 1000]), depth=st.integers(0, 11), n_trees=st.sampled_from([1, 2, 4]),
+       dense_levels=st.sampled_from([0, 0, 3]))
+def test_forward_matches_reference_float32(seed, n_tokens, width, depth, n_trees, dense_levels):
+    _check(seed, n_tokens, width, depth, n_trees, jnp.float32, dense_levels)
+
+
+@pytest.mark.slow
+@SETTINGS
+@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
+       width=st.sampled_from([64, 96, 768, 1000]), depth=st.integers(0, 11), n_trees=st.sampled_from([1, 2, 4]),
+       dense_levels=st.sampled_from([0, 0, 2]))
+def test_forward_matches_reference_bfloat16(seed, n_tokens, width, depth, n_trees, dense_levels):
+    _check(seed, n_tokens, width, depth, n_trees, jnp.bfloat16, dense_levels)
+
+
+def test_residuals_are_the_reference_path_and_logits():
+    depth, n_trees = 4, 2
+    x, w_in, b_in, w_out = v2_inputs(3, 23, 96, depth, n_trees, jnp.float32)
+    _, nodes, z = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True,
+                                 config=FffV2ForwardConfig(chunk=64), save_residuals=True)
+    logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
+    path = v2.path_from_logits(logits, depth=depth, n_trees=n_trees)           # (T, K, L)
+    np.testing.assert_array_equal(np.asarray(nodes).T.reshape(path.shape), np.asarray(path))
+    expected_z = jnp.take_along_axis(logits, path.reshape(23, -1), axis=1)
+    np.testing.assert_allclose(np.asarray(z).T, np.asarray(expected_z), atol=1e-5)
+
+
+def test_strict_routing_sends_zero_logit_left():
+    # All-zero inputs and biases give z == 0 at every node: strict "> 0" goes left (node 2n+1).
+    depth = 3
+    _, w_in, b_in, w_out = v2_inputs(0, 1, 64, depth, 1, jnp.float32)
+    x = jnp.zeros((5, 64), jnp.float32)
+    _, nodes, _ = fff_v2_forward(x, w_in, jnp.zeros_like(b_in), w_out, depth=depth, interpret=True,
+                                 save_residuals=True)
+    np.testing.assert_array_equal(np.asarray(nodes)[:, 0], [0, 1, 3, 7])
+
+
+def test_output_width_may_differ_from_input_width():
+    x, w_in, b_in, w_out = v2_inputs(1, 19, 64, 3, 1, jnp.float32, width_out=40)
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=3, interpret=True, config=FffV2ForwardConfig(chunk=32))
+    assert y.shape == (19, 40)
+    assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=3), jnp.float32)
+
+
+def test_registered_as_pallas_implementation():
+    assert "pallas" in fffjax.ops.available_implementations("fff_v2_hard")
+    assert "pallas" in fffjax.ops.available_implementations("fff_v1_hard")
+    x, w_in, b_in, w_out = v2_inputs(2, 6, 64, 2, 1, jnp.float32)
+    y = fffjax.ops.fff_v2_hard(x.reshape(2, 3, 64), w_in, b_in, w_out, depth=2, implementation="pallas")
+    assert y.shape == (2, 3, 64)
+    assert_close(y.reshape(6, 64), pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=2), jnp.float32)
+
+
+@pytest.mark.parametrize("bad", ["w_in", "b_in", "w_out", "depth"])
+def test_bad_shapes_raise_naming_the_argument(bad):
+    x, w_in, b_in, w_out = v2_inputs(0, 4, 64, 2, 1, jnp.float32)
+    args = {"w_in": w_in, "b_in": b_in, "w_out": w_out}
+    depth = 2
+    if bad == "depth":
+        depth = 16
+    else:
+        args[bad] = args[bad][:-1]
+    with pytest.raises(ValueError, match=bad):
+        pk.fff_v2_hard(x, args["w_in"], args["b_in"], args["w_out"], depth=depth, interpret=True)
+
+
+@pytest.mark.parametrize("field,value", [("block_t", 12), ("chunk", 100), ("dense_levels", -1)])
+def test_config_rejects_bad_block_sizes(field, value):
+    with pytest.raises(ValueError, match=field):
+        FffV2ForwardConfig(**{field: value})
+
+
+def test_erf_and_gelu_match_float64():
+    from scipy.special import erf as erf64
+
+    from pallas_kernels import _common
+    z = np.linspace(-7, 7, 20001).astype(np.float32)
+    assert np.max(np.abs(np.asarray(_common.erf(jnp.asarray(z))) - erf64(z.astype(np.float64)))) < 5e-7
+    gelu64 = 0.5 * z.astype(np.float64) * (1 + erf64(z.astype(np.float64) / np.sqrt(2)))
+    assert np.max(np.abs(np.asarray(_common.gelu(jnp.asarray(z))) - gelu64)) < 2e-6
+    grad = jax.vmap(jax.grad(lambda t: v2.gelu(t)))(jnp.asarray(z))
+    np.testing.assert_allclose(np.asarray(_common.gelu_grad(jnp.asarray(z))), np.asarray(grad), atol=2e-6)

@@ -1,0 +1,95 @@
+"""FFF-v2 conditional training (custom VJP, Pallas interpret mode) against jax.grad of the masked reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fffjax
+import pallas_kernels as pk
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
+from pallas_kernels.fff_v2_train import FffV2TrainConfig
+from tests._pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+
+NAMES = ("dx", "d_w_in", "d_b_in", "d_w_out")
+
+
+def _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config):
+    def loss(*args):
+        y = pk.fff_v2_hard_trainable(*args, depth=depth, n_trees=n_trees, interpret=True, config=config)
+        return jnp.sum(y.astype(jnp.float32) * dy)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
+
+
+def _check(seed, n_tokens, width, depth, n_trees, weight_block_t):
+    x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, n_trees, jnp.float32)
+    dy = jax.random.normal(jax.random.key(seed + 1), (n_tokens, width))
+    chunk = pow2_chunk_for(width)
+    config = FffV2TrainConfig(forward=FffV2ForwardConfig(chunk=chunk), token_chunk=chunk, weight_chunk=chunk,
+                              weight_block_t=weight_block_t)
+    got = _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config)
+    want = pk.reference_vjp(x, w_in, b_in, w_out, dy, depth=depth, n_trees=n_trees)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, name
+        assert_close(g, w, jnp.float32, name)
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
+       width=st.sampled_from([64, 96]), depth=st.integers(0, 6), n_trees=st.sampled_from([1, 2, 4]),
+       weight_block_t=st.sampled_from([8, 16]))
+def test_gradients_match_masked_reference(seed, n_tokens, width, depth, n_trees, weight_block_t):
+    _check(seed, n_tokens, width, depth, n_trees, weight_block_t)
+
+
+def test_gradients_wide_ragged_layer():
+    _check(7, 21, 1000, 3, 1, 16)
+
+
+def test_bfloat16_gradients_close_to_float32():
+    depth, n_trees = 3, 2
+    x, w_in, b_in, w_out = v2_inputs(5, 20, 64, depth, n_trees, jnp.float32)
+    dy = jax.random.normal(jax.random.key(9), (20, 64))
+    config = FffV2TrainConfig(forward=FffV2ForwardConfig(chunk=64), token_chunk=64, weight_chunk=64)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w_in, b_in, w_out)]
+    got = _grads(*bf16, dy, depth, n_trees, config)
+    want = pk.reference_vjp(*[a.astype(jnp.float32) for a in bf16], dy, depth=depth, n_trees=n_trees)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == jnp.bfloat16, name
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
+
+
+def test_ultrafastff_trains_through_pallas():
+    def make(impl):
+        return fffjax.UltraFastFF(64, 3, n_trees=2, implementation=impl, rngs=nnx.Rngs(0))
+
+    x = jax.random.normal(jax.random.key(1), (2, 9, 64))
+    target = jax.random.normal(jax.random.key(2), (2, 9, 64))
+
+    def loss(model):
+        return jnp.mean((model(x) - target) ** 2)
+
+    got = nnx.grad(loss)(make("pallas"))
+    want = nnx.grad(loss)(make("reference"))
+    for name in ("w_in", "b_in", "w_out"):
+        g, w = getattr(got, name)[...], getattr(want, name)[...]
+        assert float(jnp.max(jnp.abs(w))) > 0, name
+        assert_close(g, w, jnp.float32, name)
+    # One SGD step through the kernel lowers the loss.
+    model = make("pallas")
+    before = loss(model)
+    grads = nnx.grad(loss)(model)
+    for name in ("w_in", "b_in", "w_out"):
+        getattr(model, name)[...] = getattr(model, name)[...] - 0.5 * getattr(grads, name)[...]
+    assert float(loss(model)) < float(before)
+
+
+def test_train_config_rejects_bad_block_sizes():
+    with pytest.raises(ValueError, match="weight_block_t"):
+        FffV2TrainConfig(weight_block_t=24)
