@@ -216,7 +216,7 @@ class ModelConfig:
             if key in section and section[key] is not None and section[key] != value:
                 raise ValueError(f"arch[{dotted!r}] = {section[key]!r} is not supported (fffjax builds {value!r})")
         sequence_op = attention.get("sequence_op")
-        if sequence_op not in (None, "torch-softmax", "exp"):
+        if sequence_op not in (None, "torch-softmax"):
             raise ValueError(f"arch['attention.sequence_op'] = {sequence_op!r} is not supported (fffjax builds softmax)")
 
         hidden = _int(arch, "hidden_size")
