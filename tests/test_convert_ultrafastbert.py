@@ -309,3 +309,33 @@ def test_inspect_reads_a_classifier_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["ScriptableLMForSequenceClassification"]
     back, info = load_checkpoint(cmd_import(out, tmp_path / "back"))
     assert isinstance(back, CrammedBertClassifier) and info["config"] == config
+
+
+def test_training_run_directory_exports_its_latest_step(tmp_path):
+    from fffjax.train.resume import RunCheckpoints
+
+    model = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=12)
+    model.eval()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with RunCheckpoints(tmp_path / "run" / "checkpoints", save_every=1, async_save=False) as checkpoints:
+        for step in (10, 20):
+            checkpoints.save(step, params=params, opt_state={"count": jnp.zeros(())},
+                             position={"epoch": 0, "index": step, "seed": 0}, config=TINY.to_dict(),
+                             run={"command": "pretrain"}, metrics={"loss": 100.0 / step})
+    info = cmd_inspect(tmp_path / "run")
+    assert info["step"] == 20 and info["metrics"] == {"loss": 5.0} and info["path"].endswith("20")
+    out = cmd_export(tmp_path / "run", tmp_path / "hf")
+    state_dict, config_json = read_hf_dir(out)
+    ids, mask = _batch(TINY, seed=13)
+    np.testing.assert_allclose(_torch_logits(_torch_mlm(state_dict, config_json), ids, mask),
+                               _jax_logits(model, ids, mask), atol=ATOL, rtol=0)
+
+
+def test_half_precision_state_dicts_import_as_float32():
+    torch.manual_seed(3)
+    module = ref.ScriptableLMForPreTraining(TINY.to_arch())
+    half = {k: v.to(torch.float16) for k, v in module.state_dict().items()}
+    model = import_ultrafastbert(half, TINY)
+    table = model.encoder.embedding.word_embedding.embedding[...]
+    assert table.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(table), half["decoder.weight"].float().numpy())

@@ -142,15 +142,16 @@ def resolve_checkpoint(path) -> Path:
 
 
 def _read_json_items(step_dir: Path, names: tuple[str, ...]) -> dict[str, Any]:
-    import orbax.checkpoint as ocp
-
-    present = [name for name in names if (step_dir / name).is_dir()]
-    if not present:
-        return {}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-            **{name: ocp.args.JsonRestore() for name in present}))
-    return {name: restored[name] for name in present}
+    """The JSON items of a checkpoint step that exist, read as plain files (orbax's JSON handler
+    writes ``<item>/metadata``; a ``CheckpointManager`` writes its reserved ``metrics`` item as
+    ``metrics/metrics``)."""
+    items = {}
+    for name in names:
+        for candidate in (step_dir / name / "metadata", step_dir / name / name):
+            if candidate.is_file():
+                items[name] = json.loads(candidate.read_text())
+                break
+    return items
 
 
 def _model_config(config: dict) -> ModelConfig:
