@@ -78,12 +78,13 @@ def save(state_dict: Mapping, path: str | Path, *, format: str | None = None) ->
             if array.dtype.name == "bfloat16":
                 tensors[key] = torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
             else:
-                tensors[key] = torch.from_numpy(np.ascontiguousarray(array))
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
         torch.save(tensors, path)
     else:
         import safetensors.numpy
 
-        contiguous = {key: np.ascontiguousarray(array) for key, array in arrays.items()}
+        # ascontiguousarray turns a 0-d array (FFF-v1 depth) into shape (1,): reshape it back.
+        contiguous = {key: np.ascontiguousarray(array).reshape(array.shape) for key, array in arrays.items()}
         safetensors.numpy.save_file(
             contiguous, str(path), metadata={KEY_ORDER_METADATA: json.dumps(list(arrays))})
     return path
