@@ -120,6 +120,8 @@ def train(
 
     rng = np.random.default_rng(seed)
     n_batches = max(1, len(data.x_train) // batch_size)
+    example = data.x_train[:batch_size], data.y_train[:batch_size]
+    step = step.lower(params, opt_state, *example).compile()  # before the bar, so its rate is honest
     history = []
     with tqdm(total=epochs * n_batches, desc=desc, unit="step", leave=True) as bar:
         for epoch in range(epochs):
@@ -143,8 +145,14 @@ def train(
     return history
 
 
-def accuracy(logits, labels) -> float:
-    return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
+@jax.jit
+def predict(model: nnx.Module, x):
+    """``model(x)`` jitted (modules are pytrees; the train/eval mode is static, one trace each)."""
+    return model(x)
+
+
+def accuracy(model: nnx.Module, x, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(predict(model, x)).argmax(-1) == labels))
 
 
 def time_side_by_side(functions: dict, *, repeats: int, calls: int) -> dict[str, float]:
@@ -187,14 +195,14 @@ def check_in_fastfeedforward(export_path: Path, fff: FFF, x_test: np.ndarray) ->
     with torch.no_grad():
         torch_hard = torch_fff.training_forward(x, use_hard_decisions=True).numpy()
     fff.eval()
-    ours = np.asarray(fff(jnp.asarray(x_test)))
+    ours = np.asarray(predict(fff, jnp.asarray(x_test)))
     # 0.2.1's eval() drops the leaf output bias: compare it only with legacy_eval=True.
     legacy = import_fastfeedforward(state_dict, legacy_eval=True)
     legacy.eval()
     torch_fff.eval()
     with torch.no_grad():
         torch_legacy = torch_fff(x).numpy()
-    ours_legacy = np.asarray(legacy(jnp.asarray(x_test)))
+    ours_legacy = np.asarray(predict(legacy, jnp.asarray(x_test)))
     return {
         "agreement": float(np.mean(torch_hard.argmax(-1) == ours.argmax(-1))),
         "max_abs_diff": float(np.max(np.abs(torch_hard - ours))),
@@ -223,18 +231,18 @@ def run_demo(config: DemoConfig = DemoConfig(), *, print_fn=print) -> DemoResult
     train(fff, lambda m, x, y: fff_loss(m, x, y, config.entropy_weight), epochs=config.epochs,
           learning_rate=config.learning_rate, desc="FFF-v1 soft", **common)
     x_test = jnp.asarray(data.x_test)
-    soft_acc = accuracy(fff(x_test), data.y_test)
+    soft_acc = accuracy(fff, x_test, data.y_test)
     fff.eval()  # hard descent: one leaf per sample, the leaf output bias included
-    hard_before = accuracy(fff(x_test), data.y_test)
+    hard_before = accuracy(fff, x_test, data.y_test)
     fff.train()
     # Hardening: rounded decisions, so the routing gets no gradient and each leaf fits its region.
     train(fff, lambda m, x, y: fff_loss(m, x, y, 0.0, hard=True), epochs=config.hardening_epochs,
           learning_rate=config.hardening_learning_rate, desc="FFF-v1 hard", **common)
     fff.eval()
-    hard_acc = accuracy(fff(x_test), data.y_test)
+    hard_acc = accuracy(fff, x_test, data.y_test)
     train(mlp, ff_loss, epochs=config.epochs + config.hardening_epochs,
           learning_rate=config.learning_rate, desc="FF         ", **common)
-    ff_acc = accuracy(mlp(x_test), data.y_test)
+    ff_acc = accuracy(mlp, x_test, data.y_test)
     print_fn(f"FFF-v1 test accuracy after soft training: soft {soft_acc:.4f}, hard (eval mode) {hard_before:.4f}")
     print_fn(f"FFF-v1 test accuracy after {config.hardening_epochs} hardened epochs: hard {hard_acc:.4f}")
     print_fn(f"FF     test accuracy: {ff_acc:.4f}")

@@ -1,0 +1,72 @@
+"""`fffjax demo` end to end at a tiny size, and the CLI around it."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from fffjax import cli, demo
+from fffjax.convert import load
+from fffjax.train.checkpoint import restore_checkpoint
+
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "fastfeedforward"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    config = demo.DemoConfig(out=str(out), epochs=3, hardening_epochs=2, depth=2, leaf_width=4,
+                             timing_repeats=3, timing_calls=2)
+    lines = []
+    result = demo.run_demo(config, print_fn=lines.append)
+    return config, result, lines
+
+
+def test_demo_trains_and_reports(tiny_run):
+    config, result, lines = tiny_run
+    for acc in (result.fff_soft_accuracy, result.fff_hard_accuracy_before, result.fff_hard_accuracy,
+                result.ff_accuracy):
+        assert 0.3 < acc <= 1.0  # chance is 0.1 on ten classes
+    assert result.fff_hard_seconds > 0 and result.ff_seconds > 0
+    assert result.speedup == pytest.approx(result.ff_seconds / result.fff_hard_seconds)
+    text = "\n".join(lines)
+    assert f"hard {result.fff_hard_accuracy:.4f}" in text and "speedup" in text
+
+
+def test_checkpoint_restores_the_exported_parameters(tiny_run):
+    config, result, _ = tiny_run
+    assert result.checkpoint.is_dir() and result.export.is_file()
+    params, saved_config = restore_checkpoint(result.checkpoint)
+    assert saved_config["depth"] == config.depth and saved_config["leaf_width"] == config.leaf_width
+    assert saved_config["results"]["fff_hard_accuracy"] == result.fff_hard_accuracy
+    exported = load(result.export)
+    assert exported["depth"].shape == () and exported["depth"].dtype == np.int64
+    assert int(exported["depth"]) == config.depth
+    for name in ("node_weights", "w1s", "b1s", "w2s", "b2s"):
+        np.testing.assert_array_equal(np.asarray(params["fff"][name]), exported[name])
+    np.testing.assert_array_equal(np.asarray(params["fff"]["node_biases"])[:, None], exported["node_biases"])
+    assert params["ff"]["hidden"]["kernel"].shape == (64, 2**config.depth * config.leaf_width)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and fastfeedforward")
+def test_export_agrees_with_fastfeedforward(tiny_run):
+    _, result, lines = tiny_run
+    assert result.torch_agreement == 1.0
+    assert result.torch_max_abs_diff < 1e-5
+    assert result.legacy_agreement == 1.0
+    assert result.legacy_max_abs_diff < 1e-5
+    assert any("argmax agreement 100.00%" in line for line in lines)
+
+
+def test_cli_lists_demo_and_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--depth must be >= 0"):
+        cli.main(["demo", "--depth", "-1"])
+    with pytest.raises(SystemExit, match="--leaf-width must be >= 1"):
+        cli.main(["demo", "--leaf-width", "0"])
+    with pytest.raises(SystemExit):  # argparse: missing command
+        cli.main([])
