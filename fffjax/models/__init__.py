@@ -4,6 +4,7 @@ from fffjax.models.config import CONFIGS, ModelConfig, get_config
 from fffjax.models.crammed_bert import (
     CrammedBertClassifier,
     CrammedBertMLM,
+    cast_parameters,
     count_parameters,
     mlm_logits_at,
     model_from_params,
@@ -17,6 +18,7 @@ __all__ = [
     "CrammedBertClassifier",
     "CrammedBertMLM",
     "ModelConfig",
+    "cast_parameters",
     "count_parameters",
     "get_config",
     "mlm_logits_at",

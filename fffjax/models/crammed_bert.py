@@ -327,6 +327,18 @@ def set_fff_implementation(model: nnx.Module, implementation: str | None) -> Non
             module.implementation = implementation
 
 
+def cast_parameters(model: nnx.Module, dtype) -> nnx.Module:
+    """Store every parameter of ``model`` in ``dtype`` (in place; returns ``model``).
+
+    For inference: a bfloat16 model (``dtype=jnp.bfloat16`` at construction) with bfloat16
+    parameters skips the per-call float32 -> bfloat16 casts of every weight. Not for training
+    (AdamW on bfloat16 parameters loses small updates).
+    """
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), state))
+    return model
+
+
 def count_parameters(model: nnx.Module) -> int:
     """Number of trainable scalars (the tied decoder is the embedding, counted once)."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
