@@ -42,6 +42,9 @@ def _reexec_with_hugetlb(argv: list[str]) -> None:
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGETLB]))
+    # torch's OpenMP threads would otherwise spin after each call, stealing the cores from the
+    # variant timed next (variants are interleaved).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 
@@ -78,9 +81,10 @@ def machine_info() -> dict:
     except OSError:
         caches = {}
     info = {
-        "cpu_model": model, "cores": os.cpu_count(), "caches": caches, "python": platform.python_version(),
+        "cpu_model": model, "cores": len(os.sched_getaffinity(0)), "caches": caches, "python": platform.python_version(),
         "platform": platform.platform(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "cpu_ffi_available": cpu_ffi.available(), "cpu_ffi_build_error": cpu_ffi.build_error(),
     }
     try:
@@ -316,7 +320,7 @@ def write_markdown(path: Path, info: dict, rows: list[dict], errors: dict, args)
         f"UltraFastBERT 1x11 layer: H = {H}, FFF-v2 depth {DEPTH} ({tree.v2_nodes_per_tree(DEPTH)} neurons, "
         f"{DEPTH + 1} per token), float32. Machine: {info['cpu_model']}, {info['cores']} cores "
         f"({', '.join(f'{k} {v}' for k, v in info['caches'].items())}); jax {info['jax']}, torch {info.get('torch')}; "
-        f"`GLIBC_TUNABLES={info['glibc_tunables'] or '(unset)'}`. Produced by `experiments/bench_cpu.py` "
+        f"`GLIBC_TUNABLES={info['glibc_tunables'] or '(unset)'}`, `OMP_WAIT_POLICY={info['omp_wait_policy'] or '(unset)'}`. Produced by `experiments/bench_cpu.py` "
         f"on {info['date_utc']}; load average before/after: {info['loadavg_start']} / {info['loadavg_end']}.",
         "",
         "Wall clock per call (median of the repeats, variants interleaved in one process). **Speedup** is "
@@ -334,19 +338,66 @@ def write_markdown(path: Path, info: dict, rows: list[dict], errors: dict, args)
                          f"{r['tokens_per_s']:.3g} | {r['speedup_vs_baseline']:.1f}x | {r['baseline']} | "
                          f"{r['speedup_vs_dense_3072']:.1f}x |")
         lines.append("")
+    names = sorted({k for errs in errors.values() for k in errs})
     lines += ["## Output check (max |error| vs the masked reference, first min(tokens, 2048) tokens)", "",
-              "| tokens | " + " | ".join(sorted(next(iter(errors.values())))) + " |",
-              "|---|" + "---:|" * len(next(iter(errors.values())))]
+              "| tokens | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for tokens, errs in errors.items():
-        lines.append(f"| {tokens} | " + " | ".join(f"{errs[k]:.2e}" for k in sorted(errs)) + " |")
+        lines.append(f"| {tokens} | " + " | ".join(f"{errs[k]:.2e}" if k in errs else "-" for k in names) + " |")
     lines.append("")
     lines += analysis_lines(rows)
     path.write_text("\n".join(lines))
 
 
 def analysis_lines(rows: list[dict]) -> list[str]:
-    """Where the time goes, from the ablation rows of the largest token count (filled in below)."""
-    return []
+    """Where the time goes: bounds and the ablation rows of the largest token count, in numbers."""
+    tokens = max(r["tokens"] for r in rows)
+    ms = {r["variant"]: r["ms_median"] for r in rows if r["tokens"] == tokens}
+    base = next(r for r in rows if r["tokens"] == tokens)["baseline"]
+    fff_names = [n for n in ("fff_cpu_ffi", "fff_xla") if n in ms]
+    best = min(fff_names, key=ms.get)
+    levels, nodes = DEPTH + 1, tree.v2_nodes_per_tree(DEPTH)
+    row_kb = levels * 2 * H * 4 / 1e3
+    table_mb = nodes * 2 * H * 4 / 1e6
+    xy_mb = 2 * tokens * H * 4 / 1e6
+    lines = [
+        f"## Where the time goes ({tokens} tokens)", "",
+        f"Target: `fff_v2_hard` >= 50x faster than `{base}` ({ms[base]:.1f} ms). "
+        + "; ".join(f"`{n}`: {ms[base] / ms[n]:.1f}x ({ms[n]:.2f} ms)" for n in fff_names)
+        + f" -> target {'met' if ms[base] / ms[best] >= 50 else 'missed'} by `{best}`.", "",
+        "Bounds:",
+        f"- FLOPs: a token does {levels} dot products and {levels} row updates of width {H} "
+        f"({4 * levels * H / 1e3:.1f} kFLOP) against {4 * H * 4096 / 1e6:.1f} MFLOP in a dense layer of "
+        f"width 4096: {4096 / levels:.0f}x fewer (the paper's 'theoretical 341x' is 4095/12).",
+        f"- Bytes: every token reads {levels} rows of `w_in` and {levels} of `w_out`: {row_kb:.1f} kB, "
+        f"{tokens * row_kb / 1e3:.0f} MB of row reads in all, from a table of {table_mb:.1f} MB (bigger than "
+        "this machine's L2 and about its whole L3, which other processes share), plus "
+        f"{xy_mb:.0f} MB of `x` in and `y` out.",
+    ]
+    if "ablation_write_floor" in ms:
+        floor = ms["ablation_write_floor"]
+        lines.append(f"- Memory floor: a jitted `x * 2` (reads `x`, writes an output of the same size) takes "
+                     f"{floor:.2f} ms, so no layer that produces `y` can beat {ms[base] / floor:.0f}x here; "
+                     f"`{best}` spends {100 * floor / ms[best]:.0f}% of its time at that floor.")
+    if "ablation_xla_dense_12" in ms:
+        lines.append(f"- A dense layer of just 12 neurons (no routing at all, the published 'fff-native' lower bound) "
+                     f"takes {ms['ablation_xla_dense_12']:.2f} ms: {ms[base] / ms['ablation_xla_dense_12']:.0f}x.")
+    lines += ["", "Ablations (same run, interleaved):"]
+    notes = {
+        "ablation_cpu_ffi_unsorted": "`cpu_ffi` with every level in token order (`FFFJAX_CPU_SORT=0`): the deep rows "
+                                     "come from memory once per token instead of once per subtree",
+        "ablation_cpu_ffi_1_thread": "`cpu_ffi` on one thread (`FFFJAX_CPU_THREADS=1`)",
+        "ablation_cpu_ffi_depth_7": "`cpu_ffi` at depth 7 (8 levels, 0.8 MB per table: stays in L2/L3)",
+        "ablation_xla_multiply_sum": "`v2.conditional_forward` (gathers, then multiply and sum): the previous \"xla\"",
+        "ablation_xla_routing_only": "the \"xla\" path's gathers and dots without the output stage",
+        "ablation_xla_lax_map_1024": "the \"xla\" path over blocks of 1024 tokens with `lax.map`",
+        "ablation_xla_fori_levels": "the \"xla\" path with a `fori_loop` over levels (multiply-sum)",
+        "ablation_xla_dense_4096_no_gelu": "the dense 4096 layer without its GELU",
+    }
+    for name, text in notes.items():
+        if name in ms:
+            ref = "fff_cpu_ffi" if "cpu_ffi" in name else ("xla_dense_4096" if "dense" in name else "fff_xla")
+            lines.append(f"- {text}: {ms[name]:.2f} ms (vs `{ref}` {ms[ref]:.2f} ms).")
+    return lines + [""]
 
 
 def write_plot(path: Path, rows: list[dict]) -> None:
@@ -396,7 +447,7 @@ def main(argv=None) -> None:
     if not args.no_torch:
         try:
             import torch
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
             torch_mod = torch
         except ImportError:
             log("torch not installed: torch variants skipped")

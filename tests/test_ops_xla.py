@@ -40,7 +40,7 @@ def _assert_close(actual, expected, rel=1e-5):
         (5, 16, 0, 1, 16),        # depth 0: one neuron per tree
         (37, 1000, 4, 1, 70),     # odd H (vector tail), H_out with a tail, ragged token groups
         (64, 48, 6, 3, 48),       # K > 1 trees, sorted deep levels (8 subtrees for 64 tokens)
-        (600, 96, 5, 2, 64),      # enough tokens for two threads in the C++ kernel
+        (600, 96, 5, 2, 64),      # several groups of subtrees, two trees accumulating into y
         (256, 768, 11, 1, 768),   # the UltraFastBERT 1x11 layer shape
     ],
 )
@@ -51,6 +51,16 @@ def test_matches_masked_reference(implementation, tokens, features, depth, n_tre
     actual = fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, implementation=implementation)
     assert actual.dtype == x.dtype
     _assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_thread_split(monkeypatch, threads):
+    """The C++ kernel's on-demand split over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+    _skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    x, w_in, b_in, w_out = _problem(41, 700, 64, 7, 2, 48)
+    actual = fff_v2_hard(x, w_in, b_in, w_out, depth=7, n_trees=2, implementation="cpu_ffi")
+    _assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=7, n_trees=2))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -23,6 +23,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -178,11 +182,19 @@ void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t
 }
 
 int thread_count(int64_t tokens) {
+  // FFFJAX_CPU_THREADS=n asks for n threads (each still gets at least 64 tokens).
+  if (const char* env = std::getenv("FFFJAX_CPU_THREADS")) {
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), tokens / 64)));
+  }
   int n = static_cast<int>(std::thread::hardware_concurrency());
-  if (const char* env = std::getenv("FFFJAX_CPU_THREADS")) n = std::atoi(env);
+#if defined(__linux__)
+  cpu_set_t allowed;  // honour taskset / cgroup CPU affinity
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) n = CPU_COUNT(&allowed);
+#endif
   n = std::max(1, n);
-  // Below ~256 tokens per thread, starting threads costs more than it saves.
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, tokens / 256)));
+  // Below ~2048 tokens per thread, starting threads costs more than it saves (on a busy machine a
+  // new thread may wait milliseconds for a core).
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, tokens / 2048)));
 }
 
 // Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
