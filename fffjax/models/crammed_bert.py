@@ -19,7 +19,8 @@ Module tree (attribute names follow the published state_dict, so the exporter's 
 
 Norms are ``nnx.LayerNorm`` (``scale``, ``bias``), linears ``nnx.Linear`` (``kernel (in, out)``,
 the transpose of torch's ``weight``). Parameters are float32; ``dtype`` sets the compute dtype
-(e.g. bfloat16), with LayerNorm statistics, softmax inputs of the loss-side logits in float32.
+(e.g. bfloat16; LayerNorm statistics stay float32, Flax's rule) and the MLM and class logits come
+out in float32 (:func:`cast_parameters` stores the weights in the compute dtype for inference).
 A new model is in train mode (dropout on); ``model.eval()`` / ``model.train()`` switch it. Dropout
 draws from the ``dropout`` stream of the ``rngs`` given at construction: run training steps under
 ``nnx.jit`` (or split/merge and keep the returned state) so the stream advances.
