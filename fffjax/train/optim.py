@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 from fffjax._typing import Array, Float
+from fffjax.nn import FFF
 
 _NODE_PARAMS = ("node_weights", "node_biases")
 _LEAF_PARAMS = ("w1s", "b1s", "w2s", "b2s")
@@ -68,8 +69,7 @@ def v1_usage(
 
 
 def _fff_modules(model: nnx.Module) -> dict[tuple, Any]:
-    from fffjax.nn import FFF  # nn imports train-free modules only; keep the import one-way at runtime
-
+    """Graph path -> FFF module, for every FFF in ``model`` that counts usage."""
     return {
         tuple(path): node
         for path, node in nnx.iter_graph(model)
