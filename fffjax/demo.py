@@ -60,7 +60,7 @@ class DemoResult:
     ff_seconds: float  # the same for the jitted FF forward
     speedup: float  # ff_seconds / fff_hard_seconds
     checkpoint: Path
-    export: Path
+    export: Path | None  # None when safetensors is not installed
     torch_agreement: float | None  # argmax agreement of fastfeedforward's hard decisions with fffjax
     torch_max_abs_diff: float | None
     legacy_agreement: float | None  # 0.2.1 eval() vs fffjax legacy_eval=True
@@ -280,10 +280,14 @@ def run_demo(config: DemoConfig = DemoConfig(), *, print_fn=print) -> DemoResult
     }
     checkpoint = save_checkpoint(out / "checkpoint", params, ckpt_config, overwrite=True)
     print_fn(f"orbax checkpoint: {checkpoint}")
-    export = save(export_fastfeedforward(fff), out / "fff.safetensors")
-    print_fn(f"exported to fastfeedforward.FFF's state dict: {export}")
+    try:
+        export = save(export_fastfeedforward(fff), out / "fff.safetensors")
+        print_fn(f"exported to fastfeedforward.FFF's state dict: {export}")
+    except ImportError:  # safetensors comes with the `torch` extra
+        export = None
+        print_fn("safetensors not installed (pip install -e '.[torch]'): skipped the export")
 
-    check = check_in_fastfeedforward(export, fff, data.x_test)
+    check = check_in_fastfeedforward(export, fff, data.x_test) if export is not None else None
     if check is None:
         print_fn("torch / fastfeedforward not installed: skipped the check in PyTorch")
     else:
