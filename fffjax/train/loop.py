@@ -482,6 +482,8 @@ def fit(
             trainer.state = {"params": restored["params"], "opt_state": restored["opt_state"],
                              "step": shd.to_global(np.asarray(start, np.int32), shd.replicated(trainer.mesh))}
             position = restored["data"]
+            if lead:
+                print(f"resumed from {checkpoints.step_dir(start)}")
         if lead:
             log.truncate_after(start)
         bar = tqdm(total=config.steps, initial=start, disable=not (progress and lead), desc="train", unit="step")

@@ -118,22 +118,41 @@ class RunCheckpoints:
             if expected is not None and found is not None and expected != found:
                 raise ValueError(f"array contents do not match the saved digest ({found} != {expected})")
         except Exception as error:  # orbax/tensorstore raise many types for damaged files
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
             raise CheckpointCorruptError(
-                f"checkpoint {self.step_dir(step)} is unreadable: {type(error).__name__}: {error}") from error
+                f"checkpoint {self.step_dir(step)} is unreadable ({type(error).__name__}: {first_line})") from error
         result[DATA] = {k: np.asarray(v, np.int64) for k, v in result[DATA].items()}
         return result
 
-    def restore_latest(self, abstract_state: Mapping[str, Any]) -> dict[str, Any] | None:
+    def restore_latest(self, abstract_state: Mapping[str, Any], *, quarantine: bool = True) -> dict[str, Any] | None:
         """The newest step that restores, warning about each newer unreadable one; None if none.
+
+        Args:
+            abstract_state: as for `restore`.
+            quarantine: move each unreadable step folder to `<directory>.corrupt/<step>` (kept for
+                inspection) so that training can save that step again.
 
         Returns:
             `{"params", "opt_state", "config", "data", "run", "metrics", "step"}` or None.
         """
+        import shutil
+
+        import jax
+
         for step in reversed(self.steps()):
             try:
                 result = self.restore(step, abstract_state)
             except CheckpointCorruptError as error:
-                warnings.warn(f"{error}; falling back to an older checkpoint", stacklevel=2)
+                note = ""
+                if quarantine and jax.process_index() == 0:
+                    target = Path(f"{self.directory}.corrupt") / str(step)
+                    if target.exists():
+                        shutil.rmtree(target)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.step_dir(step)), str(target))
+                    self.manager.reload()
+                    note = f" (moved to {target})"
+                warnings.warn(f"{error}{note}; falling back to an older checkpoint", stacklevel=2)
                 continue
             result["step"] = step
             return result
