@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fffjax import nn, tree
+from fffjax import nn, tree, v1
 from fffjax.convert.io import to_numpy_dict
 
 FASTFEEDFORWARD_KEYS = ("depth", "node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s")
@@ -65,6 +65,28 @@ def _check_floating(key: str, array: np.ndarray) -> None:
 def _param_dtype(array: np.ndarray):
     # float64 becomes float32 unless jax_enable_x64 is on; bf16/f16 are kept.
     return jax.dtypes.canonicalize_dtype(array.dtype)
+
+
+def _filled(make: Callable[[], nnx.Module], values: dict[str, jax.Array], *, abstract: bool) -> nnx.Module:
+    """``make()`` with the variables named in ``values`` replaced.
+
+    With ``abstract=True`` the module is built under ``nnx.eval_shape`` (no random init, no
+    compile: large layers import fast); only allowed when ``values`` covers every variable.
+    """
+    module = nnx.eval_shape(make) if abstract else make()
+    for name, value in values.items():
+        variable = getattr(module, name)
+        built = variable.get_value()
+        if tuple(built.shape) != tuple(value.shape) or built.dtype != value.dtype:
+            raise AssertionError(f"internal: {name} built as {built.shape} {built.dtype}, "
+                                 f"filled with {value.shape} {value.dtype}")
+        variable.set_value(value)
+    leftover = [jax.tree_util.keystr(path)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module))
+                if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if leftover:
+        raise AssertionError(f"internal: variables left abstract after import: {leftover}")
+    return module
 
 
 # --------------------------------------------------------------------------- FFF-v1
@@ -133,7 +155,8 @@ def import_fastfeedforward(
             :func:`export_fastfeedforward`; ``node_biases`` may be ``(n_nodes, 1)`` or ``(n_nodes,)``.
         activation: the leaves' hidden activation (not stored in the state dict).
         legacy_eval: drop the leaf output bias in eval, as 0.2.1's ``eval()`` does.
-        rngs: ``nnx.Rngs`` for dropout and region leak (default ``nnx.Rngs(0)``).
+        rngs: ``nnx.Rngs`` whose ``dropout`` stream drives dropout and region leak when those are
+            on (default ``nnx.Rngs(0)``); the parameters never come from it.
         usage_mode: ``"soft"``, ``"hard"``, ``"none"`` or ``None`` (see above).
         **module_options: further :class:`fffjax.nn.FFF` options (``dropout``, ``region_leak``,
             ``train_hardened``, ``implementation``).
@@ -174,15 +197,20 @@ def import_fastfeedforward(
         _check_floating(key, arrays[key])
 
     dtype = _param_dtype(arrays["w1s"])
-    module = nn.FFF(
-        din, width, dout, depth, activation=activation, legacy_eval=legacy_eval,
-        usage_mode=usage_mode, dtype=dtype, rngs=nnx.Rngs(0) if rngs is None else rngs, **module_options)
-    for name in ("node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s"):
-        getattr(module, name)[...] = jnp.asarray(arrays[name], dtype)
-    if has_usage:
-        module.node_usage[...] = jnp.asarray(arrays["node_usage"], jnp.float32)
-        module.leaf_usage[...] = jnp.asarray(arrays["leaf_usage"], jnp.float32)
-    return module
+    values = {name: jnp.asarray(arrays[name], dtype) for name in v1.PARAM_NAMES}
+    if usage_mode != "none":
+        for name, size in zip(USAGE_KEYS, (n_nodes, n_leaves)):
+            values[name] = jnp.asarray(arrays[name] if has_usage else np.zeros(size), jnp.float32)
+    # Dropout and region leak keep an rng stream in the module: build those concretely.
+    keeps_rngs = module_options.get("dropout", 0.0) > 0 or module_options.get("region_leak", 0.0) > 0
+
+    def make():
+        return nn.FFF(
+            din, width, dout, depth, activation=activation, legacy_eval=legacy_eval,
+            usage_mode=usage_mode, dtype=dtype, rngs=nnx.Rngs(0) if rngs is None or not keeps_rngs else rngs,
+            **module_options)
+
+    return _filled(make, values, abstract=not keeps_rngs)
 
 
 # --------------------------------------------------------------------------- FFF-v2
@@ -215,7 +243,6 @@ def import_ultrafast_ff(
     n_trees: int = 1,
     prefix: str = "",
     implementation: str | None = None,
-    rngs: nnx.Rngs | None = None,
 ) -> nn.UltraFastFF:
     """An :class:`fffjax.nn.UltraFastFF` from UltraFastBERT ``fff.FFF`` weights.
 
@@ -226,7 +253,6 @@ def import_ultrafast_ff(
         n_trees: K.
         prefix: the keys' common prefix.
         implementation: the module's hard-forward implementation.
-        rngs: only to build the module (its parameters are overwritten); default ``nnx.Rngs(0)``.
 
     Returns:
         The module, with parameters in the dtype of ``linear_in.weight``.
@@ -250,10 +276,14 @@ def import_ultrafast_ff(
         _check_shape(key, arrays[key], shape)
         _check_floating(key, arrays[key])
     dtype = _param_dtype(arrays[w_key])
-    module = nn.UltraFastFF(
-        features, depth, n_trees=n_trees, out_features=out_features, implementation=implementation,
-        dtype=dtype, rngs=nnx.Rngs(0) if rngs is None else rngs)
-    module.w_in[...] = jnp.asarray(arrays[w_key], dtype)
-    module.b_in[...] = jnp.asarray(arrays[b_key], dtype)
-    module.w_out[...] = jnp.asarray(arrays[out_key].T, dtype)
-    return module
+    values = {
+        "w_in": jnp.asarray(arrays[w_key], dtype),
+        "b_in": jnp.asarray(arrays[b_key], dtype),
+        "w_out": jnp.asarray(arrays[out_key].T, dtype),
+    }
+
+    def make():
+        return nn.UltraFastFF(features, depth, n_trees=n_trees, out_features=out_features,
+                              implementation=implementation, dtype=dtype, rngs=nnx.Rngs(0))
+
+    return _filled(make, values, abstract=True)

@@ -1,0 +1,259 @@
+"""FFF-v2 (UltraFastBERT): masked vs conditional forms, the published torch layer, gradients, jit, bf16.
+
+Most tests use *dyadic* data: inputs and node weights in {0, +-1/4, +-1/2}, biases odd multiples of
+1/32. Every logit is then computed exactly (in any summation order, fp32 or bf16) and is never
+zero, so both forms, and torch, take identical routing decisions and only the output sums differ
+by rounding.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fffjax import convert, nn, tree, v2
+from fffjax.ops import fff_v2_hard
+
+TOL = 1e-6
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax.monitoring event per jaxpr trace
+LEAD_SHAPES = [(), (3,), (2, 5)]
+
+
+def dyadic_problem(seed, *, depth, n_trees, features, out_features, lead=(7,), dtype=np.float32):
+    """``x (*lead, H)``, ``w_in (K*N, H)``, ``b_in (K*N,)``, ``w_out (K*N, H_out)`` with exact logits."""
+    rng = np.random.default_rng(seed)
+    n = n_trees * tree.v2_nodes_per_tree(depth)
+    x = rng.integers(-2, 3, (*lead, features)) / 4
+    w_in = rng.integers(-2, 3, (n, features)) / 4
+    b_in = (2 * rng.integers(-4, 4, n) + 1) / 32
+    w_out = rng.standard_normal((n, out_features)) / np.sqrt((depth + 1) * n_trees)
+    return tuple(jnp.asarray(a, dtype) for a in (x, w_in, b_in, w_out))
+
+
+def assert_close(actual, expected, tol=TOL):
+    """Relative to the largest magnitude: outputs are sums over nodes and trees."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def path_nodes(x, w_in, b_in, *, depth, n_trees):
+    """Sorted flat indices of every node on some token's path, in numpy (exact for dyadic data).
+
+    Tests avoid eager jax calls on fresh shapes: each would compile its own small XLA program.
+    """
+    x2 = np.asarray(x, np.float64).reshape(-1, w_in.shape[1])
+    z = x2 @ np.asarray(w_in, np.float64).T + np.asarray(b_in, np.float64)
+    per_tree = tree.v2_nodes_per_tree(depth)
+    node = np.zeros((x2.shape[0], n_trees), np.int64)
+    flat = node + per_tree * np.arange(n_trees)
+    visited = [flat]
+    for _ in range(depth):
+        node = 2 * node + 1 + (np.take_along_axis(z, flat, axis=1) > 0)
+        flat = node + per_tree * np.arange(n_trees)
+        visited.append(flat)
+    return np.unique(np.stack(visited))
+
+
+# --------------------------------------------------------------------------- masked == conditional
+
+
+def _forms(x, w_in, b_in, w_out, *, depth, n_trees):
+    """``(op "xla", v2.conditional_forward, v2.masked_forward)`` outputs, each ``(..., H_out)``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out_shape = (*x.shape[:-1], w_out.shape[1])
+    static = dict(depth=depth, n_trees=n_trees)
+    return (
+        fff_v2_hard(x, w_in, b_in, w_out, implementation="xla", **static),
+        v2.conditional_forward(x2, w_in, b_in, w_out, **static).reshape(out_shape),
+        v2.masked_forward(x2, w_in, b_in, w_out, **static).reshape(out_shape),
+    )
+
+
+# One compile per example for all three (compiles dominate these tests' time).
+_all_forms = functools.partial(jax.jit, static_argnames=("depth", "n_trees"))(_forms)
+
+
+# Each example compiles its forms afresh (new static depth and shapes): ~0.3 s of CPU at depth 1,
+# ~4 s at depth 12, so the example counts stay small.
+@settings(max_examples=12, deadline=None)
+@given(
+    depth=st.integers(0, 12),
+    n_trees=st.sampled_from([1, 2, 4]),
+    features=st.integers(1, 16),
+    out_features=st.integers(1, 9),
+    lead=st.sampled_from(LEAD_SHAPES),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_equals_conditional(depth, n_trees, features, out_features, lead, seed):
+    x, w_in, b_in, w_out = dyadic_problem(
+        seed, depth=depth, n_trees=n_trees, features=features, out_features=out_features, lead=lead)
+    y_xla, y_conditional, y_masked = _all_forms(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    assert y_xla.shape == y_conditional.shape == y_masked.shape == (*lead, out_features)
+    assert_close(y_conditional, y_masked)
+    assert_close(y_xla, y_masked)
+    # The definition, token by token: sum over trees and levels of gelu(z[n_k]) * w_out[n_k].
+    x2, w_in64, b_in64, w_out64 = (np.asarray(a, np.float64) for a in (x, w_in, b_in, w_out))
+    x2 = x2.reshape(-1, features)
+    per_tree = tree.v2_nodes_per_tree(depth)
+    expected = np.zeros((x2.shape[0], out_features))
+    for t in range(x2.shape[0]):
+        for k in range(n_trees):
+            node = 0
+            for _ in range(depth + 1):
+                flat = k * per_tree + node
+                z = x2[t] @ w_in64[flat] + b_in64[flat]
+                expected[t] += 0.5 * z * (1.0 + math.erf(z / math.sqrt(2.0))) * w_out64[flat]
+                node = 2 * node + 1 + int(z > 0)
+    assert_close(y_xla, expected.reshape(*lead, out_features))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "n_trees"))
+def _all_grads(x, w_in, b_in, w_out, cotangent, *, depth, n_trees):
+    """Per form of :func:`_forms`, gradients of ``sum(y * cotangent)`` w.r.t. ``(x, w_in, b_in, w_out)``."""
+    def loss(form, *args):
+        return jnp.sum(_forms(*args, depth=depth, n_trees=n_trees)[form] * cotangent)
+
+    return tuple(jax.grad(loss, argnums=(1, 2, 3, 4))(form, x, w_in, b_in, w_out) for form in range(3))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    depth=st.integers(0, 6),
+    n_trees=st.sampled_from([1, 2, 4]),
+    features=st.integers(1, 12),
+    out_features=st.integers(1, 6),
+    lead=st.sampled_from(LEAD_SHAPES),
+    seed=st.integers(0, 2**16),
+)
+def test_conditional_gradients_equal_masked(depth, n_trees, features, out_features, lead, seed):
+    x, w_in, b_in, w_out = dyadic_problem(
+        seed, depth=depth, n_trees=n_trees, features=features, out_features=out_features, lead=lead)
+    cotangent = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((*lead, out_features)), jnp.float32)
+    static = dict(depth=depth, n_trees=n_trees)
+    grads_xla, grads_conditional, grads_masked = _all_grads(x, w_in, b_in, w_out, cotangent, **static)
+    for grads in (grads_xla, grads_conditional):
+        for name, g, ref in zip(("x", "w_in", "b_in", "w_out"), grads, grads_masked):
+            assert g.shape == ref.shape, name
+            scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+            np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+    # Only rows on some token's path get gradient; every path row of w_out does (gelu(z) != 0).
+    on_path = np.zeros(w_in.shape[0], bool)
+    on_path[path_nodes(x, w_in, b_in, **static)] = True
+    for grads in (grads_xla, grads_conditional, grads_masked):
+        _, g_w_in, g_b_in, g_w_out = (np.asarray(g) for g in grads)
+        assert not np.any(g_w_in[~on_path]) and not np.any(g_b_in[~on_path])
+        np.testing.assert_array_equal(np.any(g_w_out != 0, axis=1), on_path)
+
+
+# --------------------------------------------------------------------------- the published torch layer
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "depth,n_trees,features,out_features,lead",
+    [(0, 1, 8, 8, (5,)), (2, 2, 8, 5, (2, 5)), (4, 4, 16, 16, (9,)), (11, 1, 16, 16, (3, 4))],
+)
+def test_matches_torch_reference(depth, n_trees, features, out_features, lead):
+    torch = pytest.importorskip("torch")
+    from torch_reference import UltraFastFFReference
+
+    torch.manual_seed(depth + 10 * n_trees)
+    reference = UltraFastFFReference(features, out_features, depth, n_trees)  # published init
+    module = convert.import_ultrafast_ff(reference.state_dict(), depth=depth, n_trees=n_trees)
+    x = np.random.default_rng(depth).standard_normal((*lead, features)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    # "xla" is the jitted conditional form, "reference" the jitted masked form (fffjax.v2).
+    for implementation in ("xla", "reference"):
+        module.implementation = implementation
+        assert_close(module(jnp.asarray(x)), expected)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("depth,n_trees", [(1, 1), (3, 4)])
+def test_gradients_match_torch_autograd(depth, n_trees):
+    torch = pytest.importorskip("torch")
+    from torch_reference import UltraFastFFReference
+
+    features, out_features = 10, 6
+    x, w_in, b_in, w_out = dyadic_problem(
+        depth, depth=depth, n_trees=n_trees, features=features, out_features=out_features, lead=(4, 6))
+    state = {"linear_in.weight": w_in, "linear_in.bias": b_in, "linear_out.weight": w_out.T}
+    module = convert.import_ultrafast_ff(state, depth=depth, n_trees=n_trees)
+    reference = UltraFastFFReference(features, out_features, depth, n_trees)
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    reference(torch.from_numpy(np.array(x))).pow(2).sum().backward()
+    expected = {
+        "w_in": reference.linear_in.weight.grad.numpy(),
+        "b_in": reference.linear_in.bias.grad.numpy(),
+        "w_out": reference.linear_out.weight.grad.numpy().T,
+    }
+    for implementation in ("xla", "reference"):
+        module.implementation = implementation
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(module)
+        for name, ref in expected.items():
+            scale = max(1.0, float(np.abs(ref).max()))
+            np.testing.assert_allclose(grads[name][...], ref, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+# --------------------------------------------------------------------------- jit, bf16
+
+
+def test_xla_implementation_does_not_retrace():
+    """No jaxpr trace at all when the jitted "xla" op is called again with seen shapes."""
+    traced = []
+
+    def on_event(event, duration, **kwargs):
+        if event == TRACE_EVENT:
+            traced.append(kwargs.get("fun_name"))
+
+    depth, n_trees, features = 3, 2, 11
+    x, w_in, b_in, w_out = dyadic_problem(0, depth=depth, n_trees=n_trees, features=features,
+                                          out_features=features, lead=(2, 5))
+    x_new, w_in_new, _, _ = dyadic_problem(1, depth=depth, n_trees=n_trees, features=features,
+                                           out_features=features, lead=(2, 5))
+    call = lambda x, w_in: fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,  # noqa: E731
+                                       implementation="xla")
+    first = call(x, w_in)
+    call(x.reshape(10, features), w_in)  # warm the eager reshape too
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        second = call(x_new, w_in_new)
+        call(x_new.reshape(10, features), w_in)   # (2, 5) and (10,) give the same token matrix
+        assert traced == [], f"the xla implementation retraced for shapes it had seen: {traced}"
+        call(jnp.zeros((37, features)), w_in)      # a new token count must trace (the listener works)
+        assert traced, "no trace recorded for a new shape: the trace counter is broken"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_bf16_inputs(implementation):
+    depth, n_trees, features = 4, 2, 16
+    x, w_in, b_in, w_out = dyadic_problem(3, depth=depth, n_trees=n_trees, features=features,
+                                          out_features=8, lead=(3, 4))
+    y32 = fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, implementation=implementation)
+    # Dyadic inputs, weights and logits are exact in bf16, so routing is unchanged.
+    args16 = (x.astype(jnp.bfloat16), w_in.astype(jnp.bfloat16), b_in.astype(jnp.bfloat16),
+              w_out.astype(jnp.bfloat16))
+    y16 = fff_v2_hard(*args16, depth=depth, n_trees=n_trees, implementation=implementation)
+    assert y16.dtype == jnp.bfloat16 and y16.shape == y32.shape
+    assert_close(y16, y32, tol=3e-2)
+
+    module = nn.UltraFastFF(features, depth, n_trees=n_trees, out_features=8, dtype=jnp.bfloat16,
+                            implementation=implementation, rngs=nnx.Rngs(0))
+    assert module.w_in[...].dtype == jnp.bfloat16
+    assert module(args16[0]).dtype == jnp.bfloat16
