@@ -90,14 +90,33 @@ def load_data(args):
 
 
 def run_jobs(jobs, data, args, desc):
-    """``jobs``: list of (spec, config); FF duplicates (same width and recipe) run once."""
+    """``jobs``: list of (spec, config); FF duplicates (same width and recipe) run once.
+
+    Finished rows are appended to ``results/.partial_<dataset>.jsonl`` (keyed by the job and the
+    data/seed settings), so an interrupted table resumes where it stopped.
+    """
     from tqdm.auto import tqdm
 
     unique = list(dict.fromkeys(jobs))
+    partial = RESULTS / f".partial_{args.dataset}.jsonl"
+    settings = (args.seeds, args.n_train, args.n_test, args.train_eval_n)
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry["row"]
     rows = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(unique), desc=desc) as bar:
         for spec, config in unique:
+            key = repr((spec, config, settings))
+            if key in done:
+                rows[(spec, config)] = done[key]
+                bar.update(1)
+                continue
             rows[(spec, config)] = run_spec(spec, config, data, range(args.seeds), args.train_eval_n, bar)
+            with partial.open("a") as f:
+                f.write(json.dumps({"key": key, "row": rows[(spec, config)]}) + "\n")
     return rows
 
 
@@ -200,8 +219,8 @@ def write(table, args, rows, markdown, extra=""):
 
 def full_command(table, dataset):
     extra = {"grid": " --depths 1 2 3 4 5 6 --widths 1 2 4 8 16 32",
-             "hardening": " --depths 1 2 3 4 5 6 --widths 16",
-             "v2": "", "recipe": ""}[table]
+             "hardening": " --depths 1 2 3 4 5 6 --widths 16 --hardening-schedule constant",
+             "v2": "", "recipe": " --shapes 3x16 1x64 2x32"}[table]
     return f"python experiments/fff_paper.py {table} --dataset {dataset} --seeds 5 --epochs 20{extra}"
 
 
@@ -242,11 +261,13 @@ def table_v2(args):
 RECIPES = {
     # name: TrainConfig overrides (the package notebook's recipe first)
     "package notebook (Adam 1e-3, 5 ep, h 0.1)": dict(epochs=5, hard_epochs=0, learning_rate=1e-3,
-                                                      schedule="constant", hardening=0.1),
-    "+ cosine lr 3e-3": dict(hard_epochs=0, learning_rate=3e-3, schedule="cosine", hardening=0.1),
-    "+ hard epochs": dict(learning_rate=3e-3, schedule="cosine", hardening=0.1),
+                                                      schedule="constant", hardening=0.1,
+                                                      hardening_schedule="constant"),
+    "+ cosine lr 3e-3": dict(hard_epochs=0, learning_rate=3e-3, schedule="cosine", hardening=0.1,
+                             hardening_schedule="constant"),
+    "+ hard epochs": dict(learning_rate=3e-3, schedule="cosine", hardening=0.1, hardening_schedule="constant"),
     "+ hard epochs, h 1 ramp": dict(learning_rate=3e-3, schedule="cosine", hardening=1.0, hardening_schedule="ramp"),
-    "+ hard epochs, h 0": dict(learning_rate=3e-3, schedule="cosine", hardening=0.0),
+    "+ hard epochs, h 0": dict(learning_rate=3e-3, schedule="cosine", hardening=0.0, hardening_schedule="constant"),
 }
 
 
@@ -339,9 +360,9 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--schedule", default="cosine", choices=C.SCHEDULES)
-    p.add_argument("--hardening", type=float, default=0.1, help="grid's hardening strength")
-    p.add_argument("--hardening-schedule", default="constant", choices=C.HARDENING_SCHEDULES)
-    p.add_argument("--leak", type=float, default=0.0, help="grid's region leak")
+    p.add_argument("--hardening", type=float, default=1.0, help="grid's hardening strength")
+    p.add_argument("--hardening-schedule", default="ramp", choices=C.HARDENING_SCHEDULES)
+    p.add_argument("--leak", type=float, default=0.1, help="grid's region leak")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--widths", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--hardenings", type=float, nargs="+", default=[0.0, 0.1, 1.0, 3.0])
