@@ -101,6 +101,10 @@ class FFF(nnx.Module):
 
     def __call__(self, x, return_entropies: bool = False, use_hard_decisions: bool | None = None):
         """``x (..., in_features)`` -> ``(..., out_features)`` (and ``(n_nodes,)`` entropies if asked)."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"x must be an array, got {type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         if self.deterministic:
