@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,9 @@ def prepare_tokenizer(cache: Path, sources: list[str], vocab_size: int) -> Path:
     files = corpus.corpus_files(cache, sources)
     path = cache / "tokenizers" / f"wp{vocab_size}-{_tag(sorted(sources))}.json"
     if not path.is_file():
-        train_wordpiece(files, vocab_size, out=path)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.json")
+        train_wordpiece(files, vocab_size, out=tmp)
+        tmp.replace(path)  # atomic: concurrent runs never read a half-written file
     return path
 
 
@@ -110,7 +113,9 @@ def prepare_rows(cache: Path, sources: list[str], tokenizer_path: Path, seq_leng
     stream = encode_stream(tokenizer, corpus.read_paragraphs(corpus.corpus_files(cache, sources)))
     rows = pipeline.pack_sequences(stream, seq_length)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, rows)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, rows)
+    tmp.replace(path)
     return rows
 
 
