@@ -510,6 +510,9 @@ def fit(
         evals = [r for r in records if "eval_loss" in r]
         if evals:
             curves["held-out"] = ([r["step"] for r in evals], [r["eval_loss"] for r in evals])
-        plot_losses(curves, out_dir / "loss.png", title=plot_title,
-                    smooth=max(1, min(20, len(records) // 20)))
+        try:
+            plot_losses(curves, out_dir / "loss.png", title=plot_title,
+                        smooth=max(1, min(20, len(records) // 20)))
+        except ImportError:
+            print("matplotlib is not installed (extra `dev`): no loss.png")
     return records
