@@ -42,7 +42,7 @@ def v1_call(x=X_V1, depth=DEPTH, implementation="xla", **weights):
 
 # A float where an int belongs: our ValueError, or (under the tests' jaxtyping/beartype hook) a
 # TypeCheckError that names the parameter.
-NOT_AN_INT = r"({0} must be a( positive)? int|parameter '{0}')"
+NOT_AN_INT = r"({0} must be an? (positive )?int|parameter '{0}')"
 
 
 def _zeros(*shape):
