@@ -1,0 +1,447 @@
+"""GPU benchmark of FFF-v2 hard inference and conditional training on one GPU (run on the lent H200).
+
+Layers: H = 768, one tree of depth 11 ("1x11", UltraFastBERT) and 128 trees of depth 4 ("128x4").
+Forward, tokens 2**14..2**20, float32 and bfloat16: dense FF of width 4095, 4096 and 3072 through
+XLA (cuBLAS) and ``torch.nn.Linear`` (where torch is installed), the masked dense FFF form
+(``fffjax.v2.masked_forward``), the XLA gather path (``fffjax.v2.conditional_forward``) and the Pallas
+kernel (block sizes autotuned at the largest token count). Tokens/s and the fraction of the HBM
+roofline (x read once, y written once, at the device-to-device copy bandwidth measured in the same
+run). Training step (forward + backward of the layer, all four gradients): Pallas vs masked dense
+vs XLA gather with scatter-add.
+
+Usage (repo root, on the GPU machine)::
+
+    PYTHONPATH=. python experiments/bench_gpu.py --out $OUT            # full run: json, md, png
+    PYTHONPATH=. python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+from fffjax import tree, v2  # noqa: E402
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig  # noqa: E402
+from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
+
+WIDTH = 768
+LAYERS = {"1x11": (1, 11), "128x4": (128, 4)}
+DENSE_WIDTHS = (4095, 4096, 3072)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+FORWARD_CANDIDATES = {
+    "1x11": [FffV2ForwardConfig(64, 128, 0, 4, split_level=7), FffV2ForwardConfig(64, 128, 0, 4, split_level=8),
+             FffV2ForwardConfig(128, 128, 0, 8, split_level=7), FffV2ForwardConfig(32, 256, 0, 4, split_level=8),
+             FffV2ForwardConfig(16, 256, 0, 8), FffV2ForwardConfig(16, 256, 0, 4), FffV2ForwardConfig(32, 256, 0, 8),
+             FffV2ForwardConfig(16, 128, 0, 4), FffV2ForwardConfig(32, 128, 4, 4), FffV2ForwardConfig(64, 128, 5, 8),
+             FffV2ForwardConfig(64, 256, 6, 8), FffV2ForwardConfig(128, 128, 6, 8), FffV2ForwardConfig(32, 256, 5, 4)],
+    "128x4": [FffV2ForwardConfig(16, 256, 0, 8), FffV2ForwardConfig(64, 128, 5, 4), FffV2ForwardConfig(64, 256, 5, 8),
+              FffV2ForwardConfig(128, 128, 5, 8), FffV2ForwardConfig(128, 256, 5, 8)],
+}
+INTERPRET = jax.default_backend() != "gpu"   # CPU dry runs of the script only
+TRAIN_CANDIDATES = [FffV2TrainConfig(weight_block_t=64, weight_chunk=128, weight_num_warps=4),
+                    FffV2TrainConfig(weight_block_t=128, weight_chunk=128, weight_num_warps=4),
+                    FffV2TrainConfig(weight_block_t=256, weight_chunk=64, weight_num_warps=8),
+                    FffV2TrainConfig(weight_block_t=128, weight_chunk=256, weight_num_warps=8)]
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def block(out):
+    jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
+
+
+def time_call(fn, *args, budget_s: float = 0.3, trials: int = 3) -> float:
+    """Median seconds per call: compile and warm up once, then ``trials`` timed batches within ``budget_s``."""
+    block(fn(*args))
+    t0 = time.perf_counter()
+    block(fn(*args))
+    est = time.perf_counter() - t0
+    reps = int(min(50, max(1, budget_s / max(est, 1e-6) / trials)))
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        block(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 4 GiB device-to-device elementwise copy (bytes read + bytes written)."""
+    x = jnp.ones((1 << 29,), jnp.float32) * 1.5
+    f = jax.jit(lambda a: a + 1.0)
+    t = time_call(f, x, budget_s=0.5, trials=5)
+    del x
+    return 2 * (1 << 29) * 4 / t
+
+
+def layer_params(layer: str, dtype):
+    n_trees, depth = LAYERS[layer]
+    p = v2.init(jax.random.key(0), WIDTH, depth, n_trees=n_trees, dtype=dtype)
+    return n_trees, depth, p
+
+
+def tokens(n: int, dtype, seed: int = 1):
+    return jax.random.normal(jax.random.key(seed), (n, WIDTH), dtype)
+
+
+def dense_xla(width: int, dtype):
+    k1, k2 = jax.random.split(jax.random.key(5))
+    w1 = jax.random.normal(k1, (WIDTH, width), dtype) * 0.03
+    w2 = jax.random.normal(k2, (width, WIDTH), dtype) * 0.03
+    b1, b2 = jnp.zeros((width,), dtype), jnp.zeros((WIDTH,), dtype)
+    f = jax.jit(lambda x: jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2)
+    return f
+
+
+def torch_dense_ms(width: int, dtype_name: str, n_tokens: int):
+    """Milliseconds per call of Linear-GELU-Linear in torch (CUDA events), or None without torch/GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    with torch.no_grad():
+        model = torch.nn.Sequential(torch.nn.Linear(WIDTH, width), torch.nn.GELU(),
+                                    torch.nn.Linear(width, WIDTH)).to("cuda", dt)
+        x = torch.randn(n_tokens, WIDTH, device="cuda", dtype=dt)
+        for _ in range(2):
+            model(x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        torch.cuda.synchronize()
+        est = start.elapsed_time(end)
+        reps = int(min(50, max(1, 100.0 / max(est, 1e-3))))
+        times = []
+        for _ in range(3):
+            start.record()
+            for _ in range(reps):
+                model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+    del model, x
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def forward_impls(layer: str, dtype, config):
+    n_trees, depth, p = layer_params(layer, dtype)
+    w = (p["w_in"], p["b_in"], p["w_out"])
+    kw = {"depth": depth, "n_trees": n_trees}
+    masked = jax.jit(lambda x: v2.masked_forward(x, *w, **kw))
+    gather = jax.jit(lambda x: v2.conditional_forward(x, *w, **kw))
+    pallas = jax.jit(lambda x: pk.fff_v2_hard(x, *w, **kw, config=config, interpret=INTERPRET))
+    return {"masked_dense": masked, "xla_gather": gather, "pallas": pallas}, w, kw
+
+
+def train_impls(layer: str, dtype, config):
+    n_trees, depth, p = layer_params(layer, dtype)
+    w = (p["w_in"], p["b_in"], p["w_out"])
+    kw = {"depth": depth, "n_trees": n_trees}
+
+    def step(fn):
+        def loss(x, a, b, c, dy):
+            return jnp.sum(fn(x, a, b, c).astype(jnp.float32) * dy)
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        return lambda x, dy: g(x, *w, dy)
+
+    return {
+        "masked_dense": step(lambda x, a, b, c: v2.masked_forward(x, a, b, c, **kw)),
+        "xla_gather": step(lambda x, a, b, c: v2.conditional_forward(x, a, b, c, **kw)),
+        "pallas": step(lambda x, a, b, c: pk.fff_v2_hard_trainable(x, a, b, c, **kw, config=config, interpret=INTERPRET)),
+    }
+
+
+def check_forward(fn, layer, dtype, w, kw):
+    x = tokens(4099, dtype, seed=11)
+    y = fn(x)
+    ref = pk.fff_v2_hard_reference(x, *w, **kw)
+    err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))))
+    scale = max(1.0, float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+    return err / scale
+
+
+def autotune_forward(layer: str, dtype, n_tokens: int, candidates):
+    x = tokens(n_tokens, dtype)
+    best = None
+    rows = []
+    for cfg in candidates:
+        try:
+            fns, w, kw = forward_impls(layer, dtype, cfg)
+            t = time_call(fns["pallas"], x)
+            err = check_forward(fns["pallas"], layer, dtype, w, kw)
+        except Exception as e:  # a config that fails to compile or run is skipped, and reported
+            log(f"  {layer} {jnp.dtype(dtype).name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            rows.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        log(f"  {layer} {jnp.dtype(dtype).name} T={n_tokens} {cfg}: {t * 1e3:.3f} ms  rel.err {err:.2e}")
+        rows.append({"config": cfg.__dict__, "ms": t * 1e3, "rel_err": err})
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        if err <= tol and (best is None or t < best[1]):
+            best = (cfg, t)
+    del x
+    return (best[0] if best else FffV2ForwardConfig()), rows
+
+
+def autotune_train(layer: str, dtype, n_tokens: int, forward_cfg, candidates):
+    x, dy = tokens(n_tokens, dtype), tokens(n_tokens, jnp.float32, seed=3)
+    best, rows = None, []
+    for cand in candidates:
+        cfg = FffV2TrainConfig(**{**cand.__dict__, "forward": forward_cfg})
+        try:
+            t = time_call(train_impls(layer, dtype, cfg)["pallas"], x, dy)
+        except Exception as e:
+            log(f"  train {layer} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            rows.append({"config": {k: v for k, v in cand.__dict__.items() if k != "forward"}, "error": str(e)[:300]})
+            continue
+        log(f"  train {layer} {jnp.dtype(dtype).name} T={n_tokens} wbt={cand.weight_block_t} wc={cand.weight_chunk} "
+            f"ww={cand.weight_num_warps}: {t * 1e3:.3f} ms")
+        rows.append({"config": {k: v for k, v in cand.__dict__.items() if k != "forward"}, "ms": t * 1e3})
+        if best is None or t < best[1]:
+            best = (cfg, t)
+    return (best[0] if best else FffV2TrainConfig(forward=forward_cfg)), rows
+
+
+def roofline_s(n_tokens: int, dtype, bandwidth: float) -> float:
+    return n_tokens * 2 * WIDTH * jnp.dtype(dtype).itemsize / bandwidth
+
+
+def run(args):
+    info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
+            "command": " ".join(sys.argv)}
+    log(info)
+    bandwidth = copy_bandwidth()
+    info["copy_bandwidth_TBps"] = bandwidth / 1e12
+    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    token_counts = [2**e for e in args.token_exponents]
+    results, tuning = [], {}
+    out = {"info": info, "tuning": tuning, "results": results}
+    for layer in args.layers:
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            cands = FORWARD_CANDIDATES[layer]
+            if args.forward_candidates:
+                cands = [cands[int(i)] for i in args.forward_candidates.split(",") if int(i) < len(cands)]
+            cfg, rows = autotune_forward(layer, dtype, token_counts[-1], cands[:args.max_candidates])
+            tuning[f"forward/{layer}/{dname}"] = {"best": cfg.__dict__, "tried": rows}
+            if args.sweep and layer == "128x4":
+                continue
+            tcfg, trows = autotune_train(layer, dtype, token_counts[-1] if args.sweep else args.train_tune_tokens,
+                                         cfg, TRAIN_CANDIDATES[:args.train_candidates])
+            tuning[f"train/{layer}/{dname}"] = {"best": {k: v for k, v in tcfg.__dict__.items() if k != "forward"},
+                                               "tried": trows}
+            if args.sweep:
+                continue
+            fns, w, kw = forward_impls(layer, dtype, cfg)
+            tfns = train_impls(layer, dtype, tcfg)
+            slow = set()
+            for n in token_counts:
+                x = tokens(n, dtype)
+                roof = roofline_s(n, dtype, bandwidth)
+                entries = {}
+                for name, fn in fns.items():
+                    if name in slow:
+                        continue
+                    try:
+                        entries[name] = time_call(fn, x)
+                    except Exception as e:
+                        log(f"  {name} failed at T={n}: {type(e).__name__}: {str(e)[:200]}")
+                        slow.add(name)
+                        continue
+                    if entries[name] * 8 > args.slow_s:
+                        slow.add(name)
+                if layer == "1x11":   # the dense baselines do not depend on the FFF layer
+                    for width in DENSE_WIDTHS:
+                        try:
+                            entries[f"dense{width}_xla"] = time_call(dense_xla(width, dtype), x)
+                        except Exception as e:
+                            log(f"  dense{width}_xla failed: {e}")
+                        ms = torch_dense_ms(width, dname, n) if args.torch else None
+                        if ms is not None:
+                            entries[f"dense{width}_torch"] = ms / 1e3
+                for name, t in entries.items():
+                    results.append({"kind": "forward", "layer": layer, "dtype": dname, "tokens": n, "impl": name,
+                                    "ms": t * 1e3, "tokens_per_s": n / t, "roofline_ms": roof * 1e3,
+                                    "roofline_fraction": roof / t})
+                log(f"fwd {layer} {dname} T={n}: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in entries.items()))
+                dy = tokens(n, jnp.float32, seed=3)
+                tentries = {}
+                for name, fn in tfns.items():
+                    if f"train_{name}" in slow:
+                        continue
+                    try:
+                        tentries[name] = time_call(fn, x, dy)
+                    except Exception as e:
+                        log(f"  train {name} failed at T={n}: {type(e).__name__}: {str(e)[:200]}")
+                        slow.add(f"train_{name}")
+                        continue
+                    if tentries[name] * 8 > args.slow_s:   # the next token count would be too slow: skip it
+                        slow.add(f"train_{name}")
+                for name, t in tentries.items():
+                    results.append({"kind": "train", "layer": layer, "dtype": dname, "tokens": n, "impl": name,
+                                    "ms": t * 1e3, "tokens_per_s": n / t})
+                log(f"train {layer} {dname} T={n}: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in tentries.items()))
+                del x, dy
+                save(out, args)       # after every token count: a run cut short keeps what it measured
+            if not args.sweep:
+                plot(out, args.out)
+        save(out, args)
+    return out
+
+
+def save(out, args):
+    name = "bench_gpu_sweep" if args.sweep else "bench_gpu"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    if not args.sweep:
+        write_markdown(out, os.path.join(args.out, "bench_gpu.md"))
+
+
+def _lookup(results, **key):
+    for r in results:
+        if all(r[k] == v for k, v in key.items()):
+            return r
+    return None
+
+
+def write_markdown(out, path):
+    info, results = out["info"], out["results"]
+    lines = [f"# FFF-v2 on {info['device']} (jax {info['jax']})", "",
+             f"Command: `{info['command']}`. Copy bandwidth measured in the run: "
+             f"{info['copy_bandwidth_TBps']:.2f} TB/s (read + write). H = {WIDTH}. Times are medians of 3 timed "
+             "batches (ms per call, wall clock after block_until_ready); roofline = x read once + y written once "
+             "at the measured copy bandwidth.", ""]
+    for kind in ("forward", "train"):
+        lines += [f"## {'Forward' if kind == 'forward' else 'Training step (forward + backward, all gradients)'}", ""]
+        for layer in LAYERS:
+            for dname in DTYPES:
+                rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
+                if not rows:
+                    continue
+                impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("pallas"), s))
+                counts = sorted({r["tokens"] for r in rows})
+                lines += [f"### {layer}, {dname}", "", "| impl | " + " | ".join(f"2^{int(math.log2(n))}" for n in counts)
+                          + " |", "|---" * (len(counts) + 1) + "|"]
+                for impl in impls:
+                    cells = []
+                    for n in counts:
+                        r = _lookup(rows, impl=impl, tokens=n)
+                        if r is None:
+                            cells.append("-")
+                        elif kind == "forward" and impl in ("pallas", "xla_gather", "masked_dense"):
+                            cells.append(f"{r['ms']:.3f} ms ({100 * r['roofline_fraction']:.0f}%)")
+                        else:
+                            cells.append(f"{r['ms']:.3f} ms")
+                    lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+                lines.append("")
+    lines += ["## Targets (2^20 tokens, bf16, 1x11)", ""]
+    n = max((r["tokens"] for r in results), default=0)
+    get = lambda kind, impl: _lookup(results, kind=kind, layer="1x11", dtype="bfloat16", tokens=n, impl=impl)
+    pallas = get("forward", "pallas")
+    if pallas:
+        dense = [r for r in (get("forward", f"dense{w}_{s}") for w in (4095, 4096) for s in ("xla", "torch")) if r]
+        fastest = min(dense, key=lambda r: r["ms"]) if dense else None
+        gather = get("forward", "xla_gather")
+        lines.append(f"- Forward: {pallas['ms']:.3f} ms = {100 * pallas['roofline_fraction']:.1f}% of the HBM roofline "
+                     f"({pallas['roofline_ms']:.3f} ms) (target >= 60%).")
+        if fastest:
+            lines.append(f"- vs fastest dense FF of width 4095/4096 ({fastest['impl']}, {fastest['ms']:.3f} ms): "
+                         f"{fastest['ms'] / pallas['ms']:.1f}x (target >= 15x).")
+        if gather:
+            lines.append(f"- vs XLA gather ({gather['ms']:.3f} ms): {gather['ms'] / pallas['ms']:.2f}x (target >= 3x).")
+    tp, tm = get("train", "pallas"), get("train", "masked_dense")
+    if tp and tm:
+        lines.append(f"- Training step: Pallas {tp['ms']:.3f} ms vs masked dense {tm['ms']:.3f} ms: "
+                     f"{tm['ms'] / tp['ms']:.1f}x (target >= 5x).")
+    tg = get("train", "xla_gather")
+    if tp and tg:
+        lines.append(f"- Training step vs XLA gather + scatter ({tg['ms']:.3f} ms): {tg['ms'] / tp['ms']:.2f}x.")
+    lines += ["", "## Autotuning (largest token count)", ""]
+    for key, val in out["tuning"].items():
+        lines.append(f"- {key}: best `{val['best']}`")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out, folder):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = out["results"]
+    for kind in ("forward", "train"):
+        panels = [(layer, dname) for layer in LAYERS for dname in DTYPES
+                  if any(r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname for r in results)]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+        for k, (layer, dname) in enumerate(panels):
+            if True:   # one panel per (layer, dtype) that has data
+                ax = axes[0][k]
+                rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
+                for impl in sorted({r["impl"] for r in rows}):
+                    pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
+                    style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
+                if kind == "forward" and rows:
+                    bw = out["info"]["copy_bandwidth_TBps"] * 1e12
+                    roof = bw / (2 * WIDTH * jnp.dtype(DTYPES[dname]).itemsize)
+                    ax.axhline(roof, color="k", ls=":", label="HBM roofline")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"{kind} {layer} {dname}")
+                ax.set_xlabel("tokens")
+                ax.set_ylabel("tokens / s")
+                ax.grid(alpha=0.3)
+                if rows:
+                    ax.legend(fontsize=7)
+        fig.suptitle(f"FFF-v2 {kind}, H={WIDTH}, {out['info']['device']}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"bench_gpu_{kind}.png"), dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    parser.add_argument("--sweep", action="store_true", help="only the block-size sweep at the largest token count")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--token-exponents", nargs="+", type=int, default=[14, 16, 18, 20])
+    parser.add_argument("--train-tune-tokens", type=int, default=2**18)
+    parser.add_argument("--slow-s", type=float, default=2.0,
+                        help="skip the next token count of an implementation whose predicted call time exceeds this")
+    parser.add_argument("--forward-candidates", type=str, default=None,
+                        help="comma-separated indices into FORWARD_CANDIDATES[layer] to try (default all)")
+    parser.add_argument("--max-candidates", type=int, default=100, help="try only the first N block-size candidates")
+    parser.add_argument("--train-candidates", type=int, default=len(TRAIN_CANDIDATES))
+    parser.add_argument("--no-torch", dest="torch", action="store_false")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
