@@ -36,12 +36,12 @@ def dyadic_problem(seed, *, depth, n_trees, features, out_features, lead=(7,), d
     return tuple(jnp.asarray(a, dtype) for a in (x, w_in, b_in, w_out))
 
 
-def assert_close(actual, expected, tol=TOL):
+def assert_close(actual, expected, tol=TOL, name=""):
     """Relative to the largest magnitude: outputs are sums over nodes and trees."""
     actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-    assert actual.shape == expected.shape
+    assert actual.shape == expected.shape, name
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=name)
 
 
 def path_nodes(x, w_in, b_in, *, depth, n_trees):
@@ -175,10 +175,12 @@ def test_matches_torch_reference(depth, n_trees, features, out_features, lead):
     x = np.random.default_rng(depth).standard_normal((*lead, features)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
-    # "xla" is the jitted conditional form, "reference" the jitted masked form (fffjax.v2).
-    for implementation in ("xla", "reference"):
-        module.implementation = implementation
-        assert_close(module(jnp.asarray(x)), expected)
+    p = (module.w_in[...], module.b_in[...], module.w_out[...])
+    for name, y in zip(("xla op", "conditional", "masked"),
+                       _all_forms(jnp.asarray(x), *p, depth=depth, n_trees=n_trees)):
+        assert_close(y, expected, name=name)
+    module.implementation = "xla"
+    assert_close(module(jnp.asarray(x)), expected)
 
 
 @pytest.mark.torch
