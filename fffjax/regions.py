@@ -22,6 +22,7 @@ from fffjax import tree, v1
 from fffjax._typing import Array, Float, Int
 
 LEAF_PARAMS = ("w1s", "b1s", "w2s", "b2s")
+Inputs = Float[Array, "batch din"] | Float[np.ndarray, "batch din"]
 
 
 def _check_params(params: dict, depth: int) -> None:
@@ -32,7 +33,7 @@ def _check_params(params: dict, depth: int) -> None:
             f"w1s {params['w1s'].shape} (expected {n_nodes} nodes, {n_leaves} leaves)")
 
 
-def leaf_assignments(params: dict, x: Float[Array, "batch din"], *, depth: int) -> Int[np.ndarray, " batch"]:
+def leaf_assignments(params: dict, x: Inputs, *, depth: int) -> Int[np.ndarray, " batch"]:
     """The leaf each input reaches in the hard descent, ``(batch,)`` in ``[0, 2**depth)``."""
     _check_params(params, depth)
     x = jnp.asarray(x, jnp.float32)
@@ -65,7 +66,7 @@ def class_purity(counts: Int[np.ndarray, "leaves classes"]) -> Float[np.ndarray,
         return np.where(totals > 0, counts.max(axis=1) / np.maximum(totals, 1), np.nan)
 
 
-def level_decision_entropy(params: dict, x: Float[Array, "batch din"], *, depth: int) -> Float[np.ndarray, " levels"]:
+def level_decision_entropy(params: dict, x: Inputs, *, depth: int) -> Float[np.ndarray, " levels"]:
     """Mean Bernoulli entropy (nats) of the sigmoid decision each input meets at each level of its
     hard path, ``(depth,)``: 0 means crisp routing (soft = hard), ``log 2 = 0.693`` a coin flip."""
     _check_params(params, depth)
@@ -101,7 +102,7 @@ class RegionReport(NamedTuple):
 
 
 def inspect_regions(
-    params: dict, x: Float[Array, "batch din"], y: Int[np.ndarray, " batch"], *, depth: int, n_classes: int
+    params: dict, x: Inputs, y: Int[np.ndarray, " batch"], *, depth: int, n_classes: int
 ) -> RegionReport:
     """Leaf of each input, usage histogram, class purity per leaf, per-level decision entropy."""
     leaves = leaf_assignments(params, x, depth=depth)
@@ -151,14 +152,14 @@ def plot_regions(report: RegionReport, *, title: str | None = None):
     return fig
 
 
-def routed_leaves(params: dict, x: Float[Array, "batch din"], *, depth: int, min_share: float = 0.0) -> np.ndarray:
+def routed_leaves(params: dict, x: Inputs, *, depth: int, min_share: float = 0.0) -> np.ndarray:
     """Sorted leaves that more than ``min_share`` of the inputs ``x`` reach."""
     usage = leaf_usage(leaf_assignments(params, x, depth=depth), 2 ** depth)
     return np.flatnonzero(usage > min_share * usage.sum())
 
 
 def leaf_gradient_mask(
-    params: dict, x: Float[Array, "batch din"] | None = None, *, depth: int, leaves=None, min_share: float = 0.0
+    params: dict, x: Inputs | None = None, *, depth: int, leaves=None, min_share: float = 0.0
 ) -> dict[str, Array]:
     """A 0/1 mask pytree like ``params`` that lets only some leaves train.
 
@@ -181,7 +182,8 @@ def leaf_gradient_mask(
     mask = {}
     for name, value in params.items():
         if name in LEAF_PARAMS:
-            mask[name] = jnp.asarray(selected.reshape((n_leaves,) + (1,) * (value.ndim - 1)) * np.ones(value.shape, np.float32))
+            per_leaf = selected.reshape((n_leaves,) + (1,) * (value.ndim - 1))
+            mask[name] = jnp.asarray(np.broadcast_to(per_leaf, value.shape))
         else:
             mask[name] = jnp.zeros(value.shape, jnp.float32)
     return mask

@@ -169,7 +169,7 @@ def training_logits(
 def predict_logits(
     spec: ModelSpec,
     params: dict[str, Array],
-    x: Float[Array, "batch din"],
+    x: Float[Array, "batch din"] | Float[np.ndarray, "batch din"],
     *,
     mode: str = "hard",
     chunk: int = 1024,
@@ -240,16 +240,21 @@ def n_params(params) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
 
 
-@functools.lru_cache(maxsize=256)
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with the configured learning-rate schedule (cached, so equal recipes share one jit)."""
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "constant":
-        lr = config.learning_rate
+    """AdamW with the configured learning-rate schedule; recipes that differ only in what the
+    optimizer does not see (seed, hardening, ...) share one object, hence one compilation."""
+    return _optimizer(config.epochs, steps_per_epoch, config.learning_rate, config.schedule, config.weight_decay)
+
+
+@functools.lru_cache(maxsize=256)
+def _optimizer(epochs: int, steps_per_epoch: int, learning_rate: float, schedule: str, weight_decay: float):
+    total = max(1, epochs * steps_per_epoch)
+    if schedule == "constant":
+        lr = learning_rate
     else:
         warmup = min(steps_per_epoch, total // 2)
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(1, warmup), total, 0.0)
-    return optax.adamw(lr, weight_decay=config.weight_decay)
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, warmup), total, 0.0)
+    return optax.adamw(lr, weight_decay=weight_decay)
 
 
 def loss_fn(spec: ModelSpec, params, x, y, hardening, *, hard_decisions: bool, key):
@@ -361,7 +366,7 @@ def train_seeds(
     params = jax.tree.map(lambda *a: jnp.stack(a), *stacked)
     if grad_mask is not None:
         grad_mask = jax.tree.map(lambda m, p: jnp.broadcast_to(jnp.asarray(m, p.dtype), p.shape[1:]), grad_mask, params)
-    optimizer = make_optimizer(dataclasses.replace(config, seed=0), steps)
+    optimizer = make_optimizer(config, steps)
     opt_state = jax.vmap(optimizer.init)(params)
     run_keys = jnp.stack([k[0] for k in keys])
     soft_epochs = config.epochs - (config.hard_epochs if spec.kind == "fff" else 0)

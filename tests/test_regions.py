@@ -1,0 +1,102 @@
+"""Region inspection and leaf-only editing on a hand-built tree whose regions are known."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fffjax import regions, v1
+from fffjax.train import classify as C
+
+DEPTH = 2
+
+
+def quadrant_params():
+    """Depth 2 on 2-D inputs: root splits on x0 (>=0 right), both children split on x1."""
+    params = v1.init(jax.random.key(0), 2, 3, 4, DEPTH)
+    params["node_weights"] = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    params["node_biases"] = jnp.zeros(3)
+    return params
+
+
+def quadrant_points():
+    x = np.array([[-1, -1], [-1, 1], [1, -1], [1, 1], [2, 3], [-2, -0.5]], np.float32)
+    expected = np.array([0, 1, 2, 3, 3, 0])   # leaf = 2*(x0 >= 0) + (x1 >= 0)
+    return x, expected
+
+
+def test_leaf_assignments_follow_the_hyperplanes():
+    x, expected = quadrant_points()
+    np.testing.assert_array_equal(regions.leaf_assignments(quadrant_params(), x, depth=DEPTH), expected)
+    with pytest.raises(ValueError, match="do not match depth=3"):
+        regions.leaf_assignments(quadrant_params(), x, depth=3)
+    with pytest.raises(ValueError, match=r"x must be \(batch, 2\)"):
+        regions.leaf_assignments(quadrant_params(), np.zeros((2, 3), np.float32), depth=DEPTH)
+
+
+def test_usage_counts_and_purity():
+    x, _ = quadrant_points()
+    y = np.array([0, 1, 1, 2, 2, 1])
+    report = regions.inspect_regions(quadrant_params(), x, y, depth=DEPTH, n_classes=3)
+    np.testing.assert_array_equal(report.usage, [2, 1, 1, 2])
+    np.testing.assert_array_equal(report.counts[0], [1, 1, 0])
+    np.testing.assert_allclose(report.purity, [0.5, 1.0, 1.0, 1.0])
+    assert report.weighted_purity == pytest.approx(5 / 6)
+    unused = regions.class_purity(np.array([[0, 0], [3, 1]]))
+    assert np.isnan(unused[0]) and unused[1] == pytest.approx(0.75)
+    # The shape check (jaxtyping's under the test hook, ours otherwise) names the argument.
+    with pytest.raises((ValueError, TypeError), match="labels"):
+        regions.class_counts(np.zeros(3, int), np.zeros(2, int), 4, 2)
+
+
+def test_level_entropy_is_zero_for_crisp_and_log2_for_undecided_nodes():
+    x, _ = quadrant_points()
+    crisp = quadrant_params()
+    crisp["node_weights"] = crisp["node_weights"] * 1e3
+    np.testing.assert_allclose(regions.level_decision_entropy(crisp, x, depth=DEPTH), [0, 0], atol=1e-4)
+    flat = quadrant_params()
+    flat["node_weights"] = flat["node_weights"] * 0
+    np.testing.assert_allclose(regions.level_decision_entropy(flat, x, depth=DEPTH), [np.log(2)] * 2, rtol=1e-5)
+
+
+def test_plot_has_three_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x, _ = quadrant_points()
+    report = regions.inspect_regions(quadrant_params(), x, np.arange(6) % 3, depth=DEPTH, n_classes=3)
+    fig = regions.plot_regions(report, title="t")
+    assert len(fig.axes) == 3
+    assert [p.get_height() for p in fig.axes[0].patches] == [2, 1, 1, 2]
+
+
+def test_leaf_gradient_mask_selects_the_routed_leaves():
+    params = quadrant_params()
+    x, _ = quadrant_points()
+    mask = regions.leaf_gradient_mask(params, x[[2, 3]], depth=DEPTH)    # leaves 2 and 3
+    np.testing.assert_array_equal(mask["b1s"][:, 0], [0, 0, 1, 1])
+    assert mask["w1s"].shape == params["w1s"].shape
+    assert float(mask["node_weights"].sum()) == 0 and float(mask["node_biases"].sum()) == 0
+    np.testing.assert_array_equal(regions.routed_leaves(params, x, depth=DEPTH, min_share=0.25), [0, 3])
+    with pytest.raises(ValueError, match="leaves must be in"):
+        regions.leaf_gradient_mask(params, depth=DEPTH, leaves=[4])
+    with pytest.raises(ValueError, match="give x"):
+        regions.leaf_gradient_mask(params, depth=DEPTH)
+
+
+def test_leaf_only_training_keeps_other_regions_exact():
+    params = quadrant_params()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 2)).astype(np.float32)
+    y = rng.integers(0, 4, 64).astype(np.int32)
+    new = x[(x[:, 0] >= 0) & (x[:, 1] >= 0)]                      # all in leaf 3
+    spec = C.ModelSpec("fff", 2, 4, depth=DEPTH, width=3)
+    mask = regions.leaf_gradient_mask(params, new, depth=DEPTH)
+    cfg = C.TrainConfig(epochs=3, hard_epochs=3, batch_size=8, learning_rate=1e-2, weight_decay=0.01)
+    edited = C.train(spec, cfg, new, np.full(len(new), 2, np.int32), params=params, grad_mask=mask).params
+    others = regions.leaf_assignments(params, x, depth=DEPTH) != 3
+    before = C.predict_logits(spec, params, x[others])
+    np.testing.assert_array_equal(C.predict_logits(spec, edited, x[others]), before)
+    assert not np.allclose(edited["w2s"][3], params["w2s"][3])
+    np.testing.assert_array_equal(edited["node_weights"], params["node_weights"])
+    del y
