@@ -15,6 +15,8 @@ goes **right**.
 
 from typing import NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,8 @@ ENTROPY_CLAMP = 1e-6
 PARAM_NAMES = ("node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s")
 
 
+# Jitted: one compiled program per shape instead of one per random draw.
+@functools.partial(jax.jit, static_argnames=("in_features", "leaf_width", "out_features", "depth", "dtype"))
 def init(
     key: PRNGKeyArray,
     in_features: int,

