@@ -139,6 +139,14 @@ def _unpadded(y: Array, n_rows: int, mesh) -> Array:
     return y[:n_rows]
 
 
+def _varying(arrays, axes):
+    """Mark replicated weights device-varying once, so their gradient is one ``psum`` of the
+    weight-sized cotangent (not of the token-sized rows gathered by the invariant first level)."""
+    if not axes:
+        return tuple(arrays)
+    return tuple(jax.lax.pcast(a, tuple(axes), to="varying") for a in arrays)
+
+
 def _pad_rows(x: Array, multiple: int) -> Array:
     extra = (-x.shape[0]) % multiple
     return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
@@ -225,6 +233,9 @@ def _v2_subtree_body(x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w
                      depth, n_trees, top_levels, axis, all_axes, capacity_factor):
     n_shards = 2**top_levels
     acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else x.dtype
+    top_w_in, top_b_in, top_w_out = _varying((top_w_in, top_b_in, top_w_out), all_axes)
+    data_axes = tuple(a for a in all_axes if a != axis)
+    sub_w_in, sub_b_in, sub_w_out = _varying((sub_w_in, sub_b_in, sub_w_out), data_axes)
     n_top, per_sub = tree.num_nodes(top_levels), tree.num_nodes(depth + 1 - top_levels)
     node0 = jnp.zeros((x.shape[0], n_trees), jnp.int32)
     top_offsets = jnp.asarray(np.arange(n_trees) * n_top, jnp.int32)
@@ -288,7 +299,8 @@ def fff_v2_subtree_parallel(
     return _unpadded(y, n_tokens, mesh)
 
 
-def _v2_trees_body(x, w_in, b_in, w_out, *, depth, n_local_trees, axis):
+def _v2_trees_body(x, w_in, b_in, w_out, *, depth, n_local_trees, axis, data_axes):
+    w_in, b_in, w_out = _varying((w_in, b_in, w_out), data_axes)
     y = v2.conditional_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_local_trees)
     return jax.lax.psum(y, axis)
 
@@ -358,7 +370,8 @@ def fff_v2_tree_parallel(
         other = tuple(a for a in mesh.axis_names if a != axis)
         token_spec = P(other if other else None)
         x2p = _pad_rows(x2, math.prod(mesh.shape[a] for a in other))
-        body = functools.partial(_v2_trees_body, depth=depth, n_local_trees=n_trees // n_shards, axis=axis)
+        body = functools.partial(_v2_trees_body, depth=depth, n_local_trees=n_trees // n_shards, axis=axis,
+                                 data_axes=other)
         specs = (token_spec, P(axis), P(axis), P(axis))
         args = _placed(mesh, specs, x2p, w_in, b_in, w_out)
         y = _unpadded(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args),
@@ -372,6 +385,9 @@ def fff_v2_tree_parallel(
 def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, depth, top_levels, axis,
                   all_axes, activation, leaf_output_bias, capacity_factor):
     n_shards = 2**top_levels
+    top_nw, top_nb = _varying((top_nw, top_nb), all_axes)
+    data_axes = tuple(a for a in all_axes if a != axis)
+    sub_nw, sub_nb, w1s, b1s, w2s, b2s = _varying((sub_nw, sub_nb, w1s, b1s, w2s, b2s), data_axes)
     node = jnp.zeros((x.shape[0],), jnp.int32)
     for _ in range(top_levels):
         z = jnp.einsum("bi,bi->b", x, top_nw[node], precision=HIGHEST) + top_nb[node]
@@ -397,7 +413,9 @@ def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, dept
                          n_shards=n_shards, capacity=capacity)
 
 
-def _v1_soft_body(x, nw, nb, w1s, b1s, w2s, b2s, *, depth, axis, activation):
+def _v1_soft_body(x, nw, nb, w1s, b1s, w2s, b2s, *, depth, axis, data_axes, activation):
+    nw, nb = _varying((nw, nb), (*data_axes, axis))
+    w1s, b1s, w2s, b2s = _varying((w1s, b1s, w2s, b2s), data_axes)
     leaves_per_device = w1s.shape[0]
     p = jax.nn.sigmoid(v1.node_logits(x, nw, nb))
     mixture = v1.leaf_mixture(v1.level_modifiers(p, depth), x.shape[0], x.dtype)
@@ -469,7 +487,7 @@ def fff_v1_tree_parallel(
     if soft:
         token_spec = P(other if other else None)
         x2p = _pad_rows(x2, math.prod(mesh.shape[a] for a in other))
-        body = functools.partial(_v1_soft_body, depth=depth, axis=axis, activation=activation)
+        body = functools.partial(_v1_soft_body, depth=depth, axis=axis, data_axes=other, activation=activation)
         specs = (token_spec, P(), P()) + leaf_specs
         args = _placed(mesh, specs, x2p, node_weights, node_biases, w1s, b1s, w2s, b2s)
         y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args)
