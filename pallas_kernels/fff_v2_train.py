@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from fffjax import tree, v2
+from fffjax import v2
 from pallas_kernels import _common as cm
 from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
@@ -32,6 +32,7 @@ from pallas_kernels.fff_v2_forward import (
     _chunk_indices,
     _load_rows,
     check_shapes,
+    default_config,
     fff_v2_forward,
 )
 
@@ -234,8 +235,9 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     ``dx``, ``d w_in``, ``d b_in``, ``d w_out`` equal to those of :func:`fffjax.v2.masked_forward`.
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
-    return _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret,
-                         DEFAULT_CONFIG if config is None else config)
+    if config is None:
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees))
+    return _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config)
 
 
 def reference_vjp(x, w_in, b_in, w_out, dy, *, depth: int, n_trees: int = 1):

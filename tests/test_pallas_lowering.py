@@ -14,7 +14,6 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 import pallas_kernels as pk
 from fffjax import tree, v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
-from pallas_kernels.fff_v2_train import FffV2TrainConfig
 
 S = jax.ShapeDtypeStruct
 
@@ -36,17 +35,20 @@ def _v2_shapes(n_tokens, width, depth, n_trees, dtype):
     (1000, 4, 128, jnp.float32, FffV2ForwardConfig(block_t=32, chunk=128)),
     (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=6)),
     (96, 0, 2, jnp.float32, FffV2ForwardConfig(block_t=16, dense_levels=1)),
+    (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=128, num_warps=4, split_level=7)),
+    (1000, 12, 1, jnp.float32, FffV2ForwardConfig(block_t=32, chunk=256, split_level=8)),
 ])
 def test_v2_forward_lowers_for_h200(width, depth, n_trees, dtype, config):
     fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, config=config, save_residuals=True)
     text = _lower_for_h200(fn, *_v2_shapes(1001, width, depth, n_trees, dtype))
     assert "fff_v2_forward" in text
+    assert ("fff_v2_forward_grouped" in text) == (config.split_level > 0 and n_trees == 1)
 
 
 @pytest.mark.parametrize("width,depth,n_trees,dtype", [(768, 11, 1, jnp.bfloat16), (1000, 4, 4, jnp.float32)])
 def test_v2_training_lowers_for_h200(width, depth, n_trees, dtype):
     def loss(*args):
-        y = pk.fff_v2_hard_trainable(*args, depth=depth, n_trees=n_trees, config=FffV2TrainConfig())
+        y = pk.fff_v2_hard_trainable(*args, depth=depth, n_trees=n_trees)   # default (grouped for 1x11)
         return jnp.sum(y.astype(jnp.float32))
 
     text = _lower_for_h200(jax.grad(loss, argnums=(0, 1, 2, 3)), *_v2_shapes(1001, width, depth, n_trees, dtype))

@@ -43,6 +43,43 @@ def test_forward_matches_reference_bfloat16(seed, n_tokens, width, depth, n_tree
     _check(seed, n_tokens, width, depth, n_trees, jnp.bfloat16, dense_levels)
 
 
+@pytest.mark.slow
+@SETTINGS
+@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
+       width=st.sampled_from([64, 96, 768, 1000]), depth=st.integers(1, 11), split=st.integers(1, 8),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, dtype):
+    split = min(split, depth)
+    x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, 1, dtype)
+    config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=max(split, depth - 4))
+    y, nodes, z = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
+                                 save_residuals=True)
+    assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
+    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in
+    path = v2.path_from_logits(logits, depth=depth, n_trees=1)
+    np.testing.assert_array_equal(np.asarray(nodes).T, np.asarray(path[:, 0, :]))
+
+
+def test_grouped_layout_pads_each_subtree_to_whole_blocks():
+    from pallas_kernels.fff_v2_forward import group_by_subtree
+    x, w_in, b_in, _ = v2_inputs(4, 50, 64, 5, 1, jnp.float32)
+    slots, block_sub = group_by_subtree(x, w_in, b_in, split=2, block_t=16)
+    slots, block_sub = np.asarray(slots), np.asarray(block_sub)
+    assert sorted(slots[slots >= 0].tolist()) == list(range(50))           # every token exactly once
+    logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
+    sub = np.asarray(v2.path_from_logits(logits, depth=5, n_trees=1))[:, 0, 2] - 3
+    for b, s in enumerate(block_sub):
+        toks = slots[b * 16:(b + 1) * 16]
+        assert np.all(sub[toks[toks >= 0]] == s)                           # one subtree per block
+
+
+def test_default_config_groups_deep_single_trees():
+    from pallas_kernels.fff_v2_forward import default_config
+    assert default_config(11, 1).split_level == 7
+    assert default_config(11, 2).split_level == 0
+    assert default_config(3, 1).split_level == 0
+
+
 def test_residuals_are_the_reference_path_and_logits():
     depth, n_trees = 4, 2
     x, w_in, b_in, w_out = v2_inputs(3, 23, 96, depth, n_trees, jnp.float32)
@@ -94,7 +131,7 @@ def test_bad_shapes_raise_naming_the_argument(bad):
         pk.fff_v2_hard(x, args["w_in"], args["b_in"], args["w_out"], depth=depth, interpret=True)
 
 
-@pytest.mark.parametrize("field,value", [("block_t", 12), ("chunk", 100), ("dense_levels", -1)])
+@pytest.mark.parametrize("field,value", [("block_t", 12), ("chunk", 100), ("dense_levels", -1), ("split_level", -2)])
 def test_config_rejects_bad_block_sizes(field, value):
     with pytest.raises(ValueError, match=field):
         FffV2ForwardConfig(**{field: value})

@@ -25,12 +25,12 @@ def _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config):
     return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
 
 
-def _check(seed, n_tokens, width, depth, n_trees, weight_block_t):
+def _check(seed, n_tokens, width, depth, n_trees, weight_block_t, split_level=0):
     x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, n_trees, jnp.float32)
     dy = jax.random.normal(jax.random.key(seed + 1), (n_tokens, width))
     chunk = pow2_chunk_for(width)
-    config = FffV2TrainConfig(forward=FffV2ForwardConfig(chunk=chunk), token_chunk=chunk, weight_chunk=chunk,
-                              weight_block_t=weight_block_t)
+    forward = FffV2ForwardConfig(chunk=chunk, split_level=split_level)
+    config = FffV2TrainConfig(forward=forward, token_chunk=chunk, weight_chunk=chunk, weight_block_t=weight_block_t)
     got = _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config)
     want = pk.reference_vjp(x, w_in, b_in, w_out, dy, depth=depth, n_trees=n_trees)
     for name, g, w in zip(NAMES, got, want):
@@ -47,10 +47,17 @@ def test_gradients_match_masked_reference(seed, n_tokens, width, depth, n_trees,
     _check(seed, n_tokens, width, depth, n_trees, weight_block_t)
 
 
+@pytest.mark.slow
 def test_gradients_wide_ragged_layer():
     _check(7, 21, 1000, 3, 1, 16)
 
 
+@pytest.mark.slow
+def test_gradients_through_grouped_forward():
+    _check(8, 45, 64, 6, 1, 16, split_level=2)
+
+
+@pytest.mark.slow
 def test_bfloat16_gradients_close_to_float32():
     depth, n_trees = 3, 2
     x, w_in, b_in, w_out = v2_inputs(5, 20, 64, depth, n_trees, jnp.float32)
@@ -65,6 +72,7 @@ def test_bfloat16_gradients_close_to_float32():
         assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
 
 
+@pytest.mark.slow
 def test_ultrafastff_trains_through_pallas():
     def make(impl):
         return fffjax.UltraFastFF(64, 3, n_trees=2, implementation=impl, rngs=nnx.Rngs(0))
@@ -75,18 +83,17 @@ def test_ultrafastff_trains_through_pallas():
     def loss(model):
         return jnp.mean((model(x) - target) ** 2)
 
-    got = nnx.grad(loss)(make("pallas"))
+    model = make("pallas")
+    before = loss(model)
+    got = nnx.grad(loss)(model)
     want = nnx.grad(loss)(make("reference"))
     for name in ("w_in", "b_in", "w_out"):
         g, w = getattr(got, name)[...], getattr(want, name)[...]
         assert float(jnp.max(jnp.abs(w))) > 0, name
         assert_close(g, w, jnp.float32, name)
     # One SGD step through the kernel lowers the loss.
-    model = make("pallas")
-    before = loss(model)
-    grads = nnx.grad(loss)(model)
     for name in ("w_in", "b_in", "w_out"):
-        getattr(model, name)[...] = getattr(model, name)[...] - 0.5 * getattr(grads, name)[...]
+        getattr(model, name)[...] = getattr(model, name)[...] - 0.5 * getattr(got, name)[...]
     assert float(loss(model)) < float(before)
 
 

@@ -1,0 +1,71 @@
+"""The compiled Pallas kernels on a real GPU against their references (run with FFFJAX_GPU_TESTS=1)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import fffjax
+import pallas_kernels as pk
+from fffjax import v2
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
+from pallas_kernels.fff_v2_train import FffV2TrainConfig
+from tests._pallas_helpers import assert_close, v1_inputs, v2_inputs
+
+pytestmark = pytest.mark.gpu
+
+
+GATHER = FffV2ForwardConfig()
+DENSE5 = FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=5)
+GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)
+
+
+@pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
+    (4099, 768, 11, 1, jnp.float32, GATHER), (4099, 768, 11, 1, jnp.bfloat16, GATHER),
+    (4099, 768, 11, 1, jnp.float32, GROUPED), (70000, 768, 11, 1, jnp.bfloat16, GROUPED),
+    (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
+    (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GROUPED),
+])
+def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
+    x, w_in, b_in, w_out = v2_inputs(0, n_tokens, width, depth, n_trees, dtype)
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, config=config)
+    assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees), dtype)
+
+
+@pytest.mark.parametrize("n_tokens,width,depth,n_trees,weight_block_t,forward", [
+    (4099, 768, 11, 1, 64, GROUPED), (1000, 1000, 5, 2, 128, GATHER), (8192, 768, 4, 16, 256, DENSE5),
+])
+def test_v2_gradients_on_gpu(n_tokens, width, depth, n_trees, weight_block_t, forward):
+    x, w_in, b_in, w_out = v2_inputs(1, n_tokens, width, depth, n_trees, jnp.float32)
+    dy = jax.random.normal(jax.random.key(2), (n_tokens, width))
+    config = FffV2TrainConfig(forward=forward, weight_block_t=weight_block_t)
+
+    def loss(*args):
+        return jnp.sum(pk.fff_v2_hard_trainable(*args, depth=depth, n_trees=n_trees, config=config) * dy)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w_in, b_in, w_out)
+    want = jax.jit(lambda *a: pk.reference_vjp(*a, depth=depth, n_trees=n_trees))(x, w_in, b_in, w_out, dy)
+    for name, g, w in zip(("dx", "d_w_in", "d_b_in", "d_w_out"), got, want):
+        assert_close(g, w, jnp.float32, name)
+
+
+@pytest.mark.parametrize("leaf_width,depth,dtype", [(256, 8, jnp.float32)])
+def test_v1_forward_on_gpu(leaf_width, depth, dtype):
+    x, params = v1_inputs(3, 3001, 768, leaf_width, 100, depth, dtype)
+    y = pk.fff_v1_hard(x, *params, depth=depth, activation=v2.gelu)
+    assert_close(y, pk.fff_v1_hard_reference(x, *params, depth=depth, activation=v2.gelu), dtype)
+
+
+def test_default_implementation_on_gpu_is_pallas_and_trains():
+    from fffjax.ops.api import _candidates
+    assert _candidates("fff_v2_hard", None)[0] == "pallas"
+    model = fffjax.UltraFastFF(768, 11, rngs=nnx.Rngs(0))                  # implementation=None
+    ref = fffjax.UltraFastFF(768, 11, implementation="reference", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 300, 768))
+
+    def loss(m):
+        return jnp.mean(m(x) ** 2)
+
+    got, want = nnx.grad(loss)(model), nnx.grad(loss)(ref)
+    for name in ("w_in", "b_in", "w_out"):
+        assert_close(getattr(got, name)[...], getattr(want, name)[...], jnp.float32, name)
