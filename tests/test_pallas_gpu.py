@@ -10,7 +10,7 @@ import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from tests._pallas_helpers import assert_close, v1_inputs, v2_inputs
+from _pallas_helpers import assert_close, v1_inputs, v2_inputs
 
 pytestmark = pytest.mark.gpu
 

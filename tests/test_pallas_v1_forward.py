@@ -10,7 +10,7 @@ import fffjax
 import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v1_forward import FffV1ForwardConfig
-from tests._pallas_helpers import assert_close, pow2_chunk_for, v1_inputs
+from _pallas_helpers import assert_close, pow2_chunk_for, v1_inputs
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import fffjax
 import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
-from tests._pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+from _pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,7 +12,7 @@ import fffjax
 import pallas_kernels as pk
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from tests._pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+from _pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
 
 NAMES = ("dx", "d_w_in", "d_b_in", "d_w_out")
 
