@@ -149,6 +149,35 @@ def xla_fori_levels(x, w_in, b_in, w_out, *, depth):
     return jax.lax.fori_loop(0, depth + 1, level, init)[1]
 
 
+def xla_dense_top_levels(x, w_in, b_in, w_out, *, depth, top):
+    """The "xla" path with the first ``top`` levels (``2**top - 1`` shared rows) as one small matmul."""
+    n_top = 2**top - 1
+    z_top = x @ w_in[:n_top].T + b_in[:n_top]                          # (B, n_top)
+    node = jnp.zeros((x.shape[0],), jnp.int32)
+    coef = jnp.zeros_like(z_top)
+    rows = jnp.arange(x.shape[0])
+    for _ in range(top):
+        z = z_top[rows, node]
+        coef = coef.at[rows, node].set(_gelu(z))
+        node = tree.child(node, z > 0)
+    y = coef @ w_out[:n_top]
+    for _ in range(top, depth + 1):
+        z = jnp.einsum("bh,bh->b", x, w_in.at[node].get(mode="promise_in_bounds")) + b_in[node]
+        y = y + _gelu(z)[:, None] * w_out.at[node].get(mode="promise_in_bounds")
+        node = tree.child(node, z > 0)
+    return y
+
+
+def xla_sorted_by_path(x, w_in, b_in, w_out, *, depth, top):
+    """The "xla" path on tokens sorted by their node at level ``top`` (rows shared by neighbours)."""
+    node = jnp.zeros((x.shape[0],), jnp.int32)
+    for _ in range(top):
+        node = tree.child(node, jnp.einsum("bh,bh->b", x, w_in[node]) + b_in[node] > 0)
+    order = jnp.argsort(node)
+    y_sorted = xla_ops.gather_forward(x[order], w_in, b_in, w_out, depth=depth)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
 def torch_fff_gather(torch, x, w_in, b_in, w_out, depth: int):
     """Hard FFF-v2 in torch: per level gather each token's row, dot, GELU, accumulate its output row."""
     node = torch.zeros(x.shape[0], dtype=torch.long)
@@ -237,6 +266,8 @@ def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
         orig = jax.jit(lambda *a: v2.conditional_forward(*a, depth=DEPTH))
         chunked = jax.jit(lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=min(1024, tokens)))
         fori = jax.jit(lambda *a: xla_fori_levels(*a, depth=DEPTH))
+        top4 = jax.jit(lambda *a: xla_dense_top_levels(*a, depth=DEPTH, top=4))
+        sort8 = jax.jit(lambda *a: xla_sorted_by_path(*a, depth=DEPTH, top=8))
         p12 = v2.init(k_fff, H, 0, n_trees=12)  # a dense layer of 12 neurons: no routing at all
         variants += [
             Variant("ablation_write_floor", lambda: write_floor(x).block_until_ready(), group="ablation"),
@@ -247,10 +278,14 @@ def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
             Variant("ablation_xla_multiply_sum", lambda: orig(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
             Variant("ablation_xla_lax_map_1024", lambda: chunked(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
             Variant("ablation_xla_fori_levels", lambda: fori(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_dense_top_4", lambda: top4(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_sorted_by_path", lambda: sort8(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
         ]
         checks["ablation_xla_multiply_sum"] = lambda n: orig(x[:n], w_in, b_in, w_out)
         checks["ablation_xla_lax_map_1024"] = lambda n: jax.jit(lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=n // 2))(x[:n], w_in, b_in, w_out)
         checks["ablation_xla_fori_levels"] = lambda n: fori(x[:n], w_in, b_in, w_out)
+        checks["ablation_xla_dense_top_4"] = lambda n: top4(x[:n], w_in, b_in, w_out)
+        checks["ablation_xla_sorted_by_path"] = lambda n: sort8(x[:n], w_in, b_in, w_out)
         if cpu_ffi.available():
             variants += [
                 Variant("ablation_cpu_ffi_unsorted", fff("cpu_ffi"), group="ablation", env={"FFFJAX_CPU_SORT": "0"}),
@@ -406,6 +441,8 @@ def analysis_lines(rows: list[dict]) -> list[str]:
         "ablation_xla_routing_only": "the \"xla\" path's gathers and dots without the output stage",
         "ablation_xla_lax_map_1024": "the \"xla\" path over blocks of 1024 tokens with `lax.map`",
         "ablation_xla_fori_levels": "the \"xla\" path with a `fori_loop` over levels (multiply-sum)",
+        "ablation_xla_dense_top_4": "the \"xla\" path with levels 0-3 (15 shared rows) as one matmul each way",
+        "ablation_xla_sorted_by_path": "the \"xla\" path on tokens sorted by their level-8 node (argsort, permute, unpermute)",
         "ablation_xla_dense_4096_no_gelu": "the dense 4096 layer without its GELU",
     }
     for name, text in notes.items():
