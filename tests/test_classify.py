@@ -120,3 +120,13 @@ def test_hardening_lowers_node_entropy():
         p = C.train(spec, C.TrainConfig(epochs=10, batch_size=32, learning_rate=1e-2, hardening=h), x, y).params
         ent.append(float(v1.soft_forward(p, jnp.asarray(x), depth=2).entropies.mean()))
     assert ent[1] < ent[0]
+
+
+@pytest.mark.parametrize("spec", [C.ModelSpec("fff", 6, 4, depth=2, width=3), C.ModelSpec("fff2", 6, 4, depth=2, n_trees=2)])
+def test_to_module_reproduces_hard_predictions(spec):
+    params = C.init_params(spec, jax.random.key(5))
+    x, _ = blobs()
+    module = C.to_module(spec, params)
+    np.testing.assert_allclose(module(jnp.asarray(x)), C.predict_logits(spec, params, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fff or fff2"):
+        C.to_module(C.ModelSpec("ff", 6, 4), C.init_params(C.ModelSpec("ff", 6, 4), jax.random.key(0)))

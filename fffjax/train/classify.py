@@ -240,6 +240,26 @@ def n_params(params) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
 
 
+def to_module(spec: ModelSpec, params: dict):
+    """The trained parameters as an NNX module (:class:`fffjax.nn.FFF` or :class:`fffjax.nn.UltraFastFF`),
+    in eval mode, e.g. for :func:`fffjax.convert.export_fastfeedforward`."""
+    from flax import nnx
+
+    from fffjax import nn
+
+    if spec.kind == "fff":
+        module = nn.FFF(spec.in_features, spec.width, spec.out_features, spec.depth, rngs=nnx.Rngs(0))
+    elif spec.kind == "fff2":
+        module = nn.UltraFastFF(spec.in_features, spec.depth, n_trees=spec.n_trees,
+                                out_features=spec.out_features, rngs=nnx.Rngs(0))
+    else:
+        raise ValueError("to_module needs an fff or fff2 spec; an ff is a plain parameter dict")
+    for name, value in params.items():
+        getattr(module, name)[...] = jnp.asarray(value)
+    module.eval()
+    return module
+
+
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """AdamW with the configured learning-rate schedule; recipes that differ only in what the
     optimizer does not see (seed, hardening, ...) share one object, hence one compilation."""
