@@ -1,0 +1,237 @@
+"""Scale-out on GPUs: ``base`` pretraining tokens/s (data parallel, FSDP) and the tree-parallel FFF layer.
+
+Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.devices())``), at a
+**fixed per-device batch**, so perfect scaling is ``n x`` the one-device tokens/s:
+
+1. ``pretrain``: optimizer steps of crammed BERT ``--config`` (default ``base``: UltraFastBERT
+   1x11) with :class:`fffjax.train.loop.Trainer` and the MLM objective on random token ids, on a
+   ``(n, 1)`` mesh, under
+
+   * ``dp``: every parameter and optimizer moment replicated, gradients all-reduced;
+   * ``fsdp``: parameters and optimizer moments sharded on their first dimension over ``data``
+     (GSPMD gathers weights before use and reduce-scatters gradients).
+
+2. ``layer``: forward + backward of one FFF-v2 layer (H ``--hidden``, ``--depth``) on
+   ``--layer-tokens`` tokens per device, tree-parallel over ``n`` devices
+   (:func:`fffjax.parallel.fff_v2_subtree_parallel`, weights in the permuted layout, sharded),
+   split into **compute** (the same step on one device's share of the work: the step at ``n = 1``
+   with the same per-device tokens) and **all-to-all** (the five exchanges of one step, each
+   ``n x capacity`` rows, timed alone in a ``shard_map``).
+
+Whole-model tree-parallel pretraining (FFF layers tree-parallel, everything else data-parallel,
+tokens split over both mesh axes) needs the model's FFF layers to call
+:func:`fffjax.parallel.fff_v2_tree_parallel` and the trainer to split batches over
+``("data", "model")``: item 2 of the scale-out issue, not in this script yet.
+
+Timing: wall clock of ``--steps`` steps after ``--warmup`` steps, each ending in
+``block_until_ready``; the median of ``--repeats`` repeats. Results are appended row by row to
+``experiments/results/<out>.{json,md}`` (``--out``, default ``scaleout_<device kind>``).
+
+Run on the GPU machine (one call per kind)::
+
+    python experiments/bench_scaleout.py --counts 1           # nvidia-h200
+    python experiments/bench_scaleout.py --counts 1 2         # nvidia-h200-x2
+    python experiments/bench_scaleout.py --counts 1 2 4 8     # nvidia-h200-x8
+
+Smoke test on CPU (8 fake devices, tiny shapes)::
+
+    python experiments/bench_scaleout.py --cpu-devices 8 --config tiny --counts 1 2 \\
+        --per-device-batch 2 --hidden 64 --depth 5 --layer-tokens 256 --steps 2 --warmup 1 --out smoke
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "experiments" / "results"
+
+
+def timed(fn, steps: int, warmup: int, repeats: int) -> float:
+    """Median seconds per call of ``fn()`` (which must block until its work is done)."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        runs.append((time.perf_counter() - t0) / steps)
+    return statistics.median(runs)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def random_mlm_batch(rng, batch: int, seq: int, vocab: int, rate: float = 0.25) -> dict:
+    import numpy as np
+
+    k = max(1, int(round(rate * seq)))
+    ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int32)
+    positions = np.sort(np.stack([rng.choice(seq, k, replace=False) for _ in range(batch)]), axis=1).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32),
+            "mask_positions": positions, "mask_labels": np.take_along_axis(ids, positions, 1),
+            "mask_weights": np.ones((batch, k), np.float32)}
+
+
+def bench_pretrain(args, n: int, scheme: str) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from fffjax.models.config import get_config
+    from fffjax.models.crammed_bert import CrammedBertMLM
+    from fffjax.train import loop
+    from fffjax.train import sharding as shd
+
+    config = get_config(args.config)
+    mesh = shd.make_mesh(n, 1, devices=jax.devices()[:n])
+    rules = ((r".*", P()),) if scheme == "dp" else ((r".*", P(shd.DATA)),)
+    batch = args.per_device_batch * n
+    train_config = loop.TrainConfig(steps=10_000, batch_size=batch, compute_dtype=args.compute_dtype,
+                                    data_parallel=n, model_parallel=1)
+    model = CrammedBertMLM(config, implementation=args.implementation, rngs=nnx.Rngs(0))
+    trainer = loop.Trainer(model, loop.mlm_objective, train_config, mesh=mesh, rules=rules)
+    host = random_mlm_batch(np.random.default_rng(0), batch, config.max_seq_length, config.vocab_size)
+    # Trainer.step places the host batch, runs the jitted step and fetches the metrics (blocking),
+    # as a training loop does.
+    seconds = timed(lambda: trainer.step(host), args.steps, args.warmup, args.repeats)
+    tokens = batch * config.max_seq_length
+    return {"bench": "pretrain", "config": args.config, "scheme": scheme, "devices": n, "per_device_batch":
+            args.per_device_batch, "seq": config.max_seq_length, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "compute_dtype": args.compute_dtype, "implementation": args.implementation}
+
+
+# ----------------------------------------------------------------------------- tree-parallel layer
+
+
+def bench_layer(args, n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fffjax import parallel, v2
+
+    mesh = jax.make_mesh((n,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    top_levels = n.bit_length() - 1
+    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+    p = v2.init(jax.random.key(0), args.hidden, args.depth, dtype=dtype)
+    names = ("w_in", "b_in", "w_out")
+    tops, subs = {}, {}
+    for name in names:
+        tops[name], subs[name] = parallel.to_tree_parallel_layout(p[name], levels=args.depth + 1, top_levels=top_levels)
+    tokens = args.layer_tokens * n
+    x = jax.random.normal(jax.random.key(1), (tokens, args.hidden), dtype)
+    sh = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    weights = [jax.device_put(tops[k], sh(P())) for k in names] + [jax.device_put(subs[k], sh(P("model")))
+                                                                    for k in names]
+    x = jax.device_put(x, sh(P("model")))
+
+    def loss(x, *w):
+        y = parallel.fff_v2_subtree_parallel(x, *w, depth=args.depth, mesh=mesh,
+                                             capacity_factor=args.capacity_factor)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    seconds = timed(lambda: jax.block_until_ready(step(x, *weights)), args.steps, args.warmup, args.repeats)
+
+    # The exchanges alone: 3 forward (tokens, tree ids, outputs) and 2 backward, n x capacity rows.
+    items = args.layer_tokens
+    cap = max(1, min(items, math.ceil(args.capacity_factor * items / n)))
+    buf = jax.device_put(jnp.zeros((n * n, cap, args.hidden), dtype), sh(P("model")))
+    ids = jax.device_put(jnp.zeros((n * n, cap), jnp.int32), sh(P("model")))
+
+    def exchanges(buf, ids):
+        out = buf
+        for _ in range(4):
+            out = jax.lax.all_to_all(out, "model", 0, 0)
+        return out, jax.lax.all_to_all(ids, "model", 0, 0)
+
+    a2a = jax.jit(jax.shard_map(exchanges, mesh=mesh, in_specs=(P("model"), P("model")),
+                                out_specs=(P("model"), P("model"))))
+    a2a_seconds = timed(lambda: jax.block_until_ready(a2a(buf, ids)), args.steps, args.warmup, args.repeats)
+    return {"bench": "layer", "scheme": "tree", "devices": n, "hidden": args.hidden, "depth": args.depth,
+            "tokens_per_device": args.layer_tokens, "capacity": cap, "step_s": seconds,
+            "tokens_per_s": tokens / seconds, "all_to_all_s": a2a_seconds, "compute_dtype": args.compute_dtype}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write(rows: list[dict], out: str, command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    lines = [f"# Scale-out: tokens/s at a fixed per-device batch", "", f"Produced by `{command}`.", "",
+             "Scaling efficiency = tokens/s(n) / (n x tokens/s(1)). Layer rows: compute = the one-device "
+             "step at the same per-device tokens; all-to-all = the step's five exchanges timed alone.", "",
+             "| bench | scheme | devices | step (ms) | tokens/s | scaling efficiency | all-to-all (ms) | compute (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["bench"] == r["bench"] and b["scheme"] == r["scheme"] and b["devices"] == 1),
+                    None)
+        eff = f"{r['tokens_per_s'] / (r['devices'] * base['tokens_per_s']):.1%}" if base else "–"
+        a2a = f"{1e3 * r['all_to_all_s']:.2f}" if "all_to_all_s" in r else "–"
+        comp = f"{1e3 * base['step_s']:.2f}" if r["bench"] == "layer" and base else "–"
+        lines.append(f"| {r['bench']} | {r['scheme']} | {r['devices']} | {1e3 * r['step_s']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {eff} | {a2a} | {comp} |")
+    (RESULTS / f"{out}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--counts", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--schemes", nargs="+", default=["dp", "fsdp", "tree"], help="tree = the layer benchmark")
+    ap.add_argument("--config", default="base")
+    ap.add_argument("--per-device-batch", type=int, default=64, help="sequences per device and step")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--implementation", default=None, help="FFF-v2 implementation of the model (None: fastest)")
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=11)
+    ap.add_argument("--layer-tokens", type=int, default=16384, help="tokens per device (layer benchmark)")
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (smoke tests)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    import jax
+
+    if a.cpu_devices:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", a.cpu_devices)
+    counts = [n for n in a.counts if n <= len(jax.devices())]
+    if any(n & (n - 1) for n in counts):
+        ap.error("--counts must be powers of two (the tree layer's axis)")
+    kind = jax.devices()[0].device_kind.replace(" ", "_").lower()
+    out = a.out or f"scaleout_{kind}"
+    command = "python experiments/bench_scaleout.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = []
+    existing = RESULTS / f"{out}.json"
+    if existing.exists():       # keep rows measured by earlier calls (other device kinds / counts)
+        rows = [r for r in json.loads(existing.read_text())["rows"]
+                if not (r["devices"] in counts and r["scheme"] in a.schemes)]
+    for n in counts:
+        for scheme in a.schemes:
+            row = bench_layer(a, n) if scheme == "tree" else bench_pretrain(a, n, scheme)
+            row["device_kind"] = jax.devices()[0].device_kind
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            rows.sort(key=lambda r: (r["bench"], r["scheme"], r["devices"]))
+            write(rows, out, command.strip())
+    print((RESULTS / f"{out}.md").read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    main()
