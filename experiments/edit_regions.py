@@ -135,7 +135,7 @@ def plot(agg, path, title):
                yerr=[100 * a[key + "_std"] for a in agg], label=label, color=color, capsize=2)
     ax.set_xticks(x, [a["method"].replace(" (", "\n(") for a in agg], fontsize=8)
     ax.set(ylabel="test accuracy (%)", title=title, ylim=(0, 100))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -161,11 +161,17 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--n-train", type=int, default=20000, help="stratified training subset (0 = all)")
     p.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.replot:
+        stem = (Path(args.out) if args.out else RESULTS) / f"editing_{args.dataset}"
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        plot(saved["aggregate"], stem.with_suffix(".png"), f"adding class {saved['args']['new_class']} ({args.dataset})")
+        return saved["aggregate"]
     data = vision.load(args.dataset)
     if args.n_train:
         data = vision.subsample(data, n_train=args.n_train, seed=0)

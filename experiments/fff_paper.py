@@ -198,7 +198,7 @@ def summary(rows) -> str:
 
 def write(table, args, rows, markdown, extra=""):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"fff_paper_{table}_{args.dataset}"
+    stem = RESULTS / f"fff_paper_{table}{'_' + args.tag if args.tag else ''}_{args.dataset}"
     cmd = "python experiments/fff_paper.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg = dataclasses.asdict(base_config(args))
     meta = {"table": table, "dataset": args.dataset, "command": cmd, "config": cfg, "seeds": args.seeds,
@@ -325,8 +325,7 @@ def plot(args):
                 label="FFF-v2", color="tab:green")
     ax.set(xscale="log", xlabel="inference FLOPs per sample", ylabel="test accuracy (%)",
            title=f"{args.dataset}: accuracy vs inference cost")
-    lo = np.percentile([100 * r["test_hard_mean"] for r in rows], 10)
-    ax.set_ylim(max(0, lo - 5), 100)
+    ax.set_ylim(max(0, min(100 * r["test_hard_mean"] for r in rows) - 5), 100)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -372,6 +371,7 @@ def parse(argv=None):
     p.add_argument("--shapes", nargs="+", default=["3x16"], help="recipe table's FFF shapes DEPTHxLEAF")
     p.add_argument("--n-train", type=int, default=0, help="stratified training subset (0 = all)")
     p.add_argument("--n-test", type=int, default=0, help="stratified test subset (0 = all)")
+    p.add_argument("--tag", default="", help="suffix of the table name in the output files (variant runs)")
     p.add_argument("--train-eval-n", type=int, default=10000, help="training samples scored for train accuracy")
     return p.parse_args(argv)
 
