@@ -380,6 +380,22 @@ def main(argv=None) -> None:
         lines.append(f"| {r['model']} | {r['tokens_per_step']:,} | {r['dp']:,.0f} | {r['tp']:,.0f} | {r['tree']:,.0f} "
                      f"| {r['tree'] / r['dp']:.2f} | {r['tree_sent_bytes_per_device'] / 1e6:,.1f} "
                      f"| {r['dp_sent_bytes_per_device'] / 1e6:,.1f} |")
+    lines += ["", "Where tree parallel stops paying: its bytes grow with the tokens (each token crosses the "
+              "network twice per FFF layer forward and twice backward), data parallel's do not (one all-reduce "
+              "of the gradients per step), so data parallel wins above a crossover batch:", ""]
+    for label in ("FF layers only", "whole model"):
+        ratio = [t / d for t, d in zip(curves[f"{label}: tree"], curves[f"{label}: dp"])]
+        cross = next((i for i, r in enumerate(ratio) if r < 1), None)
+        if cross is None:
+            lines.append(f"- {label}: tree parallel sustains more tokens/s at every batch up to {batches[-1]:,}.")
+        elif cross == 0:
+            lines.append(f"- {label}: data parallel sustains more tokens/s at every batch from {batches[0]:,}.")
+        else:
+            # log-linear interpolation of the ratio between the two bracketing batches
+            b0, b1, r0, r1 = batches[cross - 1], batches[cross], ratio[cross - 1], ratio[cross]
+            at = math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * math.log(r0) / (math.log(r0) - math.log(r1)))
+            lines.append(f"- {label}: tree parallel ahead below about {at:,.0f} global tokens per step "
+                         f"(x{ratio[0]:.1f} at {batches[0]:,}); data parallel ahead above.")
     (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
