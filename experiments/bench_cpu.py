@@ -447,7 +447,8 @@ def analysis_lines(rows: list[dict]) -> list[str]:
     }
     for name, text in notes.items():
         if name in ms:
-            ref = "fff_cpu_ffi" if "cpu_ffi" in name else ("xla_dense_4096" if "dense" in name else "fff_xla")
+            ref = ("fff_cpu_ffi" if "cpu_ffi" in name
+                   else "xla_dense_4096" if name.startswith("ablation_xla_dense_4096") else "fff_xla")
             lines.append(f"- {text}: {ms[name]:.2f} ms (vs `{ref}` {ms[ref]:.2f} ms).")
     lines += [
         "",
@@ -455,7 +456,9 @@ def analysis_lines(rows: list[dict]) -> list[str]:
         "fusion that writes a (tokens, 1, H) buffer (50 MB at 16384 tokens), which an XNNPACK dot fusion then "
         "reads back (seen in the optimised HLO: `select_gather_fusion` -> `ynn_fusion`). Twelve levels of that "
         "are over a gigabyte of extra memory traffic, whichever way the contraction is written (einsum, "
-        "multiply-sum, `lax.map` blocks, `fori_loop`: all within noise of each other above). The C++ kernel "
+        "multiply-sum, `lax.map` blocks, `fori_loop`, the top levels as a matmul: all within noise of each "
+        "other above); sorting the tokens by path in XLA (argsort and two permutations of `x`/`y`) costs more "
+        "than the cache locality it buys, because the gathered rows are materialised anyway. The C++ kernel "
         "(`fffjax/ops/_fff_cpu.cc`) keeps each token's `x` in L1, reads each row on its path once, walks the "
         "top levels in token order (their rows stay in L2), then counting-sorts tokens by subtree so that the "
         "deep rows of `w_in` and `w_out` come from memory once per subtree rather than once per token.",
