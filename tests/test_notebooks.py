@@ -1,6 +1,5 @@
 """Execute the experiment notebooks at their small (digits) size so they never rot."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -88,7 +88,6 @@ def test_leaf_only_training_keeps_other_regions_exact():
     params = quadrant_params()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 2)).astype(np.float32)
-    y = rng.integers(0, 4, 64).astype(np.int32)
     new = x[(x[:, 0] >= 0) & (x[:, 1] >= 0)]                      # all in leaf 3
     spec = C.ModelSpec("fff", 2, 4, depth=DEPTH, width=3)
     mask = regions.leaf_gradient_mask(params, new, depth=DEPTH)
@@ -99,4 +98,3 @@ def test_leaf_only_training_keeps_other_regions_exact():
     np.testing.assert_array_equal(C.predict_logits(spec, edited, x[others]), before)
     assert not np.allclose(edited["w2s"][3], params["w2s"][3])
     np.testing.assert_array_equal(edited["node_weights"], params["node_weights"])
-    del y
