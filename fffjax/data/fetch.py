@@ -181,8 +181,12 @@ def fetch_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
     """``apt-get download dataset-fashion-mnist`` and ``dpkg-deb -x`` it (no root needed)."""
     target = cache_dir(root) / "fashion_mnist"
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", FASHION_DEB], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(["apt-get", "download", FASHION_DEB], cwd=tmp, check=True,
+                           stdout=subprocess.DEVNULL)
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(f"`apt-get download {FASHION_DEB}` failed; the package lists may be "
+                               "missing: run `apt-get update` once, then fetch again") from error
         deb = next(Path(tmp).glob(f"{FASHION_DEB}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "root")], check=True)
         src = Path(tmp) / "root" / FASHION_DEB_DIR
