@@ -97,7 +97,8 @@ def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, implement
         w_out: ``(K*N, H_out)`` output rows (= the published ``linear_out.weight.T``).
         depth: descents per tree (>= 0).
         n_trees: K, the number of independent trees, whose outputs are summed.
-        implementation: ``"xla"``, ``"reference"``, ``"pallas"`` or ``None`` (fastest available).
+        implementation: ``"xla"``, ``"cpu_ffi"`` (C++ CPU kernel), ``"reference"``, ``"pallas"`` or
+            ``None`` (fastest available: ``"cpu_ffi"`` then ``"xla"`` on the CPU).
 
     Returns:
         ``(..., H_out)`` in the dtype of ``x``. Routing goes right on a strictly positive logit.
