@@ -50,6 +50,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from fffjax import tree, v1, v2
@@ -377,6 +378,20 @@ def fff_v2_tree_parallel(
         y = _unpadded(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args),
                       x2.shape[0], mesh)
     return y.reshape(*lead, w_out.shape[1])
+
+
+def set_tree_parallel(model, mesh, axis: str = "model"):
+    """Make every :class:`fffjax.nn.UltraFastFF` inside the NNX ``model`` tree-parallel on ``mesh``'s ``axis``
+    (``mesh=None`` turns it off); returns ``model``, changed in place. The weights keep their
+    heap layout, so checkpoints and exports are unaffected."""
+    from fffjax.nn import UltraFastFF  # nn imports this module
+
+    if mesh is not None:
+        _check_axis(mesh, axis)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, UltraFastFF):
+            module.mesh, module.tree_parallel_axis = mesh, (axis if mesh is not None else None)
+    return model
 
 
 # ----------------------------------------------------------------------------- FFF-v1

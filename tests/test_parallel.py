@@ -216,3 +216,32 @@ def test_v1_soft_partial_mixtures_sum_to_soft_forward():
     assert_close_per_tensor(y, y_ref)
     assert_close_per_tensor(grads, grads_ref)
     assert float(jnp.max(jnp.abs(grads[1]["node_weights"]))) > 0  # soft routing trains the nodes
+
+
+@pytest.mark.slow
+def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
+    from fffjax.models.config import get_config
+    from fffjax.models.crammed_bert import CrammedBertMLM
+    from fffjax.train.loop import mlm_objective
+
+    config = get_config("tiny")
+    model = CrammedBertMLM(config, implementation="reference", rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, config.vocab_size, size=(4, 16), dtype=np.int32)
+    positions = np.tile(np.arange(0, 16, 4, dtype=np.int32), (4, 1))
+    batch = {"input_ids": ids, "attention_mask": np.ones((4, 16), np.int32), "mask_positions": positions,
+             "mask_labels": np.take_along_axis(ids, positions, 1), "mask_weights": np.ones((4, 4), np.float32)}
+    model.eval()  # no dropout: both runs see the same computation
+
+    def loss_and_grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        fn = jax.value_and_grad(lambda p, b: mlm_objective(nnx.merge(graphdef, p, rest), b)[0])
+        return jax.jit(fn), params
+
+    fn, params = loss_and_grads(model)
+    want, grads_want = fn(params, batch)
+    fn, params = loss_and_grads(parallel.set_tree_parallel(model, make_mesh((2, 4), ("data", "model")), "model"))
+    assert "all_to_all" in fn.lower(params, batch).as_text()
+    got, grads_got = fn(params, batch)
+    assert_close_per_tensor(got, want)
+    assert_close_per_tensor(grads_got, grads_want)

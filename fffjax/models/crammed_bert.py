@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fffjax import ops
+from fffjax import ops, parallel
 from fffjax._typing import Array, Float, Int
 from fffjax.models.config import ModelConfig
 from fffjax.nn import UltraFastFF
@@ -163,6 +163,9 @@ class DenseFF(nnx.Module):
 def _fff_forward(ffn: UltraFastFF, x):
     # UltraFastFF with its parameters cast to the compute dtype (a bf16 model routes on bf16 logits).
     w_in, b_in, w_out = (p[...].astype(x.dtype) for p in (ffn.w_in, ffn.b_in, ffn.w_out))
+    if ffn.mesh is not None and ffn.tree_parallel_axis is not None:   # see parallel.set_tree_parallel
+        return parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
+                                             mesh=ffn.mesh, axis=ffn.tree_parallel_axis)
     return ops.fff_v2_hard(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
                            implementation=ffn.implementation)
 
