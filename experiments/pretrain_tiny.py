@@ -2,7 +2,7 @@
 fine-tuning on Amazon fine-food reviews and SpamAssassin.
 
     bash experiments/fetch_text.sh                      # once: corpus and labelled sets
-    python experiments/pretrain_tiny.py                 # runs everything (skips finished runs)
+    python experiments/pretrain_tiny.py --scratch       # runs everything (skips finished runs)
     python experiments/pretrain_tiny.py --report-only   # rebuilds the plot and the table
 
 Each run is an ordinary `fffjax pretrain` / `fffjax finetune` command (printed before it starts),
@@ -26,6 +26,7 @@ RUNS = ROOT / "runs" / "bert_tiny"
 RESULTS = ROOT / "experiments" / "results" / "bert_tiny_cpu"
 CONFIGS = ROOT / "experiments" / "configs"
 MODELS = {"fff": "pretrain_tiny.json", "dense": "pretrain_tiny_dense.json"}
+FINETUNE = {"fff": "finetune_tiny.json", "dense": "finetune_tiny_dense.json"}
 TASKS = ("amazon", "spam")
 
 
@@ -52,13 +53,16 @@ def pretrain(name: str) -> float:
     return seconds
 
 
-def finetune(name: str, task: str) -> float:
-    out = RUNS / f"finetune-{name}-{task}"
+def finetune(name: str, task: str, *, scratch: bool = False) -> float:
+    """Fine-tunes the pretrained encoder, or (`scratch`) the same architecture from random init."""
+    out = RUNS / f"{'scratch' if scratch else 'finetune'}-{name}-{task}"
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text()).get("wall_s", float("nan"))
     out.mkdir(parents=True, exist_ok=True)
-    seconds = command(["finetune", "--config", str(CONFIGS / "finetune_tiny.json"), "--task", task,
-                       "--init", str(RUNS / f"pretrain-{name}"), "--out", str(out)], out / "log.txt")
+    source = (["--tokenizer", str(RUNS / f"pretrain-{name}" / "tokenizer.json")] if scratch
+              else ["--init", str(RUNS / f"pretrain-{name}")])
+    seconds = command(["finetune", "--config", str(CONFIGS / FINETUNE[name]), "--task", task, *source,
+                       "--out", str(out)], out / "log.txt")
     result = json.loads((out / "result.json").read_text())
     (out / "result.json").write_text(json.dumps({**result, "wall_s": seconds}, indent=2))
     return seconds
@@ -72,7 +76,7 @@ def report() -> dict:
     from fffjax.train.loop import plot_losses
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    curves, table = {}, {"pretrain": {}, "finetune": {}}
+    curves, table = {}, {"pretrain": {}, "finetune": {}, "scratch": {}}
     for name in MODELS:
         out = RUNS / f"pretrain-{name}"
         records = read_jsonl(out / "metrics.jsonl")
@@ -88,11 +92,12 @@ def report() -> dict:
             "wall_s": summary.get("wall_s"),
         }
         for task in TASKS:
-            ft = RUNS / f"finetune-{name}-{task}"
-            if (ft / "result.json").exists():
-                result = json.loads((ft / "result.json").read_text())
-                shutil.copyfile(ft / "metrics.jsonl", RESULTS / f"finetune_{name}_{task}_metrics.jsonl")
-                table["finetune"].setdefault(task, {})[name] = result
+            for kind in ("finetune", "scratch"):
+                ft = RUNS / f"{kind}-{name}-{task}"
+                if (ft / "result.json").exists():
+                    result = json.loads((ft / "result.json").read_text())
+                    shutil.copyfile(ft / "metrics.jsonl", RESULTS / f"{kind}_{name}_{task}_metrics.jsonl")
+                    table[kind if kind == "finetune" else "scratch"].setdefault(task, {})[name] = result
     plot_losses(curves, RESULTS / "mlm_loss.png", title="tiny crammed BERT, MLM loss (CPU, equal steps)",
                 ylabel="MLM cross-entropy", smooth=25)
     for task, by_model in table["finetune"].items():
@@ -110,12 +115,15 @@ def report() -> dict:
         lines.append(f"| {name} | {row['steps']} | {row['final_train_loss']:.3f} | {row['held_out_loss']:.3f} | "
                      f"{row['held_out_accuracy']:.3f} | {row['median_step_s']:.3f} | {row['wall_s'] or float('nan'):.0f} |")
     lines += ["", "## Fine-tuning (test accuracy, fixed splits)", "",
-              "| task | n test | majority class | FFF | dense | FFF / dense |", "|---|---|---|---|---|---|"]
+              "| task | n test | majority class | FFF | dense | FFF / dense | FFF from scratch | dense from scratch |",
+              "|---|---|---|---|---|---|---|---|"]
     for task, by_model in table["finetune"].items():
         if "fff" in by_model and "dense" in by_model:
             fff, dense = by_model["fff"], by_model["dense"]
+            scratch = table["scratch"].get(task, {})
+            cells = [f"{scratch[n]['test_accuracy']:.3f}" if n in scratch else "-" for n in ("fff", "dense")]
             lines.append(f"| {task} | {fff['n_test']} | {fff['majority_baseline']:.3f} | {fff['test_accuracy']:.3f} | "
-                         f"{dense['test_accuracy']:.3f} | {by_model['fff_over_dense']:.3f} |")
+                         f"{dense['test_accuracy']:.3f} | {by_model['fff_over_dense']:.3f} | {cells[0]} | {cells[1]} |")
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return table
@@ -125,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--scratch", action="store_true", help="also fine-tune from random init (baseline)")
     args = parser.parse_args()
     if not args.report_only:
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -132,6 +141,9 @@ def main() -> None:
             list(pool.map(pretrain, MODELS))
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(lambda nt: finetune(*nt), [(n, t) for t in TASKS for n in MODELS]))
+        if args.scratch:
+            with ThreadPoolExecutor(args.parallel) as pool:
+                list(pool.map(lambda nt: finetune(*nt, scratch=True), [(n, t) for t in TASKS for n in MODELS]))
     report()
 
 
