@@ -245,3 +245,55 @@ def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
     got, grads_got = fn(params, batch)
     assert_close_per_tensor(got, want)
     assert_close_per_tensor(grads_got, grads_want)
+
+
+# ----------------------------------------------------------------------------- training configurations
+
+TRAIN_STEPS = 20
+
+
+def tiny_losses(parallelism, data, model_axis):
+    """Losses of the first TRAIN_STEPS optimizer steps of the tiny crammed BERT (MLM, random ids)."""
+    from fffjax.models.config import get_config
+    from fffjax.models.crammed_bert import CrammedBertMLM
+    from fffjax.train import loop
+    from fffjax.train import sharding as shd
+
+    config = get_config("tiny")
+    mesh = shd.make_mesh(data, model_axis, devices=jax.devices()[: data * model_axis])
+    model = CrammedBertMLM(config, implementation="xla", rngs=nnx.Rngs(0))
+    rules = shd.apply_parallelism(model, parallelism, mesh)
+    trainer = loop.Trainer(model, loop.mlm_objective,
+                           loop.TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3), mesh=mesh, rules=rules)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        ids = rng.integers(5, config.vocab_size, size=(8, 32), dtype=np.int32)
+        positions = np.sort(np.stack([rng.choice(32, 8, replace=False) for _ in range(8)]), axis=1).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": np.ones((8, 32), np.int32), "mask_positions": positions,
+                 "mask_labels": np.take_along_axis(ids, positions, 1), "mask_weights": np.ones((8, 8), np.float32)}
+        losses.append(trainer.step(batch)["loss"])
+    ffns = [m for _, m in nnx.iter_graph(trainer.model()) if isinstance(m, nn.UltraFastFF)]
+    assert ffns and all((m.mesh is not None) == ("tree" in parallelism) for m in ffns)
+    return np.asarray(losses)
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    return tiny_losses("dp", 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism,data,model_axis", [
+    ("dp", 8, 1), ("fsdp", 8, 1), ("tp", 2, 4), ("tree", 2, 4), ("tp+tree", 4, 2), ("fsdp+tree", 2, 4)])
+def test_training_configurations_give_single_device_losses(single_device_losses, parallelism, data, model_axis):
+    losses = tiny_losses(parallelism, data, model_axis)
+    assert losses[-1] < losses[0]  # it trains
+    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+
+
+def test_parallelism_names_are_checked():
+    from fffjax.train import sharding as shd
+
+    with pytest.raises(ValueError, match="parallelism"):
+        shd.parallelism_rules("zero3")

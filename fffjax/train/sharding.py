@@ -37,6 +37,37 @@ DEFAULT_RULES: Rules = (
 )
 
 
+# Named parallelism configurations: partition rules; "tree" also makes the FFF layers tree-parallel
+# over `model` (`parallelism_rules` / `apply_parallelism`). The FFF node tables stay whole there:
+# `fffjax.parallel` gives each device its subtrees' rows itself.
+_TREE_TABLES: Rules = ((r"(^|\.)(w_in|w_out|b_in)$", P()),)
+PARALLELISM: dict[str, Rules] = {
+    "dp": ((r".*", P()),),                                   # data parallel: everything replicated
+    "fsdp": ((r".*", P(DATA)),),                             # parameters + moments split over data (dim 0)
+    "tp": DEFAULT_RULES,                                     # tensor parallel attention / dense FF / FFF hidden
+    "tree": _TREE_TABLES + ((r".*", P()),),                  # tree-parallel FFF, the rest data parallel
+    "tp+tree": _TREE_TABLES + tuple(DEFAULT_RULES),          # tensor-parallel attention, tree-parallel FFF
+    "fsdp+tree": _TREE_TABLES + ((r".*", P(DATA)),),         # FSDP for the rest, tree-parallel FFF
+}
+
+
+def parallelism_rules(name: str) -> Rules:
+    """Partition rules of a named parallelism configuration (keys of `PARALLELISM`)."""
+    if name not in PARALLELISM:
+        raise ValueError(f"parallelism must be one of {sorted(PARALLELISM)}, got {name!r}")
+    return PARALLELISM[name]
+
+
+def apply_parallelism(model, name: str, mesh: Mesh) -> Rules:
+    """Prepare `model` for configuration `name` on `mesh` (tree-parallel FFF layers over `model` for
+    the `tree` variants, a no-op otherwise) and return its partition rules for `Trainer(rules=...)`."""
+    from fffjax import parallel
+
+    rules = parallelism_rules(name)
+    parallel.set_tree_parallel(model, mesh if "tree" in name else None, MODEL)
+    return rules
+
+
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `(data, model)` mesh with Auto axes; `data=-1` uses every device left after `model`."""
     devices = list(jax.devices() if devices is None else devices)
