@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -92,7 +93,7 @@ inline void dots(const float* const* xs, const float* const* rows, int64_t h, fl
 constexpr int kGroup = 4;
 // Deepest tree supported (node indices are int32).
 constexpr int64_t kMaxLevels = 30;
-// Levels below this many from the bottom are walked in token order; the rest in path order.
+// The last kSortedLevels levels run in subtree order (tokens sorted by node); those above in token order.
 constexpr int64_t kSortedLevels = 4;
 constexpr int64_t kChunk = 64;
 // Tokens per unit of work handed to a thread.
@@ -284,6 +285,9 @@ ffi::Error FffV2HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_in,
     return ffi::Error::InvalidArgument("fffjax_v2_hard: need 0 <= depth <= 29 and n_trees >= 1");
   }
   const int64_t n = n_trees * ((int64_t{2} << depth) - 1);
+  if (n > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument("fffjax_v2_hard: more than 2**31 - 1 nodes");
+  }
   if (w_in.dimensions()[0] != n || w_in.dimensions()[1] != h || b_in.dimensions()[0] != n ||
       w_out.dimensions()[0] != n) {
     return ffi::Error::InvalidArgument("fffjax_v2_hard: weight shapes do not match depth/n_trees");
