@@ -4,12 +4,17 @@ Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.dev
 **fixed per-device batch**, so perfect scaling is ``n x`` the one-device tokens/s:
 
 1. ``pretrain``: optimizer steps of crammed BERT ``--config`` (default ``base``: UltraFastBERT
-   1x11) with :class:`fffjax.train.loop.Trainer` and the MLM objective on random token ids, on a
-   ``(n, 1)`` mesh, under
+   1x11) with :class:`fffjax.train.loop.Trainer` and the MLM objective on random token ids, under
+   a named configuration of :data:`fffjax.train.sharding.PARALLELISM` on a ``(n / m, m)`` mesh
+   (``name@m``), e.g.
 
    * ``dp``: every parameter and optimizer moment replicated, gradients all-reduced;
    * ``fsdp``: parameters and optimizer moments sharded on their first dimension over ``data``
-     (GSPMD gathers weights before use and reduce-scatters gradients).
+     (GSPMD gathers weights before use and reduce-scatters gradients);
+   * ``tree@2``: FFF layers tree-parallel over a model axis of 2 (tokens routed by all-to-all),
+     everything else data-parallel over ``n / 2``. Attention runs on the tokens of its ``data``
+     shard, so it is replicated over the model axis: this measures the FFF saving, not a pure
+     scale-out of the whole model.
 
 2. ``layer``: forward + backward of one FFF-v2 layer (H ``--hidden``, ``--depth``) on
    ``--layer-tokens`` tokens per device, tree-parallel over ``n`` devices
@@ -18,10 +23,8 @@ Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.dev
    with the same per-device tokens) and **all-to-all** (the five exchanges of one step, each
    ``n x capacity`` rows, timed alone in a ``shard_map``).
 
-Whole-model tree-parallel pretraining (FFF layers tree-parallel, everything else data-parallel,
-tokens split over both mesh axes) needs the model's FFF layers to call
-:func:`fffjax.parallel.fff_v2_tree_parallel` and the trainer to split batches over
-``("data", "model")``: item 2 of the scale-out issue, not in this script yet.
+Splitting the attention's tokens over both mesh axes (so tree@m scales the whole model) needs the
+trainer to split batches over ``("data", "model")``; it splits them over ``data`` only.
 
 Timing: wall clock of ``--steps`` steps after ``--warmup`` steps, each ending in
 ``block_until_ready``; the median of ``--repeats`` repeats. Results are appended row by row to
@@ -36,7 +39,8 @@ Run on the GPU machine (one call per kind)::
 Smoke test on CPU (8 fake devices, tiny shapes)::
 
     python experiments/bench_scaleout.py --cpu-devices 8 --config tiny --counts 1 2 \\
-        --per-device-batch 2 --hidden 64 --depth 5 --layer-tokens 256 --steps 2 --warmup 1 --out smoke
+        --per-device-batch 2 --hidden 64 --depth 5 --layer-tokens 256 --steps 2 --warmup 1 --out smoke \\
+        --compute-dtype float32
 """
 
 import argparse
@@ -83,10 +87,11 @@ def random_mlm_batch(rng, batch: int, seq: int, vocab: int, rate: float = 0.25) 
 
 
 def bench_pretrain(args, n: int, scheme: str) -> dict:
+    """``scheme``: a name of ``fffjax.train.sharding.PARALLELISM``, optionally ``@m`` for a model axis of
+    size ``m`` (default 1; the mesh is ``(n / m, m)``)."""
     import jax
     import numpy as np
     from flax import nnx
-    from jax.sharding import PartitionSpec as P
 
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
@@ -94,12 +99,16 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
     from fffjax.train import sharding as shd
 
     config = get_config(args.config)
-    mesh = shd.make_mesh(n, 1, devices=jax.devices()[:n])
-    rules = ((r".*", P()),) if scheme == "dp" else ((r".*", P(shd.DATA)),)
+    name, _, m = scheme.partition("@")
+    model_axis = int(m or 1)
+    if n % model_axis:
+        raise ValueError(f"scheme {scheme!r}: model axis {model_axis} does not divide {n} devices")
+    mesh = shd.make_mesh(n // model_axis, model_axis, devices=jax.devices()[:n])
     batch = args.per_device_batch * n
     train_config = loop.TrainConfig(steps=10_000, batch_size=batch, compute_dtype=args.compute_dtype,
-                                    data_parallel=n, model_parallel=1)
+                                    data_parallel=n // model_axis, model_parallel=model_axis)
     model = CrammedBertMLM(config, implementation=args.implementation, rngs=nnx.Rngs(0))
+    rules = shd.apply_parallelism(model, name, mesh)
     trainer = loop.Trainer(model, loop.mlm_objective, train_config, mesh=mesh, rules=rules)
     host = random_mlm_batch(np.random.default_rng(0), batch, config.max_seq_length, config.vocab_size)
     # Trainer.step places the host batch, runs the jitted step and fetches the metrics (blocking),
@@ -160,7 +169,7 @@ def bench_layer(args, n: int) -> dict:
     a2a = jax.jit(jax.shard_map(exchanges, mesh=mesh, in_specs=(P("model"), P("model")),
                                 out_specs=(P("model"), P("model"))))
     a2a_seconds = timed(lambda: jax.block_until_ready(a2a(buf, ids)), args.steps, args.warmup, args.repeats)
-    return {"bench": "layer", "scheme": "tree", "devices": n, "hidden": args.hidden, "depth": args.depth,
+    return {"bench": "layer", "scheme": "layer", "devices": n, "hidden": args.hidden, "depth": args.depth,
             "tokens_per_device": args.layer_tokens, "capacity": cap, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "all_to_all_s": a2a_seconds, "compute_dtype": args.compute_dtype}
 
@@ -178,7 +187,8 @@ def write(rows: list[dict], out: str, command: str) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["bench"] == r["bench"] and b["scheme"] == r["scheme"] and b["devices"] == 1),
-                    None)
+                    None) or next((b for b in rows if b["bench"] == r["bench"] == "pretrain" and b["scheme"] == "dp"
+                                   and b["devices"] == 1), None)   # tree@m has no 1-device run: vs dp
         eff = f"{r['tokens_per_s'] / (r['devices'] * base['tokens_per_s']):.1%}" if base else "–"
         a2a = f"{1e3 * r['all_to_all_s']:.2f}" if "all_to_all_s" in r else "–"
         comp = f"{1e3 * base['step_s']:.2f}" if r["bench"] == "layer" and base else "–"
@@ -190,7 +200,9 @@ def write(rows: list[dict], out: str, command: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", nargs="+", type=int, default=[1, 2, 4, 8])
-    ap.add_argument("--schemes", nargs="+", default=["dp", "fsdp", "tree"], help="tree = the layer benchmark")
+    ap.add_argument("--schemes", nargs="+", default=["dp", "fsdp", "tree@2", "layer"],
+                    help="pretraining: a fffjax.train.sharding.PARALLELISM name, '@m' for a model axis of m "
+                         "devices; 'layer': the tree-parallel FFF layer benchmark")
     ap.add_argument("--config", default="base")
     ap.add_argument("--per-device-batch", type=int, default=64, help="sequences per device and step")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -223,7 +235,9 @@ def main(argv=None) -> None:
                 if not (r["devices"] in counts and r["scheme"] in a.schemes)]
     for n in counts:
         for scheme in a.schemes:
-            row = bench_layer(a, n) if scheme == "tree" else bench_pretrain(a, n, scheme)
+            if scheme.partition("@")[2] and n % int(scheme.partition("@")[2]):
+                continue
+            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme)
             row["device_kind"] = jax.devices()[0].device_kind
             rows.append(row)
             print(json.dumps(row), flush=True)
