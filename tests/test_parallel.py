@@ -262,9 +262,9 @@ def tiny_losses(parallelism, data, model_axis):
     config = get_config("tiny")
     mesh = shd.make_mesh(data, model_axis, devices=jax.devices()[: data * model_axis])
     model = CrammedBertMLM(config, implementation="xla", rngs=nnx.Rngs(0))
-    rules = shd.apply_parallelism(model, parallelism, mesh)
-    trainer = loop.Trainer(model, loop.mlm_objective,
-                           loop.TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3), mesh=mesh, rules=rules)
+    config_train = loop.TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3, parallelism=parallelism)
+    trainer = loop.Trainer(model, loop.mlm_objective, config_train, mesh=mesh)
+    assert all(m.mesh is None for _, m in nnx.iter_graph(model) if isinstance(m, nn.UltraFastFF))  # not mutated
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(TRAIN_STEPS):

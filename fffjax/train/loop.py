@@ -56,6 +56,10 @@ class TrainConfig:
         train_mode: run the model with dropout (fine-tuning); pretraining ran with dropout off
             (`pretrain_in_train_mode: False` in `bert-o4`).
         eval_every: evaluate held-out data every this many steps (0: only at the end).
+        parallelism: a named configuration of `fffjax.train.sharding.PARALLELISM` ("dp", "fsdp",
+            "tp", "tree", "tp+tree", "fsdp+tree"): its partition rules replace the Trainer's
+            `rules`, and the tree variants make the FFF layers tree-parallel over `model`;
+            "" keeps the `rules` argument.
     """
 
     steps: int = 1000
@@ -76,6 +80,7 @@ class TrainConfig:
     keep: int = 3
     train_mode: bool = False
     eval_every: int = 0
+    parallelism: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "save_every", "keep"):
@@ -209,6 +214,9 @@ class Trainer:
         self.config = config
         self.objective = objective
         self.mesh = mesh if mesh is not None else shd.make_mesh(config.data_parallel, config.model_parallel)
+        if config.parallelism:
+            model = nnx.clone(model)  # the caller's model stays as it was
+            rules = shd.apply_parallelism(model, config.parallelism, self.mesh)
         if config.batch_size % (self.mesh.shape[shd.DATA] * config.grad_accum) and config.grad_accum > 1:
             raise ValueError(f"batch_size: {config.batch_size} must divide into grad_accum={config.grad_accum} "
                              f"microbatches of a multiple of data={self.mesh.shape[shd.DATA]}")
