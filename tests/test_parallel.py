@@ -1,10 +1,18 @@
 """Tree-parallel FFF layers on the 8 fake CPU devices: exact against the single-device references.
 
+Also a worker for the two-process test: `python tests/test_parallel.py PORT PROCESS_ID OUT`.
+
 Each jitted function is compiled once per mesh and reused for every routing skew (same shapes),
 which keeps the file to about a dozen shard_map compilations.
 """
 
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -252,7 +260,7 @@ def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
 TRAIN_STEPS = 20
 
 
-def tiny_losses(parallelism, data, model_axis):
+def tiny_losses(parallelism, data, model_axis, devices=None):
     """Losses of the first TRAIN_STEPS optimizer steps of the tiny crammed BERT (MLM, random ids)."""
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
@@ -260,7 +268,7 @@ def tiny_losses(parallelism, data, model_axis):
     from fffjax.train import sharding as shd
 
     config = get_config("tiny")
-    mesh = shd.make_mesh(data, model_axis, devices=jax.devices()[: data * model_axis])
+    mesh = shd.make_mesh(data, model_axis, devices=devices or jax.devices()[: data * model_axis])
     model = CrammedBertMLM(config, implementation="xla", rngs=nnx.Rngs(0))
     config_train = loop.TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3, parallelism=parallelism)
     trainer = loop.Trainer(model, loop.mlm_objective, config_train, mesh=mesh)
@@ -297,3 +305,44 @@ def test_parallelism_names_are_checked():
 
     with pytest.raises(ValueError, match="parallelism"):
         shd.parallelism_rules("zero3")
+
+
+def distributed_worker(port: int, process_id: int, out: str) -> None:
+    """One of two processes (4 CPU devices each): the fsdp+tree configuration on a (2, 4) mesh whose
+    model axis spans both processes, so the tokens' all-to-alls cross the process boundary."""
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    by_process = [[d for d in jax.devices() if d.process_index == p] for p in (0, 1)]
+    interleaved = [d for pair in zip(*by_process) for d in pair]     # model groups = 2 + 2 devices
+    losses = tiny_losses("fsdp+tree", 2, 4, devices=interleaved)
+    Path(out).write_text(json.dumps({"process": jax.process_index(), "losses": losses.tolist()}))
+    jax.distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_processes_tree_parallel_match_one_device(tmp_path, single_device_losses):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(pid), str(tmp_path / f"p{pid}.json")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=500)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"p{pid}.json").read_text()) for pid in (0, 1)]
+    assert results[0]["losses"] == results[1]["losses"]
+    np.testing.assert_allclose(results[0]["losses"], single_device_losses, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    distributed_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
