@@ -114,7 +114,7 @@ def test_sparse_decode_equals_gathered_full_logits():
 # --------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("ffn", ["fff", pytest.param("dense", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ffn", ["fff", "dense"])
 def test_one_device_and_data4_model2_give_the_same_losses(ffn):
     assert len(jax.devices()) >= 8
     config = BASE
