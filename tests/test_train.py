@@ -224,6 +224,8 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     assert model_config == small_config().to_dict()
     np.testing.assert_array_equal(np.asarray(params["encoder"]["final_norm"]["scale"]),
                                   np.asarray(trainer.state["params"]["encoder"]["final_norm"]["scale"]))
+    with pytest.raises(FileExistsError, match="out_dir"):  # no silent overwrite of a finished run
+        loop.fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(), resume=False, progress=False)
 
 
 # --------------------------------------------------------------------------- the commands

@@ -484,6 +484,9 @@ def fit(
     position = initial_position(config.seed)
     start = 0
     with RunCheckpoints(out_dir / "checkpoints", save_every=config.save_every, keep=config.keep) as checkpoints:
+        if not resume and checkpoints.steps():
+            raise FileExistsError(f"out_dir: {checkpoints.directory} already holds steps {checkpoints.steps()}; "
+                                  "resume, or choose another folder (nothing is overwritten)")
         restored = checkpoints.restore_latest(trainer.abstract_state()) if resume else None
         if restored is not None:
             start = restored["step"]

@@ -68,7 +68,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="text cache (default data_cache/text)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run (error if --out holds checkpoints)")
     parser.add_argument("--no-progress", action="store_true")
 
 
