@@ -1,5 +1,6 @@
-"""The CPU implementations of ``fff_v2_hard`` ("xla" gather path, "cpu_ffi" C++ custom call) against
-the masked dense reference: outputs, tie rule, dtypes, gradients and compilation caching."""
+"""The CPU implementations of ``fff_v2_hard`` and ``fff_v1_hard`` ("xla" gather paths, "cpu_ffi" C++
+custom calls) against the dense references: outputs, tie rules, dtypes, gradients, the activation
+fallback and compilation caching."""
 
 import functools
 
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fffjax import tree, v2
-from fffjax.ops import api, cpu_ffi, fff_v2_hard
+from fffjax import tree, v1, v2
+from fffjax.ops import api, cpu_ffi, fff_v1_hard, fff_v2_hard
 from fffjax.ops import xla as xla_ops
 
 IMPLEMENTATIONS = ("xla", "cpu_ffi")
@@ -147,3 +148,130 @@ def test_cpu_prefers_ffi_and_falls_back_to_xla():
 def test_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FFFJAX_CACHE_DIR", str(tmp_path))
     assert cpu_ffi.cache_dir() == tmp_path
+
+
+# --------------------------------------------------------------------------- fff_v1_hard
+
+
+def _v1_problem(seed: int, tokens: int, features: int, width: int, out_features: int, depth: int):
+    params = v1.init(jax.random.PRNGKey(seed), features, width, out_features, depth)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (tokens, features))
+    return x, tuple(params[name] for name in v1.PARAM_NAMES)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("leaf_output_bias", [True, False])
+@pytest.mark.parametrize(
+    "tokens,features,width,out_features,depth",
+    [
+        (7, 5, 8, 1, 0),        # depth 0: one leaf, a plain MLP; x shorter than a vector
+        (450, 64, 8, 10, 3),    # the digits demo: half-vector hidden layer, masked 10-wide output
+        (33, 64, 1, 10, 1),     # width 1, a ragged group of samples
+        (20, 784, 256, 10, 3),  # MNIST-sized input, 16 full vectors of hidden units
+        (300, 5, 33, 1, 8),     # deep tree: 256 leaves; width 33 = two vectors and a tail
+    ],
+)
+def test_v1_matches_dense_reference(implementation, leaf_output_bias, tokens, features, width, out_features, depth):
+    _skip_unless_built(implementation)
+    x, weights = _v1_problem(depth + tokens + width, tokens, features, width, out_features, depth)
+    expected = v1.hard_forward_reference(x, *weights, depth=depth, leaf_output_bias=leaf_output_bias)
+    actual = fff_v1_hard(x, *weights, depth=depth, leaf_output_bias=leaf_output_bias,
+                         implementation=implementation)
+    assert actual.dtype == x.dtype
+    _assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_v1_leading_batch_dims(implementation):
+    _skip_unless_built(implementation)
+    x, weights = _v1_problem(51, 2 * 3 * 4, 24, 8, 10, 3)
+    actual = fff_v1_hard(x.reshape(2, 3, 4, 24), *weights, depth=3, implementation=implementation)
+    assert actual.shape == (2, 3, 4, 10)
+    _assert_close(actual.reshape(-1, 10), v1.hard_forward_reference(x, *weights, depth=3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_v1_zero_logit_goes_right(implementation):
+    """``>= 0``: logits of exactly 0 at every level reach the last leaf."""
+    _skip_unless_built(implementation)
+    depth = 3
+    x, (node_weights, node_biases, w1s, b1s, w2s, b2s) = _v1_problem(61, 9, 16, 8, 4, depth)
+    node_weights, node_biases = jnp.zeros_like(node_weights), jnp.zeros_like(node_biases)
+    weights = (node_weights, node_biases, w1s, b1s, w2s, b2s)
+    actual = fff_v1_hard(x, *weights, depth=depth, implementation=implementation)
+    last = 2**depth - 1
+    expected = jax.nn.relu(x @ w1s[last] + b1s[last]) @ w2s[last] + b2s[last]
+    _assert_close(actual, expected)
+    _assert_close(actual, v1.hard_forward_reference(x, *weights, depth=depth))
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_v1_thread_split(monkeypatch, threads):
+    """The v1 kernel split over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+    _skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    x, weights = _v1_problem(71, 700, 32, 12, 10, 4)
+    actual = fff_v1_hard(x, *weights, depth=4, implementation="cpu_ffi")
+    _assert_close(actual, v1.hard_forward_reference(x, *weights, depth=4))
+
+
+def test_cpu_ffi_v1_bfloat16_computes_in_float32():
+    _skip_unless_built("cpu_ffi")
+    x, weights = _v1_problem(81, 40, 64, 16, 10, 3)
+    actual = fff_v1_hard(x.astype(jnp.bfloat16), *(w.astype(jnp.bfloat16) for w in weights), depth=3,
+                         implementation="cpu_ffi")
+    assert actual.dtype == jnp.bfloat16
+    as_f32 = [a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, *weights)]
+    _assert_close(actual, v1.hard_forward_reference(*as_f32, depth=3), rel=2e-2)
+
+
+@pytest.mark.parametrize("leaf_output_bias", [True, False])
+def test_cpu_ffi_v1_gradients_equal_xla(leaf_output_bias):
+    _skip_unless_built("cpu_ffi")
+    x, weights = _v1_problem(91, 30, 12, 6, 5, 2)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), (30, 5))
+
+    def loss(implementation, *args):
+        y = fff_v1_hard(*args, depth=2, leaf_output_bias=leaf_output_bias, implementation=implementation)
+        return jnp.sum(y * cotangent)
+
+    argnums = tuple(range(7))
+    grads = jax.grad(functools.partial(loss, "cpu_ffi"), argnums=argnums)(x, *weights)
+    expected = jax.grad(functools.partial(loss, "xla"), argnums=argnums)(x, *weights)
+    assert not np.allclose(np.asarray(expected[3]), 0.0)  # w1s gets a gradient
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape
+        _assert_close(g, e)
+
+
+def test_v1_other_activations_fall_back_to_xla(monkeypatch):
+    """cpu_ffi compiles only ReLU: under implementation=None, gelu goes to "xla", relu does not."""
+    _skip_unless_built("cpu_ffi")
+    assert api._candidates("fff_v1_hard", None)[0] == "cpu_ffi"
+    x, weights = _v1_problem(101, 17, 20, 8, 10, 3)
+    with pytest.raises(NotImplementedError, match="relu"):
+        fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu, implementation="cpu_ffi")
+    calls = []
+    xla_fn = api._REGISTRY["fff_v1_hard"]["xla"]
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["activation"])
+        return xla_fn(*args, **kwargs)
+
+    monkeypatch.setitem(api._REGISTRY["fff_v1_hard"], "xla", spy)
+    actual = fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu)
+    assert calls == [jax.nn.gelu]
+    _assert_close(actual, v1.hard_forward_reference(x, *weights, depth=3, activation=jax.nn.gelu))
+    fff_v1_hard(x, *weights, depth=3)  # relu: answered by cpu_ffi
+    assert calls == [jax.nn.gelu]
+
+
+def test_cpu_ffi_v1_no_recompile_across_calls_of_one_shape():
+    _skip_unless_built("cpu_ffi")
+    x, weights = _v1_problem(111, 16, 24, 8, 10, 2)
+    fff_v1_hard(x, *weights, depth=2, implementation="cpu_ffi").block_until_ready()
+    size = cpu_ffi.fff_v1_hard_cpu._cache_size()
+    for seed in (112, 113):
+        x, weights = _v1_problem(seed, 16, 24, 8, 10, 2)
+        fff_v1_hard(x, *weights, depth=2, implementation="cpu_ffi").block_until_ready()
+    assert cpu_ffi.fff_v1_hard_cpu._cache_size() == size

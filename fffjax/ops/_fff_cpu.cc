@@ -1,5 +1,6 @@
-// FFF-v2 hard forward on the CPU as an XLA FFI custom call (float32).
+// FFF-v2 and FFF-v1 hard forwards on the CPU as XLA FFI custom calls (float32).
 //
+// FFF-v2 (FffV2HardF32):
 // Per token and tree: walk the D+1 levels, one dot product with the node's w_in row per level
 // (logit z = x . w_in[n] + b_in[n], next n = 2n + 1 + (z > 0)), remember (n, gelu(z)); then
 // y = sum over trees and levels of gelu(z) * w_out[n]. Only the K*(D+1) rows on the token's paths
@@ -11,6 +12,12 @@
 // kSortedLevels levels plus the output sum run subtree by subtree: tokens sharing a subtree run
 // back to back and read its rows of w_in and w_out from memory once. Tokens go in groups of
 // kGroup to keep several independent row streams in flight; token ranges are split over threads.
+//
+// FFF-v1 (FffV1HardF32): per sample, descend `depth` levels (z = x . node_weights[n] +
+// node_biases[n], right when z >= 0), then the reached leaf's MLP relu(x @ w1s[leaf] + b1s[leaf]) @
+// w2s[leaf] (+ b2s[leaf]). Both layers read rows of the (in, width) / (width, out) layouts: output
+// columns are held in vector registers while the rows stream past, kGroup samples interleaved so
+// that their independent FMA chains hide each other's latency.
 //
 // Built by fffjax/ops/cpu_ffi.py with the machine's g++ (-O3 -march=native) at first use.
 
@@ -187,6 +194,9 @@ int thread_count(int64_t tokens) {
   if (const char* env = std::getenv("FFFJAX_CPU_THREADS")) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), tokens / 64)));
   }
+  // Below 2 * 2048 tokens one thread is the answer (see below): skip the core count, whose lookup
+  // (/sys reads, a syscall) costs microseconds, as much as a small call's work.
+  if (tokens < 2 * 2048) return 1;
   int n = static_cast<int>(std::thread::hardware_concurrency());
 #if defined(__linux__)
   cpu_set_t allowed;  // honour taskset / cgroup CPU affinity
@@ -297,6 +307,193 @@ ffi::Error FffV2HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_in,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------- FFF-v1
+
+typedef float v8 __attribute__((vector_size(32)));
+
+template <typename V>
+inline V load_as(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void store_as(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
+inline v8 relu(v8 v) { return v > 0.0f ? v : v8{}; }
+inline v16 relu(v16 v) { return v > 0.0f ? v : v16{}; }
+
+// outs[g][c] = act(biases[g][c] + sum_i xs[g][i] * mats[g][i * n + c]) for columns c in [c0, c0 + lanes)
+// of V (v16, v8 or float): one accumulator per sample, kept in registers over the k rows.
+template <typename V, int G>
+inline void columns(const float* const* xs, const float* const* mats, const float* const* biases,
+                    int64_t k, int64_t n, int64_t c0, bool use_relu, float* const* outs) {
+  V acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = biases ? load_as<V>(biases[g] + c0) : V{};
+  for (int64_t i = 0; i < k; ++i) {
+    for (int g = 0; g < G; ++g) acc[g] += xs[g][i] * load_as<V>(mats[g] + i * n + c0);
+  }
+  for (int g = 0; g < G; ++g) store_as<V>(outs[g] + c0, use_relu ? relu(acc[g]) : acc[g]);
+}
+
+#if defined(__AVX512F__)
+// The last n - c0 < 16 columns of `columns` with masked loads and stores (no read past a row).
+template <int G>
+inline void tail_columns(const float* const* xs, const float* const* mats, const float* const* biases,
+                         int64_t k, int64_t n, int64_t c0, bool use_relu, float* const* outs) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << (n - c0)) - 1u);
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g] = biases ? _mm512_maskz_loadu_ps(mask, biases[g] + c0) : _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    for (int g = 0; g < G; ++g) {
+      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xs[g][i]), _mm512_maskz_loadu_ps(mask, mats[g] + i * n + c0), acc[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm512_mask_storeu_ps(outs[g] + c0, mask, use_relu ? _mm512_max_ps(acc[g], _mm512_setzero_ps()) : acc[g]);
+  }
+}
+#endif
+
+// The (k -> n) layer for G samples, each with its own (k, n) matrix: 16 columns at a time, then the
+// rest (masked with AVX-512, else 8 then one at a time).
+template <int G>
+void layer(const float* const* xs, const float* const* mats, const float* const* biases, int64_t k,
+           int64_t n, bool use_relu, float* const* outs) {
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) columns<v16, G>(xs, mats, biases, k, n, c, use_relu, outs);
+#if defined(__AVX512F__)
+  if (c < n) tail_columns<G>(xs, mats, biases, k, n, c, use_relu, outs);
+#else
+  for (; c + 8 <= n; c += 8) columns<v8, G>(xs, mats, biases, k, n, c, use_relu, outs);
+  for (; c < n; ++c) columns<float, G>(xs, mats, biases, k, n, c, use_relu, outs);
+#endif
+}
+
+// x . row for G samples, each against its own row; the 16 lanes are summed as a tree (the descent
+// waits on each level's sum, so its latency counts).
+template <int G>
+inline void logits(const float* const* xs, const float* const* rows, int64_t h, float* out) {
+  v16 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16) {
+    for (int g = 0; g < G; ++g) acc[g] += load16(xs[g] + i) * load16(rows[g] + i);
+  }
+  for (int g = 0; g < G; ++g) {
+    v8 s8 = v8{acc[g][0], acc[g][1], acc[g][2], acc[g][3], acc[g][4], acc[g][5], acc[g][6], acc[g][7]} +
+            v8{acc[g][8], acc[g][9], acc[g][10], acc[g][11], acc[g][12], acc[g][13], acc[g][14], acc[g][15]};
+    const float s4[4] = {s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]};
+    float s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    for (int64_t j = i; j < h; ++j) s += xs[g][j] * rows[g][j];
+    out[g] = s;
+  }
+}
+
+constexpr int kGroupV1 = 8;
+
+struct ProblemV1 {
+  const float* x;
+  const float* node_weights;
+  const float* node_biases;
+  const float* w1s;
+  const float* b1s;
+  const float* w2s;
+  const float* b2s;  // null: no leaf output bias
+  float* y;
+  int64_t samples, din, width, dout, depth;
+};
+
+// Samples [begin, end) in groups of kGroupV1 (a short group is padded with its last sample, which
+// then writes the same values twice). hidden holds kGroupV1 * width floats.
+void v1_samples(const ProblemV1& p, int64_t begin, int64_t end, float* hidden) {
+  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  for (int64_t s0 = begin; s0 < end; s0 += kGroupV1) {
+    const int g_count = static_cast<int>(std::min<int64_t>(kGroupV1, end - s0));
+    const float* xs[kGroupV1];
+    float* ys[kGroupV1];
+    int64_t node[kGroupV1];
+    for (int g = 0; g < kGroupV1; ++g) {
+      const int64_t s = s0 + std::min(g, g_count - 1);
+      xs[g] = p.x + s * p.din;
+      ys[g] = p.y + s * p.dout;
+      node[g] = 0;
+    }
+    for (int64_t l = 0; l < p.depth; ++l) {
+      const float* rows[kGroupV1];
+      for (int g = 0; g < kGroupV1; ++g) rows[g] = p.node_weights + node[g] * p.din;
+      float z[kGroupV1];
+      logits<kGroupV1>(xs, rows, p.din, z);
+      for (int g = 0; g < kGroupV1; ++g) {
+        node[g] = 2 * node[g] + 1 + (z[g] + p.node_biases[node[g]] >= 0.0f ? 1 : 0);
+      }
+    }
+    const float* w1[kGroupV1];
+    const float* b1[kGroupV1];
+    const float* w2[kGroupV1];
+    const float* b2[kGroupV1];
+    const float* hs[kGroupV1];
+    float* hidden_out[kGroupV1];
+    for (int g = 0; g < kGroupV1; ++g) {
+      const int64_t leaf = node[g] - first_leaf;
+      w1[g] = p.w1s + leaf * p.din * p.width;
+      b1[g] = p.b1s + leaf * p.width;
+      w2[g] = p.w2s + leaf * p.width * p.dout;
+      b2[g] = p.b2s ? p.b2s + leaf * p.dout : nullptr;
+      hs[g] = hidden_out[g] = hidden + g * p.width;
+    }
+    layer<kGroupV1>(xs, w1, b1, p.din, p.width, true, hidden_out);
+    layer<kGroupV1>(hs, w2, p.b2s ? b2 : nullptr, p.width, p.dout, false, ys);
+  }
+}
+
+void run_v1(const ProblemV1& p) {
+  // A v1 sample costs about as much as a v2 token (a few hundred to a few thousand multiply-adds),
+  // so thread_count's 2048 samples per thread applies: the digits demo's 450 run on one thread.
+  const int threads = thread_count(p.samples);
+  parallel_for(threads, p.samples, kBlock, [&](int64_t b, int64_t e) {
+    std::vector<float> hidden(kGroupV1 * p.width);
+    v1_samples(p, b, e, hidden.data());
+  });
+}
+
+ffi::Error FffV1HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> node_weights,
+                         ffi::Buffer<ffi::F32> node_biases, ffi::Buffer<ffi::F32> w1s,
+                         ffi::Buffer<ffi::F32> b1s, ffi::Buffer<ffi::F32> w2s,
+                         ffi::Buffer<ffi::F32> b2s, ffi::ResultBuffer<ffi::F32> y, int64_t depth,
+                         int64_t leaf_output_bias) {
+  if (x.dimensions().size() != 2 || node_weights.dimensions().size() != 2 ||
+      node_biases.dimensions().size() != 1 || w1s.dimensions().size() != 3 ||
+      b1s.dimensions().size() != 2 || w2s.dimensions().size() != 3 || b2s.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "fffjax_v1_hard: x, node_weights, b1s, b2s must be 2-D, node_biases 1-D, w1s and w2s 3-D");
+  }
+  if (depth < 0 || depth > kMaxLevels) {
+    return ffi::Error::InvalidArgument("fffjax_v1_hard: need 0 <= depth <= 30");
+  }
+  const int64_t samples = x.dimensions()[0], din = x.dimensions()[1];
+  const int64_t width = w1s.dimensions()[2], dout = w2s.dimensions()[2];
+  const int64_t leaves = int64_t{1} << depth, nodes = leaves - 1;
+  if (node_weights.dimensions()[0] != nodes || node_weights.dimensions()[1] != din ||
+      node_biases.dimensions()[0] != nodes || w1s.dimensions()[0] != leaves ||
+      w1s.dimensions()[1] != din || b1s.dimensions()[0] != leaves || b1s.dimensions()[1] != width ||
+      w2s.dimensions()[0] != leaves || w2s.dimensions()[1] != width ||
+      b2s.dimensions()[0] != leaves || b2s.dimensions()[1] != dout) {
+    return ffi::Error::InvalidArgument("fffjax_v1_hard: weight shapes do not match x and depth");
+  }
+  run_v1(ProblemV1{x.typed_data(), node_weights.typed_data(), node_biases.typed_data(),
+                   w1s.typed_data(), b1s.typed_data(), w2s.typed_data(),
+                   leaf_output_bias ? b2s.typed_data() : nullptr, y->typed_data(), samples, din,
+                   width, dout, depth});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV2HardF32, FffV2HardImpl,
@@ -308,3 +505,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV2HardF32, FffV2HardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("depth")
                                   .Attr<int64_t>("n_trees"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV1HardF32, FffV1HardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("depth")
+                                  .Attr<int64_t>("leaf_output_bias"));

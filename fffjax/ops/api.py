@@ -133,6 +133,8 @@ def fff_v1_hard(
         w2s: ``(2**depth, width, out)``; b2s: ``(2**depth, out)`` (the package's (in, out) layouts).
         activation: hidden-layer activation of the leaves.
         leaf_output_bias: add ``b2s`` (``False`` reproduces fastfeedforward 0.2.1's eval, which drops it).
+        implementation: ``"xla"``, ``"cpu_ffi"`` (C++ CPU kernel, ``jax.nn.relu`` only), ``"reference"``,
+            ``"pallas"`` or ``None`` (fastest available: ``"cpu_ffi"`` then ``"xla"`` on the CPU).
 
     Returns:
         ``(..., out)`` in the dtype of ``x``.
@@ -172,4 +174,5 @@ register_implementation("fff_v2_hard", "xla", xla.fff_v2_hard_xla)
 register_implementation("fff_v2_hard", "cpu_ffi", cpu_ffi.registered_fn)
 register_implementation("fff_v2_hard", "reference", _jit_static_v2(v2.masked_forward))
 register_implementation("fff_v1_hard", "xla", _jit_static_v1(v1.hard_forward))
+register_implementation("fff_v1_hard", "cpu_ffi", cpu_ffi.registered_fn_v1)
 register_implementation("fff_v1_hard", "reference", _jit_static_v1(v1.hard_forward_reference))

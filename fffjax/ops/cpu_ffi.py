@@ -1,4 +1,4 @@
-"""FFF-v2 hard forward as a C++ XLA FFI custom call on the CPU (``implementation="cpu_ffi"``).
+"""FFF-v2 and FFF-v1 hard forwards as C++ XLA FFI custom calls on the CPU (``implementation="cpu_ffi"``).
 
 The kernel (``_fff_cpu.cc``) is compiled at first use with the machine's ``g++ -O3 -march=native``
 into a cache directory (``$FFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fffjax``, else
@@ -6,9 +6,12 @@ into a cache directory (``$FFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fffjax``, 
 loaded with ctypes. When no compiler is found or the build fails, :func:`available` is ``False``
 and the registry falls back to ``"xla"``.
 
-Semantics are those of :func:`fffjax.v2.conditional_forward`: strict ``> 0`` routing, exact erf
-GELU, K trees, any width; bf16/f16 inputs are computed in float32 and cast back. Gradients come
-from a ``custom_vjp`` whose backward is the differentiable jnp gather path of ``fffjax.ops.xla``.
+FFF-v2 semantics are those of :func:`fffjax.v2.conditional_forward`: strict ``> 0`` routing, exact
+erf GELU, K trees, any width. FFF-v1 semantics are those of :func:`fffjax.v1.hard_forward`: ``>= 0``
+routing, the leaf's two-layer MLP; only ``activation=jax.nn.relu`` is compiled (any other raises
+``NotImplementedError``, so the registry falls back to ``"xla"``). bf16/f16 inputs are computed in
+float32 and cast back. Gradients come from ``custom_vjp`` functions whose backward is the differentiable
+jnp gather path (``fffjax.ops.xla`` / :func:`fffjax.v1.hard_forward`).
 """
 
 import ctypes
@@ -25,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fffjax import v1
 from fffjax._typing import Array, Float
 from fffjax.ops import xla as xla_ops
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
+_TARGET_V1 = "fffjax_v1_hard_f32"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 _build_error: str | None = None
 
@@ -88,6 +93,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FffV2HardF32), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_V1, jax.ffi.pycapsule(lib.FffV1HardF32), platform="cpu")
     except (OSError, subprocess.CalledProcessError) as err:
         _build_error = getattr(err, "stderr", None) or str(err)
         return False
@@ -155,3 +161,78 @@ def registered_fn(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
     if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
     return fff_v2_hard_cpu(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+
+
+# --------------------------------------------------------------------------- FFF-v1
+
+
+def _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth: int, leaf_output_bias: bool):
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(
+        _TARGET_V1, jax.ShapeDtypeStruct((x.shape[0], w2s.shape[2]), f32), vmap_method="sequential"
+    )
+    weights = (node_weights, node_biases, w1s, b1s, w2s, b2s)
+    y = call(x.astype(f32), *(w.astype(f32) for w in weights),
+             depth=np.int64(depth), leaf_output_bias=np.int64(leaf_output_bias))
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias):
+    return _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias)
+
+
+def _forward_v1_fwd(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias):
+    y = _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias)
+    return y, (x, node_weights, node_biases, w1s, b1s, w2s, b2s)
+
+
+def _forward_v1_bwd(depth, leaf_output_bias, residuals, g):
+    gather = functools.partial(v1.hard_forward, depth=depth, activation=jax.nn.relu,
+                               leaf_output_bias=leaf_output_bias)
+    _, vjp = jax.vjp(gather, *residuals)
+    return vjp(g)
+
+
+_forward_v1.defvjp(_forward_v1_fwd, _forward_v1_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "leaf_output_bias"))
+def fff_v1_hard_cpu(
+    x: Float[Array, "batch din"],
+    node_weights: Float[Array, "nodes din"],
+    node_biases: Float[Array, " nodes"],
+    w1s: Float[Array, "leaves din width"],
+    b1s: Float[Array, "leaves width"],
+    w2s: Float[Array, "leaves width dout"],
+    b2s: Float[Array, "leaves dout"],
+    *,
+    depth: int,
+    leaf_output_bias: bool = True,
+) -> Float[Array, "batch dout"]:
+    """FFF-v1 hard forward with ReLU leaves through the C++ kernel (CPU only; differentiable through jnp).
+
+    Args:
+        x: ``(B, in)`` inputs; node_weights ``(2**depth - 1, in)``; node_biases ``(2**depth - 1,)``;
+            w1s ``(2**depth, in, width)``; b1s ``(2**depth, width)``; w2s ``(2**depth, width, out)``;
+            b2s ``(2**depth, out)``.
+        depth: descents (right when ``z >= 0``); leaf_output_bias: add ``b2s``.
+
+    Returns:
+        ``(B, out)`` in the dtype of ``x``.
+    """
+    return _forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, bool(leaf_output_bias))
+
+
+def registered_fn_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: int,
+                     activation=jax.nn.relu, leaf_output_bias: bool = True):
+    """Registry entry for ``fff_v1_hard``: raises ``NotImplementedError`` for an activation other than
+    ``jax.nn.relu``, off the CPU, for other dtypes or when the kernel did not build."""
+    if activation is not jax.nn.relu:
+        raise NotImplementedError(f"cpu_ffi compiles only activation=jax.nn.relu, got {activation!r}")
+    if jax.default_backend() != "cpu" or not available():
+        raise NotImplementedError(f"cpu_ffi unavailable: {build_error() or 'not on the CPU backend'}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
+    return fff_v1_hard_cpu(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth=depth,
+                           leaf_output_bias=bool(leaf_output_bias))
