@@ -169,6 +169,8 @@ def _v1_problem(seed: int, tokens: int, features: int, width: int, out_features:
         (33, 64, 1, 10, 1),     # width 1, a ragged group of samples
         (20, 784, 256, 10, 3),  # MNIST-sized input, 16 full vectors of hidden units
         (300, 5, 33, 1, 8),     # deep tree: 256 leaves; width 33 = two vectors and a tail
+        (50, 21, 4, 2, 2),      # widths 4 and 2: several rows per vector, an input tail mid-vector
+        (12, 37, 2, 4, 1),
     ],
 )
 def test_v1_matches_dense_reference(implementation, leaf_output_bias, tokens, features, width, out_features, depth):
