@@ -5,8 +5,8 @@ training width (``2**depth * leaf_width`` hidden units) with optax Adam; hardens
 mode: one leaf per sample), fine-tunes its leaves with hard decisions (the package's
 ``use_hard_decisions``: the routing is frozen, each leaf learns its own region) and prints the
 soft and hard test accuracies and the FF's; measures the jitted hard FFF
-forward (:func:`fffjax.ops.fff_v1_hard`, ``"xla"``) against the jitted FF forward on the same test
-batch; saves an orbax checkpoint; exports the FFF to a ``fastfeedforward.FFF`` state dict file
+forward (:func:`fffjax.ops.fff_v1_hard`: ``"cpu_ffi"`` on the CPU when its kernel builds, else
+``"xla"``) against the jitted FF forward on the same test batch; saves an orbax checkpoint; exports the FFF to a ``fastfeedforward.FFF`` state dict file
 and, when torch is installed, loads it into the PyTorch package and checks that its hard
 decisions give fffjax's hard-mode predictions. Run it with ``fffjax demo`` (``--help`` for options).
 """
@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from fffjax import ops, v1
+from fffjax.ops import cpu_ffi
 from fffjax.data.vision import Split, load_digits
 from fffjax.nn import FFF
 from fffjax.train.checkpoint import save_checkpoint
@@ -250,14 +251,15 @@ def run_demo(config: DemoConfig = DemoConfig(), *, print_fn=print) -> DemoResult
     p = fff.params()
     fff_weights = tuple(p[name] for name in v1.PARAM_NAMES)
     ff_weights = (mlp.hidden.kernel[...], mlp.hidden.bias[...], mlp.output.kernel[...], mlp.output.bias[...])
-    fff_hard = jax.jit(lambda x, w: ops.fff_v1_hard(x, *w, depth=config.depth, implementation="xla"))
+    implementation = "cpu_ffi" if jax.default_backend() == "cpu" and cpu_ffi.available() else "xla"
+    fff_hard = jax.jit(lambda x, w: ops.fff_v1_hard(x, *w, depth=config.depth, implementation=implementation))
     ff_dense = jax.jit(lambda x, w: ff_forward(x, *w))
     times = time_side_by_side(
         {"fff": lambda: fff_hard(x_test, fff_weights), "ff": lambda: ff_dense(x_test, ff_weights)},
         repeats=config.timing_repeats, calls=config.timing_calls)
     speedup = times["ff"] / times["fff"]
     print_fn(f"hard inference on the {len(data.x_test)}-sample test batch (jitted, median of "
-             f"{config.timing_repeats}x{config.timing_calls} calls): FFF hard (xla) "
+             f"{config.timing_repeats}x{config.timing_calls} calls): FFF hard ({implementation}) "
              f"{times['fff'] * 1e6:.1f} us, FF {times['ff'] * 1e6:.1f} us -> speedup {speedup:.2f}x")
     fff_macs = config.depth * n_features + config.leaf_width * (n_features + n_classes)
     ff_macs = width * (n_features + n_classes)
