@@ -99,15 +99,23 @@ def conditional_forward(
     depth: int,
     n_trees: int = 1,
 ) -> Float[Array, "batch dout"]:
-    """Touches only the ``K * (D + 1)`` rows on each token's paths (row gathers; scatter-add gradients)."""
+    """Touches only the ``K * (D + 1)`` rows on each token's paths (row gathers; scatter-add gradients).
+
+    Per level, gathers each token's ``K`` node rows and contracts them with ``einsum``, accumulating
+    in float32 for bf16/f16 inputs. This is ``implementation="xla"`` of :func:`fffjax.fff_v2_hard`.
+    """
     per_tree = tree.v2_nodes_per_tree(depth)
-    offsets = jnp.asarray(tree.tree_offsets(n_trees, per_tree))
-    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
+    offsets = jnp.asarray(tree.tree_offsets(n_trees, per_tree), jnp.int32)
     acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else x.dtype
+    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
     y = jnp.zeros((x.shape[0], w_out.shape[1]), acc)
     for _ in range(depth + 1):
         flat = node + offsets                                          # (B, K)
-        z = jnp.sum(x[:, None, :] * w_in[flat], axis=-1, dtype=acc) + b_in[flat]
-        y = y + jnp.sum(gelu(z)[..., None] * w_out[flat], axis=1, dtype=acc)
+        rows_in = w_in.at[flat].get(mode="promise_in_bounds")          # (B, K, H)
+        z = jnp.einsum("bh,bkh->bk", x, rows_in, precision=HIGHEST, preferred_element_type=acc)
+        z = z + b_in.at[flat].get(mode="promise_in_bounds").astype(acc)
+        rows_out = w_out.at[flat].get(mode="promise_in_bounds")        # (B, K, H_out)
+        y = y + jnp.einsum("bk,bkh->bh", gelu(z).astype(x.dtype), rows_out, precision=HIGHEST,
+                           preferred_element_type=acc)
         node = tree.child(node, z > 0)
     return y.astype(x.dtype)

@@ -11,7 +11,7 @@ erf GELU, K trees, any width. FFF-v1 semantics are those of :func:`fffjax.v1.har
 routing, the leaf's two-layer MLP; only ``activation=jax.nn.relu`` is compiled (any other raises
 ``NotImplementedError``, so the registry falls back to ``"xla"``). bf16/f16 inputs are computed in
 float32 and cast back. Gradients come from ``custom_vjp`` functions whose backward is the differentiable
-jnp gather path (``fffjax.ops.xla`` / :func:`fffjax.v1.hard_forward`).
+jnp gather path (:func:`fffjax.v2.conditional_forward` / :func:`fffjax.v1.hard_forward`).
 """
 
 import ctypes
@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fffjax import v1
+from fffjax import v1, v2
 from fffjax._typing import Array, Float
-from fffjax.ops import xla as xla_ops
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
@@ -125,7 +124,7 @@ def _forward_fwd(x, w_in, b_in, w_out, depth, n_trees):
 
 
 def _forward_bwd(depth, n_trees, residuals, g):
-    _, vjp = jax.vjp(functools.partial(xla_ops.gather_forward, depth=depth, n_trees=n_trees), *residuals)
+    _, vjp = jax.vjp(functools.partial(v2.conditional_forward, depth=depth, n_trees=n_trees), *residuals)
     return vjp(g)
 
 
