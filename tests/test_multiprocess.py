@@ -6,14 +6,12 @@ Workers are subprocesses of this file: `python tests/test_multiprocess.py PORT P
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _distributed import run_two_processes
 
 STEPS, BATCH, VOCAB, SEQ = 8, 16, 96, 16
 
@@ -54,32 +52,13 @@ def worker(port: int, process_id: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_on_loopback_match_one_process(tmp_path):
     import jax
 
-    port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(pid), str(tmp_path / f"p{pid}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in (0, 1)]
-    try:
-        reference = losses_on(jax.devices()[:4])  # meanwhile, one process driving four devices
-        outputs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-3000:]
-    results = [json.loads((tmp_path / f"p{pid}.json").read_text()) for pid in (0, 1)]
+    # Meanwhile, one process driving four devices gives the reference.
+    results, reference = run_two_processes(__file__, tmp_path, timeout=400,
+                                           meanwhile=lambda: losses_on(jax.devices()[:4]))
     assert [r["process"] for r in results] == [0, 1]
     assert results[0]["losses"] == results[1]["losses"]  # both processes see the same global loss
     np.testing.assert_allclose(results[0]["losses"], reference, rtol=1e-5, atol=0)

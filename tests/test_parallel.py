@@ -8,9 +8,6 @@ which keeps the file to about a dozen shard_map compilations.
 
 import functools
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _distributed import run_two_processes
 from flax import nnx
 from jax.sharding import AxisType
 
@@ -322,23 +320,7 @@ def distributed_worker(port: int, process_id: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_tree_parallel_match_one_device(tmp_path, single_device_losses):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(pid), str(tmp_path / f"p{pid}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in (0, 1)]
-    try:
-        outputs = [p.communicate(timeout=500)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-3000:]
-    results = [json.loads((tmp_path / f"p{pid}.json").read_text()) for pid in (0, 1)]
+    results, _ = run_two_processes(__file__, tmp_path, timeout=500)
     assert results[0]["losses"] == results[1]["losses"]
     np.testing.assert_allclose(results[0]["losses"], single_device_losses, rtol=1e-5)
 
