@@ -63,7 +63,7 @@ def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, 
 def test_grouped_layout_pads_each_subtree_to_whole_blocks():
     from pallas_kernels.fff_v2_forward import group_by_subtree
     x, w_in, b_in, _ = v2_inputs(4, 50, 64, 5, 1, jnp.float32)
-    slots, block_sub = group_by_subtree(x, w_in, b_in, split=2, block_t=16)
+    slots, block_sub = group_by_subtree(x, w_in, b_in, split=2, block_t=16, interpret=True)
     slots, block_sub = np.asarray(slots), np.asarray(block_sub)
     assert sorted(slots[slots >= 0].tolist()) == list(range(50))           # every token exactly once
     logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
@@ -71,6 +71,17 @@ def test_grouped_layout_pads_each_subtree_to_whole_blocks():
     for b, s in enumerate(block_sub):
         toks = slots[b * 16:(b + 1) * 16]
         assert np.all(sub[toks[toks >= 0]] == s)                           # one subtree per block
+
+
+@pytest.mark.parametrize("n_tokens,n_sub", [(1000, 128), (5000, 1 << 19)])
+def test_sort_by_subtree_is_a_stable_sort(n_tokens, n_sub):
+    from pallas_kernels.fff_v2_forward import sort_by_subtree
+    # 13 token bits + 19 subtree bits do not fit one packed int32 key: the argsort branch.
+    sub = jax.random.randint(jax.random.key(3), (n_tokens,), 0, min(n_sub, 40), jnp.int32) * (n_sub // 64)
+    perm, sorted_sub = sort_by_subtree(sub, n_sub)
+    expected = np.argsort(np.asarray(sub), kind="stable")
+    np.testing.assert_array_equal(np.asarray(perm), expected)
+    np.testing.assert_array_equal(np.asarray(sorted_sub), np.asarray(sub)[expected])
 
 
 def test_default_config_groups_deep_single_trees():
