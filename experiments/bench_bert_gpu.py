@@ -1,0 +1,326 @@
+"""UltraFastBERT ``base`` against its dense twin on one GPU: training and inference throughput.
+
+``base`` is UltraFastBERT-1x11-long (16 layers, H 768, 12 heads, vocab 32768, seq 128, one FFF-v2
+tree of depth 11: 12 of 4095 neurons per token); ``base-dense`` is the same model with crammed BERT's
+dense feedforward of width 3072. Both are measured in the same run, so every ratio is side by side.
+
+1. **Training**: optimizer steps/s and tokens/s of the MLM objective (sparse prediction at 25% of the
+   positions) with :class:`fffjax.train.loop.Trainer` on random token ids, one device, bf16 compute
+   (float32 master weights and AdamW), ``--train-batch`` sequences per step. The FFF model runs each
+   implementation of ``--train-implementations`` (default ``pallas``: the Pallas forward with the
+   conditional backward kernels; ``xla``'s backward is a scatter-add, slow on a GPU). Timed by
+   :func:`bench_scaleout.bench_pretrain` with the modules built in the compute dtype (a float32
+   module would promote the bf16 parameter copies back to float32 matmuls).
+2. **Inference**: jitted forward passes, bf16 parameters and compute, dropout off, ``--infer-batch``
+   sequences: (a) ``encode`` (the encoder, where the FFF replaces the dense feedforward),
+   (b) ``classifier`` (:class:`CrammedBertClassifier`: encoder + pooled head, the fine-tuned model),
+   (c) ``mlm`` (full-vocabulary logits: the tied 768 x 32768 decoder costs about as much as the whole
+   FFF encoder). FFF with each of ``--implementations`` (default ``pallas,xla``) and the dense twin.
+
+Timing: wall clock of ``--steps`` calls (each ending in ``block_until_ready`` or a host fetch of the
+metrics) after the compile and ``--warmup`` calls; the median of ``--repeats`` repeats. Writes
+``bert_gpu.json`` (rows, device, versions, command), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out``
+after every measurement.
+
+Run on the GPU machine (repo root, about 4 minutes on an H200, mostly compiles)::
+
+    PYTHONPATH=. python experiments/bench_bert_gpu.py --out $OUT
+
+Smoke test on the CPU (tiny, about a minute)::
+
+    PYTHONPATH=. python experiments/bench_bert_gpu.py --config tiny --train-implementations xla \\
+        --implementations xla --train-batch 8 --infer-batch 16 --steps 2 --repeats 2 --out /tmp/bert_smoke
+
+Redraw the md and png from a json (written next to it unless ``--out`` is given)::
+
+    python experiments/bench_bert_gpu.py --plot-only experiments/results/bert_gpu.json
+"""
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "experiments"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_scaleout import bench_pretrain, random_mlm_batch, timed  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+NAME = "bert_gpu"
+FORWARDS = ("encode", "classifier", "mlm")
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", flush=True)
+
+
+def split_list(text: str) -> list[str]:
+    """``"pallas,xla"`` -> ``["pallas", "xla"]``; ``""`` -> ``[]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def bench_train(args, config_name: str, implementation: str | None) -> dict:
+    """One training row: :func:`bench_pretrain` of ``config_name`` on one device (scheme ``dp``)."""
+    t0 = time.perf_counter()
+    ns = argparse.Namespace(config=config_name, implementation=implementation, per_device_batch=args.train_batch,
+                            compute_dtype=args.compute_dtype, steps=args.steps, warmup=args.warmup,
+                            repeats=args.repeats)
+    row = bench_pretrain(ns, 1, "dp", model_dtype=args.compute_dtype)
+    return {"bench": "train", "config": config_name, "implementation": implementation or "dense",
+            "batch": args.train_batch, "seq": row["seq"], "step_s": row["step_s"], "steps_per_s": 1.0 / row["step_s"],
+            "tokens_per_s": row["tokens_per_s"], "compute_dtype": args.compute_dtype,
+            "stage_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def build_models(config_name: str, dtype, implementation: str | None) -> dict:
+    """``{"mlm": CrammedBertMLM, "classifier": CrammedBertClassifier}`` in eval mode, parameters in ``dtype``."""
+    from flax import nnx
+
+    from fffjax.models.config import get_config
+    from fffjax.models.crammed_bert import CrammedBertClassifier, CrammedBertMLM, cast_parameters
+
+    config = get_config(config_name)
+    models = {}
+    for kind, cls in (("mlm", CrammedBertMLM), ("classifier", CrammedBertClassifier)):
+        model = cls(config, dtype=dtype, implementation=implementation, rngs=nnx.Rngs(0))
+        model.eval()
+        models[kind] = cast_parameters(model, dtype)
+    return models
+
+
+def jitted_forward(model, forward: str):
+    """``(fn, state)``: ``fn(state, ids (B, S), mask (B, S))`` is the jitted ``forward`` of ``model``:
+    encode -> ``(B, S, H)``, classifier -> ``(B, labels)``, mlm -> ``(B, S, V)``."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)   # the graphdef holds the FFF implementation: one program each
+
+    def fn(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        return m.encode(ids, mask) if forward == "encode" else m(ids, mask)
+
+    return jax.jit(fn), state
+
+
+def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
+                  inputs: tuple) -> dict:
+    """One inference row: compile, then the median seconds per batch."""
+    import jax
+
+    from fffjax.models.crammed_bert import set_fff_implementation
+
+    model = models["classifier" if forward == "classifier" else "mlm"]
+    if implementation is not None:
+        set_fff_implementation(model, implementation)
+    fn, state = jitted_forward(model, forward)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(state, *inputs))
+    first_call_s = time.perf_counter() - t0   # compile + one call
+    seconds = timed(lambda: jax.block_until_ready(fn(state, *inputs)), args.steps, args.warmup, args.repeats)
+    batch, seq = inputs[0].shape
+    return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
+            "batch": batch, "seq": seq, "batch_s": seconds, "tokens_per_s": batch * seq / seconds,
+            "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward)."""
+    def key(r):
+        return r["bench"], r.get("forward")
+
+    dense = {key(r): r["tokens_per_s"] for r in rows if r["implementation"] == "dense"}
+    return [{**r, "vs_dense": r["tokens_per_s"] / dense[key(r)] if key(r) in dense else None} for r in rows]
+
+
+def _ratio(value) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def markdown(report: dict) -> str:
+    rows = with_ratios(report["rows"])
+    train = [r for r in rows if r["bench"] == "train"]
+    infer = [r for r in rows if r["bench"] == "infer"]
+    lines = [f"# UltraFastBERT `{report['config']}` vs `{report['dense_config']}` on {report['device_kind']}", "",
+             f"How produced: `{report['command']}` (jax {report['jax_version']}, {report['backend']}).", ""]
+    if train:
+        r0 = train[0]
+        lines += [f"## Training: MLM optimizer steps, {r0['compute_dtype']} compute, {r0['batch']} x {r0['seq']} "
+                  "tokens per step, one device", "",
+                  "| model | FFF implementation | step (ms) | steps/s | tokens/s | vs dense |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['implementation']} | {1e3 * r['step_s']:.1f} | {r['steps_per_s']:.2f} | "
+                  f"{r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |" for r in train]
+        lines.append("")
+    if infer:
+        r0 = infer[0]
+        lines += [f"## Inference: jitted forward, {r0['compute_dtype']} parameters and compute, "
+                  f"{r0['batch']} x {r0['seq']} tokens per batch", "",
+                  "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
+                  "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
+                  f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense.", "",
+                  "| forward | model | FFF implementation | batch (ms) | tokens/s | speedup vs dense |",
+                  "|---|---|---|---|---|---|"]
+        order = {f: i for i, f in enumerate(FORWARDS)}
+        for r in sorted(infer, key=lambda r: order.get(r["forward"], len(order))):
+            lines.append(f"| {r['forward']} | {r['config']} | {r['implementation']} | {1e3 * r['batch_s']:.2f} | "
+                         f"{r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar plot: training tokens/s (left), inference tokens/s per forward (right); bars labelled vs dense."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = with_ratios(report["rows"])
+    impls = list(dict.fromkeys(["dense"] + [r["implementation"] for r in rows]))
+    colors = {name: f"C{i}" for i, name in enumerate(impls)}
+    fig, (ax_t, ax_i) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2.2]})
+
+    def bars(ax, groups: list[str], rows_of):
+        names = [n for n in impls if any(r["implementation"] == n for g in groups for r in rows_of(g))]
+        width = 0.8 / max(1, len(names))
+        labelled = set()
+        for j, name in enumerate(names):
+            for g, group in enumerate(groups):
+                r = next((r for r in rows_of(group) if r["implementation"] == name), None)
+                if r is None:
+                    continue
+                x = g + (j - (len(names) - 1) / 2) * width
+                ax.bar(x, r["tokens_per_s"] / 1e6, width, color=colors[name],
+                       label=None if name in labelled else name)
+                labelled.add(name)
+                if r["vs_dense"] is not None and name != "dense":
+                    ax.annotate(f"{r['vs_dense']:.2f}x", (x, r["tokens_per_s"] / 1e6), ha="center", va="bottom",
+                                fontsize=8)
+        ax.set_xticks(np.arange(len(groups)), groups)
+        ax.set_ylabel("million tokens/s")
+        ax.grid(axis="y", alpha=0.3)
+        if labelled:
+            ax.legend(fontsize=8)
+
+    bars(ax_t, ["train step"], lambda _: [r for r in rows if r["bench"] == "train"])
+    ax_t.set_title("training (MLM, optimizer steps)")
+    forwards = [f for f in FORWARDS if any(r.get("forward") == f for r in rows)]
+    bars(ax_i, forwards, lambda f: [r for r in rows if r.get("forward") == f])
+    ax_i.set_title("inference (forward, bf16)" if report.get("compute_dtype") == "bfloat16" else "inference")
+    fig.suptitle(f"UltraFastBERT {report['config']} vs {report['dense_config']}, {report['device_kind']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict, out: Path, *, with_json: bool = True, png: bool = True) -> None:
+    """``bert_gpu.json`` (rows with their ``vs_dense``), ``bert_gpu.md`` and optionally ``bert_gpu.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if with_json:
+        (out / f"{NAME}.json").write_text(json.dumps({**report, "rows": with_ratios(report["rows"])}, indent=1))
+    (out / f"{NAME}.md").write_text(markdown(report))
+    if png:
+        plot(report, out / f"{NAME}.png")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args, command: str) -> dict:
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fffjax.models.config import get_config
+
+    dense_name = args.dense_config or f"{args.config}-dense"
+    config = get_config(args.config)
+    device = jax.devices()[0]
+    report = {"command": command, "config": args.config, "dense_config": dense_name, "device_kind": device.device_kind,
+              "backend": jax.default_backend(), "jax_version": jax.__version__, "flax_version": flax.__version__,
+              "python": platform.python_version(), "compute_dtype": args.compute_dtype, "rows": []}
+    out = Path(args.out)
+    log(f"{args.config} vs {dense_name} on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+
+    def record(row: dict) -> None:
+        report["rows"].append(row)
+        log(json.dumps(row))
+        write(report, out, png=False)
+
+    train_impls = split_list(args.train_implementations)
+    for impl in [None] + train_impls if train_impls else []:
+        name = dense_name if impl is None else args.config
+        log(f"train {name} ({impl or 'dense'}): build, compile, time")
+        record(bench_train(args, name, impl))
+
+    impls = split_list(args.implementations)
+    if impls:
+        batch = random_mlm_batch(np.random.default_rng(1), args.infer_batch, config.max_seq_length, config.vocab_size)
+        inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+        dtype = jnp.dtype(args.compute_dtype)
+        for name, model_impls in ((dense_name, [None]), (args.config, impls)):
+            log(f"infer {name}: build")
+            models = build_models(name, dtype, model_impls[0])
+            for impl in model_impls:
+                for forward in FORWARDS:
+                    log(f"infer {name} ({impl or 'dense'}) {forward}: compile, time")
+                    record(bench_forward(args, models, forward, name, impl, inputs))
+            del models
+    write(report, out, png=True)
+    return report
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="base", help="FFF preset (or config JSON)")
+    ap.add_argument("--dense-config", default=None, help="its dense twin (default: CONFIG-dense)")
+    ap.add_argument("--train-implementations", default="pallas",
+                    help="comma list of FFF implementations to train ('' skips training; add xla for reference)")
+    ap.add_argument("--implementations", default="pallas,xla",
+                    help="comma list of FFF implementations for inference ('' skips inference)")
+    ap.add_argument("--train-batch", type=int, default=128, help="sequences per training step (one device)")
+    ap.add_argument("--infer-batch", type=int, default=256, help="sequences per inference batch")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls (after the compile)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")
+    ap.add_argument("--plot-only", default=None, metavar="JSON", help=f"redraw {NAME}.md and .png from a json")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        report = json.loads(Path(args.plot_only).read_text())
+        out = Path(args.out) if args.out else Path(args.plot_only).parent
+        write(report, out, with_json=False)
+        print(f"wrote {out / NAME}.md and .png", flush=True)
+        return
+    args.out = args.out or str(RESULTS)
+    argv = sys.argv[1:] if argv is None else argv
+    run(args, f"PYTHONPATH=. python experiments/bench_bert_gpu.py {shlex.join(argv)}".strip())
+    log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")
+    print((Path(args.out) / f"{NAME}.md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
