@@ -50,10 +50,11 @@ FORWARD_CANDIDATES = {
               FffV2ForwardConfig(128, 128, 5, 8), FffV2ForwardConfig(128, 256, 5, 8)],
 }
 INTERPRET = jax.default_backend() != "gpu"   # CPU dry runs of the script only
-TRAIN_CANDIDATES = [FffV2TrainConfig(weight_block_t=64, weight_chunk=128, weight_num_warps=4),
-                    FffV2TrainConfig(weight_block_t=128, weight_chunk=128, weight_num_warps=4),
-                    FffV2TrainConfig(weight_block_t=256, weight_chunk=64, weight_num_warps=8),
-                    FffV2TrainConfig(weight_block_t=128, weight_chunk=256, weight_num_warps=8)]
+TRAIN_CANDIDATES = [FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=4),
+                    FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=8),
+                    FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=8, weight_block_t=128),
+                    FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=4, weight_block_t=256, weight_chunk=64,
+                                     weight_num_warps=8)]
 
 
 def log(*args):
@@ -216,12 +217,42 @@ def autotune_train(layer: str, dtype, n_tokens: int, forward_cfg, candidates):
             log(f"  train {layer} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}")
             rows.append({"config": {k: v for k, v in cand.__dict__.items() if k != "forward"}, "error": str(e)[:300]})
             continue
-        log(f"  train {layer} {jnp.dtype(dtype).name} T={n_tokens} wbt={cand.weight_block_t} wc={cand.weight_chunk} "
-            f"ww={cand.weight_num_warps}: {t * 1e3:.3f} ms")
+        log(f"  train {layer} {jnp.dtype(dtype).name} T={n_tokens} gc={cand.grouped_chunk} gw={cand.grouped_num_warps} "
+            f"wbt={cand.weight_block_t} wc={cand.weight_chunk} ww={cand.weight_num_warps}: {t * 1e3:.3f} ms")
         rows.append({"config": {k: v for k, v in cand.__dict__.items() if k != "forward"}, "ms": t * 1e3})
         if best is None or t < best[1]:
             best = (cfg, t)
     return (best[0] if best else FffV2TrainConfig(forward=forward_cfg)), rows
+
+
+def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
+    """Milliseconds of each stage of the grouped Pallas forward and of the training step, timed alone."""
+    from pallas_kernels import fff_v2_forward as fwd
+    from pallas_kernels import fff_v2_train as trn
+
+    n_trees, depth, p = layer_params(layer, dtype)
+    w_in, b_in, w_out = p["w_in"], p["b_in"], p["w_out"]
+    x, dy = tokens(n_tokens, dtype), tokens(n_tokens, dtype, seed=3)
+    split = forward_cfg.split_level
+    kw = dict(depth=depth, n_trees=n_trees, interpret=INTERPRET)
+    stages = {}
+    if split:
+        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, interpret=INTERPRET))
+        stages["route_kernel"] = time_call(sub, x)
+        s = sub(x)
+        stages["sort"] = time_call(jax.jit(lambda s: fwd.sort_by_subtree(s, 2**split)), s)
+        group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, block_t=forward_cfg.block_t,
+                                                       interpret=INTERPRET))
+        stages["route_and_layout"] = time_call(group, x)
+    stages["forward"] = time_call(jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw)), x)
+    with_res = jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw))
+    stages["forward_with_residuals"] = time_call(with_res, x)
+    res = with_res(x)
+    bwd = jax.jit(lambda x, dy, res: trn.backward_from_residuals(x, w_in, b_in, w_out, res, dy, config=train_cfg, **kw))
+    stages["backward"] = time_call(bwd, x, dy, res)
+    ms = {k: v * 1e3 for k, v in stages.items()}
+    log(f"breakdown {layer} {jnp.dtype(dtype).name} T={n_tokens}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    return {"layer": layer, "dtype": jnp.dtype(dtype).name, "tokens": n_tokens, "ms": ms}
 
 
 def roofline_s(n_tokens: int, dtype, bandwidth: float) -> float:
@@ -238,6 +269,15 @@ def run(args):
     token_counts = [2**e for e in args.token_exponents]
     results, tuning = [], {}
     out = {"info": info, "tuning": tuning, "results": results}
+    if args.breakdown:
+        out["breakdown"] = []
+        for layer in args.layers:
+            for dname in args.dtypes:
+                fcfg = FORWARD_CANDIDATES[layer][0]
+                for n in token_counts:
+                    out["breakdown"].append(breakdown(layer, DTYPES[dname], n, fcfg, FffV2TrainConfig(forward=fcfg)))
+                    save(out, args)
+        return out
     for layer in args.layers:
         for dname in args.dtypes:
             dtype = DTYPES[dname]
@@ -312,10 +352,10 @@ def run(args):
 
 
 def save(out, args):
-    name = "bench_gpu_sweep" if args.sweep else "bench_gpu"
+    name = "bench_gpu_breakdown" if args.breakdown else "bench_gpu_sweep" if args.sweep else "bench_gpu"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
-    if not args.sweep:
+    if not (args.sweep or args.breakdown):
         write_markdown(out, os.path.join(args.out, "bench_gpu.md"))
 
 
@@ -427,6 +467,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     parser.add_argument("--sweep", action="store_true", help="only the block-size sweep at the largest token count")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-stage times of the Pallas path")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--token-exponents", nargs="+", type=int, default=[14, 16, 18, 20])

@@ -12,6 +12,7 @@ the residuals the training backward needs.
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,10 +106,11 @@ def _load_rows(ref, rows, cols, col_ok, row_ok=None):
     return cm.load(block, mask=mask, other=0.0 if mask is not None else None)
 
 
-def _dot(a, b, *, trans_b=False):
+def _dot(a, b, *, trans_a=False, trans_b=False):
     """Tensor-core dot with float32 accumulation; float32 operands stay IEEE (no tf32 rounding)."""
     exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
-    return plgpu_triton.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None).astype(jnp.float32)
+    return plgpu_triton.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+                            allow_tf32=False if exact else None).astype(jnp.float32)
 
 
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
@@ -192,23 +194,17 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
         cm.store(y_ref.at[rows[:, None], cols[None, :]], y_chunks[c].astype(y_ref.dtype), mask=mask)
 
 
-def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens,
-                    width_in, width_out, depth, split, cfg: FffV2ForwardConfig, save_residuals: bool):
-    """One block of tokens that all entered level-``split`` subtree ``block_sub[b]`` (single tree)."""
-    y_ref = out_refs[0]
-    bt = cfg.block_t
-    c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
-    c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
+def subtree_table(sub, *, split: int, depth: int):
+    """The columns of a grouped block's dense table for level-``split`` subtree ``sub``.
+
+    Column ``c < split``: the shared ancestor at level ``c``; column ``split + h``: the subtree's heap
+    node ``h``. Returns ``(col, rows, col_ok)``, each ``(n_cols,)``: the column index, the flat node
+    of each used column (0 where unused), and whether the column is used.
+    """
     deep = depth + 1 - split                     # levels inside the subtree
-    n_used = split + 2**deep - 1                 # table columns: top path, then the subtree's heap
+    n_used = split + 2**deep - 1
     n_cols = cm.next_pow2(max(16, n_used))
-    b = pl.program_id(0)
-    tok = cm.load(slots_ref.at[b * bt + jnp.arange(bt, dtype=jnp.int32)])
-    tok_ok = tok >= 0
-    tok = jnp.where(tok_ok, tok, n_tokens)       # out of range: masked on the GPU, dropped in interpret mode
-    sub = block_sub_ref[b]
     col = jnp.arange(n_cols, dtype=jnp.int32)
-    # Column c < split: the shared ancestor at level c. Column split + h: subtree heap node h.
     top_node = (jnp.left_shift(1, col) - 1) + jnp.right_shift(sub, jnp.maximum(split - col, 0))
     h = jnp.maximum(col - split, 0)
     level = jnp.zeros_like(h)
@@ -216,32 +212,56 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
         level += (h + 1 >= 2**t).astype(jnp.int32)
     deep_node = (jnp.left_shift(1, split + level) - 1) + jnp.left_shift(sub, level) + (h + 1 - jnp.left_shift(1, level))
     col_ok = col < n_used
-    rows = jnp.where(col < split, top_node, jnp.where(col_ok, deep_node, 0))
-    logits = jnp.zeros((bt, n_cols), jnp.float32)
+    return col, jnp.where(col < split, top_node, jnp.where(col_ok, deep_node, 0)), col_ok
+
+
+def descend_table(logits, col, *, split: int, depth: int):
+    """The path of each token through a grouped table of logits ``(bt, n_cols)``.
+
+    Returns ``on_path (bt, n_cols)`` and, per level, ``(column (bt,), logit (bt,))``.
+    """
+    bt = logits.shape[0]
+    on_path = jnp.broadcast_to((col < split)[None, :], logits.shape)
+    path = []
+    for level in range(split):
+        path.append((jnp.full((bt,), level, jnp.int32), jnp.sum(jnp.where(col[None, :] == level, logits, 0.0), axis=1)))
+    heap = jnp.zeros((bt,), jnp.int32)
+    for _ in range(depth + 1 - split):
+        hit = col[None, :] == (split + heap)[:, None]
+        z = jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+        path.append((split + heap, z))
+        on_path = on_path | hit
+        heap = 2 * heap + 1 + (z > 0).astype(jnp.int32)
+    return on_path, path
+
+
+def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens,
+                    width_in, width_out, depth, split, cfg: FffV2ForwardConfig, save_residuals: bool):
+    """One block of tokens that all entered level-``split`` subtree ``block_sub[b]`` (single tree).
+
+    With ``save_residuals`` it also stores the block's whole table of logits (every slot, padding
+    included, so that the backward never reads uninitialised memory).
+    """
+    y_ref = out_refs[0]
+    bt = cfg.block_t
+    c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
+    c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
+    b = pl.program_id(0)
+    slot_rows = b * bt + jnp.arange(bt, dtype=jnp.int32)
+    tok = cm.load(slots_ref.at[slot_rows])
+    tok_ok = tok >= 0
+    tok = jnp.where(tok_ok, tok, n_tokens)       # out of range: masked on the GPU, dropped in interpret mode
+    col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
+    logits = jnp.zeros((bt, col.shape[0]), jnp.float32)
     for c in range(n_in):
         cols, ok = _chunk_indices(c, c_in, width_in)
         xc = _load_rows(x_ref, tok, cols, ok, tok_ok)
         w = _load_rows(w_in_ref, rows, cols, ok, col_ok)
         logits += _dot(xc, w.astype(xc.dtype), trans_b=True)
     logits += cm.load(b_in_ref.at[rows], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
-    on_path = jnp.broadcast_to((col < split)[None, :], (bt, n_cols))
-    heap = jnp.zeros((bt,), jnp.int32)
-    path = []
-    for level_index in range(split):
-        ancestor = (2**level_index - 1) + jnp.right_shift(sub, split - level_index)
-        path.append((jnp.broadcast_to(ancestor, (bt,)).astype(jnp.int32),
-                     jnp.sum(jnp.where(col[None, :] == level_index, logits, 0.0), axis=1)))
-    for _ in range(deep):
-        hit = col[None, :] == (split + heap)[:, None]
-        z = jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
-        path.append((jnp.sum(jnp.where(hit, rows[None, :], 0), axis=1), z))
-        on_path = on_path | hit
-        heap = 2 * heap + 1 + (z > 0).astype(jnp.int32)
     if save_residuals:
-        node_ref, z_ref = out_refs[1], out_refs[2]
-        for p, (node, z) in enumerate(path):
-            cm.store(node_ref.at[p, tok], node, mask=tok_ok)
-            cm.store(z_ref.at[p, tok], z, mask=tok_ok)
+        cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
+    on_path, _ = descend_table(logits, col, split=split, depth=depth)
     act = jnp.where(on_path, cm.gelu(logits), 0.0)
     act = act if x_ref.dtype == jnp.float32 else act.astype(x_ref.dtype)
     for c in range(n_out):
@@ -283,10 +303,21 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, interpret: bool = False, blo
                       chunk: int = 128, num_warps: int = 4):
     """``sub (T,)`` int32: the level-``split`` subtree (``0 .. 2**split - 1``) each token enters.
 
-    A Pallas kernel, so that the top logits never go to HBM: it reads ``x`` once and writes 4 bytes
-    per token (an XLA matmul would write and re-read ``(T, 2**split - 1)`` float32 logits).
+    For 16-bit ``x`` a Pallas kernel, so that the top logits never go to HBM: it reads ``x`` once and
+    writes 4 bytes per token (an XLA matmul would write and re-read ``(T, 2**split - 1)`` float32 logits).
     """
     n_tokens, width_in = x.shape
+    if jnp.dtype(x.dtype).itemsize >= 4:
+        # An IEEE float32 tile dot of this size (no tf32) did not finish compiling within minutes on
+        # the H200: float32 routes through one XLA matmul (its logits go to HBM; float32 is not the fast path).
+        n_top = 2**split - 1
+        logits = jnp.dot(x, w_in[:n_top].T, precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32) + b_in[:n_top].astype(jnp.float32)
+        node = jnp.zeros((n_tokens,), jnp.int32)
+        for _ in range(split):
+            z = jnp.take_along_axis(logits, node[:, None], axis=1)[:, 0]
+            node = 2 * node + 1 + (z > 0).astype(jnp.int32)
+        return node - n_top
     kernel = functools.partial(_route_kernel, n_tokens=n_tokens, width_in=width_in, split=split,
                                block_t=block_t, chunk=chunk)
     return pl.pallas_call(
@@ -358,33 +389,52 @@ def check_shapes(x, w_in, b_in, w_out, depth: int, n_trees: int) -> None:
         raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(w_out.shape)}")
 
 
+class PathResiduals(NamedTuple):
+    """What the token-order kernel saves for the backward: ``nodes`` (int32) and ``logits``
+    (float32), both ``(n_trees * (depth + 1), T)``; row ``k * (depth + 1) + level`` holds tree
+    ``k``'s visited flat node and its logit at ``level``."""
+
+    nodes: jax.Array
+    logits: jax.Array
+
+
+class GroupedResiduals(NamedTuple):
+    """What the grouped kernel saves for the backward: its token layout ``slots (n_blocks * bt,)``
+    and ``block_sub (n_blocks,)`` (see :func:`group_by_subtree`) and every block's table of logits
+    ``(n_blocks * bt, n_cols)`` float32, columns as in :func:`subtree_table`."""
+
+    slots: jax.Array
+    block_sub: jax.Array
+    logits: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("depth", "n_trees", "interpret", "config", "save_residuals"))
 def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret: bool = False,
                    config: FffV2ForwardConfig = DEFAULT_CONFIG, save_residuals: bool = False):
-    """The kernel call. Returns ``y (T, H_out)`` or, with ``save_residuals``, ``(y, nodes, logits)``.
-
-    ``nodes`` (int32) and ``logits`` (float32) have shape ``(n_trees * (depth + 1), T)``: row
-    ``k * (depth + 1) + level`` holds tree ``k``'s visited flat node and its logit at ``level``.
-    """
+    """The kernel call. Returns ``y (T, H_out)`` or, with ``save_residuals``, ``(y, residuals)``:
+    :class:`GroupedResiduals` from the grouped kernel, else :class:`PathResiduals`."""
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     n_tokens, width_in = x.shape
     width_out = w_out.shape[1]
-    split = min(config.split_level, depth) if n_trees == 1 else 0
+    split = grouped_split(config, depth, n_trees)
     common = dict(n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth, cfg=config,
                   save_residuals=save_residuals)
+    out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
     if split > 0:
         slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, block_t=config.block_t, interpret=interpret)
         kernel = functools.partial(_grouped_kernel, split=split, **common)
         grid = (block_sub.shape[0],)
         operands = (slots, block_sub, x, w_in, b_in, w_out)
+        if save_residuals:
+            n_cols = subtree_table(0, split=split, depth=depth)[0].shape[0]
+            out_shape.append(jax.ShapeDtypeStruct((slots.shape[0], n_cols), jnp.float32))
     else:
         kernel = functools.partial(_kernel, n_trees=n_trees, **common)
         grid = (pl.cdiv(n_tokens, config.block_t),)
         operands = (x, w_in, b_in, w_out)
-    out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
-    if save_residuals:
-        p = n_trees * (depth + 1)
-        out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32), jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
+        if save_residuals:
+            p = n_trees * (depth + 1)
+            out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32), jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
     out = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -393,7 +443,16 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
         interpret=interpret,
         name="fff_v2_forward_grouped" if split else "fff_v2_forward",
     )(*operands)
-    return tuple(out) if save_residuals else out[0]
+    if not save_residuals:
+        return out[0]
+    if split > 0:
+        return out[0], GroupedResiduals(slots, block_sub, out[1])
+    return out[0], PathResiduals(out[1], out[2])
+
+
+def grouped_split(config: FffV2ForwardConfig, depth: int, n_trees: int) -> int:
+    """The split level the grouped kernel runs with for this layer (0: the token-order kernel)."""
+    return min(config.split_level, depth) if n_trees == 1 else 0
 
 
 def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret: bool = False,

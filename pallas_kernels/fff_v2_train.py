@@ -29,11 +29,16 @@ from pallas_kernels import _common as cm
 from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
     FffV2ForwardConfig,
+    GroupedResiduals,
     _chunk_indices,
+    _dot,
     _load_rows,
     check_shapes,
     default_config,
+    descend_table,
     fff_v2_forward,
+    grouped_split,
+    subtree_table,
 )
 
 
@@ -46,7 +51,10 @@ class FffV2TrainConfig:
         token_block_t, token_chunk, token_num_warps: the per-token backward kernel (dx, dz).
         weight_block_t, weight_chunk, weight_num_warps: the sorted weight-gradient kernel; a larger
             ``weight_block_t`` means fewer atomic adds.
-        num_stages: Triton pipelining stages of both backward kernels.
+        grouped_chunk, grouped_num_warps: the two backward kernels used after the grouped forward
+            (``forward.split_level > 0``): the per-block ``dx`` kernel and the per-subtree
+            weight-gradient kernel, whose accumulators are ``(n_cols, grouped_chunk)``.
+        num_stages: Triton pipelining stages of the backward kernels.
     """
 
     forward: FffV2ForwardConfig = FORWARD_CONFIG
@@ -56,10 +64,12 @@ class FffV2TrainConfig:
     weight_block_t: int = 64
     weight_chunk: int = 128
     weight_num_warps: int = 4
+    grouped_chunk: int = 64
+    grouped_num_warps: int = 4
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("token_block_t", "token_chunk", "weight_block_t", "weight_chunk"):
+        for name in ("token_block_t", "token_chunk", "weight_block_t", "weight_chunk", "grouped_chunk"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 1, got {value}")
@@ -205,6 +215,134 @@ def backward(x, w_in, w_out, nodes, z, dy, *, depth: int, n_trees: int, interpre
     return dx, dw_in, db_in, dw_out
 
 
+def _grouped_dx_kernel(slots_ref, block_sub_ref, logits_ref, dy_ref, w_in_ref, w_out_ref, dx_ref, dz_ref, act_ref, *,
+                       n_tokens, width_in, width_out, depth, split, block_t, chunk):
+    """One grouped block: ``d act = dy W_out[rows]^T`` and ``dx = dz W_in[rows]`` on the tensor cores;
+    stores the block's ``dz`` and ``gelu(z)`` tables (zero off the path and on empty slots)."""
+    c_in, n_in = cm.column_chunks(width_in, chunk)
+    c_out, n_out = cm.column_chunks(width_out, chunk)
+    b = pl.program_id(0)
+    slot_rows = b * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    tok = cm.load(slots_ref.at[slot_rows])
+    tok_ok = tok >= 0
+    tok = jnp.where(tok_ok, tok, n_tokens)
+    col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
+    logits = cm.load(logits_ref.at[slot_rows[:, None], col[None, :]])
+    on_path, _ = descend_table(logits, col, split=split, depth=depth)
+    on_path = on_path & tok_ok[:, None]
+    d_act = jnp.zeros(logits.shape, jnp.float32)
+    for c in range(n_out):
+        cols, ok = _chunk_indices(c, c_out, width_out)
+        dyc = _load_rows(dy_ref, tok, cols, ok, tok_ok)
+        d_act += _dot(dyc, _load_rows(w_out_ref, rows, cols, ok, col_ok).astype(dyc.dtype), trans_b=True)
+    dz = jnp.where(on_path, d_act * cm.gelu_grad(logits), 0.0).astype(dz_ref.dtype)
+    cm.store(dz_ref.at[slot_rows[:, None], col[None, :]], dz)
+    cm.store(act_ref.at[slot_rows[:, None], col[None, :]], jnp.where(on_path, cm.gelu(logits), 0.0).astype(act_ref.dtype))
+    for c in range(n_in):
+        cols, ok = _chunk_indices(c, c_in, width_in)
+        dxc = _dot(dz, _load_rows(w_in_ref, rows, cols, ok, col_ok).astype(dz.dtype))
+        mask = jnp.broadcast_to(tok_ok[:, None], dxc.shape)
+        if ok is not None:
+            mask = mask & ok[None, :]
+        cm.store(dx_ref.at[tok[:, None], cols[None, :]], dxc.astype(dx_ref.dtype), mask=mask)
+
+
+def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, dy_ref, dw_in_ref, dw_out_ref,
+                           db_in_ref, top_in_ref, top_out_ref, top_b_ref, *, n_tokens, width_in, width_out, depth,
+                           split, block_t, chunk):
+    """Program ``(s, c)``: loops over the blocks of subtree ``s`` and sums ``dz^T x`` and
+    ``gelu(z)^T dy`` for column chunk ``c`` in registers. The subtree's own rows are stored once
+    (no other program writes them); the rows of its ``split`` ancestors, shared by all subtrees
+    below them, go to per-subtree partials that the caller sums."""
+    s, c = pl.program_id(0), pl.program_id(1)
+    col, rows, col_ok = subtree_table(s, split=split, depth=depth)
+    n_cols = col.shape[0]
+    cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    in_ok, out_ok = cols < width_in, cols < width_out
+
+    def body(blk, carry):
+        acc_in, acc_out, acc_b = carry
+        slot_rows = blk * block_t + jnp.arange(block_t, dtype=jnp.int32)
+        tok = cm.load(slots_ref.at[slot_rows])
+        tok_ok = tok >= 0
+        tok = jnp.where(tok_ok, tok, n_tokens)
+        dz = cm.load(dz_ref.at[slot_rows[:, None], col[None, :]])
+        act = cm.load(act_ref.at[slot_rows[:, None], col[None, :]])
+        xc = _load_rows(x_ref, tok, cols, in_ok, tok_ok).astype(dz.dtype)
+        dyc = _load_rows(dy_ref, tok, cols, out_ok, tok_ok).astype(act.dtype)
+        acc_in += _dot(dz, xc, trans_a=True)
+        acc_out += _dot(act, dyc, trans_a=True)
+        acc_b += jnp.sum(dz.astype(jnp.float32), axis=0)
+        return acc_in, acc_out, acc_b
+
+    init = (jnp.zeros((n_cols, chunk), jnp.float32), jnp.zeros((n_cols, chunk), jnp.float32),
+            jnp.zeros((n_cols,), jnp.float32))
+    acc_in, acc_out, acc_b = jax.lax.fori_loop(block_start_ref[s], block_start_ref[s + 1], body, init)
+    deep = col_ok & (col >= split)
+    top = col < split
+    cm.store(dw_in_ref.at[rows[:, None], cols[None, :]], acc_in, mask=deep[:, None] & in_ok[None, :])
+    cm.store(dw_out_ref.at[rows[:, None], cols[None, :]], acc_out, mask=deep[:, None] & out_ok[None, :])
+    part = s * n_cols + col
+    cm.store(top_in_ref.at[part[:, None], cols[None, :]], acc_in, mask=top[:, None] & in_ok[None, :])
+    cm.store(top_out_ref.at[part[:, None], cols[None, :]], acc_out, mask=top[:, None] & out_ok[None, :])
+    first = c == 0
+    cm.store(db_in_ref.at[rows], acc_b, mask=deep & first)
+    cm.store(top_b_ref.at[part], acc_b, mask=top & first)
+
+
+def grouped_backward(x, w_in, w_out, residuals: GroupedResiduals, dy, *, depth: int, interpret: bool,
+                     config: FffV2TrainConfig = DEFAULT_CONFIG):
+    """Gradients ``(dx, d w_in, d b_in, d w_out)`` (weights' in float32) after the grouped forward.
+
+    Two kernels over the forward's token layout: per block, ``dx`` and the ``dz`` / ``gelu(z)``
+    tables; per (subtree, column chunk), the weight gradients as tensor-core sums over the
+    subtree's blocks. Only the ``2**split - 1`` shared top rows are then summed in XLA.
+    """
+    n_tokens, width_in = x.shape
+    width_out = w_out.shape[1]
+    slots, block_sub, logits = residuals
+    split = grouped_split(config.forward, depth, 1)
+    bt = config.forward.block_t
+    n_blocks, n_sub, n_top = block_sub.shape[0], 2**split, 2**split - 1
+    n_cols = logits.shape[1]
+    table_dtype = x.dtype          # the tensor-core operand dtype of the weight-gradient sums
+    common = dict(n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth, split=split,
+                  block_t=bt, chunk=config.grouped_chunk)
+    params = cm.compiler_params(config.grouped_num_warps, config.num_stages)
+    dx, dz, act = pl.pallas_call(
+        functools.partial(_grouped_dx_kernel, **common),
+        out_shape=(jax.ShapeDtypeStruct((n_tokens, width_in), x.dtype),
+                   jax.ShapeDtypeStruct(logits.shape, table_dtype), jax.ShapeDtypeStruct(logits.shape, table_dtype)),
+        grid=(n_blocks,), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_dx",
+    )(slots, block_sub, logits, dy, w_in, w_out)
+    counts = jnp.bincount(block_sub, length=n_sub).astype(jnp.int32)
+    # Trailing all-empty blocks carry block_sub = n_sub - 1: the last subtree loops over them (zeros).
+    block_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    n_chunks = pl.cdiv(max(width_in, width_out), config.grouped_chunk)
+    f32 = jnp.float32
+    dw_in, dw_out, db_in, top_in, top_out, top_b = pl.pallas_call(
+        functools.partial(_grouped_weight_kernel, **common),
+        out_shape=(jax.ShapeDtypeStruct(w_in.shape, f32), jax.ShapeDtypeStruct(w_out.shape, f32),
+                   jax.ShapeDtypeStruct((w_in.shape[0],), f32),
+                   jax.ShapeDtypeStruct((n_sub * n_cols, width_in), f32),
+                   jax.ShapeDtypeStruct((n_sub * n_cols, width_out), f32), jax.ShapeDtypeStruct((n_sub * n_cols,), f32)),
+        grid=(n_sub, n_chunks), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_weights",
+    )(block_start, slots, dz, act, x, dy)
+    # Ancestor at level l of subtree s is flat node 2**l - 1 + (s >> (split - l)).
+    sub = jnp.arange(n_sub, dtype=jnp.int32)[:, None]
+    level = jnp.arange(split, dtype=jnp.int32)[None, :]
+    ancestor = (jnp.left_shift(1, level) - 1 + jnp.right_shift(sub, split - level)).reshape(-1)
+
+    def top_rows(part, width):
+        part = part.reshape(n_sub, n_cols, *width)[:, :split].reshape(n_sub * split, *width)
+        return jax.ops.segment_sum(part, ancestor, num_segments=n_top)
+
+    dw_in = dw_in.at[:n_top].set(top_rows(top_in, (width_in,)))
+    dw_out = dw_out.at[:n_top].set(top_rows(top_out, (width_out,)))
+    db_in = db_in.at[:n_top].set(top_rows(top_b, ()))
+    return dx, dw_in, db_in, dw_out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config):
     return fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
@@ -212,16 +350,29 @@ def _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config):
 
 
 def _fff_v2_train_fwd(x, w_in, b_in, w_out, depth, n_trees, interpret, config):
-    y, nodes, z = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
-                                 config=config.forward, save_residuals=True)
-    return y, (x, w_in, b_in, w_out, nodes, z)
+    saved = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
+                           config=config.forward, save_residuals=True)
+    return saved[0], (x, w_in, b_in, w_out, saved)
+
+
+def backward_from_residuals(x, w_in, b_in, w_out, residuals, dy, *, depth: int, n_trees: int, interpret: bool,
+                            config: FffV2TrainConfig):
+    """``(dx, d w_in, d b_in, d w_out)`` in the dtypes of the inputs, from what
+    ``fff_v2_forward(..., save_residuals=True)`` returned (``residuals``)."""
+    _, saved = residuals
+    if isinstance(saved, GroupedResiduals):
+        dx, dw_in, db_in, dw_out = grouped_backward(x, w_in, w_out, saved, dy, depth=depth, interpret=interpret,
+                                                    config=config)
+    else:
+        dx, dw_in, db_in, dw_out = backward(x, w_in, w_out, saved.nodes, saved.logits, dy, depth=depth,
+                                            n_trees=n_trees, interpret=interpret, config=config)
+    return dx, dw_in.astype(w_in.dtype), db_in.astype(b_in.dtype), dw_out.astype(w_out.dtype)
 
 
 def _fff_v2_train_bwd(depth, n_trees, interpret, config, residuals, dy):
-    x, w_in, b_in, w_out, nodes, z = residuals
-    dx, dw_in, db_in, dw_out = backward(x, w_in, w_out, nodes, z, dy, depth=depth, n_trees=n_trees,
-                                        interpret=interpret, config=config)
-    return dx, dw_in.astype(w_in.dtype), db_in.astype(b_in.dtype), dw_out.astype(w_out.dtype)
+    x, w_in, b_in, w_out, saved = residuals
+    return backward_from_residuals(x, w_in, b_in, w_out, saved, dy, depth=depth, n_trees=n_trees,
+                                   interpret=interpret, config=config)
 
 
 _fff_v2_train.defvjp(_fff_v2_train_fwd, _fff_v2_train_bwd)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import fffjax
 import pallas_kernels as pk
 from fffjax import v2
-from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, descend_table, fff_v2_forward, subtree_table
 from _pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -52,12 +52,26 @@ def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, 
     split = min(split, depth)
     x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, 1, dtype)
     config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=max(split, depth - 4))
-    y, nodes, z = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
-                                 save_residuals=True)
+    y, (slots, block_sub, table) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
+                                                  save_residuals=True)
     assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
     logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in
-    path = v2.path_from_logits(logits, depth=depth, n_trees=1)
-    np.testing.assert_array_equal(np.asarray(nodes).T, np.asarray(path[:, 0, :]))
+    path = np.asarray(v2.path_from_logits(logits, depth=depth, n_trees=1))[:, 0, :]
+    # The saved table: each slot's logits at its block's columns, and the path read off it.
+    split, seen = config.split_level, []
+    for b, sub in enumerate(np.asarray(block_sub)):
+        col, rows, col_ok = subtree_table(int(sub), split=split, depth=depth)
+        rows, col_ok = np.asarray(rows), np.asarray(col_ok)
+        block = table[b * 16:(b + 1) * 16]
+        _, levels = descend_table(block, col, split=split, depth=depth)
+        for i, tok in enumerate(np.asarray(slots)[b * 16:(b + 1) * 16]):
+            if tok < 0:
+                continue
+            seen.append(tok)
+            np.testing.assert_allclose(np.asarray(block[i])[col_ok], np.asarray(logits[tok])[rows[col_ok]],
+                                       atol=2e-2 if dtype == jnp.bfloat16 else 1e-4)
+            np.testing.assert_array_equal([rows[int(c[i])] for c, _ in levels], path[tok])
+    assert sorted(seen) == list(range(n_tokens))
 
 
 def test_grouped_layout_pads_each_subtree_to_whole_blocks():
@@ -94,8 +108,8 @@ def test_default_config_groups_deep_single_trees():
 def test_residuals_are_the_reference_path_and_logits():
     depth, n_trees = 4, 2
     x, w_in, b_in, w_out = v2_inputs(3, 23, 96, depth, n_trees, jnp.float32)
-    _, nodes, z = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True,
-                                 config=FffV2ForwardConfig(chunk=64), save_residuals=True)
+    _, (nodes, z) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True,
+                                   config=FffV2ForwardConfig(chunk=64), save_residuals=True)
     logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
     path = v2.path_from_logits(logits, depth=depth, n_trees=n_trees)           # (T, K, L)
     np.testing.assert_array_equal(np.asarray(nodes).T.reshape(path.shape), np.asarray(path))
@@ -108,8 +122,8 @@ def test_strict_routing_sends_zero_logit_left():
     depth = 3
     _, w_in, b_in, w_out = v2_inputs(0, 1, 64, depth, 1, jnp.float32)
     x = jnp.zeros((5, 64), jnp.float32)
-    _, nodes, _ = fff_v2_forward(x, w_in, jnp.zeros_like(b_in), w_out, depth=depth, interpret=True,
-                                 save_residuals=True)
+    _, (nodes, _) = fff_v2_forward(x, w_in, jnp.zeros_like(b_in), w_out, depth=depth, interpret=True,
+                                   save_residuals=True)
     np.testing.assert_array_equal(np.asarray(nodes)[:, 0], [0, 1, 3, 7])
 
 

@@ -30,7 +30,8 @@ def _check(seed, n_tokens, width, depth, n_trees, weight_block_t, split_level=0)
     dy = jax.random.normal(jax.random.key(seed + 1), (n_tokens, width))
     chunk = pow2_chunk_for(width)
     forward = FffV2ForwardConfig(chunk=chunk, split_level=split_level)
-    config = FffV2TrainConfig(forward=forward, token_chunk=chunk, weight_chunk=chunk, weight_block_t=weight_block_t)
+    config = FffV2TrainConfig(forward=forward, token_chunk=chunk, weight_chunk=chunk, weight_block_t=weight_block_t,
+                              grouped_chunk=chunk)
     got = _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config)
     want = pk.reference_vjp(x, w_in, b_in, w_out, dy, depth=depth, n_trees=n_trees)
     for name, g, w in zip(NAMES, got, want):
@@ -58,6 +59,30 @@ def test_gradients_through_grouped_forward():
 
 
 @pytest.mark.slow
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 150), width=st.sampled_from([64, 96]),
+       depth=st.integers(1, 7), data=st.data())
+def test_grouped_gradients_match_masked_reference(seed, n_tokens, width, depth, data):
+    # The grouped backward: per-block dx kernel, per-subtree weight kernel, top rows summed in XLA.
+    split = data.draw(st.integers(max(1, depth - 3), depth), label="split")
+    _check(seed, n_tokens, width, depth, 1, 16, split_level=split)
+
+
+def test_grouped_gradients_with_every_token_in_one_subtree():
+    # Routing skew: one subtree gets all tokens, the others none (their rows' gradients are zero).
+    depth, split = 5, 3
+    x, w_in, b_in, w_out = v2_inputs(4, 70, 64, depth, 1, jnp.float32)
+    b_in = b_in.at[:7].set(100.0)          # every top logit > 0: all tokens enter the rightmost subtree
+    w_in = w_in.at[:7].set(0.0)
+    dy = jax.random.normal(jax.random.key(5), (70, 64))
+    config = FffV2TrainConfig(forward=FffV2ForwardConfig(chunk=64, split_level=split), grouped_chunk=64)
+    got = _grads(x, w_in, b_in, w_out, dy, depth, 1, config)
+    want = pk.reference_vjp(x, w_in, b_in, w_out, dy, depth=depth, n_trees=1)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, jnp.float32, name)
+
+
+@pytest.mark.slow
 def test_bfloat16_gradients_close_to_float32():
     depth, n_trees = 3, 2
     x, w_in, b_in, w_out = v2_inputs(5, 20, 64, depth, n_trees, jnp.float32)
@@ -66,6 +91,22 @@ def test_bfloat16_gradients_close_to_float32():
     bf16 = [a.astype(jnp.bfloat16) for a in (x, w_in, b_in, w_out)]
     got = _grads(*bf16, dy, depth, n_trees, config)
     want = pk.reference_vjp(*[a.astype(jnp.float32) for a in bf16], dy, depth=depth, n_trees=n_trees)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == jnp.bfloat16, name
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
+
+
+@pytest.mark.slow
+def test_grouped_bfloat16_gradients_close_to_float32():
+    depth = 6
+    x, w_in, b_in, w_out = v2_inputs(6, 90, 64, depth, 1, jnp.float32)
+    dy = jax.random.normal(jax.random.key(10), (90, 64))
+    config = FffV2TrainConfig(forward=FffV2ForwardConfig(chunk=64, split_level=3), grouped_chunk=64)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w_in, b_in, w_out)]
+    got = _grads(*bf16, dy, depth, 1, config)
+    want = pk.reference_vjp(*[a.astype(jnp.float32) for a in bf16], dy.astype(jnp.bfloat16).astype(jnp.float32),
+                            depth=depth, n_trees=1)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == jnp.bfloat16, name
         scale = max(1.0, float(jnp.max(jnp.abs(w))))
