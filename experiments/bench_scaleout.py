@@ -241,7 +241,7 @@ def main(argv=None) -> None:
         for scheme in a.schemes:
             if scheme.partition("@")[2] and n % int(scheme.partition("@")[2]):
                 continue
-            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme)
+            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme, model_dtype=a.compute_dtype)
             row["device_kind"] = jax.devices()[0].device_kind
             rows.append(row)
             print(json.dumps(row), flush=True)
