@@ -67,6 +67,7 @@ DEFAULT_CONFIG = FffV2ForwardConfig()
 GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=128, num_warps=4, split_level=7)
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 ROUTE_BLOCK_T = 64
+MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
 
 
 def default_config(depth: int, n_trees: int) -> FffV2ForwardConfig:
@@ -417,6 +418,12 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
     n_tokens, width_in = x.shape
     width_out = w_out.shape[1]
     split = grouped_split(config, depth, n_trees)
+    if split > 0 and (depth + 1 - split > MAX_GROUPED_SUBTREE_LEVELS or split > MAX_ROUTE_LEVELS):
+        raise ValueError(
+            f"config.split_level={config.split_level} does not fit depth {depth}: the grouped kernel needs "
+            f"{depth + 1 - MAX_GROUPED_SUBTREE_LEVELS} <= split_level <= {MAX_ROUTE_LEVELS} (at most "
+            f"{MAX_GROUPED_SUBTREE_LEVELS} levels per subtree, at most {MAX_ROUTE_LEVELS} routed levels); use "
+            "split_level=0 (the token-order kernel) or default_config(depth, n_trees)")
     common = dict(n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth, cfg=config,
                   save_residuals=save_residuals)
     out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]

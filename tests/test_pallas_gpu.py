@@ -24,7 +24,7 @@ GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)
     (4099, 768, 11, 1, jnp.float32, GATHER), (4099, 768, 11, 1, jnp.bfloat16, GATHER),
     (4099, 768, 11, 1, jnp.float32, GROUPED), (70000, 768, 11, 1, jnp.bfloat16, GROUPED),
     (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
-    (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GROUPED),
+    (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GATHER),
 ])
 def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
     x, w_in, b_in, w_out = v2_inputs(0, n_tokens, width, depth, n_trees, dtype)

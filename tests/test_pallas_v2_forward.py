@@ -98,6 +98,15 @@ def test_sort_by_subtree_is_a_stable_sort(n_tokens, n_sub):
     np.testing.assert_array_equal(np.asarray(sorted_sub), np.asarray(sub)[expected])
 
 
+@pytest.mark.parametrize("depth,split", [(15, 7), (11, 6), (12, 9)])
+def test_grouped_split_outside_the_kernel_limits_is_refused(depth, split):
+    # Too many levels below the split (a table wider than 64 columns) or above it (route tile > 256).
+    x, w_in, b_in, w_out = v2_inputs(0, 20, 64, depth, 1, jnp.float32)
+    with pytest.raises(ValueError, match="split_level"):
+        fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True,
+                       config=FffV2ForwardConfig(block_t=16, chunk=64, split_level=split))
+
+
 def test_default_config_groups_deep_single_trees():
     from pallas_kernels.fff_v2_forward import default_config
     assert default_config(11, 1).split_level == 7
