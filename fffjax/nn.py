@@ -186,7 +186,8 @@ class UltraFastFF(nnx.Module):
         if self.mesh is not None and self.tree_parallel_axis is not None:
             return parallel.fff_v2_tree_parallel(
                 x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
-                n_trees=self.n_trees, mesh=self.mesh, axis=self.tree_parallel_axis)
+                n_trees=self.n_trees, mesh=self.mesh, axis=self.tree_parallel_axis,
+                implementation=self.implementation)
         return ops.fff_v2_hard(
             x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
             n_trees=self.n_trees, implementation=self.implementation)

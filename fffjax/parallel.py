@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from fffjax import tree, v1, v2
+from fffjax import ops, tree, v1, v2
 from fffjax._typing import Activation, Array, Float, Int
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -230,8 +230,23 @@ def _v2_walk(x, w_in, b_in, w_out, node, offsets, levels, acc):
     return y, node
 
 
+def _local_implementation(implementation: str | None) -> str | None:
+    """The ``fff_v2_hard`` implementation a device runs inside ``shard_map``.
+
+    A ``pallas_call`` inside ``shard_map`` must declare how its outputs vary over the mesh axes
+    (``manual_axis_type``, an API that differs between jax 0.10 and 0.11); the kernels do not yet,
+    so ``"pallas"`` is refused here and ``None`` skips it (on a GPU: ``"xla"``).
+    """
+    if implementation == "pallas":
+        raise NotImplementedError("implementation='pallas' does not run inside the tree-parallel shard_map yet; "
+                                  "use None, 'xla', 'cpu_ffi' or 'reference'")
+    if implementation is None and jax.default_backend() == "gpu":
+        return "xla"
+    return implementation
+
+
 def _v2_subtree_body(x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w_out, *,
-                     depth, n_trees, top_levels, axis, all_axes, capacity_factor):
+                     depth, n_trees, top_levels, axis, all_axes, capacity_factor, implementation):
     n_shards = 2**top_levels
     acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else x.dtype
     top_w_in, top_b_in, top_w_out = _varying((top_w_in, top_b_in, top_w_out), all_axes)
@@ -247,9 +262,14 @@ def _v2_subtree_body(x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w
 
     def compute(rows, tree_of_row):
         valid = tree_of_row >= 0
-        offsets = (jnp.maximum(tree_of_row, 0) * per_sub)[:, None]
-        start = jnp.zeros((rows.shape[0], 1), jnp.int32)
-        out, _ = _v2_walk(rows, sub_w_in, sub_b_in, sub_w_out, start, offsets, depth + 1 - top_levels, acc)
+        if n_trees == 1:
+            # The device's subtree is one whole FFF-v2 tree in heap order: any registered kernel runs it.
+            out = ops.fff_v2_hard(rows, sub_w_in, sub_b_in, sub_w_out, depth=depth - top_levels,
+                                  implementation=_local_implementation(implementation))
+        else:   # each row walks its own tree's subtree
+            offsets = (jnp.maximum(tree_of_row, 0) * per_sub)[:, None]
+            start = jnp.zeros((rows.shape[0], 1), jnp.int32)
+            out, _ = _v2_walk(rows, sub_w_in, sub_b_in, sub_w_out, start, offsets, depth + 1 - top_levels, acc)
         return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
 
     capacity = _capacity(items.shape[0], n_shards, capacity_factor)
@@ -273,6 +293,7 @@ def fff_v2_subtree_parallel(
     mesh,
     axis: str = "model",
     capacity_factor: float = 1.25,
+    implementation: str | None = None,
 ) -> Float[Array, "tokens dout"]:
     """FFF-v2 subtree-parallel forward on weights already in the permuted layout (module docstring).
 
@@ -281,7 +302,7 @@ def fff_v2_subtree_parallel(
         top_w_in, top_b_in, top_w_out: ``(K*T, H)``, ``(K*T,)``, ``(K*T, H_out)``, replicated.
         sub_w_in, sub_b_in, sub_w_out: ``(P*K*M, H)``, ``(P*K*M,)``, ``(P*K*M, H_out)``, sharded
             (or to be sharded) ``P(axis)`` on the rows.
-        depth, n_trees, mesh, axis, capacity_factor: as :func:`fff_v2_tree_parallel`.
+        depth, n_trees, mesh, axis, capacity_factor, implementation: as :func:`fff_v2_tree_parallel`.
 
     Returns:
         ``(tokens, H_out)``.
@@ -293,16 +314,18 @@ def fff_v2_subtree_parallel(
     n_tokens = x.shape[0]
     x = _pad_rows(x, math.prod(mesh.shape.values()))
     body = functools.partial(_v2_subtree_body, depth=depth, n_trees=n_trees, top_levels=top_levels,
-                             axis=axis, all_axes=tuple(mesh.axis_names), capacity_factor=capacity_factor)
+                             axis=axis, all_axes=tuple(mesh.axis_names), capacity_factor=capacity_factor,
+                             implementation=implementation)
     specs = (token_spec, P(), P(), P(), P(axis), P(axis), P(axis))
     args = _placed(mesh, specs, x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w_out)
     y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args)
     return _unpadded(y, n_tokens, mesh)
 
 
-def _v2_trees_body(x, w_in, b_in, w_out, *, depth, n_local_trees, axis, data_axes):
+def _v2_trees_body(x, w_in, b_in, w_out, *, depth, n_local_trees, axis, data_axes, implementation):
     w_in, b_in, w_out = _varying((w_in, b_in, w_out), data_axes)
-    y = v2.conditional_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_local_trees)
+    y = ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_local_trees,
+                        implementation=_local_implementation(implementation))
     return jax.lax.psum(y, axis)
 
 
@@ -318,6 +341,7 @@ def fff_v2_tree_parallel(
     axis: str = "model",
     mode: str = "subtree",
     capacity_factor: float = 1.25,
+    implementation: str | None = None,
 ) -> Float[Array, "*batch dout"]:
     """FFF-v2 hard forward, tree-parallel over ``mesh``'s ``axis``; equals :func:`fffjax.ops.fff_v2_hard`.
 
@@ -334,6 +358,10 @@ def fff_v2_tree_parallel(
             ``n_trees % P == 0``).
         capacity_factor: items per round and destination, as a multiple of the balanced share
             (``"subtree"`` only; any value is exact, smaller ones cost more rounds under skew).
+        implementation: the :func:`fffjax.ops.fff_v2_hard` implementation each device runs on its
+            whole trees (``"trees"``) or its subtree (``"subtree"`` with one tree; K > 1 subtrees
+            walk in jnp); ``None``: the fastest that runs inside ``shard_map`` (``"cpu_ffi"`` on
+            the CPU, ``"xla"`` on a GPU); ``"pallas"`` raises ``NotImplementedError``.
 
     Returns:
         ``(..., H_out)`` in the dtype of ``x``; differentiable in ``x`` and the weights.
@@ -363,7 +391,7 @@ def fff_v2_tree_parallel(
         top, sub = subtree_rows(depth + 1, top_levels, n_trees)
         y = fff_v2_subtree_parallel(
             x2, w_in[top], b_in[top], w_out[top], w_in[sub], b_in[sub], w_out[sub], depth=depth,
-            n_trees=n_trees, mesh=mesh, axis=axis, capacity_factor=capacity_factor)
+            n_trees=n_trees, mesh=mesh, axis=axis, capacity_factor=capacity_factor, implementation=implementation)
     else:
         if n_trees % n_shards:
             raise ValueError(f"n_trees must be a multiple of the size {n_shards} of axis {axis!r} "
@@ -372,7 +400,7 @@ def fff_v2_tree_parallel(
         token_spec = P(other if other else None)
         x2p = _pad_rows(x2, math.prod(mesh.shape[a] for a in other))
         body = functools.partial(_v2_trees_body, depth=depth, n_local_trees=n_trees // n_shards, axis=axis,
-                                 data_axes=other)
+                                 data_axes=other, implementation=implementation)
         specs = (token_spec, P(axis), P(axis), P(axis))
         args = _placed(mesh, specs, x2p, w_in, b_in, w_out)
         y = _unpadded(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args),

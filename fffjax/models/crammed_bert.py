@@ -165,7 +165,8 @@ def _fff_forward(ffn: UltraFastFF, x):
     w_in, b_in, w_out = (p[...].astype(x.dtype) for p in (ffn.w_in, ffn.b_in, ffn.w_out))
     if ffn.mesh is not None and ffn.tree_parallel_axis is not None:   # see parallel.set_tree_parallel
         return parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
-                                             mesh=ffn.mesh, axis=ffn.tree_parallel_axis)
+                                             mesh=ffn.mesh, axis=ffn.tree_parallel_axis,
+                                             implementation=ffn.implementation)
     return ops.fff_v2_hard(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
                            implementation=ffn.implementation)
 

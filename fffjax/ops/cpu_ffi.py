@@ -30,6 +30,7 @@ import numpy as np
 
 from fffjax import v1, v2
 from fffjax._typing import Array, Float
+from fffjax._vma import vary_like
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
@@ -111,7 +112,7 @@ def _ffi_forward(x, w_in, b_in, w_out, depth: int, n_trees: int):
     )
     y = call(x.astype(f32), w_in.astype(f32), b_in.astype(f32), w_out.astype(f32),
              depth=np.int64(depth), n_trees=np.int64(n_trees))
-    return y.astype(x.dtype)
+    return vary_like(y.astype(x.dtype), x, w_in, b_in, w_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -125,7 +126,7 @@ def _forward_fwd(x, w_in, b_in, w_out, depth, n_trees):
 
 def _forward_bwd(depth, n_trees, residuals, g):
     _, vjp = jax.vjp(functools.partial(v2.conditional_forward, depth=depth, n_trees=n_trees), *residuals)
-    return vjp(g)
+    return vjp(vary_like(g, *residuals))
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
@@ -173,7 +174,7 @@ def _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth: int
     weights = (node_weights, node_biases, w1s, b1s, w2s, b2s)
     y = call(x.astype(f32), *(w.astype(f32) for w in weights),
              depth=np.int64(depth), leaf_output_bias=np.int64(leaf_output_bias))
-    return y.astype(x.dtype)
+    return vary_like(y.astype(x.dtype), x, *weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -190,7 +191,7 @@ def _forward_v1_bwd(depth, leaf_output_bias, residuals, g):
     gather = functools.partial(v1.hard_forward, depth=depth, activation=jax.nn.relu,
                                leaf_output_bias=leaf_output_bias)
     _, vjp = jax.vjp(gather, *residuals)
-    return vjp(g)
+    return vjp(vary_like(g, *residuals))
 
 
 _forward_v1.defvjp(_forward_v1_fwd, _forward_v1_bwd)
