@@ -17,6 +17,10 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    (c) ``mlm`` (full-vocabulary logits: the tied 768 x 32768 decoder costs about as much as the whole
    FFF encoder). FFF with each of ``--implementations`` (default ``pallas,xla``) and the dense twin.
 
+3. ``--components``: the embedding, one layer's attention, layer norm and feedforward, each jitted
+   alone on the batch's hidden states, times how often ``encode`` runs it: where the encoder's time
+   goes (the end-to-end speedup is capped by what is not the feedforward).
+
 Timing: wall clock of ``--steps`` calls (each ending in ``block_until_ready`` or a host fetch of the
 metrics) after the compile and ``--warmup`` calls; the median of ``--repeats`` repeats. Writes
 ``bert_gpu.json`` (rows, device, versions, command), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out``
@@ -137,13 +141,58 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
+COMPONENTS = ("embedding", "attention", "layer_norm", "feedforward")
+
+
+def calls_per_forward(component: str, n_layers: int) -> int:
+    """How often ``encode`` runs a component: the embedding once, two norms per layer plus the final one."""
+    return {"embedding": 1, "attention": n_layers, "layer_norm": 2 * n_layers + 1, "feedforward": n_layers}[component]
+
+
+def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple) -> list[dict]:
+    """Per-call seconds of one layer's parts (layer 0, jitted alone, the hidden states of the batch):
+    what the encoder's time is made of. ``embedding`` runs once per forward, the others once per layer
+    (layer norm twice)."""
+    import jax
+    from flax import nnx
+
+    from fffjax.models.crammed_bert import UltraFastFF, _fff_forward, additive_mask, set_fff_implementation
+
+    model = models["mlm"]
+    if implementation is not None:
+        set_fff_implementation(model, implementation)
+    encoder, layer = model.encoder, model.encoder.layers[0]
+    ids, mask = inputs
+    mask_bias = additive_mask(mask, encoder.dtype)
+    hidden = jax.jit(lambda ids: encoder.embedding(ids))(ids)
+    parts = {
+        "embedding": (lambda m, ids: m.encoder.embedding(ids), ids),
+        "attention": (lambda m, h: m.encoder.layers[0].attn(h, mask_bias), hidden),
+        "layer_norm": (lambda m, h: m.encoder.layers[0].norm1(h), hidden),
+        "feedforward": ((lambda m, h: _fff_forward(m.encoder.layers[0].ffn, h))
+                        if isinstance(layer.ffn, UltraFastFF) else (lambda m, h: m.encoder.layers[0].ffn(h)), hidden),
+    }
+    graphdef, state = nnx.split(model)
+    rows = []
+    for name in COMPONENTS:
+        part, arg = parts[name]
+        fn = jax.jit(lambda state, a, part=part: part(nnx.merge(graphdef, state), a))
+        jax.block_until_ready(fn(state, arg))
+        seconds = timed(lambda: jax.block_until_ready(fn(state, arg)), args.steps, args.warmup, args.repeats)
+        rows.append({"bench": "component", "component": name, "config": config_name,
+                     "implementation": implementation or "dense", "batch": ids.shape[0], "seq": ids.shape[1],
+                     "call_s": seconds, "tokens_per_s": ids.size / seconds, "compute_dtype": args.compute_dtype,
+                     "calls_per_forward": calls_per_forward(name, len(encoder.layers))})
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward)."""
     def key(r):
-        return r["bench"], r.get("forward")
+        return r["bench"], r.get("forward"), r.get("component")
 
     dense = {key(r): r["tokens_per_s"] for r in rows if r["implementation"] == "dense"}
     return [{**r, "vs_dense": r["tokens_per_s"] / dense[key(r)] if key(r) in dense else None} for r in rows]
@@ -182,7 +231,33 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['forward']} | {r['config']} | {r['implementation']} | {1e3 * r['batch_s']:.2f} | "
                          f"{r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |")
         lines.append("")
+    parts = [r for r in rows if r["bench"] == "component"]
+    if parts:
+        lines += ["## Where the encoder's time goes: each part jitted alone on the batch's hidden states", "",
+                  "ms per call, and x calls per `encode` (embedding once; per layer attention, feedforward and two "
+                  "norms; the final norm). The sum omits the residual adds, dropout (off) and fusion across parts.",
+                  "", "| model | FFF implementation | component | ms per call | calls | ms per encode |",
+                  "|---|---|---|---|---|---|"]
+        for (config, impl), group in _groups(parts):
+            total = 0.0
+            for r in group:
+                ms = 1e3 * r["call_s"] * r["calls_per_forward"]
+                total += ms
+                lines.append(f"| {config} | {impl} | {r['component']} | {1e3 * r['call_s']:.3f} | "
+                             f"{r['calls_per_forward']} | {ms:.2f} |")
+            encode = next((r for r in infer if r["forward"] == "encode" and r["config"] == config
+                           and r["implementation"] == impl), None)
+            measured = f" (measured encode {1e3 * encode['batch_s']:.2f} ms)" if encode else ""
+            lines.append(f"| {config} | {impl} | **sum** | | | **{total:.2f}**{measured} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["implementation"]), []).append(r)
+    return list(groups.items())
 
 
 def plot(report: dict, path: Path) -> None:
@@ -287,6 +362,10 @@ def run(args, command: str) -> dict:
                 for forward in FORWARDS:
                     log(f"infer {name} ({impl or 'dense'}) {forward}: compile, time")
                     record(bench_forward(args, models, forward, name, impl, inputs))
+                if args.components:
+                    log(f"components {name} ({impl or 'dense'}): compile, time")
+                    for row in bench_components(args, models, name, impl, inputs):
+                        record(row)
             del models
     write(report, out, png=True)
     return report
@@ -306,6 +385,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls (after the compile)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    ap.add_argument("--components", action="store_true",
+                    help="also time one layer's attention, layer norm and feedforward and the embedding alone")
     ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")
     ap.add_argument("--plot-only", default=None, metavar="JSON", help=f"redraw {NAME}.md and .png from a json")
     args = ap.parse_args(argv)
