@@ -41,7 +41,9 @@ DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 FORWARD_CANDIDATES = {
-    "1x11": [FffV2ForwardConfig(64, 128, 0, 4, split_level=7), FffV2ForwardConfig(64, 128, 0, 4, split_level=8),
+    "1x11": [FffV2ForwardConfig(64, 128, 0, 4, split_level=7),
+             FffV2ForwardConfig(64, 128, 0, 4, split_level=7, route_block_t=128, route_num_warps=8),
+             FffV2ForwardConfig(64, 128, 0, 4, split_level=8),
              FffV2ForwardConfig(128, 128, 0, 8, split_level=7), FffV2ForwardConfig(32, 256, 0, 4, split_level=8),
              FffV2ForwardConfig(16, 256, 0, 8), FffV2ForwardConfig(16, 256, 0, 4), FffV2ForwardConfig(32, 256, 0, 8),
              FffV2ForwardConfig(16, 128, 0, 4), FffV2ForwardConfig(32, 128, 4, 4), FffV2ForwardConfig(64, 128, 5, 8),
@@ -237,12 +239,15 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
     kw = dict(depth=depth, n_trees=n_trees, interpret=INTERPRET)
     stages = {}
     if split:
-        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, interpret=INTERPRET))
+        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, interpret=INTERPRET,
+                                                      block_t=forward_cfg.route_block_t,
+                                                      num_warps=forward_cfg.route_num_warps))
         stages["route_kernel"] = time_call(sub, x)
         s = sub(x)
         stages["sort"] = time_call(jax.jit(lambda s: fwd.sort_by_subtree(s, 2**split)), s)
         group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, block_t=forward_cfg.block_t,
-                                                       interpret=INTERPRET))
+                                                       interpret=INTERPRET, route_block_t=forward_cfg.route_block_t,
+                                                       route_num_warps=forward_cfg.route_num_warps))
         stages["route_and_layout"] = time_call(group, x)
     stages["forward"] = time_call(jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw)), x)
     with_res = jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw))

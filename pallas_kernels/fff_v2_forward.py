@@ -39,6 +39,8 @@ class FffV2ForwardConfig:
             subtree they enter, so that every block of ``block_t`` tokens shares its whole top path
             and runs its ``2**(depth+1-s) - 1``-node subtree densely on the tensor cores
             (``block_t >= 16``); ``dense_levels`` is then unused.
+        route_block_t, route_num_warps: the grouped layout's route kernel (tokens per program, warps);
+            a larger block rereads the top ``2**s - 1`` weight rows from L2 for fewer tokens.
     """
 
     block_t: int = 16
@@ -47,9 +49,11 @@ class FffV2ForwardConfig:
     num_warps: int = 8
     num_stages: int = 1
     split_level: int = 0
+    route_block_t: int = 64
+    route_num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_t", "chunk"):
+        for name in ("block_t", "chunk", "route_block_t"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 1, got {value}")
@@ -66,7 +70,6 @@ class FffV2ForwardConfig:
 DEFAULT_CONFIG = FffV2ForwardConfig()
 GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=128, num_warps=4, split_level=7)
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
-ROUTE_BLOCK_T = 64
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
 
 
@@ -300,7 +303,7 @@ def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, spl
     cm.store(sub_ref.at[rows], node - n_top, mask=row_ok)
 
 
-def route_to_subtrees(x, w_in, b_in, *, split: int, interpret: bool = False, block_t: int = ROUTE_BLOCK_T,
+def route_to_subtrees(x, w_in, b_in, *, split: int, interpret: bool = False, block_t: int = 64,
                       chunk: int = 128, num_warps: int = 4):
     """``sub (T,)`` int32: the level-``split`` subtree (``0 .. 2**split - 1``) each token enters.
 
@@ -346,7 +349,8 @@ def sort_by_subtree(sub, n_sub: int):
     return perm, sub[perm]
 
 
-def group_by_subtree(x, w_in, b_in, *, split: int, block_t: int, interpret: bool = False):
+def group_by_subtree(x, w_in, b_in, *, split: int, block_t: int, interpret: bool = False, route_block_t: int = 64,
+                     route_num_warps: int = 4):
     """Route every token through the top ``split`` levels and lay the tokens out in blocks by subtree.
 
     Returns:
@@ -359,7 +363,8 @@ def group_by_subtree(x, w_in, b_in, *, split: int, block_t: int, interpret: bool
     """
     n_tokens = x.shape[0]
     n_sub = 2**split
-    sub = route_to_subtrees(x, w_in, b_in, split=split, interpret=interpret)
+    sub = route_to_subtrees(x, w_in, b_in, split=split, interpret=interpret, block_t=route_block_t,
+                            num_warps=route_num_warps)
     perm, sorted_sub = sort_by_subtree(sub, n_sub)
     counts = jnp.bincount(sub, length=n_sub).astype(jnp.int32)
     start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
@@ -428,7 +433,9 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
                   save_residuals=save_residuals)
     out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
     if split > 0:
-        slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, block_t=config.block_t, interpret=interpret)
+        slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, block_t=config.block_t, interpret=interpret,
+                                            route_block_t=config.route_block_t,
+                                            route_num_warps=config.route_num_warps)
         kernel = functools.partial(_grouped_kernel, split=split, **common)
         grid = (block_sub.shape[0],)
         operands = (slots, block_sub, x, w_in, b_in, w_out)

@@ -51,7 +51,8 @@ def test_forward_matches_reference_bfloat16(seed, n_tokens, width, depth, n_tree
 def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, dtype):
     split = min(split, depth)
     x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, 1, dtype)
-    config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=max(split, depth - 4))
+    config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=max(split, depth - 4),
+                                route_block_t=16 if seed % 2 else 32)
     y, (slots, block_sub, table) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
                                                   save_residuals=True)
     assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
