@@ -170,6 +170,25 @@ def test_bf16_compute_tracks_float32_and_keeps_float32_weights():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state["params"]))
 
 
+@pytest.mark.parametrize("ffn", ["fff", "dense"])
+def test_bf16_compute_runs_every_matmul_in_bf16(ffn):
+    # A float32-built model: the trainer must switch its modules, not only cast the parameters
+    # (float32 modules would promote the bf16 copies back to float32 matmuls).
+    import re
+
+    config = dataclasses.replace(BASE, compute_dtype="bfloat16")
+    model = CrammedBertMLM(small_config(ffn), rngs=nnx.Rngs(0))
+    trainer = loop.Trainer(model, loop.mlm_objective, config, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
+    batch, _ = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB).next(
+        pipeline.initial_position(0))
+    text = jax.jit(lambda p, b: trainer._loss(p, b, 0, 0, 0)[0]).lower(
+        trainer.state["params"], trainer.place_batch(batch)).as_text()
+    operands = [re.search(r"\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", line).groups()
+                for line in text.splitlines() if "dot_general" in line]
+    assert len(operands) >= 5 and all(o == ("bf16", "bf16") for o in operands), operands
+    assert model.encoder.layers[0].attn.dense.dtype == jnp.float32          # the caller's model is untouched
+
+
 def test_dropout_is_a_pure_function_of_seed_and_step():
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
     config = dataclasses.replace(BASE, train_mode=True)

@@ -77,7 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import jax.numpy as jnp
     from flax import nnx
 
     from fffjax.models import CrammedBertClassifier, ModelConfig
@@ -105,10 +104,7 @@ def run(args: argparse.Namespace) -> int:
     test = classifier_batches(task.test_texts, task.test_labels, tokenizer, seq_length)
     batches = pipeline.BatchPipeline(train, config.batch_size)
 
-    # The modules compute in the trainer's dtype (their parameters stay float32): a float32 module would
-    # promote the trainer's bfloat16 parameter copies back to float32 matmuls.
-    model = CrammedBertClassifier(model_config, dtype=jnp.dtype(config.compute_dtype),
-                  rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    model = CrammedBertClassifier(model_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     if init_params is not None:
         state = nnx.state(model, nnx.Param)
         fresh = nnx.to_pure_dict(state)

@@ -5,8 +5,9 @@ applied to biases and norms, a triangle learning-rate schedule (linear rise from
 `peak_fraction` of the steps, linear fall to 0 at the end; the published `budget-triangle2` is the
 same shape over wall-clock budget, here over steps so runs are reproducible), gradient clipping
 to global norm 0.5. Gradient accumulation averages `grad_accum` microbatch gradients inside one
-jitted step; `compute_dtype="bfloat16"` casts the parameters for the forward and backward pass
-while the optimizer keeps float32 master weights.
+jitted step; `compute_dtype="bfloat16"` casts the parameters for the forward and backward pass and
+switches the modules to bfloat16 compute (`set_compute_dtype`), while the optimizer keeps float32
+master weights.
 
 The train state is a plain dict `{"params", "opt_state", "step"}` whose `params` is the NNX
 model's `nnx.Param` state as a pure nested dict (`nnx.to_pure_dict`), so checkpoint keys and
@@ -196,6 +197,19 @@ def _is_rng_key(x) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def set_compute_dtype(model: nnx.Module, dtype) -> None:
+    """Make every submodule with a floating ``dtype`` attribute (linear, embedding, norm layers, the
+    encoder's mask) compute in ``dtype``, in place; parameters keep their dtype.
+
+    Casting the parameters alone is not enough: a module built with ``dtype=float32`` promotes its
+    bfloat16 parameter copy back to float32 before the matmul.
+    """
+    for _, module in nnx.iter_graph(model):
+        current = getattr(module, "dtype", None)
+        if isinstance(module, nnx.Module) and current is not None and jnp.issubdtype(current, jnp.floating):
+            module.dtype = dtype
+
+
 class Trainer:
     """Holds a model's graph, a sharded train state and the jitted step.
 
@@ -214,9 +228,12 @@ class Trainer:
         self.config = config
         self.objective = objective
         self.mesh = mesh if mesh is not None else shd.make_mesh(config.data_parallel, config.model_parallel)
-        if config.parallelism:
+        if config.parallelism or config.compute_dtype != "float32":
             model = nnx.clone(model)  # the caller's model stays as it was
+        if config.parallelism:
             rules = shd.apply_parallelism(model, config.parallelism, self.mesh)
+        if config.compute_dtype != "float32":
+            set_compute_dtype(model, jnp.dtype(config.compute_dtype))
         if config.batch_size % (self.mesh.shape[shd.DATA] * config.grad_accum) and config.grad_accum > 1:
             raise ValueError(f"batch_size: {config.batch_size} must divide into grad_accum={config.grad_accum} "
                              f"microbatches of a multiple of data={self.mesh.shape[shd.DATA]}")

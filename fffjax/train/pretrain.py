@@ -141,7 +141,6 @@ PRETRAIN_DEFAULTS = {"steps": 1000, "batch_size": 32, "learning_rate": 1e-3, "sa
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
     from flax import nnx
 
     from fffjax.models import CrammedBertMLM, count_parameters
@@ -165,10 +164,7 @@ def run(args: argparse.Namespace) -> int:
     batches = pipeline.mlm_pipeline(train_rows, config.batch_size, vocab_size=vocab)
     eval_batches = eval_batch_list(held_out, config.batch_size, data["eval_batches"], vocab)
 
-    # The modules compute in the trainer's dtype (their parameters stay float32): a float32 module would
-    # promote the trainer's bfloat16 parameter copies back to float32 matmuls.
-    model = CrammedBertMLM(model_config, dtype=jnp.dtype(config.compute_dtype),
-                  rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    model = CrammedBertMLM(model_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     trainer = Trainer(model, mlm_objective, config)
     print(f"pretrain {args.config}: {count_parameters(model):,} parameters, {len(train_rows):,} train rows of "
           f"{seq_length} tokens ({len(held_out):,} held out), vocab {vocab}, mesh {dict(trainer.mesh.shape)}, "
