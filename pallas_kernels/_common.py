@@ -78,3 +78,52 @@ def load(ref, mask=None, other=None):
 def store(ref, value, mask=None):
     """Masked store."""
     plgpu_triton.store(ref, value, mask=mask)
+
+
+def chunk_indices(c: int, chunk: int, width: int):
+    """Column indices of chunk ``c`` and their validity mask (None if all are in range).
+
+    Masked loads and stores keep the out-of-range indices as they are: a masked lane touches no
+    memory on the GPU, and interpret mode drops out-of-range scatter updates (clamping them instead
+    would make a masked store overwrite a real element with its old value).
+    """
+    cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    if (c + 1) * chunk <= width:
+        return cols, None
+    return cols, cols < width
+
+
+def load_rows(ref, rows, cols, col_ok, row_ok=None):
+    """``ref[rows, cols]`` as a ``(len(rows), len(cols))`` block, zero where a mask is off."""
+    mask = None
+    if col_ok is not None:
+        mask = jnp.broadcast_to(col_ok[None, :], (rows.shape[0], cols.shape[0]))
+    if row_ok is not None:
+        rmask = jnp.broadcast_to(row_ok[:, None], (rows.shape[0], cols.shape[0]))
+        mask = rmask if mask is None else mask & rmask
+    block = ref.at[rows[:, None], cols[None, :]]
+    return load(block, mask=mask, other=0.0 if mask is not None else None)
+
+
+def store_rows(ref, rows, cols, value, col_ok, row_ok):
+    """``ref[rows, cols] = value`` for the ``(len(rows), len(cols))`` block, where both masks are on
+    (``col_ok`` None: every column)."""
+    mask = jnp.broadcast_to(row_ok[:, None], value.shape)
+    if col_ok is not None:
+        mask = mask & col_ok[None, :]
+    store(ref.at[rows[:, None], cols[None, :]], value.astype(ref.dtype), mask=mask)
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+    """Tensor-core dot with float32 accumulation; float32 operands stay IEEE (no tf32 rounding)."""
+    exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
+    return plgpu_triton.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+                            allow_tf32=False if exact else None).astype(jnp.float32)
+
+
+def check_powers_of_two(config, names) -> None:
+    """Raise ``ValueError`` naming the first field of ``config`` in ``names`` that is not a power of two >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 1, got {value}")

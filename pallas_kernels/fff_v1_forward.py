@@ -17,7 +17,6 @@ from jax.experimental import pallas as pl
 
 from fffjax import tree, v1
 from pallas_kernels import _common as cm
-from pallas_kernels.fff_v2_forward import _chunk_indices, _load_rows
 
 MAX_LEAF_WIDTH = 256
 
@@ -38,10 +37,7 @@ class FffV1ForwardConfig:
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("block_t", "chunk"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+        cm.check_powers_of_two(self, ("block_t", "chunk"))
 
 
 DEFAULT_CONFIG = FffV1ForwardConfig()
@@ -56,30 +52,27 @@ def _descent_kernel(x_ref, nw_ref, nb_ref, w1_ref, b1_ref, hidden_ref, leaf_ref,
     c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
     x32 = []
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        x32.append(_load_rows(x_ref, rows, cols, ok, row_ok).astype(jnp.float32))
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        x32.append(cm.load_rows(x_ref, rows, cols, ok, row_ok).astype(jnp.float32))
     node = jnp.zeros((bt,), jnp.int32)
     for _ in range(depth):
         z = cm.load(nb_ref.at[node]).astype(jnp.float32)
         for c in range(n_in):
-            cols, ok = _chunk_indices(c, c_in, width_in)
-            z += jnp.sum(x32[c] * _load_rows(nw_ref, node, cols, ok).astype(jnp.float32), axis=1)
+            cols, ok = cm.chunk_indices(c, c_in, width_in)
+            z += jnp.sum(x32[c] * cm.load_rows(nw_ref, node, cols, ok).astype(jnp.float32), axis=1)
         node = 2 * node + 1 + (z >= 0).astype(jnp.int32)
     leaf = node - (2**depth - 1)
     cm.store(leaf_ref.at[rows], leaf, mask=row_ok)
     w_pad = cm.next_pow2(leaf_width)
-    wcols, wok = _chunk_indices(0, w_pad, leaf_width)
-    hidden = _load_rows(b1_ref, leaf, wcols, wok).astype(jnp.float32)
+    wcols, wok = cm.chunk_indices(0, w_pad, leaf_width)
+    hidden = cm.load_rows(b1_ref, leaf, wcols, wok).astype(jnp.float32)
 
     def feature(i, acc):
         xi = cm.load(x_ref.at[rows_safe, i]).astype(jnp.float32)
-        return acc + xi[:, None] * _load_rows(w1_ref, leaf * width_in + i, wcols, wok).astype(jnp.float32)
+        return acc + xi[:, None] * cm.load_rows(w1_ref, leaf * width_in + i, wcols, wok).astype(jnp.float32)
 
     hidden = jax.lax.fori_loop(0, width_in, feature, hidden)
-    mask = jnp.broadcast_to(row_ok[:, None], (bt, w_pad))
-    if wok is not None:
-        mask = mask & wok[None, :]
-    cm.store(hidden_ref.at[rows[:, None], wcols[None, :]], hidden, mask=mask)
+    cm.store_rows(hidden_ref, rows, wcols, hidden, wok, row_ok)
 
 
 def _leaf_out_kernel(hidden_ref, leaf_ref, w2_ref, b2_ref, y_ref, *, n_tokens, leaf_width, width_out,
@@ -91,21 +84,18 @@ def _leaf_out_kernel(hidden_ref, leaf_ref, w2_ref, b2_ref, y_ref, *, n_tokens, l
     leaf = cm.load(leaf_ref.at[rows_safe])
     c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
         if output_bias:
-            acc = _load_rows(b2_ref, leaf, cols, ok).astype(jnp.float32)
+            acc = cm.load_rows(b2_ref, leaf, cols, ok).astype(jnp.float32)
         else:
             acc = jnp.zeros((bt, c_out), jnp.float32)
 
         def unit(w, acc, cols=cols, ok=ok):
             hw = cm.load(hidden_ref.at[rows_safe, w])
-            return acc + hw[:, None] * _load_rows(w2_ref, leaf * leaf_width + w, cols, ok).astype(jnp.float32)
+            return acc + hw[:, None] * cm.load_rows(w2_ref, leaf * leaf_width + w, cols, ok).astype(jnp.float32)
 
         acc = jax.lax.fori_loop(0, leaf_width, unit, acc)
-        mask = jnp.broadcast_to(row_ok[:, None], (bt, c_out))
-        if ok is not None:
-            mask = mask & ok[None, :]
-        cm.store(y_ref.at[rows[:, None], cols[None, :]], acc.astype(y_ref.dtype), mask=mask)
+        cm.store_rows(y_ref, rows, cols, acc, ok, row_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("depth", "activation", "leaf_output_bias", "interpret", "config"))

@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu_triton
 
 from fffjax import tree, v2
 from pallas_kernels import _common as cm
@@ -53,10 +52,7 @@ class FffV2ForwardConfig:
     route_num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_t", "chunk", "route_block_t"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+        cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t"))
         if self.dense_levels < 0:
             raise ValueError(f"dense_levels must be >= 0, got {self.dense_levels}")
         if self.dense_levels > 0 and self.block_t < 16:
@@ -85,38 +81,6 @@ def default_config(depth: int, n_trees: int) -> FffV2ForwardConfig:
     return DEFAULT_CONFIG
 
 
-def _chunk_indices(c: int, chunk: int, width: int):
-    """Column indices of chunk ``c`` and their validity mask (None if all are in range).
-
-    Masked loads and stores keep the out-of-range indices as they are: a masked lane touches no
-    memory on the GPU, and interpret mode drops out-of-range scatter updates (clamping them instead
-    would make a masked store overwrite a real element with its old value).
-    """
-    cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    if (c + 1) * chunk <= width:
-        return cols, None
-    return cols, cols < width
-
-
-def _load_rows(ref, rows, cols, col_ok, row_ok=None):
-    """``ref[rows, cols]`` as a ``(len(rows), len(cols))`` block, zero where a mask is off."""
-    mask = None
-    if col_ok is not None:
-        mask = jnp.broadcast_to(col_ok[None, :], (rows.shape[0], cols.shape[0]))
-    if row_ok is not None:
-        rmask = jnp.broadcast_to(row_ok[:, None], (rows.shape[0], cols.shape[0]))
-        mask = rmask if mask is None else mask & rmask
-    block = ref.at[rows[:, None], cols[None, :]]
-    return cm.load(block, mask=mask, other=0.0 if mask is not None else None)
-
-
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    """Tensor-core dot with float32 accumulation; float32 operands stay IEEE (no tf32 rounding)."""
-    exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
-    return plgpu_triton.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                            allow_tf32=False if exact else None).astype(jnp.float32)
-
-
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
             n_trees, cfg: FffV2ForwardConfig, save_residuals: bool):
     y_ref = out_refs[0]
@@ -130,8 +94,8 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
     row_ok = rows < n_tokens
     x_chunks = []
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        x_chunks.append(_load_rows(x_ref, rows, cols, ok, row_ok))
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        x_chunks.append(cm.load_rows(x_ref, rows, cols, ok, row_ok))
     x32 = [xc.astype(jnp.float32) for xc in x_chunks]
     n_dense = cm.next_pow2(max(16, 2**dense - 1)) if dense else 0
 
@@ -146,9 +110,9 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
             top_rows = base + jnp.where(top_ok, top, 0)
             logits = jnp.zeros((bt, n_dense), jnp.float32)
             for c in range(n_in):
-                cols, ok = _chunk_indices(c, c_in, width_in)
-                w = _load_rows(w_in_ref, top_rows, cols, ok, top_ok)
-                logits += _dot(x_chunks[c], w.astype(x_chunks[c].dtype), trans_b=True)
+                cols, ok = cm.chunk_indices(c, c_in, width_in)
+                w = cm.load_rows(w_in_ref, top_rows, cols, ok, top_ok)
+                logits += cm.dot(x_chunks[c], w.astype(x_chunks[c].dtype), trans_b=True)
             logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
             on_path = jnp.zeros((bt, n_dense), jnp.bool_)
             for _ in range(dense):
@@ -162,8 +126,8 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
             flat = base + node
             z = cm.load(b_in_ref.at[flat]).astype(jnp.float32)
             for c in range(n_in):
-                cols, ok = _chunk_indices(c, c_in, width_in)
-                z += jnp.sum(x32[c] * _load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
+                cols, ok = cm.chunk_indices(c, c_in, width_in)
+                z += jnp.sum(x32[c] * cm.load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
             path.append((flat, z))
             node = 2 * node + 1 + (z > 0).astype(jnp.int32)
         if save_residuals:
@@ -174,14 +138,14 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
                 cm.store(z_ref.at[p, rows], z, mask=row_ok)
         new = []
         for c in range(n_out):
-            cols, ok = _chunk_indices(c, c_out, width_out)
+            cols, ok = cm.chunk_indices(c, c_out, width_out)
             acc = y_chunks[c]
             if dense:
-                w = _load_rows(w_out_ref, top_rows, cols, ok, top_ok)
+                w = cm.load_rows(w_out_ref, top_rows, cols, ok, top_ok)
                 act = top_act if x_ref.dtype == jnp.float32 else top_act.astype(x_ref.dtype)
-                acc += _dot(act, w.astype(act.dtype))
+                acc += cm.dot(act, w.astype(act.dtype))
             for flat, z in path[dense:]:
-                acc += cm.gelu(z)[:, None] * _load_rows(w_out_ref, flat, cols, ok).astype(jnp.float32)
+                acc += cm.gelu(z)[:, None] * cm.load_rows(w_out_ref, flat, cols, ok).astype(jnp.float32)
             new.append(acc)
         return tuple(new)
 
@@ -191,11 +155,8 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
     else:
         y_chunks = jax.lax.fori_loop(0, n_trees, tree_body, init)
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
-        mask = jnp.broadcast_to(row_ok[:, None], (bt, c_out))
-        if ok is not None:
-            mask = mask & ok[None, :]
-        cm.store(y_ref.at[rows[:, None], cols[None, :]], y_chunks[c].astype(y_ref.dtype), mask=mask)
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
+        cm.store_rows(y_ref, rows, cols, y_chunks[c], ok, row_ok)
 
 
 def subtree_table(sub, *, split: int, depth: int):
@@ -258,10 +219,10 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
     col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
     logits = jnp.zeros((bt, col.shape[0]), jnp.float32)
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        xc = _load_rows(x_ref, tok, cols, ok, tok_ok)
-        w = _load_rows(w_in_ref, rows, cols, ok, col_ok)
-        logits += _dot(xc, w.astype(xc.dtype), trans_b=True)
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        xc = cm.load_rows(x_ref, tok, cols, ok, tok_ok)
+        w = cm.load_rows(w_in_ref, rows, cols, ok, col_ok)
+        logits += cm.dot(xc, w.astype(xc.dtype), trans_b=True)
     logits += cm.load(b_in_ref.at[rows], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
     if save_residuals:
         cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
@@ -269,13 +230,10 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
     act = jnp.where(on_path, cm.gelu(logits), 0.0)
     act = act if x_ref.dtype == jnp.float32 else act.astype(x_ref.dtype)
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
-        w = _load_rows(w_out_ref, rows, cols, ok, col_ok)
-        y = _dot(act, w.astype(act.dtype))
-        mask = jnp.broadcast_to(tok_ok[:, None], (bt, c_out))
-        if ok is not None:
-            mask = mask & ok[None, :]
-        cm.store(y_ref.at[tok[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=mask)
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
+        w = cm.load_rows(w_out_ref, rows, cols, ok, col_ok)
+        y = cm.dot(act, w.astype(act.dtype))
+        cm.store_rows(y_ref, tok, cols, y, ok, tok_ok)
 
 
 def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk):
@@ -291,10 +249,10 @@ def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, spl
     top_rows = jnp.where(top_ok, top, 0)
     logits = jnp.zeros((block_t, n_cols), jnp.float32)
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        xc = _load_rows(x_ref, rows, cols, ok, row_ok)
-        w = _load_rows(w_in_ref, top_rows, cols, ok, top_ok)
-        logits += _dot(xc, w.astype(xc.dtype), trans_b=True)
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        xc = cm.load_rows(x_ref, rows, cols, ok, row_ok)
+        w = cm.load_rows(w_in_ref, top_rows, cols, ok, top_ok)
+        logits += cm.dot(xc, w.astype(xc.dtype), trans_b=True)
     logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
     node = jnp.zeros((block_t,), jnp.int32)
     for _ in range(split):

@@ -30,9 +30,6 @@ from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
     FffV2ForwardConfig,
     GroupedResiduals,
-    _chunk_indices,
-    _dot,
-    _load_rows,
     check_shapes,
     default_config,
     descend_table,
@@ -69,10 +66,8 @@ class FffV2TrainConfig:
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("token_block_t", "token_chunk", "weight_block_t", "weight_chunk", "grouped_chunk"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+        cm.check_powers_of_two(
+            self, ("token_block_t", "token_chunk", "weight_block_t", "weight_chunk", "grouped_chunk"))
 
 
 DEFAULT_CONFIG = FffV2TrainConfig()
@@ -86,8 +81,8 @@ def _token_kernel(dy_ref, nodes_ref, z_ref, w_in_ref, w_out_ref, dx_ref, dz_ref,
     c_out, n_out = cm.column_chunks(width_out, chunk)
     dy = []
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
-        dy.append(_load_rows(dy_ref, rows, cols, ok, row_ok).astype(jnp.float32))
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
+        dy.append(cm.load_rows(dy_ref, rows, cols, ok, row_ok).astype(jnp.float32))
 
     def tree_body(k, dx_chunks):
         dx_chunks = list(dx_chunks)
@@ -97,23 +92,20 @@ def _token_kernel(dy_ref, nodes_ref, z_ref, w_in_ref, w_out_ref, dx_ref, dz_ref,
             z = cm.load(z_ref.at[p, rows], mask=row_ok, other=0.0)
             d_act = jnp.zeros((block_t,), jnp.float32)
             for c in range(n_out):
-                cols, ok = _chunk_indices(c, c_out, width_out)
-                d_act += jnp.sum(dy[c] * _load_rows(w_out_ref, node, cols, ok).astype(jnp.float32), axis=1)
+                cols, ok = cm.chunk_indices(c, c_out, width_out)
+                d_act += jnp.sum(dy[c] * cm.load_rows(w_out_ref, node, cols, ok).astype(jnp.float32), axis=1)
             dz = d_act * cm.gelu_grad(z)
             cm.store(dz_ref.at[p, rows], dz, mask=row_ok)
             for c in range(n_in):
-                cols, ok = _chunk_indices(c, c_in, width_in)
-                dx_chunks[c] += dz[:, None] * _load_rows(w_in_ref, node, cols, ok).astype(jnp.float32)
+                cols, ok = cm.chunk_indices(c, c_in, width_in)
+                dx_chunks[c] += dz[:, None] * cm.load_rows(w_in_ref, node, cols, ok).astype(jnp.float32)
         return tuple(dx_chunks)
 
     init = tuple(jnp.zeros((block_t, c_in), jnp.float32) for _ in range(n_in))
     dx = tree_body(0, init) if n_trees == 1 else jax.lax.fori_loop(0, n_trees, tree_body, init)
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        mask = jnp.broadcast_to(row_ok[:, None], (block_t, c_in))
-        if ok is not None:
-            mask = mask & ok[None, :]
-        cm.store(dx_ref.at[rows[:, None], cols[None, :]], dx[c].astype(dx_ref.dtype), mask=mask)
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        cm.store_rows(dx_ref, rows, cols, dx[c], ok, row_ok)
 
 
 def _segment_add(out_ref, node, first, last, weights, values, cols, col_ok, tok_ok, interpret):
@@ -159,13 +151,13 @@ def _weight_kernel(perm_ref, nodes_ref, z_ref, dz_ref, x_ref, dy_ref, _w_in0, _b
 
         jax.lax.fori_loop(first, last + 1, bias_body, 0)
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        xs = _load_rows(x_ref, tok, cols, ok).astype(jnp.float32)
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        xs = cm.load_rows(x_ref, tok, cols, ok).astype(jnp.float32)
         for node, first, last, dz, act in per_level:
             _segment_add(dw_in_ref, node, first, last, dz, xs, cols, ok, tok_ok, interpret)
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
-        dys = _load_rows(dy_ref, tok, cols, ok).astype(jnp.float32)
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
+        dys = cm.load_rows(dy_ref, tok, cols, ok).astype(jnp.float32)
         for node, first, last, dz, act in per_level:
             _segment_add(dw_out_ref, node, first, last, act, dys, cols, ok, tok_ok, interpret)
 
@@ -232,19 +224,16 @@ def _grouped_dx_kernel(slots_ref, block_sub_ref, logits_ref, dy_ref, w_in_ref, w
     on_path = on_path & tok_ok[:, None]
     d_act = jnp.zeros(logits.shape, jnp.float32)
     for c in range(n_out):
-        cols, ok = _chunk_indices(c, c_out, width_out)
-        dyc = _load_rows(dy_ref, tok, cols, ok, tok_ok)
-        d_act += _dot(dyc, _load_rows(w_out_ref, rows, cols, ok, col_ok).astype(dyc.dtype), trans_b=True)
+        cols, ok = cm.chunk_indices(c, c_out, width_out)
+        dyc = cm.load_rows(dy_ref, tok, cols, ok, tok_ok)
+        d_act += cm.dot(dyc, cm.load_rows(w_out_ref, rows, cols, ok, col_ok).astype(dyc.dtype), trans_b=True)
     dz = jnp.where(on_path, d_act * cm.gelu_grad(logits), 0.0).astype(dz_ref.dtype)
     cm.store(dz_ref.at[slot_rows[:, None], col[None, :]], dz)
     cm.store(act_ref.at[slot_rows[:, None], col[None, :]], jnp.where(on_path, cm.gelu(logits), 0.0).astype(act_ref.dtype))
     for c in range(n_in):
-        cols, ok = _chunk_indices(c, c_in, width_in)
-        dxc = _dot(dz, _load_rows(w_in_ref, rows, cols, ok, col_ok).astype(dz.dtype))
-        mask = jnp.broadcast_to(tok_ok[:, None], dxc.shape)
-        if ok is not None:
-            mask = mask & ok[None, :]
-        cm.store(dx_ref.at[tok[:, None], cols[None, :]], dxc.astype(dx_ref.dtype), mask=mask)
+        cols, ok = cm.chunk_indices(c, c_in, width_in)
+        dxc = cm.dot(dz, cm.load_rows(w_in_ref, rows, cols, ok, col_ok).astype(dz.dtype))
+        cm.store_rows(dx_ref, tok, cols, dxc, ok, tok_ok)
 
 
 def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, dy_ref, dw_in_ref, dw_out_ref,
@@ -268,10 +257,10 @@ def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, d
         tok = jnp.where(tok_ok, tok, n_tokens)
         dz = cm.load(dz_ref.at[slot_rows[:, None], col[None, :]])
         act = cm.load(act_ref.at[slot_rows[:, None], col[None, :]])
-        xc = _load_rows(x_ref, tok, cols, in_ok, tok_ok).astype(dz.dtype)
-        dyc = _load_rows(dy_ref, tok, cols, out_ok, tok_ok).astype(act.dtype)
-        acc_in += _dot(dz, xc, trans_a=True)
-        acc_out += _dot(act, dyc, trans_a=True)
+        xc = cm.load_rows(x_ref, tok, cols, in_ok, tok_ok).astype(dz.dtype)
+        dyc = cm.load_rows(dy_ref, tok, cols, out_ok, tok_ok).astype(act.dtype)
+        acc_in += cm.dot(dz, xc, trans_a=True)
+        acc_out += cm.dot(act, dyc, trans_a=True)
         acc_b += jnp.sum(dz.astype(jnp.float32), axis=0)
         return acc_in, acc_out, acc_b
 
