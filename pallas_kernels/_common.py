@@ -121,6 +121,28 @@ def dot(a, b, *, trans_a=False, trans_b=False):
                             allow_tf32=False if exact else None).astype(jnp.float32)
 
 
+def table_dot(src_ref, src_rows, src_ok, w_ref, w_rows, w_ok, width: int, chunk: int):
+    """``src[src_rows] @ w[w_rows]^T`` as a ``(len(src_rows), len(w_rows))`` float32 block, summed
+    over ``width`` columns chunk by chunk on the tensor cores (masked rows count as zero)."""
+    size, n_chunks = column_chunks(width, chunk)
+    acc = jnp.zeros((src_rows.shape[0], w_rows.shape[0]), jnp.float32)
+    for c in range(n_chunks):
+        cols, ok = chunk_indices(c, size, width)
+        s = load_rows(src_ref, src_rows, cols, ok, src_ok)
+        acc += dot(s, load_rows(w_ref, w_rows, cols, ok, w_ok).astype(s.dtype), trans_b=True)
+    return acc
+
+
+def store_table_product(out_ref, out_rows, out_ok, table, w_ref, w_rows, w_ok, width: int, chunk: int):
+    """``out[out_rows] = table @ w[w_rows]`` for ``table (len(out_rows), len(w_rows))``, written chunk
+    by chunk of the ``width`` output columns (rows where ``out_ok`` is off are not written)."""
+    size, n_chunks = column_chunks(width, chunk)
+    for c in range(n_chunks):
+        cols, ok = chunk_indices(c, size, width)
+        w = load_rows(w_ref, w_rows, cols, ok, w_ok).astype(table.dtype)
+        store_rows(out_ref, out_rows, cols, dot(table, w), ok, out_ok)
+
+
 def check_powers_of_two(config, names) -> None:
     """Raise ``ValueError`` naming the first field of ``config`` in ``names`` that is not a power of two >= 1."""
     for name in names:

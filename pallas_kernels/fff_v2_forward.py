@@ -200,6 +200,16 @@ def descend_table(logits, col, *, split: int, depth: int):
     return on_path, path
 
 
+def block_tokens(slots_ref, block, block_t: int, n_tokens: int):
+    """``(slot_rows, tok, tok_ok)``, each ``(block_t,)``: grouped block ``block``'s slots, their
+    tokens and which slots hold one. Empty slots get token ``n_tokens``, out of range: their masked
+    loads and stores touch no memory on the GPU and are dropped in interpret mode."""
+    slot_rows = block * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    tok = cm.load(slots_ref.at[slot_rows])
+    tok_ok = tok >= 0
+    return slot_rows, jnp.where(tok_ok, tok, n_tokens), tok_ok
+
+
 def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens,
                     width_in, width_out, depth, split, cfg: FffV2ForwardConfig, save_residuals: bool):
     """One block of tokens that all entered level-``split`` subtree ``block_sub[b]`` (single tree).
@@ -207,39 +217,22 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
     With ``save_residuals`` it also stores the block's whole table of logits (every slot, padding
     included, so that the backward never reads uninitialised memory).
     """
-    y_ref = out_refs[0]
-    bt = cfg.block_t
-    c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
-    c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
     b = pl.program_id(0)
-    slot_rows = b * bt + jnp.arange(bt, dtype=jnp.int32)
-    tok = cm.load(slots_ref.at[slot_rows])
-    tok_ok = tok >= 0
-    tok = jnp.where(tok_ok, tok, n_tokens)       # out of range: masked on the GPU, dropped in interpret mode
+    slot_rows, tok, tok_ok = block_tokens(slots_ref, b, cfg.block_t, n_tokens)
     col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
-    logits = jnp.zeros((bt, col.shape[0]), jnp.float32)
-    for c in range(n_in):
-        cols, ok = cm.chunk_indices(c, c_in, width_in)
-        xc = cm.load_rows(x_ref, tok, cols, ok, tok_ok)
-        w = cm.load_rows(w_in_ref, rows, cols, ok, col_ok)
-        logits += cm.dot(xc, w.astype(xc.dtype), trans_b=True)
+    logits = cm.table_dot(x_ref, tok, tok_ok, w_in_ref, rows, col_ok, width_in, cfg.chunk)
     logits += cm.load(b_in_ref.at[rows], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
     if save_residuals:
         cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
     on_path, _ = descend_table(logits, col, split=split, depth=depth)
     act = jnp.where(on_path, cm.gelu(logits), 0.0)
     act = act if x_ref.dtype == jnp.float32 else act.astype(x_ref.dtype)
-    for c in range(n_out):
-        cols, ok = cm.chunk_indices(c, c_out, width_out)
-        w = cm.load_rows(w_out_ref, rows, cols, ok, col_ok)
-        y = cm.dot(act, w.astype(act.dtype))
-        cm.store_rows(y_ref, tok, cols, y, ok, tok_ok)
+    cm.store_table_product(out_refs[0], tok, tok_ok, act, w_out_ref, rows, col_ok, width_out, cfg.chunk)
 
 
 def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk):
     """Each token's level-``split`` subtree: the top ``2**split - 1`` logits by one tensor-core dot per
     column chunk, then ``split`` strict ``> 0`` steps. Only ``sub (T,)`` goes back to HBM."""
-    c_in, n_in = cm.column_chunks(width_in, chunk)
     n_top = 2**split - 1
     n_cols = cm.next_pow2(max(16, n_top))
     rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
@@ -247,12 +240,7 @@ def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, spl
     top = jnp.arange(n_cols, dtype=jnp.int32)
     top_ok = top < n_top
     top_rows = jnp.where(top_ok, top, 0)
-    logits = jnp.zeros((block_t, n_cols), jnp.float32)
-    for c in range(n_in):
-        cols, ok = cm.chunk_indices(c, c_in, width_in)
-        xc = cm.load_rows(x_ref, rows, cols, ok, row_ok)
-        w = cm.load_rows(w_in_ref, top_rows, cols, ok, top_ok)
-        logits += cm.dot(xc, w.astype(xc.dtype), trans_b=True)
+    logits = cm.table_dot(x_ref, rows, row_ok, w_in_ref, top_rows, top_ok, width_in, chunk)
     logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
     node = jnp.zeros((block_t,), jnp.int32)
     for _ in range(split):

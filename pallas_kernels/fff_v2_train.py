@@ -30,6 +30,7 @@ from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
     FffV2ForwardConfig,
     GroupedResiduals,
+    block_tokens,
     check_shapes,
     default_config,
     descend_table,
@@ -211,29 +212,18 @@ def _grouped_dx_kernel(slots_ref, block_sub_ref, logits_ref, dy_ref, w_in_ref, w
                        n_tokens, width_in, width_out, depth, split, block_t, chunk):
     """One grouped block: ``d act = dy W_out[rows]^T`` and ``dx = dz W_in[rows]`` on the tensor cores;
     stores the block's ``dz`` and ``gelu(z)`` tables (zero off the path and on empty slots)."""
-    c_in, n_in = cm.column_chunks(width_in, chunk)
-    c_out, n_out = cm.column_chunks(width_out, chunk)
     b = pl.program_id(0)
-    slot_rows = b * block_t + jnp.arange(block_t, dtype=jnp.int32)
-    tok = cm.load(slots_ref.at[slot_rows])
-    tok_ok = tok >= 0
-    tok = jnp.where(tok_ok, tok, n_tokens)
+    slot_rows, tok, tok_ok = block_tokens(slots_ref, b, block_t, n_tokens)
     col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
     logits = cm.load(logits_ref.at[slot_rows[:, None], col[None, :]])
     on_path, _ = descend_table(logits, col, split=split, depth=depth)
     on_path = on_path & tok_ok[:, None]
-    d_act = jnp.zeros(logits.shape, jnp.float32)
-    for c in range(n_out):
-        cols, ok = cm.chunk_indices(c, c_out, width_out)
-        dyc = cm.load_rows(dy_ref, tok, cols, ok, tok_ok)
-        d_act += cm.dot(dyc, cm.load_rows(w_out_ref, rows, cols, ok, col_ok).astype(dyc.dtype), trans_b=True)
+    d_act = cm.table_dot(dy_ref, tok, tok_ok, w_out_ref, rows, col_ok, width_out, chunk)
     dz = jnp.where(on_path, d_act * cm.gelu_grad(logits), 0.0).astype(dz_ref.dtype)
     cm.store(dz_ref.at[slot_rows[:, None], col[None, :]], dz)
-    cm.store(act_ref.at[slot_rows[:, None], col[None, :]], jnp.where(on_path, cm.gelu(logits), 0.0).astype(act_ref.dtype))
-    for c in range(n_in):
-        cols, ok = cm.chunk_indices(c, c_in, width_in)
-        dxc = cm.dot(dz, cm.load_rows(w_in_ref, rows, cols, ok, col_ok).astype(dz.dtype))
-        cm.store_rows(dx_ref, tok, cols, dxc, ok, tok_ok)
+    act = jnp.where(on_path, cm.gelu(logits), 0.0).astype(act_ref.dtype)
+    cm.store(act_ref.at[slot_rows[:, None], col[None, :]], act)
+    cm.store_table_product(dx_ref, tok, tok_ok, dz, w_in_ref, rows, col_ok, width_in, chunk)
 
 
 def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, dy_ref, dw_in_ref, dw_out_ref,
@@ -251,10 +241,7 @@ def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, d
 
     def body(blk, carry):
         acc_in, acc_out, acc_b = carry
-        slot_rows = blk * block_t + jnp.arange(block_t, dtype=jnp.int32)
-        tok = cm.load(slots_ref.at[slot_rows])
-        tok_ok = tok >= 0
-        tok = jnp.where(tok_ok, tok, n_tokens)
+        slot_rows, tok, tok_ok = block_tokens(slots_ref, blk, block_t, n_tokens)
         dz = cm.load(dz_ref.at[slot_rows[:, None], col[None, :]])
         act = cm.load(act_ref.at[slot_rows[:, None], col[None, :]])
         xc = cm.load_rows(x_ref, tok, cols, in_ok, tok_ok).astype(dz.dtype)
