@@ -9,8 +9,7 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    (float32 master weights and AdamW), ``--train-batch`` sequences per step. The FFF model runs each
    implementation of ``--train-implementations`` (default ``pallas``: the Pallas forward with the
    conditional backward kernels; ``xla``'s backward is a scatter-add, slow on a GPU). Timed by
-   :func:`bench_scaleout.bench_pretrain` with the modules built in the compute dtype (a float32
-   module would promote the bf16 parameter copies back to float32 matmuls).
+   :func:`bench_scaleout.bench_pretrain` (the Trainer runs the modules in the compute dtype).
 2. **Inference**: jitted forward passes, bf16 parameters and compute, dropout off, ``--infer-batch``
    sequences: (a) ``encode`` (the encoder, where the FFF replaces the dense feedforward),
    (b) ``classifier`` (:class:`CrammedBertClassifier`: encoder + pooled head, the fine-tuned model),
@@ -79,7 +78,7 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
     ns = argparse.Namespace(config=config_name, implementation=implementation, per_device_batch=args.train_batch,
                             compute_dtype=args.compute_dtype, steps=args.steps, warmup=args.warmup,
                             repeats=args.repeats)
-    row = bench_pretrain(ns, 1, "dp", model_dtype=args.compute_dtype)
+    row = bench_pretrain(ns, 1, "dp")
     return {"bench": "train", "config": config_name, "implementation": implementation or "dense",
             "batch": args.train_batch, "seq": row["seq"], "step_s": row["step_s"], "steps_per_s": 1.0 / row["step_s"],
             "tokens_per_s": row["tokens_per_s"], "compute_dtype": args.compute_dtype,

@@ -86,13 +86,11 @@ def random_mlm_batch(rng, batch: int, seq: int, vocab: int, rate: float = 0.25) 
             "mask_weights": np.ones((batch, k), np.float32)}
 
 
-def bench_pretrain(args, n: int, scheme: str, *, model_dtype: str = "float32") -> dict:
+def bench_pretrain(args, n: int, scheme: str) -> dict:
     """``scheme``: a name of ``fffjax.train.sharding.PARALLELISM``, optionally ``@m`` for a model axis of
-    size ``m`` (default 1; the mesh is ``(n / m, m)``). ``model_dtype``: the modules' compute dtype
-    (``CrammedBertMLM(dtype=...)``); with ``"float32"`` the layers promote the trainer's bfloat16
-    parameter copies back to float32, so only ``"bfloat16"`` runs the matmuls in bfloat16."""
+    size ``m`` (default 1; the mesh is ``(n / m, m)``). The Trainer runs the modules in
+    ``args.compute_dtype``."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -110,8 +108,7 @@ def bench_pretrain(args, n: int, scheme: str, *, model_dtype: str = "float32") -
     batch = args.per_device_batch * n
     train_config = loop.TrainConfig(steps=10_000, batch_size=batch, compute_dtype=args.compute_dtype,
                                     data_parallel=n // model_axis, model_parallel=model_axis)
-    model = CrammedBertMLM(config, dtype=jnp.dtype(model_dtype), implementation=args.implementation,
-                           rngs=nnx.Rngs(0))
+    model = CrammedBertMLM(config, implementation=args.implementation, rngs=nnx.Rngs(0))
     rules = shd.apply_parallelism(model, name, mesh)
     trainer = loop.Trainer(model, loop.mlm_objective, train_config, mesh=mesh, rules=rules)
     host = random_mlm_batch(np.random.default_rng(0), batch, config.max_seq_length, config.vocab_size)
@@ -121,7 +118,7 @@ def bench_pretrain(args, n: int, scheme: str, *, model_dtype: str = "float32") -
     tokens = batch * config.max_seq_length
     return {"bench": "pretrain", "config": args.config, "scheme": scheme, "devices": n, "per_device_batch":
             args.per_device_batch, "seq": config.max_seq_length, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "compute_dtype": args.compute_dtype, "model_dtype": model_dtype, "implementation": args.implementation}
+            "compute_dtype": args.compute_dtype, "implementation": args.implementation}
 
 
 # ----------------------------------------------------------------------------- tree-parallel layer
@@ -241,7 +238,7 @@ def main(argv=None) -> None:
         for scheme in a.schemes:
             if scheme.partition("@")[2] and n % int(scheme.partition("@")[2]):
                 continue
-            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme, model_dtype=a.compute_dtype)
+            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme)
             row["device_kind"] = jax.devices()[0].device_kind
             rows.append(row)
             print(json.dumps(row), flush=True)
