@@ -35,6 +35,15 @@ def assert_close(actual, expected, dtype, name="y"):
     assert err <= tol * scale, f"{name}: max |error| {err:.3g} > {tol * scale:.3g}"
 
 
+def assert_bf16_gradients_close(got, want, names):
+    """bfloat16 gradients ``got`` against float32 ``want``: each within ``2e-2 * max(1, max|want|)``
+    (operands rounded to bfloat16 inside the kernels; sums over tokens in float32)."""
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == jnp.bfloat16, name
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
+
+
 def pow2_chunk_for(width: int) -> int:
     """A chunk that covers ``width`` in two power-of-two chunks, the second one ragged."""
     size = 1

@@ -12,7 +12,7 @@ import fffjax
 import pallas_kernels as pk
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from _pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+from _pallas_helpers import assert_bf16_gradients_close, assert_close, pow2_chunk_for, v2_inputs
 
 NAMES = ("dx", "d_w_in", "d_b_in", "d_w_out")
 
@@ -91,10 +91,7 @@ def test_bfloat16_gradients_close_to_float32():
     bf16 = [a.astype(jnp.bfloat16) for a in (x, w_in, b_in, w_out)]
     got = _grads(*bf16, dy, depth, n_trees, config)
     want = pk.reference_vjp(*[a.astype(jnp.float32) for a in bf16], dy, depth=depth, n_trees=n_trees)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == jnp.bfloat16, name
-        scale = max(1.0, float(jnp.max(jnp.abs(w))))
-        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
+    assert_bf16_gradients_close(got, want, NAMES)
 
 
 @pytest.mark.slow
@@ -107,10 +104,7 @@ def test_grouped_bfloat16_gradients_close_to_float32():
     got = _grads(*bf16, dy, depth, 1, config)
     want = pk.reference_vjp(*[a.astype(jnp.float32) for a in bf16], dy.astype(jnp.bfloat16).astype(jnp.float32),
                             depth=depth, n_trees=1)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == jnp.bfloat16, name
-        scale = max(1.0, float(jnp.max(jnp.abs(w))))
-        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale, name
+    assert_bf16_gradients_close(got, want, NAMES)
 
 
 @pytest.mark.slow
