@@ -235,7 +235,22 @@ def _check_inputs(input_ids, attention_mask, config: ModelConfig):
     return input_ids
 
 
-class CrammedBertMLM(nnx.Module):
+class _EncoderModel(nnx.Module):
+    """A crammed-BERT encoder and its config: what the MLM and the classifier share."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, implementation: str | None = None,
+                 rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config, dtype=dtype, implementation=implementation, rngs=rngs)
+
+    def encode(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
+        """Final-normed hidden states ``(B, S, H)`` in the compute dtype."""
+        return self.encoder(input_ids, attention_mask)
+
+
+class CrammedBertMLM(_EncoderModel):
     """UltraFastBERT / crammed BERT for masked language modelling (``ScriptableLMForPreTraining``).
 
     Args:
@@ -250,16 +265,6 @@ class CrammedBertMLM(nnx.Module):
     (float32); ``attention_mask`` is 1 for a token and 0 for padding (additive -10000).
     """
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, implementation: str | None = None,
-                 rngs: nnx.Rngs):
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        self.config = config
-        self.encoder = Encoder(config, dtype=dtype, implementation=implementation, rngs=rngs)
-
-    def encode(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
-        """Final-normed hidden states ``(B, S, H)`` in the compute dtype."""
-        return self.encoder(input_ids, attention_mask)
 
     def decode(self, hidden: Float[Array, "*lead hidden"]) -> Float[Array, "*lead vocab"]:
         """The tied decoder ``hidden @ E.T`` (no bias), float32 logits."""
@@ -300,7 +305,7 @@ class Pooler(nnx.Module):
         return self.dropout(jnp.tanh(self.dense(jnp.mean(hidden, axis=1))))
 
 
-class CrammedBertClassifier(nnx.Module):
+class CrammedBertClassifier(_EncoderModel):
     """Sequence classification (``ScriptableLMForSequenceClassification``): encoder, average-pool
     head (dense ``head_dim`` + tanh + dropout) and a linear ``head`` to ``num_labels`` outputs.
 
@@ -310,16 +315,10 @@ class CrammedBertClassifier(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, implementation: str | None = None,
                  rngs: nnx.Rngs):
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        self.config = config
-        self.encoder = Encoder(config, dtype=dtype, implementation=implementation, rngs=rngs)
+        super().__init__(config, dtype=dtype, implementation=implementation, rngs=rngs)
         self.pooler = Pooler(config, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(config.head_dim, config.num_labels, dtype=dtype,
                                kernel_init=_normal(config.init_std), rngs=rngs)
-
-    def encode(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
-        return self.encoder(input_ids, attention_mask)
 
     def __call__(self, input_ids, attention_mask=None) -> Float[Array, "batch labels"]:
         return self.head(self.pooler(self.encode(input_ids, attention_mask))).astype(jnp.float32)
