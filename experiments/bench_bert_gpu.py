@@ -14,11 +14,14 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    sequences: (a) ``encode`` (the encoder, where the FFF replaces the dense feedforward),
    (b) ``classifier`` (:class:`CrammedBertClassifier`: encoder + pooled head, the fine-tuned model),
    (c) ``mlm`` (full-vocabulary logits: the tied 768 x 32768 decoder costs about as much as the whole
-   FFF encoder). FFF with each of ``--implementations`` (default ``pallas,xla``) and the dense twin.
+   FFF encoder). FFF with each of ``--implementations`` (default ``pallas,xla``) and the dense twin,
+   for each attention kernel of ``--attention`` (default ``auto``: cuDNN flash attention on a GPU;
+   ``xla,cudnn`` times both; dropout is off, so :class:`SelfAttention` runs the fused form).
 
-3. ``--components``: the embedding, one layer's attention, layer norm and feedforward, each jitted
-   alone on the batch's hidden states, times how often ``encode`` runs it: where the encoder's time
-   goes (the end-to-end speedup is capped by what is not the feedforward).
+3. ``--components``: device time of the embedding and of one layer, its attention block, the
+   attention's projections, a layer norm and the feedforward, each jitted alone on the batch's hidden
+   states (see :func:`bench_components`): where the encoder's time goes (the end-to-end speedup is
+   capped by what is not the feedforward).
 
 Timing: wall clock of ``--steps`` calls (each ending in ``block_until_ready`` or a host fetch of the
 metrics) after the compile and ``--warmup`` calls; the median of ``--repeats`` repeats. Writes
@@ -120,15 +123,16 @@ def jitted_forward(model, forward: str):
 
 
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
-                  inputs: tuple) -> dict:
+                  inputs: tuple, attention: str | None = None) -> dict:
     """One inference row: compile, then the median seconds per batch."""
     import jax
 
-    from fffjax.models.crammed_bert import set_fff_implementation
+    from fffjax.models.crammed_bert import attention_implementation, set_attention_implementation, set_fff_implementation
 
     model = models["classifier" if forward == "classifier" else "mlm"]
     if implementation is not None:
         set_fff_implementation(model, implementation)
+    set_attention_implementation(model, attention)
     fn, state = jitted_forward(model, forward)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(state, *inputs))
@@ -136,52 +140,89 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     seconds = timed(lambda: jax.block_until_ready(fn(state, *inputs)), args.steps, args.warmup, args.repeats)
     batch, seq = inputs[0].shape
     return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
+            "attention": attention_implementation(attention, jax.numpy.dtype(args.compute_dtype)),
             "batch": batch, "seq": seq, "batch_s": seconds, "tokens_per_s": batch * seq / seconds,
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
-COMPONENTS = ("embedding", "attention", "layer_norm", "feedforward")
+COMPONENTS = ("embedding", "layer", "attention", "projections", "layer_norm", "feedforward")
 
 
 def calls_per_forward(component: str, n_layers: int) -> int:
     """How often ``encode`` runs a component: the embedding once, two norms per layer plus the final one."""
-    return {"embedding": 1, "attention": n_layers, "layer_norm": 2 * n_layers + 1, "feedforward": n_layers}[component]
+    return {"embedding": 1, "layer_norm": 2 * n_layers + 1}.get(component, n_layers)
 
 
-def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple) -> list[dict]:
-    """Per-call seconds of one layer's parts (layer 0, jitted alone, the hidden states of the batch):
-    what the encoder's time is made of. ``embedding`` runs once per forward, the others once per layer
-    (layer norm twice)."""
+def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple,
+                     attention: str | None = None) -> list[dict]:
+    """Device seconds per call of layer 0's parts on the batch's hidden states: what the encoder's
+    time is made of. ``layer`` is the whole pre-LN layer; ``attention`` the attention block with its
+    projections; ``projections`` only its QKV and output matmuls (the three QKV parts summed, so
+    that XLA cannot drop two thirds of the matmul); so ``attention - projections`` is the score,
+    softmax and context core.
+
+    Each part maps ``(B, S, H) -> (B, S, H)`` and runs ``n_layers`` times in one jitted
+    ``fori_loop`` (``h = part(h)``), divided by ``n_layers``: per-call host dispatch, which would
+    dominate a part of tens of microseconds, is not counted. The embedding runs once per call.
+    """
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
-    from fffjax.models.crammed_bert import UltraFastFF, _fff_forward, additive_mask, set_fff_implementation
+    from fffjax.models.crammed_bert import (
+        UltraFastFF,
+        _fff_forward,
+        additive_mask,
+        attention_implementation,
+        set_attention_implementation,
+        set_fff_implementation,
+    )
 
     model = models["mlm"]
     if implementation is not None:
         set_fff_implementation(model, implementation)
-    encoder, layer = model.encoder, model.encoder.layers[0]
+    set_attention_implementation(model, attention)
+    encoder = model.encoder
+    n_layers = len(encoder.layers)
     ids, mask = inputs
     mask_bias = additive_mask(mask, encoder.dtype)
     hidden = jax.jit(lambda ids: encoder.embedding(ids))(ids)
+
+    def projections(layer, h):
+        attn = layer.attn
+        b, s, width = h.shape
+        return attn.dense(attn.query_key_value(h).reshape(b, s, 3, width).sum(axis=2))
+
+    def feedforward(layer, h):
+        return _fff_forward(layer.ffn, h) if isinstance(layer.ffn, UltraFastFF) else layer.ffn(h)
+
     parts = {
-        "embedding": (lambda m, ids: m.encoder.embedding(ids), ids),
-        "attention": (lambda m, h: m.encoder.layers[0].attn(h, mask_bias), hidden),
-        "layer_norm": (lambda m, h: m.encoder.layers[0].norm1(h), hidden),
-        "feedforward": ((lambda m, h: _fff_forward(m.encoder.layers[0].ffn, h))
-                        if isinstance(layer.ffn, UltraFastFF) else (lambda m, h: m.encoder.layers[0].ffn(h)), hidden),
+        "layer": lambda layer, h: layer(h, mask_bias),
+        "attention": lambda layer, h: layer.attn(h, mask_bias),
+        "projections": projections,
+        "layer_norm": lambda layer, h: layer.norm1(h),
+        "feedforward": feedforward,
     }
-    graphdef, state = nnx.split(model)
     rows = []
-    for name in COMPONENTS:
-        part, arg = parts[name]
-        fn = jax.jit(lambda state, a, part=part: part(nnx.merge(graphdef, state), a))
-        jax.block_until_ready(fn(state, arg))
-        seconds = timed(lambda: jax.block_until_ready(fn(state, arg)), args.steps, args.warmup, args.repeats)
+
+    def record(name, fn, args_, per_call):
+        jax.block_until_ready(fn(*args_))
+        seconds = timed(lambda: jax.block_until_ready(fn(*args_)), args.steps, args.warmup, args.repeats)
         rows.append({"bench": "component", "component": name, "config": config_name,
                      "implementation": implementation or "dense", "batch": ids.shape[0], "seq": ids.shape[1],
-                     "call_s": seconds, "tokens_per_s": ids.size / seconds, "compute_dtype": args.compute_dtype,
-                     "calls_per_forward": calls_per_forward(name, len(encoder.layers))})
+                     "attention": attention_implementation(attention, jnp.dtype(args.compute_dtype)),
+                     "call_s": seconds / per_call, "tokens_per_s": ids.size * per_call / seconds,
+                     "compute_dtype": args.compute_dtype, "calls_per_forward": calls_per_forward(name, n_layers)})
+
+    emb_graph, emb_state = nnx.split(encoder.embedding)
+    record("embedding", jax.jit(lambda state, ids: nnx.merge(emb_graph, state)(ids)), (emb_state, ids), 1)
+    layer_graph, layer_state = nnx.split(encoder.layers[0])
+    for name, part in parts.items():
+        def chained(state, h, part=part):
+            layer = nnx.merge(layer_graph, state)
+            return jax.lax.fori_loop(0, n_layers, lambda _, h: part(layer, h).astype(h.dtype), h)
+
+        record(name, jax.jit(chained), (layer_state, hidden), n_layers)
     return rows
 
 
@@ -191,7 +232,7 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward)."""
     def key(r):
-        return r["bench"], r.get("forward"), r.get("component")
+        return r["bench"], r.get("forward"), r.get("component"), r.get("attention")
 
     dense = {key(r): r["tokens_per_s"] for r in rows if r["implementation"] == "dense"}
     return [{**r, "vs_dense": r["tokens_per_s"] / dense[key(r)] if key(r) in dense else None} for r in rows]
@@ -223,39 +264,43 @@ def markdown(report: dict) -> str:
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
                   f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense.", "",
-                  "| forward | model | FFF implementation | batch (ms) | tokens/s | speedup vs dense |",
-                  "|---|---|---|---|---|---|"]
+                  "| forward | attention | model | FFF implementation | batch (ms) | tokens/s | speedup vs dense |",
+                  "|---|---|---|---|---|---|---|"]
         order = {f: i for i, f in enumerate(FORWARDS)}
-        for r in sorted(infer, key=lambda r: order.get(r["forward"], len(order))):
-            lines.append(f"| {r['forward']} | {r['config']} | {r['implementation']} | {1e3 * r['batch_s']:.2f} | "
-                         f"{r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |")
+        for r in sorted(infer, key=lambda r: (order.get(r["forward"], len(order)), r.get("attention") or "")):
+            lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r['config']} | {r['implementation']} | "
+                         f"{1e3 * r['batch_s']:.2f} | {r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |")
         lines.append("")
     parts = [r for r in rows if r["bench"] == "component"]
     if parts:
-        lines += ["## Where the encoder's time goes: each part jitted alone on the batch's hidden states", "",
-                  "ms per call, and x calls per `encode` (embedding once; per layer attention, feedforward and two "
-                  "norms; the final norm). The sum omits the residual adds, dropout (off) and fusion across parts.",
-                  "", "| model | FFF implementation | component | ms per call | calls | ms per encode |",
-                  "|---|---|---|---|---|---|"]
-        for (config, impl), group in _groups(parts):
-            total = 0.0
+        lines += ["## Where the encoder's time goes: device time of each part, jitted alone on the batch's hidden "
+                  "states", "",
+                  "ms per call (each part chained `n_layers` times in one jitted loop, so host dispatch is not "
+                  "counted), and how often `encode` runs it. `layer` is a whole pre-LN layer, which holds one "
+                  "`attention` (whose `projections` are its QKV and output matmuls), two `layer_norm`s and one "
+                  "`feedforward`; the estimate is embedding + layers + the final norm.",
+                  "", "| model | FFF implementation | attention | component | ms per call | calls | ms per encode |",
+                  "|---|---|---|---|---|---|---|"]
+        for (config, impl, attention), group in _groups(parts):
+            per_encode = {}
             for r in group:
-                ms = 1e3 * r["call_s"] * r["calls_per_forward"]
-                total += ms
-                lines.append(f"| {config} | {impl} | {r['component']} | {1e3 * r['call_s']:.3f} | "
+                per_encode[r["component"]] = ms = 1e3 * r["call_s"] * r["calls_per_forward"]
+                lines.append(f"| {config} | {impl} | {attention} | {r['component']} | {1e3 * r['call_s']:.3f} | "
                              f"{r['calls_per_forward']} | {ms:.2f} |")
+            norm = next((1e3 * r["call_s"] for r in group if r["component"] == "layer_norm"), 0.0)
+            total = per_encode.get("embedding", 0.0) + per_encode.get("layer", 0.0) + norm
             encode = next((r for r in infer if r["forward"] == "encode" and r["config"] == config
-                           and r["implementation"] == impl), None)
+                           and r["implementation"] == impl and r.get("attention") == attention), None)
             measured = f" (measured encode {1e3 * encode['batch_s']:.2f} ms)" if encode else ""
-            lines.append(f"| {config} | {impl} | **sum** | | | **{total:.2f}**{measured} |")
+            lines.append(f"| {config} | {impl} | {attention} | **estimate** | | | **{total:.2f}**{measured} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
+def _groups(rows: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["config"], r["implementation"]), []).append(r)
+        groups.setdefault((r["config"], r["implementation"], r.get("attention", "einsum")), []).append(r)
     return list(groups.items())
 
 
@@ -350,6 +395,11 @@ def run(args, command: str) -> dict:
         record(bench_train(args, name, impl))
 
     impls = split_list(args.implementations)
+    from fffjax.models.crammed_bert import attention_implementation
+
+    # Resolved names, each once ("auto" is cuDNN on a GPU, XLA on a CPU).
+    attentions = list(dict.fromkeys(attention_implementation(None if a == "auto" else a, args.compute_dtype)
+                                    for a in split_list(args.attention) or ["auto"]))
     if impls:
         batch = random_mlm_batch(np.random.default_rng(1), args.infer_batch, config.max_seq_length, config.vocab_size)
         inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
@@ -357,14 +407,15 @@ def run(args, command: str) -> dict:
         for name, model_impls in ((dense_name, [None]), (args.config, impls)):
             log(f"infer {name}: build")
             models = build_models(name, dtype, model_impls[0])
-            for impl in model_impls:
-                for forward in FORWARDS:
-                    log(f"infer {name} ({impl or 'dense'}) {forward}: compile, time")
-                    record(bench_forward(args, models, forward, name, impl, inputs))
-                if args.components:
-                    log(f"components {name} ({impl or 'dense'}): compile, time")
-                    for row in bench_components(args, models, name, impl, inputs):
-                        record(row)
+            for attention in attentions:
+                for impl in model_impls:
+                    for forward in split_list(args.forwards):
+                        log(f"infer {name} ({impl or 'dense'}, attention {attention}) {forward}: compile, time")
+                        record(bench_forward(args, models, forward, name, impl, inputs, attention))
+                    if args.components:
+                        log(f"components {name} ({impl or 'dense'}, attention {attention}): compile, time")
+                        for row in bench_components(args, models, name, impl, inputs, attention):
+                            record(row)
             del models
     write(report, out, png=True)
     return report
@@ -384,6 +435,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls (after the compile)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    ap.add_argument("--forwards", default=",".join(FORWARDS), help=f"comma list of inference forwards: {FORWARDS}")
+    ap.add_argument("--attention", default="auto",
+                    help="comma list of attention implementations for inference: xla, cudnn, auto (cuDNN on a GPU)")
     ap.add_argument("--components", action="store_true",
                     help="also time one layer's attention, layer norm and feedforward and the embedding alone")
     ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")

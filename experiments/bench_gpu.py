@@ -13,6 +13,7 @@ Usage (repo root, on the GPU machine)::
 
     PYTHONPATH=. python experiments/bench_gpu.py --out $OUT            # full run: json, md, png
     PYTHONPATH=. python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
+    python experiments/bench_gpu.py --out experiments/results --merge a/bench_gpu.json b/bench_gpu.json
 """
 
 import argparse
@@ -40,23 +41,38 @@ LAYERS = {"1x11": (1, 11), "128x4": (128, 4)}
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+C = FffV2ForwardConfig
+R256 = dict(route_block_t=256, route_chunk=64, route_num_warps=8, route_num_stages=3)
 FORWARD_CANDIDATES = {
-    "1x11": [FffV2ForwardConfig(64, 128, 0, 4, split_level=7),
-             FffV2ForwardConfig(64, 128, 0, 4, split_level=7, route_block_t=128, route_num_warps=8),
-             FffV2ForwardConfig(64, 128, 0, 4, split_level=8),
-             FffV2ForwardConfig(128, 128, 0, 8, split_level=7), FffV2ForwardConfig(32, 256, 0, 4, split_level=8),
-             FffV2ForwardConfig(16, 256, 0, 8), FffV2ForwardConfig(16, 256, 0, 4), FffV2ForwardConfig(32, 256, 0, 8),
-             FffV2ForwardConfig(16, 128, 0, 4), FffV2ForwardConfig(32, 128, 4, 4), FffV2ForwardConfig(64, 128, 5, 8),
-             FffV2ForwardConfig(64, 256, 6, 8), FffV2ForwardConfig(128, 128, 6, 8), FffV2ForwardConfig(32, 256, 5, 4)],
-    "128x4": [FffV2ForwardConfig(16, 256, 0, 8), FffV2ForwardConfig(64, 128, 5, 4), FffV2ForwardConfig(64, 256, 5, 8),
-              FffV2ForwardConfig(128, 128, 5, 8), FffV2ForwardConfig(128, 256, 5, 8)],
+    # Grouped (split 7): grouped kernel (block, chunk, warps, stages) x route kernel (R256: block, chunk, warps,
+    # stages); stages > 1 run the column chunks as loops that Triton pipelines. The first is the default
+    # (timed best on the H200 in a sweep of the third session); the last two groups: the second
+    # session's default and the token-order kernel.
+    "1x11": [C(64, 128, 0, 4, 3, split_level=7, **R256),
+             C(64, 128, 0, 4, 4, split_level=7, **R256),
+             C(64, 64, 0, 4, 3, split_level=7, **R256),
+             C(64, 256, 0, 4, 3, split_level=7, **R256),
+             C(64, 128, 0, 8, 3, split_level=7, **R256),
+             C(128, 128, 0, 4, 3, split_level=7, **R256),
+             C(32, 128, 0, 4, 3, split_level=7, **R256),
+             C(64, 128, 0, 4, 3, split_level=7, route_block_t=256, route_chunk=128, route_num_warps=8,
+               route_num_stages=3),
+             C(64, 128, 0, 4, 3, split_level=7, route_block_t=512, route_chunk=64, route_num_warps=8,
+               route_num_stages=3),
+             C(64, 128, 0, 4, 3, split_level=7, route_block_t=256, route_chunk=64, route_num_warps=4,
+               route_num_stages=4),
+             C(64, 128, 0, 4, 3, split_level=7, route_block_t=128, route_num_warps=8, route_num_stages=3),
+             C(64, 128, 0, 4, split_level=7),
+             C(64, 128, 0, 4, split_level=8), C(16, 256, 0, 8), C(32, 128, 4, 4), C(64, 128, 5, 8)],
+    "128x4": [C(16, 256, 0, 8), C(64, 128, 5, 4), C(64, 256, 5, 8), C(128, 128, 5, 8), C(128, 256, 5, 8)],
 }
 INTERPRET = jax.default_backend() != "gpu"   # CPU dry runs of the script only
 TRAIN_CANDIDATES = [FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=4),
                     FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=8),
                     FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=8, weight_block_t=128),
                     FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=4, weight_block_t=256, weight_chunk=64,
-                                     weight_num_warps=8)]
+                                     weight_num_warps=8),
+                    FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=8, num_stages=3)]
 
 
 def log(*args):
@@ -199,8 +215,15 @@ def autotune_forward(layer: str, dtype, n_tokens: int, candidates):
             log(f"  {layer} {jnp.dtype(dtype).name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
             rows.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
-        log(f"  {layer} {jnp.dtype(dtype).name} T={n_tokens} {cfg}: {t * 1e3:.3f} ms  rel.err {err:.2e}")
-        rows.append({"config": cfg.__dict__, "ms": t * 1e3, "rel_err": err})
+        row = {"config": cfg.__dict__, "ms": t * 1e3, "rel_err": err}
+        if cfg.split_level and jnp.dtype(dtype).itemsize == 2:   # the route kernel alone (16-bit routes in Pallas)
+            from pallas_kernels.fff_v2_forward import route_to_subtrees
+            route = jax.jit(lambda x: route_to_subtrees(x, w[0], w[1], split=cfg.split_level, config=cfg,
+                                                        interpret=INTERPRET))
+            row["route_ms"] = time_call(route, x) * 1e3
+        log(f"  {layer} {jnp.dtype(dtype).name} T={n_tokens} {cfg}: {t * 1e3:.3f} ms "
+            f"(route {row.get('route_ms', float('nan')):.3f} ms)  rel.err {err:.2e}")
+        rows.append(row)
         tol = 1e-5 if dtype == jnp.float32 else 2e-2
         if err <= tol and (best is None or t < best[1]):
             best = (cfg, t)
@@ -239,15 +262,13 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
     kw = dict(depth=depth, n_trees=n_trees, interpret=INTERPRET)
     stages = {}
     if split:
-        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, interpret=INTERPRET,
-                                                      block_t=forward_cfg.route_block_t,
-                                                      num_warps=forward_cfg.route_num_warps))
+        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg,
+                                                      interpret=INTERPRET))
         stages["route_kernel"] = time_call(sub, x)
         s = sub(x)
         stages["sort"] = time_call(jax.jit(lambda s: fwd.sort_by_subtree(s, 2**split)), s)
-        group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, block_t=forward_cfg.block_t,
-                                                       interpret=INTERPRET, route_block_t=forward_cfg.route_block_t,
-                                                       route_num_warps=forward_cfg.route_num_warps))
+        group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, config=forward_cfg,
+                                                       interpret=INTERPRET))
         stages["route_and_layout"] = time_call(group, x)
     stages["forward"] = time_call(jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw)), x)
     with_res = jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw))
@@ -468,9 +489,29 @@ def plot(out, folder):
         plt.close(fig)
 
 
+def merge(paths, folder) -> dict:
+    """One ``bench_gpu.json``/``.md``/PNGs in ``folder`` from the ``bench_gpu.json`` of separate runs
+    (for example one process per layer and dtype, each under its own time limit): their results and
+    tuning concatenated, the first run's info with every command and the lowest copy bandwidth."""
+    runs = [json.load(open(p)) for p in paths]
+    info = dict(runs[0]["info"])
+    info["command"] = " ; ".join(r["info"]["command"] for r in runs)
+    info["copy_bandwidth_TBps"] = min(r["info"]["copy_bandwidth_TBps"] for r in runs)
+    out = {"info": info, "tuning": {k: v for r in runs for k, v in r["tuning"].items()},
+           "results": [row for r in runs for row in r["results"]]}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "bench_gpu.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    write_markdown(out, os.path.join(folder, "bench_gpu.md"))
+    plot(out, folder)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="only merge the bench_gpu.json of separate runs into --out (no GPU needed)")
     parser.add_argument("--sweep", action="store_true", help="only the block-size sweep at the largest token count")
     parser.add_argument("--breakdown", action="store_true", help="only the per-stage times of the Pallas path")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
@@ -486,6 +527,9 @@ def main(argv=None):
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     run(args)
 
 

@@ -32,14 +32,16 @@ class FffV2ForwardConfig:
         dense_levels: top levels of each tree computed densely with a tensor-core ``dot`` over their
             ``2**dense_levels - 1`` nodes (0: every level by row gathers).
         num_warps: Triton warps per program.
-        num_stages: Triton software-pipelining stages.
+        num_stages: Triton software-pipelining stages; above 1 the grouped kernel runs its column
+            chunks as loops for Triton to pipeline (widths that are a multiple of ``chunk``).
         split_level: 0, or ``s > 0`` for the grouped kernel (one tree only): tokens are first routed
             through the top ``s`` levels by one dense XLA matmul and grouped by the level-``s``
             subtree they enter, so that every block of ``block_t`` tokens shares its whole top path
             and runs its ``2**(depth+1-s) - 1``-node subtree densely on the tensor cores
             (``block_t >= 16``); ``dense_levels`` is then unused.
-        route_block_t, route_num_warps: the grouped layout's route kernel (tokens per program, warps);
-            a larger block rereads the top ``2**s - 1`` weight rows from L2 for fewer tokens.
+        route_block_t, route_chunk, route_num_warps, route_num_stages: the grouped layout's route
+            kernel (tokens per program, columns per chunk, warps, pipelining stages as above); a larger
+            block rereads the top ``2**s - 1`` weight rows from L2 for fewer tokens.
     """
 
     block_t: int = 16
@@ -50,9 +52,14 @@ class FffV2ForwardConfig:
     split_level: int = 0
     route_block_t: int = 64
     route_num_warps: int = 4
+    route_chunk: int = 128
+    route_num_stages: int = 1
 
     def __post_init__(self):
-        cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t"))
+        cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t", "route_chunk"))
+        for name in ("num_warps", "num_stages", "route_num_warps", "route_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dense_levels < 0:
             raise ValueError(f"dense_levels must be >= 0, got {self.dense_levels}")
         if self.dense_levels > 0 and self.block_t < 16:
@@ -64,21 +71,32 @@ class FffV2ForwardConfig:
 
 
 DEFAULT_CONFIG = FffV2ForwardConfig()
-GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=128, num_warps=4, split_level=7)
+# The fastest of the sweep timed on the H200 at 2**20 bf16 tokens, 1x11 (experiments/results/bench_gpu_sweep.json):
+# 64-token blocks, 64-column chunks pipelined over 3 stages; route kernel 256 tokens x 64 columns, 3 stages.
+GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7,
+                                    route_block_t=256, route_chunk=64, route_num_warps=8, route_num_stages=3)
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
+_SMS = 132                        # H200 streaming multiprocessors
 
 
-def default_config(depth: int, n_trees: int) -> FffV2ForwardConfig:
+def default_config(depth: int, n_trees: int, n_tokens: int | None = None) -> FffV2ForwardConfig:
     """The block sizes used when none are given.
 
-    One tree of depth 5..12: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7, the
-    fastest of the configurations timed on the H200 at 2**20 bf16 tokens: 2.53 ms against 5.59 ms
-    for the token-order kernel). Otherwise the token-order kernel with row gathers.
+    One tree of depth 5..12: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
+    :data:`GROUPED_CONFIG`, 1.75 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
+    token-order kernel). With fewer than ``2 * 132 * 256`` tokens the route kernel takes smaller
+    blocks (down to 64 tokens, 128-column chunks), so that it still fills two waves of the H200's
+    SMs. Otherwise the token-order kernel with row gathers.
     """
-    if n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS:
-        return dataclasses.replace(GROUPED_CONFIG, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
-    return DEFAULT_CONFIG
+    if not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
+        return DEFAULT_CONFIG
+    config = dataclasses.replace(GROUPED_CONFIG, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
+    if n_tokens is not None:
+        route_block_t = min(GROUPED_CONFIG.route_block_t, max(64, cm.next_pow2(n_tokens // (2 * _SMS) + 1) // 2))
+        if route_block_t < GROUPED_CONFIG.route_block_t:
+            config = dataclasses.replace(config, route_block_t=route_block_t, route_chunk=128)
+    return config
 
 
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
@@ -220,17 +238,19 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
     b = pl.program_id(0)
     slot_rows, tok, tok_ok = block_tokens(slots_ref, b, cfg.block_t, n_tokens)
     col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
-    logits = cm.table_dot(x_ref, tok, tok_ok, w_in_ref, rows, col_ok, width_in, cfg.chunk)
+    pipelined = cfg.num_stages > 1
+    logits = cm.table_dot(x_ref, tok, tok_ok, w_in_ref, rows, col_ok, width_in, cfg.chunk, loop=pipelined)
     logits += cm.load(b_in_ref.at[rows], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
     if save_residuals:
         cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
     on_path, _ = descend_table(logits, col, split=split, depth=depth)
     act = jnp.where(on_path, cm.gelu(logits), 0.0)
     act = act if x_ref.dtype == jnp.float32 else act.astype(x_ref.dtype)
-    cm.store_table_product(out_refs[0], tok, tok_ok, act, w_out_ref, rows, col_ok, width_out, cfg.chunk)
+    cm.store_table_product(out_refs[0], tok, tok_ok, act, w_out_ref, rows, col_ok, width_out, cfg.chunk,
+                           loop=pipelined)
 
 
-def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk):
+def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk, loop):
     """Each token's level-``split`` subtree: the top ``2**split - 1`` logits by one tensor-core dot per
     column chunk, then ``split`` strict ``> 0`` steps. Only ``sub (T,)`` goes back to HBM."""
     n_top = 2**split - 1
@@ -240,7 +260,7 @@ def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, spl
     top = jnp.arange(n_cols, dtype=jnp.int32)
     top_ok = top < n_top
     top_rows = jnp.where(top_ok, top, 0)
-    logits = cm.table_dot(x_ref, rows, row_ok, w_in_ref, top_rows, top_ok, width_in, chunk)
+    logits = cm.table_dot(x_ref, rows, row_ok, w_in_ref, top_rows, top_ok, width_in, chunk, loop=loop)
     logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
     node = jnp.zeros((block_t,), jnp.int32)
     for _ in range(split):
@@ -249,12 +269,13 @@ def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, spl
     cm.store(sub_ref.at[rows], node - n_top, mask=row_ok)
 
 
-def route_to_subtrees(x, w_in, b_in, *, split: int, interpret: bool = False, block_t: int = 64,
-                      chunk: int = 128, num_warps: int = 4):
+def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig = GROUPED_CONFIG,
+                      interpret: bool = False):
     """``sub (T,)`` int32: the level-``split`` subtree (``0 .. 2**split - 1``) each token enters.
 
-    For 16-bit ``x`` a Pallas kernel, so that the top logits never go to HBM: it reads ``x`` once and
-    writes 4 bytes per token (an XLA matmul would write and re-read ``(T, 2**split - 1)`` float32 logits).
+    For 16-bit ``x`` a Pallas kernel (tiles from ``config.route_*``), so that the top logits never go
+    to HBM: it reads ``x`` once and writes 4 bytes per token (an XLA matmul would write and re-read
+    ``(T, 2**split - 1)`` float32 logits).
     """
     n_tokens, width_in = x.shape
     if jnp.dtype(x.dtype).itemsize >= 4:
@@ -269,56 +290,95 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, interpret: bool = False, blo
             node = 2 * node + 1 + (z > 0).astype(jnp.int32)
         return node - n_top
     kernel = functools.partial(_route_kernel, n_tokens=n_tokens, width_in=width_in, split=split,
-                               block_t=block_t, chunk=chunk)
+                               block_t=config.route_block_t, chunk=config.route_chunk,
+                               loop=config.route_num_stages > 1)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_tokens,), jnp.int32),
-        grid=(pl.cdiv(n_tokens, block_t),),
-        compiler_params=cm.compiler_params(num_warps, 1),
+        grid=(pl.cdiv(n_tokens, config.route_block_t),),
+        compiler_params=cm.compiler_params(config.route_num_warps, config.route_num_stages),
         interpret=interpret,
         name="fff_v2_route",
     )(x, w_in, b_in)
 
 
-def sort_by_subtree(sub, n_sub: int):
-    """``(perm, sorted_sub)``: token indices in stable subtree order and their subtrees, both ``(T,)``.
+RANK_CHUNK = 64          # tokens per step of the rank kernel's loop
+RANK_PROGRAMS = 256      # about two waves of the H200's 132 SMs
 
-    Subtree and token index are packed into one int32 key when they fit, so that the sort is a
-    keys-only radix sort of unique keys (stable for free); otherwise a stable argsort.
+
+def _rank_kernel(sub_ref, rank_ref, count_ref, *, n_tokens, n_sub, steps):
+    """Program ``p`` walks its ``steps * RANK_CHUNK`` tokens in order and stores, per token, how many
+    earlier tokens of the program entered the same subtree (``rank``), and, per subtree, how many of
+    its tokens did (``count[p]``). A running count per subtree is carried across the loop; a chunk's
+    ranks come from a cumulative sum of its one-hot ``(RANK_CHUNK, n_cols)`` table."""
+    n_cols = cm.next_pow2(max(16, n_sub))
+    cols = jnp.arange(n_cols, dtype=jnp.int32)
+    first = pl.program_id(0) * steps * RANK_CHUNK
+
+    def body(step, running):
+        rows = first + step * RANK_CHUNK + jnp.arange(RANK_CHUNK, dtype=jnp.int32)
+        row_ok = rows < n_tokens
+        sub = cm.load(sub_ref.at[rows], mask=row_ok, other=-1)
+        hit = (sub[:, None] == cols[None, :]).astype(jnp.int32)
+        before = jnp.cumsum(hit, axis=0) - hit + running[None, :]
+        cm.store(rank_ref.at[rows], jnp.sum(hit * before, axis=1), mask=row_ok)
+        return running + jnp.sum(hit, axis=0)
+
+    counts = jax.lax.fori_loop(0, steps, body, jnp.zeros((n_cols,), jnp.int32))
+    cm.store(count_ref.at[pl.program_id(0) * n_sub + cols], counts, mask=cols < n_sub)
+
+
+def rank_in_subtree(sub, n_sub: int, *, interpret: bool = False):
+    """A stable counting sort's parts, without a sort, for ``sub (T,)`` in ``0 .. n_sub - 1``.
+
+    The tokens are cut into ``P`` consecutive spans of ``span`` tokens (one Pallas program each).
+    Returns ``(rank (T,), counts (P, n_sub), span)``: ``rank[t]`` is the number of tokens of ``t``'s
+    span before ``t`` in the same subtree, ``counts[p, s]`` the number of span ``p``'s tokens in
+    subtree ``s``. A token's place in subtree order is then the tokens of its subtree in earlier
+    spans plus its rank.
     """
     n_tokens = sub.shape[0]
-    bits = max(1, (n_tokens - 1).bit_length())
-    if (n_sub - 1).bit_length() + bits <= 31:
-        key = jnp.sort(jnp.left_shift(sub, bits) | jnp.arange(n_tokens, dtype=jnp.int32))
-        return key & ((1 << bits) - 1), jnp.right_shift(key, bits)
-    perm = jnp.argsort(sub, stable=True).astype(jnp.int32)
-    return perm, sub[perm]
+    n_chunks = pl.cdiv(n_tokens, RANK_CHUNK)
+    steps = min(64, cm.next_pow2(pl.cdiv(n_chunks, RANK_PROGRAMS)))
+    n_programs = pl.cdiv(n_chunks, steps)
+    rank, counts = pl.pallas_call(
+        functools.partial(_rank_kernel, n_tokens=n_tokens, n_sub=n_sub, steps=steps),
+        out_shape=(jax.ShapeDtypeStruct((n_tokens,), jnp.int32),
+                   jax.ShapeDtypeStruct((n_programs * n_sub,), jnp.int32)),
+        grid=(n_programs,),
+        compiler_params=cm.compiler_params(4, 1),
+        interpret=interpret,
+        name="fff_v2_rank",
+    )(sub)
+    return rank, counts.reshape(n_programs, n_sub), steps * RANK_CHUNK
 
 
-def group_by_subtree(x, w_in, b_in, *, split: int, block_t: int, interpret: bool = False, route_block_t: int = 64,
-                     route_num_warps: int = 4):
-    """Route every token through the top ``split`` levels and lay the tokens out in blocks by subtree.
+def group_by_subtree(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig = GROUPED_CONFIG,
+                     interpret: bool = False):
+    """Route every token through the top ``split`` levels and lay the tokens out in blocks of
+    ``block_t = config.block_t`` by subtree.
 
     Returns:
         ``slots (n_blocks * block_t,)`` int32 token indices (-1 = empty slot), each subtree's tokens
-        padded to whole blocks, and ``block_sub (n_blocks,)`` the subtree of each block, with
-        ``n_blocks = cdiv(T, block_t) + 2**split`` (a static bound).
+        in token order, padded to whole blocks, and ``block_sub (n_blocks,)`` the subtree of each
+        block, with ``n_blocks = cdiv(T, block_t) + 2**split`` (a static bound).
 
-    No ``jnp.searchsorted`` with its default method: that is a ``while`` loop, and each GPU loop
-    step waits on the host (about 0.5 ms in all at any token count, measured on the H200).
+    No sort (:func:`rank_in_subtree` instead: a radix sort of the tokens cost 0.13 ms on the H200
+    even at 2**15 tokens) and no ``jnp.searchsorted`` with its default method (a ``while`` loop
+    whose every GPU step waits on the host: about 0.5 ms in all).
     """
-    n_tokens = x.shape[0]
+    n_tokens, block_t = x.shape[0], config.block_t
     n_sub = 2**split
-    sub = route_to_subtrees(x, w_in, b_in, split=split, interpret=interpret, block_t=route_block_t,
-                            num_warps=route_num_warps)
-    perm, sorted_sub = sort_by_subtree(sub, n_sub)
-    counts = jnp.bincount(sub, length=n_sub).astype(jnp.int32)
-    start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    sub = route_to_subtrees(x, w_in, b_in, split=split, config=config, interpret=interpret)
+    rank, span_counts, span = rank_in_subtree(sub, n_sub, interpret=interpret)
+    counts = jnp.sum(span_counts, axis=0)
+    earlier_spans = jnp.cumsum(span_counts, axis=0) - span_counts          # (P, n_sub)
     padded = (counts + block_t - 1) // block_t * block_t
     padded_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(padded).astype(jnp.int32)])
-    slot = padded_start[sorted_sub] + jnp.arange(n_tokens, dtype=jnp.int32) - start[sorted_sub]
+    token = jnp.arange(n_tokens, dtype=jnp.int32)
+    slot = padded_start[sub] + earlier_spans[token // span, sub] + rank
     n_blocks = pl.cdiv(n_tokens, block_t) + n_sub
-    slots = jnp.full((n_blocks * block_t,), -1, jnp.int32).at[slot].set(perm, unique_indices=True)
+    slots = jnp.full((n_blocks * block_t,), -1, jnp.int32).at[slot].set(token, unique_indices=True)
     block_sub = jnp.searchsorted(padded_start[1:], jnp.arange(n_blocks, dtype=jnp.int32) * block_t, side="right",
                                  method="compare_all")
     return slots, jnp.minimum(block_sub, n_sub - 1).astype(jnp.int32)
@@ -379,9 +439,7 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
                   save_residuals=save_residuals)
     out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
     if split > 0:
-        slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, block_t=config.block_t, interpret=interpret,
-                                            route_block_t=config.route_block_t,
-                                            route_num_warps=config.route_num_warps)
+        slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, config=config, interpret=interpret)
         kernel = functools.partial(_grouped_kernel, split=split, **common)
         grid = (block_sub.shape[0],)
         operands = (slots, block_sub, x, w_in, b_in, w_out)
@@ -430,7 +488,7 @@ def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret
         ``(T, H_out)`` in ``x.dtype``, accumulated in float32.
     """
     return fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
-                          config=default_config(depth, n_trees) if config is None else config)
+                          config=default_config(depth, n_trees, x.shape[0]) if config is None else config)
 
 
 def fff_v2_hard_reference(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):

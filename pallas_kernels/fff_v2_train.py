@@ -52,7 +52,8 @@ class FffV2TrainConfig:
         grouped_chunk, grouped_num_warps: the two backward kernels used after the grouped forward
             (``forward.split_level > 0``): the per-block ``dx`` kernel and the per-subtree
             weight-gradient kernel, whose accumulators are ``(n_cols, grouped_chunk)``.
-        num_stages: Triton pipelining stages of the backward kernels.
+        num_stages: Triton pipelining stages of the backward kernels; above 1 the grouped ``dx``
+            kernel also runs its column chunks as loops (widths that are a multiple of the chunk).
     """
 
     forward: FffV2ForwardConfig = FORWARD_CONFIG
@@ -209,21 +210,22 @@ def backward(x, w_in, w_out, nodes, z, dy, *, depth: int, n_trees: int, interpre
 
 
 def _grouped_dx_kernel(slots_ref, block_sub_ref, logits_ref, dy_ref, w_in_ref, w_out_ref, dx_ref, dz_ref, act_ref, *,
-                       n_tokens, width_in, width_out, depth, split, block_t, chunk):
+                       n_tokens, width_in, width_out, depth, split, block_t, chunk, loop):
     """One grouped block: ``d act = dy W_out[rows]^T`` and ``dx = dz W_in[rows]`` on the tensor cores;
-    stores the block's ``dz`` and ``gelu(z)`` tables (zero off the path and on empty slots)."""
+    stores the block's ``dz`` and ``gelu(z)`` tables (zero off the path and on empty slots). ``loop``:
+    column chunks as loops (see :func:`pallas_kernels._common.table_dot`)."""
     b = pl.program_id(0)
     slot_rows, tok, tok_ok = block_tokens(slots_ref, b, block_t, n_tokens)
     col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
     logits = cm.load(logits_ref.at[slot_rows[:, None], col[None, :]])
     on_path, _ = descend_table(logits, col, split=split, depth=depth)
     on_path = on_path & tok_ok[:, None]
-    d_act = cm.table_dot(dy_ref, tok, tok_ok, w_out_ref, rows, col_ok, width_out, chunk)
+    d_act = cm.table_dot(dy_ref, tok, tok_ok, w_out_ref, rows, col_ok, width_out, chunk, loop=loop)
     dz = jnp.where(on_path, d_act * cm.gelu_grad(logits), 0.0).astype(dz_ref.dtype)
     cm.store(dz_ref.at[slot_rows[:, None], col[None, :]], dz)
     act = jnp.where(on_path, cm.gelu(logits), 0.0).astype(act_ref.dtype)
     cm.store(act_ref.at[slot_rows[:, None], col[None, :]], act)
-    cm.store_table_product(dx_ref, tok, tok_ok, dz, w_in_ref, rows, col_ok, width_in, chunk)
+    cm.store_table_product(dx_ref, tok, tok_ok, dz, w_in_ref, rows, col_ok, width_in, chunk, loop=loop)
 
 
 def _grouped_weight_kernel(block_start_ref, slots_ref, dz_ref, act_ref, x_ref, dy_ref, dw_in_ref, dw_out_ref,
@@ -286,7 +288,7 @@ def grouped_backward(x, w_in, w_out, residuals: GroupedResiduals, dy, *, depth: 
                   block_t=bt, chunk=config.grouped_chunk)
     params = cm.compiler_params(config.grouped_num_warps, config.num_stages)
     dx, dz, act = pl.pallas_call(
-        functools.partial(_grouped_dx_kernel, **common),
+        functools.partial(_grouped_dx_kernel, loop=config.num_stages > 1, **common),
         out_shape=(jax.ShapeDtypeStruct((n_tokens, width_in), x.dtype),
                    jax.ShapeDtypeStruct(logits.shape, table_dtype), jax.ShapeDtypeStruct(logits.shape, table_dtype)),
         grid=(n_blocks,), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_dx",
@@ -363,7 +365,7 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
-        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees))
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees, x.shape[0]))
     return _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config)
 
 

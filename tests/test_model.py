@@ -19,6 +19,7 @@ from fffjax.models import (
     count_parameters,
     get_config,
     mlm_logits_at,
+    set_attention_implementation,
     set_fff_implementation,
     sinusoidal_positions,
 )
@@ -179,6 +180,27 @@ def test_dropout_train_and_eval_modes():
     assert float(jnp.abs(first - second).max()) > 1e-3
     model.eval()
     np.testing.assert_array_equal(model(ids, mask), model(ids, mask))
+
+
+def test_fused_attention_equals_the_explicit_form():
+    """Eval mode runs jax.nn.dot_product_attention; it must equal the einsum form the training path runs."""
+    from fffjax.models.crammed_bert import SelfAttention, additive_mask
+
+    attn = SelfAttention(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    attn.eval()
+    x = jax.random.normal(jax.random.key(2), (3, 16, TINY.hidden_size))
+    _, mask = _batch(TINY)
+    bias = additive_mask(mask, jnp.float32)
+    b, s, h = x.shape
+    qkv = (x @ attn.query_key_value.kernel[...]).reshape(b, s, TINY.num_heads, 3, TINY.attention_head_width)
+    scores = jnp.einsum("bqnd,bknd->bnqk", qkv[..., 0, :], qkv[..., 1, :]) * TINY.norm_factor + bias
+    context = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), qkv[..., 2, :]).reshape(b, s, h)
+    want = context @ attn.dense.kernel[...]
+    for implementation in (None, "xla"):
+        set_attention_implementation(attn, implementation)
+        np.testing.assert_allclose(attn(x, bias), want, atol=1e-5)
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        set_attention_implementation(attn, "flash")
 
 
 def test_sparse_prediction_matches_full_logits(tiny_mlm):

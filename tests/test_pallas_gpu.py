@@ -8,7 +8,7 @@ from flax import nnx
 import fffjax
 import pallas_kernels as pk
 from fffjax import v2
-from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
+from pallas_kernels.fff_v2_forward import GROUPED_CONFIG, FffV2ForwardConfig, default_config
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
 from _pallas_helpers import assert_bf16_gradients_close, assert_close, v1_inputs, v2_inputs
 
@@ -17,12 +17,16 @@ pytestmark = pytest.mark.gpu
 
 GATHER = FffV2ForwardConfig()
 DENSE5 = FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=5)
-GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)
+GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)      # column chunks unrolled
+PIPELINED = GROUPED_CONFIG                                              # column chunks as pipelined loops
+SMALL_ROUTE = default_config(11, 1, 2**15)                              # 64-token route blocks
 
 
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
     (4099, 768, 11, 1, jnp.float32, GATHER), (4099, 768, 11, 1, jnp.bfloat16, GATHER),
-    (4099, 768, 11, 1, jnp.float32, GROUPED), (70000, 768, 11, 1, jnp.bfloat16, GROUPED),
+    (4099, 768, 11, 1, jnp.float32, GROUPED), (70000, 768, 11, 1, jnp.bfloat16, PIPELINED),
+    (1 << 20, 768, 11, 1, jnp.bfloat16, PIPELINED), (32768, 768, 11, 1, jnp.bfloat16, SMALL_ROUTE),
+    (4099, 768, 11, 1, jnp.float32, PIPELINED),
     (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
     (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GATHER),
 ])
@@ -33,7 +37,7 @@ def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
 
 
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,weight_block_t,forward", [
-    (4099, 768, 11, 1, 64, GROUPED), (70001, 768, 11, 1, 64, GROUPED), (1000, 1000, 5, 2, 128, GATHER),
+    (4099, 768, 11, 1, 64, PIPELINED), (70001, 768, 11, 1, 64, GROUPED), (1000, 1000, 5, 2, 128, GATHER),
     (8192, 768, 4, 16, 256, DENSE5),
 ])
 def test_v2_gradients_on_gpu(n_tokens, width, depth, n_trees, weight_block_t, forward):

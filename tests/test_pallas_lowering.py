@@ -39,6 +39,8 @@ def _v2_shapes(n_tokens, width, depth, n_trees, dtype):
     (1000, 12, 1, jnp.float32, FffV2ForwardConfig(block_t=32, chunk=256, split_level=8)),
     (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=128, split_level=7, route_block_t=128,
                                                   route_num_warps=8)),
+    (768, 11, 1, jnp.bfloat16, FffV2ForwardConfig(block_t=128, chunk=128, num_warps=8, num_stages=3, split_level=7,
+                                                  route_block_t=128, route_num_warps=8, route_num_stages=3)),
 ])
 def test_v2_forward_lowers_for_h200(width, depth, n_trees, dtype, config):
     fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, config=config, save_residuals=True)

@@ -52,7 +52,9 @@ def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, 
     split = min(split, depth)
     x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, 1, dtype)
     config = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=max(split, depth - 4),
-                                route_block_t=16 if seed % 2 else 32)
+                                route_block_t=16 if seed % 2 else 32, route_chunk=pow2_chunk_for(width),
+                                # stages > 1: the column chunks run as loops (pipelined on the GPU)
+                                num_stages=2 if seed % 3 == 0 else 1, route_num_stages=2 if seed % 3 == 1 else 1)
     y, (slots, block_sub, table) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
                                                   save_residuals=True)
     assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
@@ -76,9 +78,10 @@ def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, 
 
 
 def test_grouped_layout_pads_each_subtree_to_whole_blocks():
-    from pallas_kernels.fff_v2_forward import group_by_subtree
+    from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, group_by_subtree
     x, w_in, b_in, _ = v2_inputs(4, 50, 64, 5, 1, jnp.float32)
-    slots, block_sub = group_by_subtree(x, w_in, b_in, split=2, block_t=16, interpret=True)
+    slots, block_sub = group_by_subtree(x, w_in, b_in, split=2, config=FffV2ForwardConfig(block_t=16, split_level=2),
+                                        interpret=True)
     slots, block_sub = np.asarray(slots), np.asarray(block_sub)
     assert sorted(slots[slots >= 0].tolist()) == list(range(50))           # every token exactly once
     logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
@@ -88,15 +91,20 @@ def test_grouped_layout_pads_each_subtree_to_whole_blocks():
         assert np.all(sub[toks[toks >= 0]] == s)                           # one subtree per block
 
 
-@pytest.mark.parametrize("n_tokens,n_sub", [(1000, 128), (5000, 1 << 19)])
-def test_sort_by_subtree_is_a_stable_sort(n_tokens, n_sub):
-    from pallas_kernels.fff_v2_forward import sort_by_subtree
-    # 13 token bits + 19 subtree bits do not fit one packed int32 key: the argsort branch.
-    sub = jax.random.randint(jax.random.key(3), (n_tokens,), 0, min(n_sub, 40), jnp.int32) * (n_sub // 64)
-    perm, sorted_sub = sort_by_subtree(sub, n_sub)
-    expected = np.argsort(np.asarray(sub), kind="stable")
-    np.testing.assert_array_equal(np.asarray(perm), expected)
-    np.testing.assert_array_equal(np.asarray(sorted_sub), np.asarray(sub)[expected])
+@pytest.mark.parametrize("n_tokens,n_sub", [(50, 2), (1000, 128), (40000, 256)])
+def test_rank_in_subtree_counts_earlier_tokens_of_the_same_subtree(n_tokens, n_sub):
+    # 40000 tokens: 157 programs of 4 loop steps each (the running counts cross steps and spans).
+    from pallas_kernels.fff_v2_forward import rank_in_subtree
+    sub = np.array(jax.random.randint(jax.random.key(3), (n_tokens,), 0, n_sub, jnp.int32))
+    sub[: n_tokens // 3] = n_sub - 1                       # skew: one subtree takes a third of the tokens
+    rank, counts, span = rank_in_subtree(jnp.asarray(sub), n_sub, interpret=True)
+    rank, counts = np.asarray(rank), np.asarray(counts)
+    assert counts.shape == (-(-n_tokens // span), n_sub)
+    for p in range(counts.shape[0]):
+        part = sub[p * span:(p + 1) * span]
+        np.testing.assert_array_equal(counts[p], np.bincount(part, minlength=n_sub))
+        want = [int(np.sum(part[:i] == part[i])) for i in range(len(part))]
+        np.testing.assert_array_equal(rank[p * span:(p + 1) * span], want)
 
 
 @pytest.mark.parametrize("depth,split", [(15, 7), (11, 6), (12, 9)])
@@ -111,6 +119,10 @@ def test_grouped_split_outside_the_kernel_limits_is_refused(depth, split):
 def test_default_config_groups_deep_single_trees():
     from pallas_kernels.fff_v2_forward import default_config
     assert default_config(11, 1).split_level == 7
+    # Fewer tokens: smaller route blocks, so that the route kernel still fills two waves of 132 SMs.
+    assert default_config(11, 1, 2**20).route_block_t == 256
+    assert default_config(11, 1, 2**15).route_block_t == 64
+    assert default_config(11, 1, 2**15).split_level == 7
     assert default_config(11, 2).split_level == 0
     assert default_config(3, 1).split_level == 0
 

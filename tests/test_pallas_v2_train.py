@@ -25,13 +25,14 @@ def _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config):
     return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
 
 
-def _check(seed, n_tokens, width, depth, n_trees, weight_block_t, split_level=0):
+def _check(seed, n_tokens, width, depth, n_trees, weight_block_t, split_level=0, chunk=None, num_stages=1):
     x, w_in, b_in, w_out = v2_inputs(seed, n_tokens, width, depth, n_trees, jnp.float32)
     dy = jax.random.normal(jax.random.key(seed + 1), (n_tokens, width))
-    chunk = pow2_chunk_for(width)
-    forward = FffV2ForwardConfig(chunk=chunk, split_level=split_level)
+    chunk = chunk or pow2_chunk_for(width)
+    forward = FffV2ForwardConfig(chunk=chunk, split_level=split_level, num_stages=num_stages,
+                                 route_chunk=chunk, route_num_stages=num_stages)
     config = FffV2TrainConfig(forward=forward, token_chunk=chunk, weight_chunk=chunk, weight_block_t=weight_block_t,
-                              grouped_chunk=chunk)
+                              grouped_chunk=chunk, num_stages=num_stages)
     got = _grads(x, w_in, b_in, w_out, dy, depth, n_trees, config)
     want = pk.reference_vjp(x, w_in, b_in, w_out, dy, depth=depth, n_trees=n_trees)
     for name, g, w in zip(NAMES, got, want):
@@ -66,6 +67,11 @@ def test_grouped_gradients_match_masked_reference(seed, n_tokens, width, depth, 
     # The grouped backward: per-block dx kernel, per-subtree weight kernel, top rows summed in XLA.
     split = data.draw(st.integers(max(1, depth - 3), depth), label="split")
     _check(seed, n_tokens, width, depth, 1, 16, split_level=split)
+
+
+def test_grouped_gradients_with_pipelined_chunk_loops():
+    # num_stages > 1: the route, grouped forward and grouped dx kernels run their 4 column chunks as loops.
+    _check(11, 70, 128, 5, 1, 16, split_level=2, chunk=32, num_stages=2)
 
 
 def test_grouped_gradients_with_every_token_in_one_subtree():

@@ -9,6 +9,7 @@ from fffjax.models.crammed_bert import (
     mlm_logits_at,
     model_from_params,
     model_kind,
+    set_attention_implementation,
     set_fff_implementation,
     sinusoidal_positions,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "mlm_logits_at",
     "model_from_params",
     "model_kind",
+    "set_attention_implementation",
     "set_fff_implementation",
     "sinusoidal_positions",
 ]

@@ -118,18 +118,40 @@ class Embedding(nnx.Module):
         return self.dropout(self.norm(h))
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def attention_implementation(implementation: str | None, dtype) -> str:
+    """The fused attention kernel to run: ``implementation``, or for ``None`` cuDNN's flash attention
+    on a GPU with 16-bit inputs (all it supports) and XLA's fused softmax otherwise."""
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS} or None, "
+                         f"got {implementation!r}")
+    return implementation
+
+
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head attention with crammed BERT's per-head interleaved QKV, no biases.
 
     ``query_key_value.kernel (H, 3H)``: output column ``h*3d + [0:d]`` is head h's query,
     ``[d:2d]`` its key, ``[2d:3d]`` its value (d = H / heads), i.e. the (B, S, 3H) projection is
-    viewed as (B, S, heads, 3, d). Scores ``q.k * norm_factor + mask``, softmax in the compute
-    dtype, dropout on the probabilities, then the output projection ``dense``.
+    viewed as (B, S, heads, 3, d). Scores ``q.k * norm_factor + mask``, softmax, dropout on the
+    probabilities, then the output projection ``dense``.
+
+    Without active dropout (eval mode, or rate 0) the scores go through
+    ``jax.nn.dot_product_attention`` (float32 softmax), with ``implementation`` (``"xla"``,
+    ``"cudnn"``, or ``None``: see :func:`attention_implementation`; switch it with
+    :func:`set_attention_implementation`). Attention dropout needs the probabilities, which the
+    fused kernels never write: with it, the explicit einsum form runs (softmax in the compute dtype).
     """
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.head_width = config.num_heads, config.attention_head_width
         self.norm_factor = config.norm_factor
+        self.implementation: str | None = None
         h = config.hidden_size
         self.query_key_value = nnx.Linear(h, 3 * h, use_bias=False, dtype=dtype,
                                           kernel_init=_normal(config.init_std), rngs=rngs)
@@ -140,6 +162,12 @@ class SelfAttention(nnx.Module):
         b, s, h = x.shape
         qkv = self.query_key_value(x).reshape(b, s, self.num_heads, 3, self.head_width)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if self.dropout.deterministic or self.dropout.rate == 0:
+            bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
+            context = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, scale=float(self.norm_factor),
+                implementation=attention_implementation(self.implementation, q.dtype))
+            return self.dense(context.reshape(b, s, h))
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
         if mask_bias is not None:
             scores = scores + mask_bias.astype(scores.dtype)
@@ -328,6 +356,15 @@ def set_fff_implementation(model: nnx.Module, implementation: str | None) -> Non
     """Switch every FFF-v2 layer of ``model`` to ``implementation`` (in place)."""
     for _, module in nnx.iter_graph(model):
         if isinstance(module, UltraFastFF):
+            module.implementation = implementation
+
+
+def set_attention_implementation(model: nnx.Module, implementation: str | None) -> None:
+    """Switch every attention block of ``model`` to ``implementation`` (``"xla"``, ``"cudnn"`` or
+    ``None`` = cuDNN on a GPU for 16-bit compute; in place; used when dropout is off)."""
+    attention_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, SelfAttention):
             module.implementation = implementation
 
 
