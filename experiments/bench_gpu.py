@@ -266,7 +266,7 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
                                                       interpret=INTERPRET))
         stages["route_kernel"] = time_call(sub, x)
         s = sub(x)
-        stages["sort"] = time_call(jax.jit(lambda s: fwd.sort_by_subtree(s, 2**split)), s)
+        stages["rank_kernel"] = time_call(jax.jit(lambda s: fwd.rank_in_subtree(s, 2**split, interpret=INTERPRET)), s)
         group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, config=forward_cfg,
                                                        interpret=INTERPRET))
         stages["route_and_layout"] = time_call(group, x)

@@ -80,16 +80,19 @@ MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <
 _SMS = 132                        # H200 streaming multiprocessors
 
 
-def default_config(depth: int, n_trees: int, n_tokens: int | None = None) -> FffV2ForwardConfig:
+def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=None) -> FffV2ForwardConfig:
     """The block sizes used when none are given.
 
-    One tree of depth 5..12: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
+    One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
     :data:`GROUPED_CONFIG`, 1.75 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
     token-order kernel). With fewer than ``2 * 132 * 256`` tokens the route kernel takes smaller
     blocks (down to 64 tokens, 128-column chunks), so that it still fills two waves of the H200's
-    SMs. Otherwise the token-order kernel with row gathers.
+    SMs. Otherwise the token-order kernel with row gathers; float32 too: IEEE float32 tile dots (no
+    tf32) run without tensor cores, and the grouped kernel took 266 ms at 2**20 float32 tokens on the
+    H200 against 13.6 ms for the token-order kernel.
     """
-    if not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
+    wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
+    if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
         return DEFAULT_CONFIG
     config = dataclasses.replace(GROUPED_CONFIG, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
     if n_tokens is not None:
@@ -488,7 +491,7 @@ def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret
         ``(T, H_out)`` in ``x.dtype``, accumulated in float32.
     """
     return fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
-                          config=default_config(depth, n_trees, x.shape[0]) if config is None else config)
+                          config=default_config(depth, n_trees, x.shape[0], x.dtype) if config is None else config)
 
 
 def fff_v2_hard_reference(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):

@@ -365,7 +365,7 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
-        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees, x.shape[0]))
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees, x.shape[0], x.dtype))
     return _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config)
 
 

@@ -134,6 +134,15 @@ def test_no_recompile_across_calls_of_one_shape(implementation, jitted):
     assert jitted._cache_size() == size
 
 
+def test_gpu_prefers_masked_dense_for_wide_paths(monkeypatch):
+    # Measured on the H200: 128x4 (5 of 31 neurons per tree) is faster masked dense; 1x11 through Pallas.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "pallas" in api.available_implementations("fff_v2_hard")
+    assert api._candidates("fff_v2_hard", None, {"depth": 4, "n_trees": 128})[:2] == ["reference", "pallas"]
+    assert api._candidates("fff_v2_hard", None, {"depth": 11, "n_trees": 1})[0] == "pallas"
+    assert api._candidates("fff_v2_hard", "pallas", {"depth": 4, "n_trees": 128}) == ["pallas"]
+
+
 def test_cpu_prefers_ffi_and_falls_back_to_xla():
     candidates = api._candidates("fff_v2_hard", None)
     assert candidates[-1] == "xla"

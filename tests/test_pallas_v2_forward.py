@@ -123,6 +123,8 @@ def test_default_config_groups_deep_single_trees():
     assert default_config(11, 1, 2**20).route_block_t == 256
     assert default_config(11, 1, 2**15).route_block_t == 64
     assert default_config(11, 1, 2**15).split_level == 7
+    assert default_config(11, 1, 2**15, jnp.float32).split_level == 0    # no tensor cores for IEEE float32
+    assert default_config(11, 1, 2**15, jnp.bfloat16).split_level == 7
     assert default_config(11, 2).split_level == 0
     assert default_config(3, 1).split_level == 0
 
