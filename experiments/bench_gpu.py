@@ -469,7 +469,7 @@ def plot(out, folder):
                 rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
                 for impl in sorted({r["impl"] for r in rows}):
                     pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
-                    style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--"
+                    style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--x"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
                 if kind == "forward" and rows:
                     bw = out["info"]["copy_bandwidth_TBps"] * 1e12
