@@ -127,7 +127,11 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     """One inference row: compile, then the median seconds per batch."""
     import jax
 
-    from fffjax.models.crammed_bert import attention_implementation, set_attention_implementation, set_fff_implementation
+    from fffjax.models.crammed_bert import (
+        attention_implementation,
+        set_attention_implementation,
+        set_fff_implementation,
+    )
 
     model = models["classifier" if forward == "classifier" else "mlm"]
     if implementation is not None:

@@ -35,7 +35,7 @@ class FffV2ForwardConfig:
         num_stages: Triton software-pipelining stages; above 1 the grouped kernel runs its column
             chunks as loops for Triton to pipeline (widths that are a multiple of ``chunk``).
         split_level: 0, or ``s > 0`` for the grouped kernel (one tree only): tokens are first routed
-            through the top ``s`` levels by one dense XLA matmul and grouped by the level-``s``
+            through the top ``s`` levels by the route kernel and grouped by the level-``s``
             subtree they enter, so that every block of ``block_t`` tokens shares its whole top path
             and runs its ``2**(depth+1-s) - 1``-node subtree densely on the tensor cores
             (``block_t >= 16``); ``dense_levels`` is then unused.
@@ -84,7 +84,7 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
     """The block sizes used when none are given.
 
     One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
-    :data:`GROUPED_CONFIG`, 1.75 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
+    :data:`GROUPED_CONFIG`, 1.67 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
     token-order kernel). With fewer than ``2 * 132 * 256`` tokens the route kernel takes smaller
     blocks (down to 64 tokens, 128-column chunks), so that it still fills two waves of the H200's
     SMs. Otherwise the token-order kernel with row gathers; float32 too: IEEE float32 tile dots (no
