@@ -158,6 +158,16 @@ def test_output_width_may_differ_from_input_width():
     assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=3), jnp.float32)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_default_config_of_a_1x11_layer_matches_reference(dtype):
+    # bf16: the grouped kernel with pipelined chunk loops, small-token route blocks and the rank
+    # layout (what the GPU runs by default); float32: the token-order kernel.
+    x, w_in, b_in, w_out = v2_inputs(12, 300, 768, 11, 1, dtype)
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=11, interpret=True)
+    assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=11), dtype)
+
+
 def test_registered_as_pallas_implementation():
     assert "pallas" in fffjax.ops.available_implementations("fff_v2_hard")
     assert "pallas" in fffjax.ops.available_implementations("fff_v1_hard")
