@@ -149,12 +149,14 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
-COMPONENTS = ("embedding", "layer", "attention", "projections", "layer_norm", "feedforward")
+COMPONENTS = ("embedding", "layer", "attention", "projections", "attention_core", "layer_norm", "layer_norm_one_pass",
+              "feedforward")
 
 
 def calls_per_forward(component: str, n_layers: int) -> int:
     """How often ``encode`` runs a component: the embedding once, two norms per layer plus the final one."""
-    return {"embedding": 1, "layer_norm": 2 * n_layers + 1}.get(component, n_layers)
+    return {"embedding": 1, "layer_norm": 2 * n_layers + 1, "layer_norm_one_pass": 2 * n_layers + 1}.get(
+        component, n_layers)
 
 
 def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple,
@@ -163,7 +165,11 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
     time is made of. ``layer`` is the whole pre-LN layer; ``attention`` the attention block with its
     projections; ``projections`` only its QKV and output matmuls (the three QKV parts summed, so
     that XLA cannot drop two thirds of the matmul); so ``attention - projections`` is the score,
-    softmax and context core.
+    softmax and context core with the layout copies around it. Two parts time alternatives, for
+    deciding what to build next, and are not in the encode estimate: ``attention_core`` is the fused
+    attention kernel alone (``q = k = v = h`` viewed as heads: no projections, no strided QKV
+    slices), ``layer_norm_one_pass`` a layer norm whose variance is ``E[x^2] - E[x]^2`` from one read
+    (the model keeps the two-pass form for parity with torch).
 
     Each part maps ``(B, S, H) -> (B, S, H)`` and runs ``n_layers`` times in one jitted
     ``fori_loop`` (``h = part(h)``), divided by ``n_layers``: per-call host dispatch, which would
@@ -200,11 +206,29 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
     def feedforward(layer, h):
         return _fff_forward(layer.ffn, h) if isinstance(layer.ffn, UltraFastFF) else layer.ffn(h)
 
+    def attention_core(layer, h):
+        attn = layer.attn
+        b, s, width = h.shape
+        heads = h.reshape(b, s, attn.num_heads, attn.head_width)
+        bias = jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(h.dtype)
+        context = jax.nn.dot_product_attention(heads, heads, heads, bias=bias, scale=float(attn.norm_factor),
+                                               implementation=attention_implementation(attn.implementation, h.dtype))
+        return context.reshape(b, s, width)
+
+    def layer_norm_one_pass(layer, h):
+        norm = layer.norm1
+        x = h.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+        return ((x - mean) * jax.lax.rsqrt(var + norm.epsilon) * norm.scale[...] + norm.bias[...]).astype(h.dtype)
+
     parts = {
         "layer": lambda layer, h: layer(h, mask_bias),
         "attention": lambda layer, h: layer.attn(h, mask_bias),
         "projections": projections,
+        "attention_core": attention_core,
         "layer_norm": lambda layer, h: layer.norm1(h),
+        "layer_norm_one_pass": layer_norm_one_pass,
         "feedforward": feedforward,
     }
     rows = []
