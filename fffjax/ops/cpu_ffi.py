@@ -105,31 +105,48 @@ def build_error() -> str | None:
     return _build_error
 
 
-def _ffi_forward(x, w_in, b_in, w_out, depth: int, n_trees: int):
+def _call_f32(target: str, x, weights: tuple, out_width: int, **attrs):
+    """The FFI ``target`` on float32 copies of ``x (B, H)`` and ``weights``: ``(B, out_width)`` in
+    ``x.dtype``, varying over the mesh axes of its inputs (inside ``shard_map``). ``attrs`` are int64."""
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(
-        _TARGET, jax.ShapeDtypeStruct((x.shape[0], w_out.shape[1]), f32), vmap_method="sequential"
-    )
-    y = call(x.astype(f32), w_in.astype(f32), b_in.astype(f32), w_out.astype(f32),
-             depth=np.int64(depth), n_trees=np.int64(n_trees))
-    return vary_like(y.astype(x.dtype), x, w_in, b_in, w_out)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], out_width), f32), vmap_method="sequential")
+    y = call(x.astype(f32), *(w.astype(f32) for w in weights), **{k: np.int64(v) for k, v in attrs.items()})
+    return vary_like(y.astype(x.dtype), x, *weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _forward(x, w_in, b_in, w_out, depth, n_trees):
-    return _ffi_forward(x, w_in, b_in, w_out, depth, n_trees)
+def _with_reference_vjp(kernel, reference):
+    """``f(static, *arrays)``: ``kernel(*arrays, **dict(static))`` in the forward pass, the VJP of
+    ``reference(*arrays, **dict(static))`` (the differentiable jnp gather path) in the backward.
+    ``static`` is a tuple of ``(name, value)`` pairs (hashable, not differentiated)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(static, *arrays):
+        return kernel(*arrays, **dict(static))
+
+    def fwd(static, *arrays):
+        return kernel(*arrays, **dict(static)), arrays
+
+    def bwd(static, residuals, g):
+        _, vjp = jax.vjp(functools.partial(reference, **dict(static)), *residuals)
+        return vjp(vary_like(g, *residuals))
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
-def _forward_fwd(x, w_in, b_in, w_out, depth, n_trees):
-    return _ffi_forward(x, w_in, b_in, w_out, depth, n_trees), (x, w_in, b_in, w_out)
+def _require_usable(x) -> None:
+    """Raise ``NotImplementedError`` (so that the registry falls back to ``"xla"``) off the CPU, when
+    the kernel did not build, or for a dtype the kernel does not compute in float32."""
+    if jax.default_backend() != "cpu" or not available():
+        raise NotImplementedError(f"cpu_ffi unavailable: {build_error() or 'not on the CPU backend'}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
 
 
-def _forward_bwd(depth, n_trees, residuals, g):
-    _, vjp = jax.vjp(functools.partial(v2.conditional_forward, depth=depth, n_trees=n_trees), *residuals)
-    return vjp(vary_like(g, *residuals))
-
-
-_forward.defvjp(_forward_fwd, _forward_bwd)
+_forward = _with_reference_vjp(
+    lambda x, w_in, b_in, w_out, *, depth, n_trees: _call_f32(
+        _TARGET, x, (w_in, b_in, w_out), w_out.shape[1], depth=depth, n_trees=n_trees),
+    v2.conditional_forward)
 
 
 @functools.partial(jax.jit, static_argnames=("depth", "n_trees"))
@@ -151,50 +168,23 @@ def fff_v2_hard_cpu(
     Returns:
         ``(B, H_out)`` in the dtype of ``x``.
     """
-    return _forward(x, w_in, b_in, w_out, depth, n_trees)
+    return _forward((("depth", depth), ("n_trees", n_trees)), x, w_in, b_in, w_out)
 
 
 def registered_fn(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
     """Registry entry: raises ``NotImplementedError`` off the CPU or when the kernel did not build."""
-    if jax.default_backend() != "cpu" or not available():
-        raise NotImplementedError(f"cpu_ffi unavailable: {build_error() or 'not on the CPU backend'}")
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
+    _require_usable(x)
     return fff_v2_hard_cpu(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
 
 
 # --------------------------------------------------------------------------- FFF-v1
 
 
-def _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth: int, leaf_output_bias: bool):
-    f32 = jnp.float32
-    call = jax.ffi.ffi_call(
-        _TARGET_V1, jax.ShapeDtypeStruct((x.shape[0], w2s.shape[2]), f32), vmap_method="sequential"
-    )
-    weights = (node_weights, node_biases, w1s, b1s, w2s, b2s)
-    y = call(x.astype(f32), *(w.astype(f32) for w in weights),
-             depth=np.int64(depth), leaf_output_bias=np.int64(leaf_output_bias))
-    return vary_like(y.astype(x.dtype), x, *weights)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias):
-    return _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias)
-
-
-def _forward_v1_fwd(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias):
-    y = _ffi_forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, leaf_output_bias)
-    return y, (x, node_weights, node_biases, w1s, b1s, w2s, b2s)
-
-
-def _forward_v1_bwd(depth, leaf_output_bias, residuals, g):
-    gather = functools.partial(v1.hard_forward, depth=depth, activation=jax.nn.relu,
-                               leaf_output_bias=leaf_output_bias)
-    _, vjp = jax.vjp(gather, *residuals)
-    return vjp(vary_like(g, *residuals))
-
-
-_forward_v1.defvjp(_forward_v1_fwd, _forward_v1_bwd)
+_forward_v1 = _with_reference_vjp(
+    lambda x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth, leaf_output_bias: _call_f32(
+        _TARGET_V1, x, (node_weights, node_biases, w1s, b1s, w2s, b2s), w2s.shape[2], depth=depth,
+        leaf_output_bias=leaf_output_bias),
+    functools.partial(v1.hard_forward, activation=jax.nn.relu))
 
 
 @functools.partial(jax.jit, static_argnames=("depth", "leaf_output_bias"))
@@ -221,7 +211,8 @@ def fff_v1_hard_cpu(
     Returns:
         ``(B, out)`` in the dtype of ``x``.
     """
-    return _forward_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth, bool(leaf_output_bias))
+    static = (("depth", depth), ("leaf_output_bias", bool(leaf_output_bias)))
+    return _forward_v1(static, x, node_weights, node_biases, w1s, b1s, w2s, b2s)
 
 
 def registered_fn_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: int,
@@ -230,9 +221,6 @@ def registered_fn_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth:
     ``jax.nn.relu``, off the CPU, for other dtypes or when the kernel did not build."""
     if activation is not jax.nn.relu:
         raise NotImplementedError(f"cpu_ffi compiles only activation=jax.nn.relu, got {activation!r}")
-    if jax.default_backend() != "cpu" or not available():
-        raise NotImplementedError(f"cpu_ffi unavailable: {build_error() or 'not on the CPU backend'}")
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
+    _require_usable(x)
     return fff_v1_hard_cpu(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth=depth,
                            leaf_output_bias=bool(leaf_output_bias))
