@@ -121,56 +121,43 @@ def dot(a, b, *, trans_a=False, trans_b=False):
                             allow_tf32=False if exact else None).astype(jnp.float32)
 
 
-def _chunk_loop(size: int, n_chunks: int, width: int, loop: bool) -> bool:
-    """Whether a chunk loop runs as ``lax.fori_loop`` (which Triton software-pipelines when
-    ``num_stages > 1``) rather than unrolled: asked for, more than one chunk, and no ragged tail
-    (a dynamic chunk index cannot pick the tail's mask statically)."""
-    return loop and n_chunks > 1 and n_chunks * size == width
+def fold_chunks(step, init, width: int, chunk: int, *, loop: bool = False):
+    """``step(cols, col_ok, carry) -> carry`` over the power-of-two column chunks covering ``width``;
+    returns the last carry. ``loop``: run them as a ``lax.fori_loop`` (which Triton software-pipelines
+    when ``num_stages > 1``) rather than unrolled, when there is more than one chunk and no ragged
+    tail (a dynamic chunk index cannot pick the tail's mask statically)."""
+    size, n_chunks = column_chunks(width, chunk)
+    if loop and n_chunks > 1 and n_chunks * size == width:
+        offsets = jnp.arange(size, dtype=jnp.int32)
+        return jax.lax.fori_loop(0, n_chunks, lambda c, carry: step(c * size + offsets, None, carry), init)
+    carry = init
+    for c in range(n_chunks):
+        carry = step(*chunk_indices(c, size, width), carry)
+    return carry
 
 
 def table_dot(src_ref, src_rows, src_ok, w_ref, w_rows, w_ok, width: int, chunk: int, *, loop: bool = False):
     """``src[src_rows] @ w[w_rows]^T`` as a ``(len(src_rows), len(w_rows))`` float32 block, summed
-    over ``width`` columns chunk by chunk on the tensor cores (masked rows count as zero).
-
-    ``loop``: run the chunks as a ``fori_loop`` when the width allows (see :func:`_chunk_loop`)."""
-    size, n_chunks = column_chunks(width, chunk)
-    acc = jnp.zeros((src_rows.shape[0], w_rows.shape[0]), jnp.float32)
-
+    over ``width`` columns chunk by chunk on the tensor cores (masked rows count as zero; ``loop``:
+    see :func:`fold_chunks`)."""
     def step(cols, ok, acc):
         s = load_rows(src_ref, src_rows, cols, ok, src_ok)
         return acc + dot(s, load_rows(w_ref, w_rows, cols, ok, w_ok).astype(s.dtype), trans_b=True)
 
-    if _chunk_loop(size, n_chunks, width, loop):
-        offsets = jnp.arange(size, dtype=jnp.int32)
-        return jax.lax.fori_loop(0, n_chunks, lambda c, acc: step(c * size + offsets, None, acc), acc)
-    for c in range(n_chunks):
-        acc = step(*chunk_indices(c, size, width), acc)
-    return acc
+    return fold_chunks(step, jnp.zeros((src_rows.shape[0], w_rows.shape[0]), jnp.float32), width, chunk, loop=loop)
 
 
 def store_table_product(out_ref, out_rows, out_ok, table, w_ref, w_rows, w_ok, width: int, chunk: int, *,
                         loop: bool = False):
     """``out[out_rows] = table @ w[w_rows]`` for ``table (len(out_rows), len(w_rows))``, written chunk
-    by chunk of the ``width`` output columns (rows where ``out_ok`` is off are not written).
-
-    ``loop``: run the chunks as a ``fori_loop`` when the width allows (see :func:`_chunk_loop`)."""
-    size, n_chunks = column_chunks(width, chunk)
-
-    def step(cols, ok):
+    by chunk of the ``width`` output columns (rows where ``out_ok`` is off are not written; ``loop``:
+    see :func:`fold_chunks`)."""
+    def step(cols, ok, carry):
         w = load_rows(w_ref, w_rows, cols, ok, w_ok).astype(table.dtype)
         store_rows(out_ref, out_rows, cols, dot(table, w), ok, out_ok)
+        return carry
 
-    if _chunk_loop(size, n_chunks, width, loop):
-        offsets = jnp.arange(size, dtype=jnp.int32)
-
-        def body(c, carry):
-            step(c * size + offsets, None)
-            return carry
-
-        jax.lax.fori_loop(0, n_chunks, body, 0)
-        return
-    for c in range(n_chunks):
-        step(*chunk_indices(c, size, width))
+    fold_chunks(step, jnp.int32(0), width, chunk, loop=loop)
 
 
 def check_powers_of_two(config, names) -> None:
