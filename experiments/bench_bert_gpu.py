@@ -122,21 +122,25 @@ def jitted_forward(model, forward: str):
     return jax.jit(fn), state
 
 
+def configured(model, implementation: str | None, attention: str | None):
+    """``model`` with its FFF layers on ``implementation`` (None: left as built) and its attention on
+    ``attention`` (in place)."""
+    from fffjax.models.crammed_bert import set_attention_implementation, set_fff_implementation
+
+    if implementation is not None:
+        set_fff_implementation(model, implementation)
+    set_attention_implementation(model, attention)
+    return model
+
+
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
                   inputs: tuple, attention: str | None = None) -> dict:
     """One inference row: compile, then the median seconds per batch."""
     import jax
 
-    from fffjax.models.crammed_bert import (
-        attention_implementation,
-        set_attention_implementation,
-        set_fff_implementation,
-    )
+    from fffjax.models.crammed_bert import attention_implementation
 
-    model = models["classifier" if forward == "classifier" else "mlm"]
-    if implementation is not None:
-        set_fff_implementation(model, implementation)
-    set_attention_implementation(model, attention)
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention)
     fn, state = jitted_forward(model, forward)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(state, *inputs))
@@ -184,14 +188,10 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         _fff_forward,
         additive_mask,
         attention_implementation,
-        set_attention_implementation,
-        set_fff_implementation,
+        fused_attention,
     )
 
-    model = models["mlm"]
-    if implementation is not None:
-        set_fff_implementation(model, implementation)
-    set_attention_implementation(model, attention)
+    model = configured(models["mlm"], implementation, attention)
     encoder = model.encoder
     n_layers = len(encoder.layers)
     ids, mask = inputs
@@ -210,10 +210,8 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         attn = layer.attn
         b, s, width = h.shape
         heads = h.reshape(b, s, attn.num_heads, attn.head_width)
-        bias = jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(h.dtype)
-        context = jax.nn.dot_product_attention(heads, heads, heads, bias=bias, scale=float(attn.norm_factor),
-                                               implementation=attention_implementation(attn.implementation, h.dtype))
-        return context.reshape(b, s, width)
+        return fused_attention(heads, heads, heads, mask_bias, float(attn.norm_factor),
+                               attn.implementation).reshape(b, s, width)
 
     def layer_norm_one_pass(layer, h):
         norm = layer.norm1

@@ -133,6 +133,23 @@ def attention_implementation(implementation: str | None, dtype) -> str:
     return implementation
 
 
+def fused_attention(
+    q: Float[Array, "batch seq heads dim"],
+    k: Float[Array, "batch seq heads dim"],
+    v: Float[Array, "batch seq heads dim"],
+    mask_bias,
+    scale: float,
+    implementation: str | None = None,
+) -> Float[Array, "batch seq heads dim"]:
+    """``softmax(q.k * scale + mask_bias) v`` per head through ``jax.nn.dot_product_attention``
+    (float32 softmax; ``implementation`` as :func:`attention_implementation`). ``mask_bias`` is
+    ``(B, 1, 1, S)`` or None; it is broadcast to the ``(B, 1, S, S)`` that cuDNN requires."""
+    b, s = q.shape[:2]
+    bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                        implementation=attention_implementation(implementation, q.dtype))
+
+
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head attention with crammed BERT's per-head interleaved QKV, no biases.
 
@@ -163,10 +180,7 @@ class SelfAttention(nnx.Module):
         qkv = self.query_key_value(x).reshape(b, s, self.num_heads, 3, self.head_width)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         if self.dropout.deterministic or self.dropout.rate == 0:
-            bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
-            context = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, scale=float(self.norm_factor),
-                implementation=attention_implementation(self.implementation, q.dtype))
+            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), self.implementation)
             return self.dense(context.reshape(b, s, h))
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
         if mask_bias is not None:
