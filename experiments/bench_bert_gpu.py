@@ -43,8 +43,10 @@ Redraw the md and png from a json (written next to it unless ``--out`` is given)
 """
 
 import argparse
+import itertools
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -122,25 +124,36 @@ def jitted_forward(model, forward: str):
     return jax.jit(fn), state
 
 
-def configured(model, implementation: str | None, attention: str | None):
-    """``model`` with its FFF layers on ``implementation`` (None: left as built) and its attention on
-    ``attention`` (in place)."""
-    from fffjax.models.crammed_bert import set_attention_implementation, set_fff_implementation
+def configured(model, implementation: str | None, attention: str | None, norm: str | None = None):
+    """``model`` with its FFF layers on ``implementation`` (None: left as built), its attention on
+    ``attention`` and its layer norms on ``norm`` (in place)."""
+    from fffjax.models.crammed_bert import set_attention_implementation, set_fff_implementation, set_norm_implementation
 
     if implementation is not None:
         set_fff_implementation(model, implementation)
     set_attention_implementation(model, attention)
+    set_norm_implementation(model, norm)
     return model
 
 
+def kernel_names(attention: str | None, norm: str | None, dtype) -> dict:
+    """``{"attention": ..., "norm": ...}``: the kernels a row ran, resolved (None -> the default's name)."""
+    import jax.numpy as jnp
+
+    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
+
+    return {"attention": attention_implementation(attention, jnp.dtype(dtype)),
+            "norm": norm_implementation(norm, jnp.dtype(dtype))}
+
+
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
-                  inputs: tuple, attention: str | None = None) -> dict:
+                  inputs: tuple, attention: str | None = None, norm: str | None = None) -> dict:
     """One inference row: compile, then the median seconds per batch."""
     import jax
 
     from fffjax.models.crammed_bert import attention_implementation
 
-    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention)
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
     fn, state = jitted_forward(model, forward)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(state, *inputs))
@@ -148,23 +161,24 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     seconds = timed(lambda: jax.block_until_ready(fn(state, *inputs)), args.steps, args.warmup, args.repeats)
     batch, seq = inputs[0].shape
     return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
-            "attention": attention_implementation(attention, jax.numpy.dtype(args.compute_dtype)),
-            "batch": batch, "seq": seq, "batch_s": seconds, "tokens_per_s": batch * seq / seconds,
+            **kernel_names(attention, norm, args.compute_dtype), "batch": batch, "seq": seq, "batch_s": seconds, "tokens_per_s": batch * seq / seconds,
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
-COMPONENTS = ("embedding", "layer", "attention", "projections", "attention_core", "layer_norm", "layer_norm_one_pass",
-              "feedforward")
+COMPONENTS = ("embedding", "layer", "attention", "projections", "attention_core", "layer_norm", "layer_norm_xla",
+              "add_layer_norm", "add_layer_norm_xla", "feedforward")
+NORM_TILES = ((4, 4), (8, 4), (16, 8), (32, 8))   # LayerNormConfig(block_rows, num_warps) timed by --components
 
 
 def calls_per_forward(component: str, n_layers: int) -> int:
     """How often ``encode`` runs a component: the embedding once, two norms per layer plus the final one."""
-    return {"embedding": 1, "layer_norm": 2 * n_layers + 1, "layer_norm_one_pass": 2 * n_layers + 1}.get(
-        component, n_layers)
+    if component == "embedding":
+        return 1
+    return 2 * n_layers + 1 if component.startswith("layer_norm") else n_layers
 
 
 def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple,
-                     attention: str | None = None) -> list[dict]:
+                     attention: str | None = None, norm: str | None = None) -> list[dict]:
     """Device seconds per call of layer 0's parts on the batch's hidden states: what the encoder's
     time is made of. ``layer`` is the whole pre-LN layer; ``attention`` the attention block with its
     projections; ``projections`` only its QKV and output matmuls (the three QKV parts summed, so
@@ -172,8 +186,10 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
     softmax and context core with the layout copies around it. Two parts time alternatives, for
     deciding what to build next, and are not in the encode estimate: ``attention_core`` is the fused
     attention kernel alone (``q = k = v = h`` viewed as heads: no projections, no strided QKV
-    slices), ``layer_norm_one_pass`` a layer norm whose variance is ``E[x^2] - E[x]^2`` from one read
-    (the model keeps the two-pass form for parity with torch).
+    slices). ``layer_norm`` is the model's norm (its implementation; the Pallas kernel on a GPU in
+    bf16), ``layer_norm_xla`` flax's through XLA, ``add_layer_norm[_xla]`` the residual add fused
+    into the norm as ``norm2`` runs it, and ``layer_norm_b{rows}w{warps}`` the Pallas kernel with
+    each of :data:`NORM_TILES`.
 
     Each part maps ``(B, S, H) -> (B, S, H)`` and runs ``n_layers`` times in one jitted
     ``fori_loop`` (``h = part(h)``), divided by ``n_layers``: per-call host dispatch, which would
@@ -191,7 +207,7 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         fused_attention,
     )
 
-    model = configured(models["mlm"], implementation, attention)
+    model = configured(models["mlm"], implementation, attention, norm)
     encoder = model.encoder
     n_layers = len(encoder.layers)
     ids, mask = inputs
@@ -213,12 +229,17 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         return fused_attention(heads, heads, heads, mask_bias, float(attn.norm_factor),
                                attn.implementation).reshape(b, s, width)
 
-    def layer_norm_one_pass(layer, h):
-        norm = layer.norm1
-        x = h.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
-        return ((x - mean) * jax.lax.rsqrt(var + norm.epsilon) * norm.scale[...] + norm.bias[...]).astype(h.dtype)
+    def add_layer_norm(layer, h):          # the barrier keeps the new residual stream h alive, as the layer does
+        return jax.lax.optimization_barrier(layer.norm2(h, h))[0]
+
+    def add_layer_norm_xla(layer, h):
+        return jax.lax.optimization_barrier((nnx.LayerNorm.__call__(layer.norm2, h + h), h + h))[0]
+
+    def tiled_layer_norm(config):
+        from pallas_kernels.layer_norm import layer_norm
+
+        return lambda layer, h: layer_norm(h, layer.norm1.scale[...], layer.norm1.bias[...], eps=layer.norm1.epsilon,
+                                           interpret=jax.default_backend() != "gpu", config=config)
 
     parts = {
         "layer": lambda layer, h: layer(h, mask_bias),
@@ -226,9 +247,15 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         "projections": projections,
         "attention_core": attention_core,
         "layer_norm": lambda layer, h: layer.norm1(h),
-        "layer_norm_one_pass": layer_norm_one_pass,
+        "layer_norm_xla": lambda layer, h: nnx.LayerNorm.__call__(layer.norm1, h),
+        "add_layer_norm": add_layer_norm,
+        "add_layer_norm_xla": add_layer_norm_xla,
         "feedforward": feedforward,
     }
+    from pallas_kernels.layer_norm import LayerNormConfig
+
+    for rows, warps in NORM_TILES:
+        parts[f"layer_norm_b{rows}w{warps}"] = tiled_layer_norm(LayerNormConfig(rows, warps))
     rows = []
 
     def record(name, fn, args_, per_call):
@@ -236,7 +263,7 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
         seconds = timed(lambda: jax.block_until_ready(fn(*args_)), args.steps, args.warmup, args.repeats)
         rows.append({"bench": "component", "component": name, "config": config_name,
                      "implementation": implementation or "dense", "batch": ids.shape[0], "seq": ids.shape[1],
-                     "attention": attention_implementation(attention, jnp.dtype(args.compute_dtype)),
+                     **kernel_names(attention, norm, args.compute_dtype),
                      "call_s": seconds / per_call, "tokens_per_s": ids.size * per_call / seconds,
                      "compute_dtype": args.compute_dtype, "calls_per_forward": calls_per_forward(name, n_layers)})
 
@@ -252,16 +279,73 @@ def bench_components(args, models: dict, config_name: str, implementation: str |
     return rows
 
 
+def device_events(trace: dict) -> list[dict]:
+    """The complete (``ph == "X"``) events of a Perfetto trace that ran on a GPU: processes whose name
+    holds ``/device:GPU`` (the profiler's device lines: one per stream). Without a GPU (CPU smoke
+    runs), the events that carry an ``hlo_op``."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu_pids = {e["pid"] for e in trace.get("traceEvents", []) if e.get("ph") == "M"
+                and e.get("name") == "process_name" and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    if gpu_pids:
+        return [e for e in events if e.get("pid") in gpu_pids]
+    return [e for e in events if "hlo_op" in e.get("args", {})]
+
+
+def kernel_summary(events: list[dict], top: int = 30) -> dict:
+    """``{span_ms, busy_ms, kernels, ops: [{op, calls, ms}]}`` of one traced call: the wall span from the
+    first kernel's start to the last one's end, the summed kernel time, and the kernels' time grouped
+    by HLO op name without its instance number (``fusion.12`` and ``fusion.3`` are one row; the
+    kernel name where the event has no op), longest first. ``span - busy`` is time the
+    GPU waited (launch gaps)."""
+    if not events:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "kernels": 0, "ops": []}
+    start = min(e["ts"] for e in events)
+    end = max(e["ts"] + e["dur"] for e in events)
+    ops: dict = {}
+    for e in events:
+        op = re.sub(r"\.\d+$", "", e.get("args", {}).get("hlo_op") or e["name"])   # fusion.12 -> fusion
+        calls, us = ops.get(op, (0, 0.0))
+        ops[op] = (calls + 1, us + e["dur"])
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"span_ms": (end - start) / 1e3, "busy_ms": sum(e["dur"] for e in events) / 1e3, "kernels": len(events),
+            "ops": [{"op": op, "calls": c, "ms": us / 1e3} for op, (c, us) in ranked]}
+
+
+def bench_profile(args, models: dict, forward: str, config_name: str, implementation: str | None, inputs: tuple,
+                  attention: str | None = None, norm: str | None = None) -> dict:
+    """One ``profile`` row: a JAX profiler trace of one jitted ``forward`` call (after the compile and a
+    warm-up call), summarised by :func:`kernel_summary`."""
+    import gzip
+    import tempfile
+
+    import jax
+
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
+    fn, state = jitted_forward(model, forward)
+    for _ in range(2):
+        jax.block_until_ready(fn(state, *inputs))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            jax.block_until_ready(fn(state, *inputs))
+        path = next(Path(folder).rglob("perfetto_trace.json.gz"))
+        summary = kernel_summary(device_events(json.load(gzip.open(path))))
+    return {"bench": "profile", "forward": forward, "config": config_name, "implementation": implementation or "dense",
+            **kernel_names(attention, norm, args.compute_dtype), "batch": inputs[0].shape[0], "seq": inputs[0].shape[1], **summary}
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward)."""
+    """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward); profile
+    rows, which have no throughput, are left as they are."""
     def key(r):
-        return r["bench"], r.get("forward"), r.get("component"), r.get("attention")
+        return r["bench"], r.get("forward"), r.get("component"), r.get("attention"), r.get("norm")
 
-    dense = {key(r): r["tokens_per_s"] for r in rows if r["implementation"] == "dense"}
-    return [{**r, "vs_dense": r["tokens_per_s"] / dense[key(r)] if key(r) in dense else None} for r in rows]
+    timed = [r for r in rows if "tokens_per_s" in r]
+    dense = {key(r): r["tokens_per_s"] for r in timed if r["implementation"] == "dense"}
+    return [{**r, "vs_dense": r["tokens_per_s"] / dense[key(r)] if key(r) in dense else None} if "tokens_per_s" in r
+            else r for r in rows]
 
 
 def _ratio(value) -> str:
@@ -290,12 +374,21 @@ def markdown(report: dict) -> str:
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
                   f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense.", "",
-                  "| forward | attention | model | FFF implementation | batch (ms) | tokens/s | speedup vs dense |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| forward | attention | norm | model | FFF implementation | batch (ms) | tokens/s | speedup vs dense |",
+                  "|---|---|---|---|---|---|---|---|"]
         order = {f: i for i, f in enumerate(FORWARDS)}
-        for r in sorted(infer, key=lambda r: (order.get(r["forward"], len(order)), r.get("attention") or "")):
-            lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r['config']} | {r['implementation']} | "
+        for r in sorted(infer, key=lambda r: (order.get(r["forward"], len(order)), r.get("attention") or "",
+                                              r.get("norm") or "")):
+            lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r.get('norm', 'xla')} | {r['config']} | "
+                         f"{r['implementation']} | "
                          f"{1e3 * r['batch_s']:.2f} | {r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |")
+        lines.append("")
+    for r in (r for r in rows if r["bench"] == "profile"):
+        lines += [f"## Kernels of one `{r['forward']}` call: {r['config']} ({r['implementation']}), profiler trace", "",
+                  f"{r['kernels']} kernels, {r['busy_ms']:.2f} ms of kernel time in a span of {r['span_ms']:.2f} ms "
+                  "(the rest: the GPU waiting between kernels). Time per HLO op, longest first:", "",
+                  "| op | kernels | ms |", "|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls']} | {o['ms']:.3f} |" for o in r["ops"]]
         lines.append("")
     parts = [r for r in rows if r["bench"] == "component"]
     if parts:
@@ -305,28 +398,30 @@ def markdown(report: dict) -> str:
                   "counted), and how often `encode` runs it. `layer` is a whole pre-LN layer, which holds one "
                   "`attention` (whose `projections` are its QKV and output matmuls), two `layer_norm`s and one "
                   "`feedforward`; the estimate is embedding + layers + the final norm.",
-                  "", "| model | FFF implementation | attention | component | ms per call | calls | ms per encode |",
-                  "|---|---|---|---|---|---|---|"]
-        for (config, impl, attention), group in _groups(parts):
+                  "", "| model | FFF implementation | attention | norm | component | ms per call | calls | ms per encode |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (config, impl, attention, norm), group in _groups(parts):
             per_encode = {}
             for r in group:
                 per_encode[r["component"]] = ms = 1e3 * r["call_s"] * r["calls_per_forward"]
-                lines.append(f"| {config} | {impl} | {attention} | {r['component']} | {1e3 * r['call_s']:.3f} | "
+                lines.append(f"| {config} | {impl} | {attention} | {norm} | {r['component']} | {1e3 * r['call_s']:.3f} | "
                              f"{r['calls_per_forward']} | {ms:.2f} |")
-            norm = next((1e3 * r["call_s"] for r in group if r["component"] == "layer_norm"), 0.0)
-            total = per_encode.get("embedding", 0.0) + per_encode.get("layer", 0.0) + norm
+            final_norm = next((1e3 * r["call_s"] for r in group if r["component"] == "layer_norm"), 0.0)
+            total = per_encode.get("embedding", 0.0) + per_encode.get("layer", 0.0) + final_norm
             encode = next((r for r in infer if r["forward"] == "encode" and r["config"] == config
-                           and r["implementation"] == impl and r.get("attention") == attention), None)
+                           and r["implementation"] == impl and r.get("attention") == attention
+                           and r.get("norm", "xla") == norm), None)
             measured = f" (measured encode {1e3 * encode['batch_s']:.2f} ms)" if encode else ""
-            lines.append(f"| {config} | {impl} | {attention} | **estimate** | | | **{total:.2f}**{measured} |")
+            lines.append(f"| {config} | {impl} | {attention} | {norm} | **estimate** | | | **{total:.2f}**{measured} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _groups(rows: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
+def _groups(rows: list[dict]) -> list[tuple[tuple[str, str, str, str], list[dict]]]:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["config"], r["implementation"], r.get("attention", "einsum")), []).append(r)
+        groups.setdefault((r["config"], r["implementation"], r.get("attention", "einsum"), r.get("norm", "xla")),
+                          []).append(r)
     return list(groups.items())
 
 
@@ -370,8 +465,8 @@ def plot(report: dict, path: Path) -> None:
 
     bars(ax_t, ["train step"], lambda _: [r for r in rows if r["bench"] == "train"])
     ax_t.set_title("training (MLM, optimizer steps)")
-    forwards = [f for f in FORWARDS if any(r.get("forward") == f for r in rows)]
-    bars(ax_i, forwards, lambda f: [r for r in rows if r.get("forward") == f])
+    forwards = [f for f in FORWARDS if any(r["bench"] == "infer" and r.get("forward") == f for r in rows)]
+    bars(ax_i, forwards, lambda f: [r for r in rows if r["bench"] == "infer" and r.get("forward") == f])
     ax_i.set_title("inference (forward, bf16)" if report.get("compute_dtype") == "bfloat16" else "inference")
     fig.suptitle(f"UltraFastBERT {report['config']} vs {report['dense_config']}, {report['device_kind']}")
     fig.tight_layout()
@@ -421,11 +516,13 @@ def run(args, command: str) -> dict:
         record(bench_train(args, name, impl))
 
     impls = split_list(args.implementations)
-    from fffjax.models.crammed_bert import attention_implementation
+    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
 
-    # Resolved names, each once ("auto" is cuDNN on a GPU, XLA on a CPU).
+    # Resolved names, each once ("auto": cuDNN attention and Pallas norms on a GPU, XLA on a CPU).
     attentions = list(dict.fromkeys(attention_implementation(None if a == "auto" else a, args.compute_dtype)
                                     for a in split_list(args.attention) or ["auto"]))
+    norms = list(dict.fromkeys(norm_implementation(None if n == "auto" else n, args.compute_dtype)
+                               for n in split_list(args.norm) or ["auto"]))
     if impls:
         batch = random_mlm_batch(np.random.default_rng(1), args.infer_batch, config.max_seq_length, config.vocab_size)
         inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
@@ -433,15 +530,19 @@ def run(args, command: str) -> dict:
         for name, model_impls in ((dense_name, [None]), (args.config, impls)):
             log(f"infer {name}: build")
             models = build_models(name, dtype, model_impls[0])
-            for attention in attentions:
-                for impl in model_impls:
+            for attention, norm, impl in itertools.product(attentions, norms, model_impls):
+                what = f"{name} ({impl or 'dense'}, attention {attention}, norm {norm})"
+                for forward in split_list(args.forwards):
+                    log(f"infer {what} {forward}: compile, time")
+                    record(bench_forward(args, models, forward, name, impl, inputs, attention, norm))
+                if args.profile:
                     for forward in split_list(args.forwards):
-                        log(f"infer {name} ({impl or 'dense'}, attention {attention}) {forward}: compile, time")
-                        record(bench_forward(args, models, forward, name, impl, inputs, attention))
-                    if args.components:
-                        log(f"components {name} ({impl or 'dense'}, attention {attention}): compile, time")
-                        for row in bench_components(args, models, name, impl, inputs, attention):
-                            record(row)
+                        log(f"profile {what} {forward}")
+                        record(bench_profile(args, models, forward, name, impl, inputs, attention, norm))
+                if args.components:
+                    log(f"components {what}: compile, time")
+                    for row in bench_components(args, models, name, impl, inputs, attention, norm):
+                        record(row)
             del models
     write(report, out, png=True)
     return report
@@ -464,8 +565,12 @@ def main(argv=None) -> None:
     ap.add_argument("--forwards", default=",".join(FORWARDS), help=f"comma list of inference forwards: {FORWARDS}")
     ap.add_argument("--attention", default="auto",
                     help="comma list of attention implementations for inference: xla, cudnn, auto (cuDNN on a GPU)")
+    ap.add_argument("--norm", default="auto",
+                    help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
     ap.add_argument("--components", action="store_true",
                     help="also time one layer's attention, layer norm and feedforward and the embedding alone")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one call of each forward with the JAX profiler: kernel time per HLO op")
     ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")
     ap.add_argument("--plot-only", default=None, metavar="JSON", help=f"redraw {NAME}.md and .png from a json")
     args = ap.parse_args(argv)

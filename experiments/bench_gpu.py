@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from fffjax import tree, v2  # noqa: E402
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig  # noqa: E402
+from pallas_kernels.fff_v2_forward import default_config as fwd_default_config  # noqa: E402
 from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
 
 WIDTH = 768
@@ -250,8 +251,24 @@ def autotune_train(layer: str, dtype, n_tokens: int, forward_cfg, candidates):
     return (best[0] if best else FffV2TrainConfig(forward=forward_cfg)), rows
 
 
-def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
-    """Milliseconds of each stage of the grouped Pallas forward and of the training step, timed alone."""
+def chained_time(fn, *args, calls: int = 16) -> float:
+    """Device seconds per call of ``fn(*args)``: ``calls`` calls in one jitted ``fori_loop``, each
+    call's inputs passed through an optimization barrier with the previous call's outputs (so XLA
+    can neither hoist nor drop a call), timed by :func:`time_call` and divided by ``calls``. Host
+    dispatch, which would dominate a stage of tens of microseconds, is not counted."""
+    def looped(*args):
+        def body(_, state):
+            return jax.lax.optimization_barrier((state[0], fn(*state[0])))
+
+        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+        return jax.lax.fori_loop(0, calls, body, (args, out))[1]
+
+    return time_call(jax.jit(looped), *args) / calls
+
+
+def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg, alternatives=()) -> dict:
+    """Device milliseconds (:func:`chained_time`) of each stage of the grouped Pallas forward and of
+    the training step, timed alone, and of the whole forward with each of ``alternatives`` (configs)."""
     from pallas_kernels import fff_v2_forward as fwd
     from pallas_kernels import fff_v2_train as trn
 
@@ -262,23 +279,29 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg) -> dict:
     kw = dict(depth=depth, n_trees=n_trees, interpret=INTERPRET)
     stages = {}
     if split:
-        sub = jax.jit(lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg,
-                                                      interpret=INTERPRET))
-        stages["route_kernel"] = time_call(sub, x)
-        s = sub(x)
-        stages["rank_kernel"] = time_call(jax.jit(lambda s: fwd.rank_in_subtree(s, 2**split, interpret=INTERPRET)), s)
-        group = jax.jit(lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, config=forward_cfg,
-                                                       interpret=INTERPRET))
-        stages["route_and_layout"] = time_call(group, x)
-    stages["forward"] = time_call(jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw)), x)
-    with_res = jax.jit(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw))
-    stages["forward_with_residuals"] = time_call(with_res, x)
-    res = with_res(x)
-    bwd = jax.jit(lambda x, dy, res: trn.backward_from_residuals(x, w_in, b_in, w_out, res, dy, config=train_cfg, **kw))
-    stages["backward"] = time_call(bwd, x, dy, res)
+        stages["route_kernel"] = chained_time(
+            lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET), x)
+        s = fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET)
+        stages["rank_kernel"] = chained_time(lambda s: fwd.rank_in_subtree(s, 2**split, interpret=INTERPRET), s)
+        stages["route_and_layout"] = chained_time(
+            lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET), x)
+    stages["forward"] = chained_time(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw), x)
+    for i, cfg in enumerate(alternatives):
+        try:
+            stages[f"forward_alt{i}"] = chained_time(
+                lambda x, cfg=cfg: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=cfg, **kw), x)
+        except Exception as e:   # a config that fails to compile is reported, not fatal
+            log(f"  alternative {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    stages["forward_with_residuals"] = chained_time(
+        lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw), x)
+    res = fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw)
+    stages["backward"] = chained_time(
+        lambda x, dy, res: trn.backward_from_residuals(x, w_in, b_in, w_out, res, dy, config=train_cfg, **kw),
+        x, dy, res)
     ms = {k: v * 1e3 for k, v in stages.items()}
     log(f"breakdown {layer} {jnp.dtype(dtype).name} T={n_tokens}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
-    return {"layer": layer, "dtype": jnp.dtype(dtype).name, "tokens": n_tokens, "ms": ms}
+    return {"layer": layer, "dtype": jnp.dtype(dtype).name, "tokens": n_tokens, "config": forward_cfg.__dict__,
+            "alternatives": [c.__dict__ for c in alternatives], "ms": ms, "timing": "device (chained)"}
 
 
 def roofline_s(n_tokens: int, dtype, bandwidth: float) -> float:
@@ -299,9 +322,13 @@ def run(args):
         out["breakdown"] = []
         for layer in args.layers:
             for dname in args.dtypes:
-                fcfg = FORWARD_CANDIDATES[layer][0]
+                n_trees, depth = LAYERS[layer]
+                alternatives = [FORWARD_CANDIDATES[layer][int(i)] for i in (args.forward_candidates or "").split(",")
+                                if i]
                 for n in token_counts:
-                    out["breakdown"].append(breakdown(layer, DTYPES[dname], n, fcfg, FffV2TrainConfig(forward=fcfg)))
+                    fcfg = fwd_default_config(depth, n_trees, n, DTYPES[dname])
+                    out["breakdown"].append(breakdown(layer, DTYPES[dname], n, fcfg, FffV2TrainConfig(forward=fcfg),
+                                                      alternatives))
                     save(out, args)
         return out
     for layer in args.layers:

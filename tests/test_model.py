@@ -21,6 +21,7 @@ from fffjax.models import (
     mlm_logits_at,
     set_attention_implementation,
     set_fff_implementation,
+    set_norm_implementation,
     sinusoidal_positions,
 )
 
@@ -201,6 +202,22 @@ def test_fused_attention_equals_the_explicit_form():
         np.testing.assert_allclose(attn(x, bias), want, atol=1e-5)
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         set_attention_implementation(attn, "flash")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_layer_norms_give_the_xla_logits(dtype):
+    # The one-pass kernel (interpret mode here) with the attention residual add fused into norm2.
+    model = CrammedBertMLM(TINY, dtype=dtype, implementation="xla", rngs=nnx.Rngs(3))
+    model.eval()
+    ids, mask = _batch(TINY)
+    set_norm_implementation(model, "xla")
+    want = model(ids, mask)
+    set_norm_implementation(model, "pallas")
+    got = model(ids, mask)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2 * float(jnp.max(jnp.abs(want)))   # bf16: a rounding here and there
+    np.testing.assert_allclose(got, want, atol=tol)
+    with pytest.raises(ValueError, match="norm implementation must be one of"):
+        set_norm_implementation(model, "apex")
 
 
 def test_sparse_prediction_matches_full_logits(tiny_mlm):

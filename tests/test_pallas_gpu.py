@@ -89,3 +89,18 @@ def test_default_implementation_on_gpu_is_pallas_and_trains():
     got, want = nnx.grad(loss)(model), nnx.grad(loss)(ref)
     for name in ("w_in", "b_in", "w_out"):
         assert_close(getattr(got, name)[...], getattr(want, name)[...], jnp.float32, name)
+
+
+@pytest.mark.parametrize("rows,width,dtype,fused", [(32768, 768, jnp.bfloat16, True), (32768, 768, jnp.bfloat16, False),
+                                                    (1001, 1000, jnp.float32, True)])
+def test_layer_norm_on_gpu(rows, width, dtype, fused):
+    from pallas_kernels.layer_norm import layer_norm, layer_norm_reference
+
+    k = jax.random.split(jax.random.key(4), 4)
+    x = (3.0 * jax.random.normal(k[0], (rows, width)) + 2.0).astype(dtype)
+    residual = jax.random.normal(k[1], (rows, width)).astype(dtype) if fused else None
+    scale, bias = jax.random.normal(k[2], (width,)), jax.random.normal(k[3], (width,))
+    got = layer_norm(x, scale, bias, residual, eps=1e-12)
+    want = layer_norm_reference(x, scale, bias, residual, eps=1e-12)
+    for g, w, name in zip(*(((got,), (want,)) if residual is None else (got, want)), ("y", "h")):
+        assert_close(g, w, dtype, name)

@@ -14,6 +14,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 import pallas_kernels as pk
 from fffjax import tree, v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from pallas_kernels.layer_norm import LayerNormConfig, layer_norm
 
 S = jax.ShapeDtypeStruct
 
@@ -71,6 +72,18 @@ def test_v1_forward_lowers_for_h200(width, leaf_width, depth, dtype):
     fn = functools.partial(pk.fff_v1_hard, depth=depth, activation=v2.gelu)
     text = _lower_for_h200(fn, *shapes)
     assert "fff_v1_descent" in text and "fff_v1_leaf_out" in text
+
+
+@pytest.mark.parametrize("width,dtype,config", [(768, jnp.bfloat16, LayerNormConfig()),
+                                                (1000, jnp.float32, LayerNormConfig(block_rows=4, num_warps=4))])
+def test_layer_norm_lowers_for_h200(width, dtype, config):
+    def fn(x, scale, bias, residual):
+        y, h = layer_norm(x, scale, bias, residual, eps=1e-12, config=config)
+        return y, h, layer_norm(x, scale, bias, eps=1e-12, config=config)
+
+    x = S((1001, width), dtype)
+    text = _lower_for_h200(fn, x, S((width,), jnp.float32), S((width,), jnp.float32), x)
+    assert "add_layer_norm" in text and "layer_norm" in text.replace("add_layer_norm", "")
 
 
 def test_backend_rule_violation_is_caught_by_lowering():

@@ -17,7 +17,7 @@ Module tree (attribute names follow the published state_dict, so the exporter's 
                        ffn.{w_in, b_in, w_out} | ffn.{dense_in, dense_out}.kernel}
     encoder.final_norm;   classifier only: pooler.dense.{kernel, bias}, head.{kernel, bias}
 
-Norms are ``nnx.LayerNorm`` (``scale``, ``bias``), linears ``nnx.Linear`` (``kernel (in, out)``,
+Norms are :class:`LayerNorm` (an ``nnx.LayerNorm``: ``scale``, ``bias``), linears ``nnx.Linear`` (``kernel (in, out)``,
 the transpose of torch's ``weight``). Parameters are float32; ``dtype`` sets the compute dtype
 (e.g. bfloat16; LayerNorm statistics stay float32, Flax's rule) and the MLM and class logits come
 out in float32 (:func:`cast_parameters` stores the weights in the compute dtype for inference).
@@ -66,10 +66,49 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def _layer_norm(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch's LayerNorm: E[x^2] - E[x]^2 loses digits at eps 1e-12.
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.norm_eps, dtype=dtype,
-                         use_fast_variance=False, rngs=rngs)
+NORM_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def norm_implementation(implementation: str | None, dtype) -> str:
+    """The layer-norm kernel to run: ``implementation``, or for ``None`` the one-pass Pallas kernel
+    (``pallas_kernels.layer_norm``) on a GPU with 16-bit inputs and XLA's otherwise (float32 keeps
+    XLA's, whose rounding the torch parity tests pin)."""
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if implementation not in NORM_IMPLEMENTATIONS:
+        raise ValueError(f"norm implementation must be one of {NORM_IMPLEMENTATIONS} or None, got {implementation!r}")
+    return implementation
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` (``scale``, ``bias``; two-pass variance, as torch's: ``E[x^2] - E[x]^2`` loses
+    digits at eps 1e-12) with a kernel switch and the residual add fused in.
+
+    ``norm(x)`` is the layer norm of ``x``; ``norm(x, residual)`` returns ``(norm(x + residual),
+    x + residual)`` from one pass. ``implementation`` as :func:`norm_implementation` (switch it with
+    :func:`set_norm_implementation`); on the CPU ``"pallas"`` runs in interpret mode (tests).
+    """
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        super().__init__(config.hidden_size, epsilon=config.norm_eps, dtype=dtype, use_fast_variance=False,
+                         rngs=rngs)
+        self.implementation: str | None = None
+
+    def __call__(self, x: Float[Array, "*lead hidden"], residual=None):
+        if norm_implementation(self.implementation, self.dtype) == "xla":
+            h = x if residual is None else x + residual
+            y = super().__call__(h)
+            return y if residual is None else (y, h)
+        from pallas_kernels.layer_norm import layer_norm
+
+        residual = None if residual is None else residual.astype(self.dtype)
+        return layer_norm(x.astype(self.dtype), self.scale[...], self.bias[...], residual, eps=self.epsilon,
+                          interpret=jax.default_backend() != "gpu")
+
+
+def _layer_norm(config: ModelConfig, dtype, rngs: nnx.Rngs) -> LayerNorm:
+    return LayerNorm(config, dtype, rngs)
 
 
 class ScaledSinusoidal(nnx.Module):
@@ -235,8 +274,7 @@ class TransformerLayer(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, h, mask_bias):
-        h = h + self.dropout(self.attn(self.norm1(h), mask_bias))
-        normed = self.norm2(h)
+        normed, h = self.norm2(h, self.dropout(self.attn(self.norm1(h), mask_bias)))   # one pass adds and norms
         out = _fff_forward(self.ffn, normed) if isinstance(self.ffn, UltraFastFF) else self.ffn(normed)
         return h + self.dropout(out)
 
@@ -379,6 +417,15 @@ def set_attention_implementation(model: nnx.Module, implementation: str | None) 
     attention_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
     for _, module in nnx.iter_graph(model):
         if isinstance(module, SelfAttention):
+            module.implementation = implementation
+
+
+def set_norm_implementation(model: nnx.Module, implementation: str | None) -> None:
+    """Switch every layer norm of ``model`` to ``implementation`` (``"xla"``, ``"pallas"`` or ``None`` =
+    Pallas on a GPU for 16-bit compute; in place)."""
+    norm_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, LayerNorm):
             module.implementation = implementation
 
 
