@@ -18,15 +18,17 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    for each attention kernel of ``--attention`` (default ``auto``: cuDNN flash attention on a GPU;
    ``xla,cudnn`` times both; dropout is off, so :class:`SelfAttention` runs the fused form).
 
-3. ``--components``: device time of the embedding and of one layer, its attention block, the
-   attention's projections, a layer norm and the feedforward, each jitted alone on the batch's hidden
-   states (see :func:`bench_components`): where the encoder's time goes (the end-to-end speedup is
-   capped by what is not the feedforward).
+   ``--norm`` picks the layer norms likewise (``auto``: the one-pass Pallas kernel on a GPU; ``xla,auto``
+   times both).
+3. ``--profile``: a JAX profiler trace of one call of each forward: kernel time per kernel (or HLO op),
+   where the encoder's time goes. (A former ``--components`` mode timed parts chained in a jitted
+   loop; the loop's own cost per step, tens of microseconds, hid what parts of that size cost.)
 
-Timing: wall clock of ``--steps`` calls (each ending in ``block_until_ready`` or a host fetch of the
-metrics) after the compile and ``--warmup`` calls; the median of ``--repeats`` repeats. Writes
-``bert_gpu.json`` (rows, device, versions, command), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out``
-after every measurement.
+Timing: inference reports the throughput of a stream of batches (``--steps`` calls enqueued back to
+back, waited for once) and the latency of one batch (each call waited for); training, the wall clock
+of ``--steps`` steps (each ending in a host fetch of the metrics). After the compile and ``--warmup``
+calls; the median of ``--repeats`` repeats. Writes ``bert_gpu.json`` (rows, device, versions,
+command), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out`` after every measurement.
 
 Run on the GPU machine (repo root, about 4 minutes on an H200, mostly compiles)::
 
@@ -184,120 +186,6 @@ def stream_seconds(fn, steps: int, warmup: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
-COMPONENTS = ("embedding", "layer", "attention", "projections", "attention_core", "layer_norm", "layer_norm_xla",
-              "add_layer_norm", "add_layer_norm_xla", "feedforward")
-NORM_TILES = ((4, 4), (8, 4), (16, 8), (32, 8))   # LayerNormConfig(block_rows, num_warps) timed by --components
-
-
-def calls_per_forward(component: str, n_layers: int) -> int:
-    """How often ``encode`` runs a component: the embedding once, two norms per layer plus the final one."""
-    if component == "embedding":
-        return 1
-    return 2 * n_layers + 1 if component.startswith("layer_norm") else n_layers
-
-
-def bench_components(args, models: dict, config_name: str, implementation: str | None, inputs: tuple,
-                     attention: str | None = None, norm: str | None = None) -> list[dict]:
-    """Device seconds per call of layer 0's parts on the batch's hidden states: what the encoder's
-    time is made of. ``layer`` is the whole pre-LN layer; ``attention`` the attention block with its
-    projections; ``projections`` only its QKV and output matmuls (the three QKV parts summed, so
-    that XLA cannot drop two thirds of the matmul); so ``attention - projections`` is the score,
-    softmax and context core with the layout copies around it. Two parts time alternatives, for
-    deciding what to build next, and are not in the encode estimate: ``attention_core`` is the fused
-    attention kernel alone (``q = k = v = h`` viewed as heads: no projections, no strided QKV
-    slices). ``layer_norm`` is the model's norm (its implementation; the Pallas kernel on a GPU in
-    bf16), ``layer_norm_xla`` flax's through XLA, ``add_layer_norm[_xla]`` the residual add fused
-    into the norm as ``norm2`` runs it, and ``layer_norm_b{rows}w{warps}`` the Pallas kernel with
-    each of :data:`NORM_TILES`.
-
-    Each part maps ``(B, S, H) -> (B, S, H)`` and runs ``n_layers`` times in one jitted
-    ``fori_loop`` (``h = part(h)``), divided by ``n_layers``: per-call host dispatch, which would
-    dominate a part of tens of microseconds, is not counted. The embedding runs once per call.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from fffjax.models.crammed_bert import (
-        UltraFastFF,
-        _fff_forward,
-        additive_mask,
-        attention_implementation,
-        fused_attention,
-    )
-
-    model = configured(models["mlm"], implementation, attention, norm)
-    encoder = model.encoder
-    n_layers = len(encoder.layers)
-    ids, mask = inputs
-    mask_bias = additive_mask(mask, encoder.dtype)
-    hidden = jax.jit(lambda ids: encoder.embedding(ids))(ids)
-
-    def projections(layer, h):
-        attn = layer.attn
-        b, s, width = h.shape
-        return attn.dense(attn.query_key_value(h).reshape(b, s, 3, width).sum(axis=2))
-
-    def feedforward(layer, h):
-        return _fff_forward(layer.ffn, h) if isinstance(layer.ffn, UltraFastFF) else layer.ffn(h)
-
-    def attention_core(layer, h):
-        attn = layer.attn
-        b, s, width = h.shape
-        heads = h.reshape(b, s, attn.num_heads, attn.head_width)
-        return fused_attention(heads, heads, heads, mask_bias, float(attn.norm_factor),
-                               attn.implementation).reshape(b, s, width)
-
-    def add_layer_norm(layer, h):          # the barrier keeps the new residual stream h alive, as the layer does
-        return jax.lax.optimization_barrier(layer.norm2(h, h))[0]
-
-    def add_layer_norm_xla(layer, h):
-        return jax.lax.optimization_barrier((nnx.LayerNorm.__call__(layer.norm2, h + h), h + h))[0]
-
-    def tiled_layer_norm(config):
-        from pallas_kernels.layer_norm import layer_norm
-
-        return lambda layer, h: layer_norm(h, layer.norm1.scale[...], layer.norm1.bias[...], eps=layer.norm1.epsilon,
-                                           interpret=jax.default_backend() != "gpu", config=config)
-
-    parts = {
-        "layer": lambda layer, h: layer(h, mask_bias),
-        "attention": lambda layer, h: layer.attn(h, mask_bias),
-        "projections": projections,
-        "attention_core": attention_core,
-        "layer_norm": lambda layer, h: layer.norm1(h),
-        "layer_norm_xla": lambda layer, h: nnx.LayerNorm.__call__(layer.norm1, h),
-        "add_layer_norm": add_layer_norm,
-        "add_layer_norm_xla": add_layer_norm_xla,
-        "feedforward": feedforward,
-    }
-    from pallas_kernels.layer_norm import LayerNormConfig
-
-    for rows, warps in NORM_TILES:
-        parts[f"layer_norm_b{rows}w{warps}"] = tiled_layer_norm(LayerNormConfig(rows, warps))
-    rows = []
-
-    def record(name, fn, args_, per_call):
-        jax.block_until_ready(fn(*args_))
-        seconds = timed(lambda: jax.block_until_ready(fn(*args_)), args.steps, args.warmup, args.repeats)
-        rows.append({"bench": "component", "component": name, "config": config_name,
-                     "implementation": implementation or "dense", "batch": ids.shape[0], "seq": ids.shape[1],
-                     **kernel_names(attention, norm, args.compute_dtype),
-                     "call_s": seconds / per_call, "tokens_per_s": ids.size * per_call / seconds,
-                     "compute_dtype": args.compute_dtype, "calls_per_forward": calls_per_forward(name, n_layers)})
-
-    emb_graph, emb_state = nnx.split(encoder.embedding)
-    record("embedding", jax.jit(lambda state, ids: nnx.merge(emb_graph, state)(ids)), (emb_state, ids), 1)
-    layer_graph, layer_state = nnx.split(encoder.layers[0])
-    for name, part in parts.items():
-        def chained(state, h, part=part):
-            layer = nnx.merge(layer_graph, state)
-            return jax.lax.fori_loop(0, n_layers, lambda _, h: part(layer, h).astype(h.dtype), h)
-
-        record(name, jax.jit(chained), (layer_state, hidden), n_layers)
-    return rows
-
-
 def device_events(trace: dict) -> list[dict]:
     """The complete (``ph == "X"``) events of a Perfetto trace that ran on a GPU: processes whose name
     holds ``/device:GPU`` (the profiler's device lines: one per stream). Without a GPU (CPU smoke
@@ -363,7 +251,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward); profile
     rows, which have no throughput, are left as they are."""
     def key(r):
-        return r["bench"], r.get("forward"), r.get("component"), r.get("attention"), r.get("norm")
+        return r["bench"], r.get("forward"), r.get("attention"), r.get("norm")
 
     def ratio(r, field, dense):
         return r[field] / dense[key(r)] if key(r) in dense and field in r else None
@@ -424,39 +312,7 @@ def markdown(report: dict) -> str:
                   "| op | kernels | ms |", "|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['calls']} | {o['ms']:.3f} |" for o in r["ops"]]
         lines.append("")
-    parts = [r for r in rows if r["bench"] == "component"]
-    if parts:
-        lines += ["## Where the encoder's time goes: device time of each part, jitted alone on the batch's hidden "
-                  "states", "",
-                  "ms per call (each part chained `n_layers` times in one jitted loop, so host dispatch is not "
-                  "counted), and how often `encode` runs it. `layer` is a whole pre-LN layer, which holds one "
-                  "`attention` (whose `projections` are its QKV and output matmuls), two `layer_norm`s and one "
-                  "`feedforward`; the estimate is embedding + layers + the final norm.",
-                  "", "| model | FFF implementation | attention | norm | component | ms per call | calls | ms per encode |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for (config, impl, attention, norm), group in _groups(parts):
-            per_encode = {}
-            for r in group:
-                per_encode[r["component"]] = ms = 1e3 * r["call_s"] * r["calls_per_forward"]
-                lines.append(f"| {config} | {impl} | {attention} | {norm} | {r['component']} | {1e3 * r['call_s']:.3f} | "
-                             f"{r['calls_per_forward']} | {ms:.2f} |")
-            final_norm = next((1e3 * r["call_s"] for r in group if r["component"] == "layer_norm"), 0.0)
-            total = per_encode.get("embedding", 0.0) + per_encode.get("layer", 0.0) + final_norm
-            encode = next((r for r in infer if r["forward"] == "encode" and r["config"] == config
-                           and r["implementation"] == impl and r.get("attention") == attention
-                           and r.get("norm", "xla") == norm), None)
-            measured = f" (measured encode {1e3 * encode['batch_s']:.2f} ms)" if encode else ""
-            lines.append(f"| {config} | {impl} | {attention} | {norm} | **estimate** | | | **{total:.2f}**{measured} |")
-        lines.append("")
     return "\n".join(lines)
-
-
-def _groups(rows: list[dict]) -> list[tuple[tuple[str, str, str, str], list[dict]]]:
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["implementation"], r.get("attention", "einsum"), r.get("norm", "xla")),
-                          []).append(r)
-    return list(groups.items())
 
 
 def plot(report: dict, path: Path) -> None:
@@ -576,10 +432,6 @@ def run(args, command: str) -> dict:
                     for forward in split_list(args.forwards):
                         log(f"profile {what} {forward}")
                         record(bench_profile(args, models, forward, name, impl, inputs, attention, norm))
-                if args.components:
-                    log(f"components {what}: compile, time")
-                    for row in bench_components(args, models, name, impl, inputs, attention, norm):
-                        record(row)
             del models
     write(report, out, png=True)
     return report
@@ -604,8 +456,6 @@ def main(argv=None) -> None:
                     help="comma list of attention implementations for inference: xla, cudnn, auto (cuDNN on a GPU)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
-    ap.add_argument("--components", action="store_true",
-                    help="also time one layer's attention, layer norm and feedforward and the embedding alone")
     ap.add_argument("--profile", action="store_true",
                     help="also trace one call of each forward with the JAX profiler: kernel time per HLO op")
     ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")
