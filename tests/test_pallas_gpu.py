@@ -10,7 +10,7 @@ import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import GROUPED_CONFIG, FffV2ForwardConfig, default_config
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from _pallas_helpers import assert_bf16_gradients_close, assert_close, v1_inputs, v2_inputs
+from _pallas_helpers import assert_bf16_gradients_close, assert_close, tie_free_tokens, v1_inputs, v2_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -29,11 +29,16 @@ SMALL_ROUTE = default_config(11, 1, 2**15)                              # 64-tok
     (4099, 768, 11, 1, jnp.float32, PIPELINED),
     (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
     (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GATHER),
+    (4099, 768, 4, 128, jnp.float32, GATHER),
 ])
 def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
+    # 128 trees x 5 levels x 4099 tokens: 2.6M routing decisions, dozens within 1e-5 of 0.
     x, w_in, b_in, w_out = v2_inputs(0, n_tokens, width, depth, n_trees, dtype)
     y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, config=config)
-    assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees), dtype)
+    ref = pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    keep = tie_free_tokens(x, w_in, b_in, depth=depth, n_trees=n_trees)
+    assert keep.mean() > 0.95
+    assert_close(y[keep], ref[keep], dtype)
 
 
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,weight_block_t,forward", [
