@@ -371,7 +371,11 @@ def run(args):
                             entries[f"dense{width}_xla"] = time_call(dense_xla(width, dtype), x)
                         except Exception as e:
                             log(f"  dense{width}_xla failed: {e}")
-                        ms = torch_dense_ms(width, dname, n) if args.torch else None
+                        try:   # torch allocates beside JAX's preallocated pool: a float32 2^20 FF-4096 ran out
+                            ms = torch_dense_ms(width, dname, n) if args.torch else None
+                        except Exception as e:
+                            log(f"  dense{width}_torch failed: {type(e).__name__}: {str(e)[:200]}")
+                            ms = None
                         if ms is not None:
                             entries[f"dense{width}_torch"] = ms / 1e3
                 for name, t in entries.items():

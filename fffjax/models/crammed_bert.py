@@ -216,8 +216,10 @@ class SelfAttention(nnx.Module):
 
     def project_qkv(self, x: Float[Array, "batch seq hidden"]) -> tuple[Array, Array, Array]:
         """``q, k, v`` ``(B, S, heads, d)``: one matmul each, against the kernel's query, key and value
-        columns. Slicing one ``(B, S, 3H)`` product instead copied 3 x 50 MB per layer at 256 x 128
-        bf16 tokens (1.5 of the 10.3 ms of a ``base`` encode on the H200, ``bert_gpu.md``)."""
+        columns, so that no per-head slicing of one ``(B, S, 3H)`` product is needed. (On the H200,
+        XLA's dot merger still joins the three into one GEMM followed by two slice copies: 1.0 ms of a
+        10.0 ms ``base`` encode at 256 x 128 bf16 tokens, against 1.5 ms of slices for the per-head
+        view of the fused product; ``experiments/results/bert_gpu.md``.)"""
         linear = self.query_key_value
         kernel = linear.kernel[...].reshape(x.shape[-1], self.num_heads, 3, self.head_width)
         x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=linear.dtype)
