@@ -74,6 +74,33 @@ def path_from_logits(
     return jnp.stack(path, axis=-1)
 
 
+def routing_margin(
+    x: Float[Array, "batch din"],
+    w_in: Float[Array, "nodes din"],
+    b_in: Float[Array, " nodes"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+) -> Float[Array, " batch"]:
+    """The smallest ``|z|`` over each token's routing decisions (all trees, all levels), float32.
+
+    A logit this close to 0 can take the other branch under another summation order (another
+    implementation, block size or device), and the token then reads different rows: an equally
+    right answer. Comparing two implementations elementwise is meaningful only on tokens whose
+    margin is well above the summation error (e.g. ``> 1e-5`` for H = 768 in float32).
+    """
+    x32, w32, b32 = (jnp.asarray(a, jnp.float32) for a in (x, w_in, b_in))
+    offsets = jnp.asarray(tree.tree_offsets(n_trees, tree.v2_nodes_per_tree(depth)), jnp.int32)
+    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
+    margin = jnp.full((x.shape[0],), jnp.inf, jnp.float32)
+    for _ in range(depth + 1):
+        flat = node + offsets
+        z = jnp.einsum("bh,bkh->bk", x32, w32[flat], precision=HIGHEST) + b32[flat]
+        margin = jnp.minimum(margin, jnp.min(jnp.abs(z), axis=1))
+        node = tree.child(node, z > 0)
+    return margin
+
+
 def masked_forward(
     x: Float[Array, "batch din"],
     w_in: Float[Array, "nodes din"],

@@ -24,22 +24,9 @@ def v1_inputs(seed: int, n_tokens: int, width: int, leaf_width: int, width_out: 
 
 
 def tie_free_tokens(x, w_in, b_in, *, depth: int, n_trees: int, margin: float = 1e-5) -> np.ndarray:
-    """``(T,)`` bool: the tokens none of whose routing logits on their float32 reference paths lies
-    within ``margin`` of 0. A logit that close can flip with the summation order (the kernels and
-    XLA sum in different orders), sending the token down the other subtree: a different, equally
-    right answer that an elementwise comparison would call wrong."""
-    from fffjax import tree
-
-    x32, w32, b32 = (jnp.asarray(a, jnp.float32) for a in (x, w_in, b_in))
-    offsets = jnp.asarray(tree.tree_offsets(n_trees, tree.v2_nodes_per_tree(depth)), jnp.int32)
-    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
-    closest = jnp.full((x.shape[0],), jnp.inf, jnp.float32)
-    for _ in range(depth + 1):
-        flat = node + offsets
-        z = jnp.einsum("bh,bkh->bk", x32, w32[flat], precision=jax.lax.Precision.HIGHEST) + b32[flat]
-        closest = jnp.minimum(closest, jnp.min(jnp.abs(z), axis=1))
-        node = tree.child(node, z > 0)
-    return np.asarray(closest > margin)
+    """``(T,)`` bool: the tokens with no routing logit within ``margin`` of 0 (see
+    :func:`fffjax.v2.routing_margin`: a closer one can flip with the summation order)."""
+    return np.asarray(v2.routing_margin(x, w_in, b_in, depth=depth, n_trees=n_trees) > margin)
 
 
 def assert_close(actual, expected, dtype, name="y"):

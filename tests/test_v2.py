@@ -259,3 +259,17 @@ def test_bf16_inputs(implementation):
                             implementation=implementation, rngs=nnx.Rngs(0))
     assert module.w_in[...].dtype == jnp.bfloat16
     assert module(args16[0]).dtype == jnp.bfloat16
+
+
+def test_routing_margin_is_the_smallest_logit_on_the_paths():
+    depth, n_trees = 3, 2
+    p = v2.init(jax.random.key(0), 24, depth, n_trees=n_trees)
+    x = jax.random.normal(jax.random.key(1), (9, 24))
+    z = np.asarray(x @ p["w_in"].T + p["b_in"])
+    path = np.asarray(v2.path_from_logits(jnp.asarray(z), depth=depth, n_trees=n_trees)).reshape(9, -1)
+    want = np.abs(np.take_along_axis(z, path, axis=1)).min(axis=1)
+    got = v2.routing_margin(x, p["w_in"], p["b_in"], depth=depth, n_trees=n_trees)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # A token put exactly on a root's boundary has margin 0.
+    x0 = x.at[0].set(-p["b_in"][0] * p["w_in"][0] / jnp.sum(p["w_in"][0] ** 2))
+    assert float(v2.routing_margin(x0, p["w_in"], p["b_in"], depth=depth, n_trees=n_trees)[0]) < 1e-6
