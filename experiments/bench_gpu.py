@@ -14,6 +14,11 @@ Usage (repo root, on the GPU machine)::
     PYTHONPATH=. python experiments/bench_gpu.py --out $OUT            # full run: json, md, png
     PYTHONPATH=. python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
     python experiments/bench_gpu.py --out experiments/results --merge a/bench_gpu.json b/bench_gpu.json
+
+CPU smoke run of the script (kernels in interpret mode, about 3 minutes)::
+
+    PYTHONPATH=. python experiments/bench_gpu.py --out /tmp/bench_smoke --layers 1x11 --dtypes bfloat16 \
+        --token-exponents 10 --forward-candidates 13 --train-candidates 1 --no-torch
 """
 
 import argparse
@@ -344,8 +349,8 @@ def run(args):
             tuning[f"forward/{layer}/{dname}"] = {"best": cfg.__dict__, "tried": rows}
             if args.sweep and layer == "128x4":
                 continue
-            tcfg, trows = autotune_train(layer, dtype, token_counts[-1] if args.sweep else args.train_tune_tokens,
-                                         cfg, TRAIN_CANDIDATES[:args.train_candidates])
+            tune_tokens = token_counts[-1] if args.sweep else min(args.train_tune_tokens, token_counts[-1])
+            tcfg, trows = autotune_train(layer, dtype, tune_tokens, cfg, TRAIN_CANDIDATES[:args.train_candidates])
             tuning[f"train/{layer}/{dname}"] = {"best": {k: v for k, v in tcfg.__dict__.items() if k != "forward"},
                                                "tried": trows}
             if args.sweep:
@@ -551,7 +556,8 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--token-exponents", nargs="+", type=int, default=[14, 16, 18, 20])
-    parser.add_argument("--train-tune-tokens", type=int, default=2**18)
+    parser.add_argument("--train-tune-tokens", type=int, default=2**18,
+                        help="tokens of the training-step autotuning (at most the largest benchmarked count)")
     parser.add_argument("--slow-s", type=float, default=2.0,
                         help="skip the next token count of an implementation whose predicted call time exceeds this")
     parser.add_argument("--forward-candidates", type=str, default=None,
