@@ -220,6 +220,16 @@ def test_pallas_layer_norms_give_the_xla_logits(dtype):
         set_norm_implementation(model, "apex")
 
 
+def test_default_kernels_follow_the_platform_and_dtype(monkeypatch):
+    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
+
+    for backend, want in (("cpu", ("xla", "xla")), ("gpu", ("cudnn", "pallas"))):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert (attention_implementation(None, jnp.bfloat16), norm_implementation(None, jnp.bfloat16)) == want
+        assert (attention_implementation(None, jnp.float32), norm_implementation(None, jnp.float32)) == ("xla", "xla")
+    assert norm_implementation("xla", jnp.bfloat16) == "xla"
+
+
 def test_sparse_prediction_matches_full_logits(tiny_mlm):
     ids, mask = _batch(TINY)
     positions = jnp.array([[0, 5, 15], [1, 2, 3], [0, 1, 2]], jnp.int32)

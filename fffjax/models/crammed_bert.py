@@ -66,6 +66,23 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def _kernel_choice(what: str, choices: tuple[str, ...], implementation: str | None, dtype) -> str:
+    """``implementation`` if it is one of ``choices`` (a ``ValueError`` naming ``what`` otherwise); for
+    ``None``, ``choices[1]`` on a GPU with 16-bit inputs and ``choices[0]`` (XLA) elsewhere."""
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        return choices[1] if on_gpu and jnp.dtype(dtype).itemsize == 2 else choices[0]
+    if implementation not in choices:
+        raise ValueError(f"{what} implementation must be one of {choices} or None, got {implementation!r}")
+    return implementation
+
+
+def _set_implementation(model: nnx.Module, module_type: type, implementation: str | None) -> None:
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, module_type):
+            module.implementation = implementation
+
+
 NORM_IMPLEMENTATIONS = ("xla", "pallas")
 
 
@@ -73,12 +90,7 @@ def norm_implementation(implementation: str | None, dtype) -> str:
     """The layer-norm kernel to run: ``implementation``, or for ``None`` the one-pass Pallas kernel
     (``pallas_kernels.layer_norm``) on a GPU with 16-bit inputs and XLA's otherwise (float32 keeps
     XLA's, whose rounding the torch parity tests pin)."""
-    if implementation is None:
-        on_gpu = jax.default_backend() == "gpu"
-        return "pallas" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
-    if implementation not in NORM_IMPLEMENTATIONS:
-        raise ValueError(f"norm implementation must be one of {NORM_IMPLEMENTATIONS} or None, got {implementation!r}")
-    return implementation
+    return _kernel_choice("norm", NORM_IMPLEMENTATIONS, implementation, dtype)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -163,13 +175,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 def attention_implementation(implementation: str | None, dtype) -> str:
     """The fused attention kernel to run: ``implementation``, or for ``None`` cuDNN's flash attention
     on a GPU with 16-bit inputs (all it supports) and XLA's fused softmax otherwise."""
-    if implementation is None:
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS} or None, "
-                         f"got {implementation!r}")
-    return implementation
+    return _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
 
 
 def fused_attention(
@@ -417,27 +423,21 @@ class CrammedBertClassifier(_EncoderModel):
 
 def set_fff_implementation(model: nnx.Module, implementation: str | None) -> None:
     """Switch every FFF-v2 layer of ``model`` to ``implementation`` (in place)."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, UltraFastFF):
-            module.implementation = implementation
+    _set_implementation(model, UltraFastFF, implementation)
 
 
 def set_attention_implementation(model: nnx.Module, implementation: str | None) -> None:
     """Switch every attention block of ``model`` to ``implementation`` (``"xla"``, ``"cudnn"`` or
     ``None`` = cuDNN on a GPU for 16-bit compute; in place; used when dropout is off)."""
     attention_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, SelfAttention):
-            module.implementation = implementation
+    _set_implementation(model, SelfAttention, implementation)
 
 
 def set_norm_implementation(model: nnx.Module, implementation: str | None) -> None:
     """Switch every layer norm of ``model`` to ``implementation`` (``"xla"``, ``"pallas"`` or ``None`` =
     Pallas on a GPU for 16-bit compute; in place)."""
     norm_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, LayerNorm):
-            module.implementation = implementation
+    _set_implementation(model, LayerNorm, implementation)
 
 
 def cast_parameters(model: nnx.Module, dtype) -> nnx.Module:
