@@ -87,18 +87,13 @@ def routing_margin(
     A logit this close to 0 can take the other branch under another summation order (another
     implementation, block size or device), and the token then reads different rows: an equally
     right answer. Comparing two implementations elementwise is meaningful only on tokens whose
-    margin is well above the summation error (e.g. ``> 1e-5`` for H = 768 in float32).
+    margin is well above the summation error (e.g. ``> 1e-5`` for H = 768 in float32). Computes
+    every node's logit, as :func:`masked_forward` does (``(batch, nodes)`` float32): a test-sized tool.
     """
-    x32, w32, b32 = (jnp.asarray(a, jnp.float32) for a in (x, w_in, b_in))
-    offsets = jnp.asarray(tree.tree_offsets(n_trees, tree.v2_nodes_per_tree(depth)), jnp.int32)
-    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
-    margin = jnp.full((x.shape[0],), jnp.inf, jnp.float32)
-    for _ in range(depth + 1):
-        flat = node + offsets
-        z = jnp.einsum("bh,bkh->bk", x32, w32[flat], precision=HIGHEST) + b32[flat]
-        margin = jnp.minimum(margin, jnp.min(jnp.abs(z), axis=1))
-        node = tree.child(node, z > 0)
-    return margin
+    z = jnp.matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w_in, jnp.float32).T, precision=HIGHEST)
+    z = z + jnp.asarray(b_in, jnp.float32)
+    path = path_from_logits(z, depth=depth, n_trees=n_trees).reshape(z.shape[0], -1)
+    return jnp.min(jnp.abs(jnp.take_along_axis(z, path, axis=1)), axis=1)
 
 
 def masked_forward(

@@ -262,12 +262,21 @@ def test_bf16_inputs(implementation):
 
 
 def test_routing_margin_is_the_smallest_logit_on_the_paths():
-    depth, n_trees = 3, 2
-    p = v2.init(jax.random.key(0), 24, depth, n_trees=n_trees)
-    x = jax.random.normal(jax.random.key(1), (9, 24))
-    z = np.asarray(x @ p["w_in"].T + p["b_in"])
-    path = np.asarray(v2.path_from_logits(jnp.asarray(z), depth=depth, n_trees=n_trees)).reshape(9, -1)
-    want = np.abs(np.take_along_axis(z, path, axis=1)).min(axis=1)
+    depth, n_trees, features = 3, 2, 24
+    p = v2.init(jax.random.key(0), features, depth, n_trees=n_trees)
+    x = jax.random.normal(jax.random.key(1), (9, features))
+    w_in, b_in = np.asarray(p["w_in"], np.float64), np.asarray(p["b_in"], np.float64)
+    per_tree = tree.v2_nodes_per_tree(depth)
+    want = []
+    for row in np.asarray(x, np.float64):          # walk each token down each tree, one node at a time
+        logits = []
+        for k in range(n_trees):
+            node = 0
+            for _ in range(depth + 1):
+                z = row @ w_in[k * per_tree + node] + b_in[k * per_tree + node]
+                logits.append(abs(z))
+                node = 2 * node + (2 if z > 0 else 1)
+        want.append(min(logits))
     got = v2.routing_margin(x, p["w_in"], p["b_in"], depth=depth, n_trees=n_trees)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # A token put exactly on a root's boundary has margin 0.
