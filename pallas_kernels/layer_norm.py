@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from fffjax._vjp import with_reference_vjp
 from pallas_kernels import _common as cm
 
 
@@ -91,27 +92,15 @@ def layer_norm_reference(x, scale, bias, residual=None, *, eps: float):
     return y if residual is None else (y, h)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _layer_norm(x, scale, bias, residual, eps, interpret, config):
-    lead = x.shape[:-1]
-    flat = (lambda a: a.reshape(-1, a.shape[-1]))
-    out = _call(flat(x), None if residual is None else flat(residual), scale, bias, eps, interpret, config)
-    if residual is None:
-        return out.reshape(x.shape)
-    return out[0].reshape(*lead, x.shape[-1]), out[1].reshape(*lead, x.shape[-1])
+def _kernel_call(x, scale, bias, residual, *, eps, interpret, config):
+    """:func:`_call` on ``(..., H)`` arrays (rows flattened and restored)."""
+    out = _call(x.reshape(-1, x.shape[-1]), None if residual is None else residual.reshape(-1, x.shape[-1]),
+                scale, bias, eps, interpret, config)
+    return out.reshape(x.shape) if residual is None else (out[0].reshape(x.shape), out[1].reshape(x.shape))
 
 
-def _layer_norm_fwd(x, scale, bias, residual, eps, interpret, config):
-    return _layer_norm(x, scale, bias, residual, eps, interpret, config), (x, scale, bias, residual)
-
-
-def _layer_norm_bwd(eps, interpret, config, saved, cotangent):
-    x, scale, bias, residual = saved
-    _, vjp = jax.vjp(functools.partial(layer_norm_reference, eps=eps), x, scale, bias, residual)
-    return vjp(cotangent)
-
-
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm = with_reference_vjp(
+    _kernel_call, lambda x, scale, bias, residual, *, eps, **_: layer_norm_reference(x, scale, bias, residual, eps=eps))
 
 
 def layer_norm(x, scale, bias, residual=None, *, eps: float, interpret: bool = False,
@@ -133,4 +122,5 @@ def layer_norm(x, scale, bias, residual=None, *, eps: float, interpret: bool = F
                          f"{tuple(residual.shape)} {residual.dtype}")
     if x.size == 0:
         return layer_norm_reference(x, scale, bias, residual, eps=eps)
-    return _layer_norm(x, scale, bias, residual, float(eps), interpret, config)
+    static = (("eps", float(eps)), ("interpret", interpret), ("config", config))
+    return _layer_norm(static, x, scale, bias, residual)

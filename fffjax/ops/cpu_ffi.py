@@ -30,6 +30,7 @@ import numpy as np
 
 from fffjax import v1, v2
 from fffjax._typing import Array, Float
+from fffjax._vjp import with_reference_vjp
 from fffjax._vma import vary_like
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
@@ -114,26 +115,6 @@ def _call_f32(target: str, x, weights: tuple, out_width: int, **attrs):
     return vary_like(y.astype(x.dtype), x, *weights)
 
 
-def _with_reference_vjp(kernel, reference):
-    """``f(static, *arrays)``: ``kernel(*arrays, **dict(static))`` in the forward pass, the VJP of
-    ``reference(*arrays, **dict(static))`` (the differentiable jnp gather path) in the backward.
-    ``static`` is a tuple of ``(name, value)`` pairs (hashable, not differentiated)."""
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def f(static, *arrays):
-        return kernel(*arrays, **dict(static))
-
-    def fwd(static, *arrays):
-        return kernel(*arrays, **dict(static)), arrays
-
-    def bwd(static, residuals, g):
-        _, vjp = jax.vjp(functools.partial(reference, **dict(static)), *residuals)
-        return vjp(vary_like(g, *residuals))
-
-    f.defvjp(fwd, bwd)
-    return f
-
-
 def _require_usable(x) -> None:
     """Raise ``NotImplementedError`` (so that the registry falls back to ``"xla"``) off the CPU, when
     the kernel did not build, or for a dtype the kernel does not compute in float32."""
@@ -143,7 +124,7 @@ def _require_usable(x) -> None:
         raise NotImplementedError(f"cpu_ffi computes in float32; got x of dtype {x.dtype}")
 
 
-_forward = _with_reference_vjp(
+_forward = with_reference_vjp(
     lambda x, w_in, b_in, w_out, *, depth, n_trees: _call_f32(
         _TARGET, x, (w_in, b_in, w_out), w_out.shape[1], depth=depth, n_trees=n_trees),
     v2.conditional_forward)
@@ -180,7 +161,7 @@ def registered_fn(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
 # --------------------------------------------------------------------------- FFF-v1
 
 
-_forward_v1 = _with_reference_vjp(
+_forward_v1 = with_reference_vjp(
     lambda x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth, leaf_output_bias: _call_f32(
         _TARGET_V1, x, (node_weights, node_biases, w1s, b1s, w2s, b2s), w2s.shape[2], depth=depth,
         leaf_output_bias=leaf_output_bias),
