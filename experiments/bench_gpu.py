@@ -357,7 +357,7 @@ def run(args):
                 continue
             fns, w, kw = forward_impls(layer, dtype, cfg)
             tfns = train_impls(layer, dtype, tcfg)
-            slow = set()
+            slow = set(args.skip)
             for n in token_counts:
                 x = tokens(n, dtype)
                 roof = roofline_s(n, dtype, bandwidth)
@@ -565,6 +565,9 @@ def main(argv=None):
     parser.add_argument("--max-candidates", type=int, default=100, help="try only the first N block-size candidates")
     parser.add_argument("--train-candidates", type=int, default=len(TRAIN_CANDIDATES))
     parser.add_argument("--no-torch", dest="torch", action="store_false")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="IMPL",
+                        help="implementations not to time, e.g. xla_gather train_xla_gather (128x4 at 2^20: "
+                             "the gather path asks for 385 GiB and its training step takes minutes)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
