@@ -453,7 +453,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     ap.add_argument("--forwards", default=",".join(FORWARDS), help=f"comma list of inference forwards: {FORWARDS}")
     ap.add_argument("--attention", default="auto",
-                    help="comma list of attention implementations for inference: xla, cudnn, auto (cuDNN on a GPU)")
+                    help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see crammed_bert.attention_implementation)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
     ap.add_argument("--profile", action="store_true",

@@ -197,27 +197,31 @@ def test_fused_attention_equals_the_explicit_form():
     scores = jnp.einsum("bqnd,bknd->bnqk", qkv[..., 0, :], qkv[..., 1, :]) * TINY.norm_factor + bias
     context = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), qkv[..., 2, :]).reshape(b, s, h)
     want = context @ attn.dense.kernel[...]
-    for implementation in (None, "xla"):
+    for implementation in (None, "xla", "pallas"):   # pallas: interpret mode on the CPU
         set_attention_implementation(attn, implementation)
         np.testing.assert_allclose(attn(x, bias), want, atol=1e-5)
+        np.testing.assert_allclose(attn(x, None), attn(x, jnp.zeros_like(bias)), atol=1e-6)
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         set_attention_implementation(attn, "flash")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_layer_norms_give_the_xla_logits(dtype):
-    # The one-pass kernel (interpret mode here) with the attention residual add fused into norm2.
+@pytest.mark.parametrize("kernel", ["norm", "attention"])
+def test_pallas_kernels_give_the_xla_logits(dtype, kernel):
+    # Interpret mode here. Norms: the one-pass kernel with the attention residual add fused into norm2;
+    # attention: the kernel that reads the fused QKV projection, with the padding mask.
+    set_implementation = {"norm": set_norm_implementation, "attention": set_attention_implementation}[kernel]
     model = CrammedBertMLM(TINY, dtype=dtype, implementation="xla", rngs=nnx.Rngs(3))
     model.eval()
     ids, mask = _batch(TINY)
-    set_norm_implementation(model, "xla")
+    set_implementation(model, "xla")
     want = model(ids, mask)
-    set_norm_implementation(model, "pallas")
+    set_implementation(model, "pallas")
     got = model(ids, mask)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2 * float(jnp.max(jnp.abs(want)))   # bf16: a rounding here and there
     np.testing.assert_allclose(got, want, atol=tol)
-    with pytest.raises(ValueError, match="norm implementation must be one of"):
-        set_norm_implementation(model, "apex")
+    with pytest.raises(ValueError, match=f"{kernel} implementation must be one of"):
+        set_implementation(model, "apex")
 
 
 def test_default_kernels_follow_the_platform_and_dtype(monkeypatch):

@@ -14,6 +14,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 import pallas_kernels as pk
 from fffjax import tree, v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from pallas_kernels.attention import AttentionConfig, attention
 from pallas_kernels.layer_norm import LayerNormConfig, layer_norm
 
 S = jax.ShapeDtypeStruct
@@ -97,3 +98,16 @@ def test_backend_rule_violation_is_caught_by_lowering():
                         compiler_params=pk._common.compiler_params(4, 1))
     with pytest.raises(Exception, match="power of 2|power-of-2|power of two"):
         _lower_for_h200(fn, S((16, 768), jnp.float32))
+
+
+@pytest.mark.parametrize("shape,num_heads,dtype,with_bias,config", [
+    ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig()),
+    ((3, 40, 72), 1, jnp.float32, False, AttentionConfig(block_q=16)),
+    ((2, 512, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8)),
+])
+def test_attention_lowers_for_h200(shape, num_heads, dtype, with_bias, config):
+    fn = functools.partial(attention, num_heads=num_heads, scale=0.125, config=config)
+    args = (S(shape, dtype), S(shape[:2], dtype) if with_bias else None)
+    assert "attention" in _lower_for_h200(fn, *args)
+    grad = jax.grad(lambda qkv, bias: jnp.sum(fn(qkv, bias).astype(jnp.float32)))
+    _lower_for_h200(grad, *args)   # the forward kernel, then XLA's backward

@@ -169,12 +169,14 @@ class Embedding(nnx.Module):
         return self.dropout(self.norm(h))
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def attention_implementation(implementation: str | None, dtype) -> str:
     """The fused attention kernel to run: ``implementation``, or for ``None`` cuDNN's flash attention
-    on a GPU with 16-bit inputs (all it supports) and XLA's fused softmax otherwise."""
+    on a GPU with 16-bit inputs (all it supports) and XLA's fused softmax otherwise. ``"pallas"``:
+    ``pallas_kernels.attention``, which reads the fused QKV projection as it is (sequences up to
+    ``pallas_kernels.attention.MAX_SEQ``; interpret mode off a GPU)."""
     return _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
 
 
@@ -189,10 +191,13 @@ def fused_attention(
     """``softmax(q.k * scale + mask_bias) v`` per head through ``jax.nn.dot_product_attention``
     (float32 softmax; ``implementation`` as :func:`attention_implementation`). ``mask_bias`` is
     ``(B, 1, 1, S)`` or None; it is broadcast to the ``(B, 1, S, S)`` that cuDNN requires."""
+    implementation = attention_implementation(implementation, q.dtype)
+    if implementation == "pallas":
+        raise ValueError("fused_attention takes implementation 'xla', 'cudnn' or None; the Pallas kernel reads "
+                         "the fused projection: pallas_kernels.attention.attention(qkv, ...)")
     b, s = q.shape[:2]
     bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
-                                        implementation=attention_implementation(implementation, q.dtype))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
 
 
 class SelfAttention(nnx.Module):
@@ -203,9 +208,10 @@ class SelfAttention(nnx.Module):
     viewed as (B, S, heads, 3, d). Scores ``q.k * norm_factor + mask``, softmax, dropout on the
     probabilities, then the output projection ``dense``.
 
-    Without active dropout (eval mode, or rate 0) the scores go through
-    ``jax.nn.dot_product_attention`` (float32 softmax), with ``implementation`` (``"xla"``,
-    ``"cudnn"``, or ``None``: see :func:`attention_implementation`; switch it with
+    Without active dropout (eval mode, or rate 0) the scores go through a fused kernel (float32
+    softmax) picked by ``implementation`` (``"xla"`` or ``"cudnn"``: ``jax.nn.dot_product_attention``
+    on ``q, k, v`` from :meth:`project_qkv`; ``"pallas"``: ``pallas_kernels.attention`` on the fused
+    ``(B, S, 3H)`` projection; ``None``: see :func:`attention_implementation`; switch it with
     :func:`set_attention_implementation`). Attention dropout needs the probabilities, which the
     fused kernels never write: with it, the explicit einsum form runs (softmax in the compute dtype).
     """
@@ -234,8 +240,17 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: Float[Array, "batch seq hidden"], mask_bias) -> Float[Array, "batch seq hidden"]:
         b, s, h = x.shape
+        fused = self.dropout.deterministic or self.dropout.rate == 0
+        dtype = self.query_key_value.dtype or x.dtype
+        if fused and attention_implementation(self.implementation, dtype) == "pallas":
+            from pallas_kernels.attention import attention
+
+            key_bias = None if mask_bias is None else mask_bias.reshape(b, s)
+            context = attention(self.query_key_value(x), key_bias, num_heads=self.num_heads,
+                                scale=float(self.norm_factor), interpret=jax.default_backend() != "gpu")
+            return self.dense(context)
         q, k, v = self.project_qkv(x)
-        if self.dropout.deterministic or self.dropout.rate == 0:
+        if fused:
             context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), self.implementation)
             return self.dense(context.reshape(b, s, h))
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
@@ -281,7 +296,13 @@ def _make_ffn(config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):
 
 
 class TransformerLayer(nnx.Module):
-    """Pre-LN: ``h + drop(attn(norm1(h)))``, then ``h + drop(ffn(norm2(h)))``."""
+    """Pre-LN: ``h + drop(attn(norm1(h)))``, then ``h + drop(ffn(norm2(h)))``.
+
+    Called as ``layer(h, mask_bias, update)``, it returns ``(h', update')`` whose sum is its output:
+    the pending ``update`` of the layer before (None for the first) is added to ``h`` by ``norm1`` in
+    the pass that normalises the sum, as the attention output is by ``norm2``; so every residual
+    add rides on a layer norm (the last one on the encoder's final norm).
+    """
 
     def __init__(self, config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):
         self.norm1 = _layer_norm(config, dtype, rngs)
@@ -290,10 +311,11 @@ class TransformerLayer(nnx.Module):
         self.ffn = _make_ffn(config, dtype=dtype, implementation=implementation, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, h, mask_bias):
-        normed, h = self.norm2(h, self.dropout(self.attn(self.norm1(h), mask_bias)))   # one pass adds and norms
+    def __call__(self, h, mask_bias, update=None):
+        normed, h = (self.norm1(h), h) if update is None else self.norm1(update, h)   # one pass adds and norms
+        normed, h = self.norm2(self.dropout(self.attn(normed, mask_bias)), h)
         out = _fff_forward(self.ffn, normed) if isinstance(self.ffn, UltraFastFF) else self.ffn(normed)
-        return h + self.dropout(out)
+        return h, self.dropout(out)
 
 
 class Encoder(nnx.Module):
@@ -311,10 +333,10 @@ class Encoder(nnx.Module):
     def __call__(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
         input_ids = _check_inputs(input_ids, attention_mask, self.config)
         mask_bias = None if attention_mask is None else additive_mask(attention_mask, self.dtype)
-        h = self.embedding(input_ids)
+        h, update = self.embedding(input_ids), None
         for layer in self.layers:
-            h = layer(h, mask_bias)
-        return self.final_norm(h)
+            h, update = layer(h, mask_bias, update)
+        return self.final_norm(update, h)[0]
 
 
 def _check_inputs(input_ids, attention_mask, config: ModelConfig):
@@ -427,8 +449,8 @@ def set_fff_implementation(model: nnx.Module, implementation: str | None) -> Non
 
 
 def set_attention_implementation(model: nnx.Module, implementation: str | None) -> None:
-    """Switch every attention block of ``model`` to ``implementation`` (``"xla"``, ``"cudnn"`` or
-    ``None`` = cuDNN on a GPU for 16-bit compute; in place; used when dropout is off)."""
+    """Switch every attention block of ``model`` to ``implementation`` (``"xla"``, ``"cudnn"``,
+    ``"pallas"`` or ``None``: see :func:`attention_implementation`; in place; used when dropout is off)."""
     attention_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
     _set_implementation(model, SelfAttention, implementation)
 

@@ -1,0 +1,114 @@
+"""The Pallas fused-QKV attention kernel against cuDNN and XLA attention on UltraFastBERT ``base`` shapes.
+
+Per call: ``qkv (B, S, 3H)`` bf16 (crammed BERT's per-head interleaved projection), a padding bias,
+``H = 768``, 12 heads. cuDNN and XLA run ``jax.nn.dot_product_attention`` on ``q, k, v`` cut out of
+``qkv`` (the copies are part of their cost, as in a model that computes one fused projection) with
+the bias broadcast to the ``(B, 1, S, S)`` cuDNN requires; Pallas reads ``qkv`` as it is, for each
+``AttentionConfig`` of ``--configs``. Each variant runs ``--layers`` independent calls in one jitted
+function (as the encoder's 16 layers); reported per call: GPU kernel time from a profiler trace and
+wall time over a stream of calls, with the HBM time of ``qkv`` in and ``context`` out at the copy
+rate of the same run. Writes ``attention_gpu.json`` and ``.md`` to ``--out``.
+
+Run on the GPU machine (repo root, about a minute)::
+
+    PYTHONPATH=. python experiments/bench_attention_gpu.py --out $OUT
+"""
+
+import argparse
+import gzip
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "experiments"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_bert_gpu import device_events, kernel_summary, stream_seconds  # noqa: E402
+from bench_gpu import copy_bandwidth  # noqa: E402
+from pallas_kernels.attention import AttentionConfig, attention, split_heads  # noqa: E402
+
+
+def cut_and_attend(implementation: str, num_heads: int, scale: float):
+    def fn(qkv, key_bias):
+        b, s, three_h = qkv.shape
+        q, k, v = split_heads(qkv, num_heads)
+        bias = jnp.broadcast_to(key_bias[:, None, None, :], (b, 1, s, s))
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+        return out.reshape(b, s, three_h // 3)
+    return fn
+
+
+def kernel_ms(fn, args) -> tuple[float, list]:
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
+        summary = kernel_summary(device_events(json.load(gzip.open(next(Path(folder).rglob("perfetto_trace.json.gz"))))))
+    return summary["busy_ms"], summary["ops"][:4]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--configs", default="64x4,32x4,128x4,128x8,64x8,16x4", help="block_q x num_warps, comma-separated")
+    args = ap.parse_args(argv)
+    heads, d, dtype = 12, 64, jnp.bfloat16
+    scale = d**-0.5
+    keys = jax.random.split(jax.random.key(0), args.layers + 1)
+    qkvs = [jax.random.normal(k, (args.batch, args.seq, 3 * heads * d), dtype) for k in keys[1:]]
+    lengths = jax.random.randint(keys[0], (args.batch, 1), args.seq // 2, args.seq + 1)
+    key_bias = jnp.where(jnp.arange(args.seq)[None, :] < lengths, 0.0, -10000.0).astype(dtype)
+    bandwidth = copy_bandwidth()
+    hbm_ms = 4 * qkvs[0].nbytes / 3 / bandwidth * 1e3    # qkv in, context (a third of it) out
+    variants = {name: cut_and_attend(name, heads, scale) for name in ("cudnn", "xla")}
+    for text in args.configs.split(","):
+        block_q, warps = (int(v) for v in text.split("x"))
+        variants[f"pallas {text}"] = lambda q, b, c=AttentionConfig(block_q, warps): attention(
+            q, b, num_heads=heads, scale=scale, config=c, interpret=jax.default_backend() != "gpu")
+    reference = variants["xla"](qkvs[0], key_bias).astype(jnp.float32)
+    rows = []
+    for name, one in variants.items():
+        fn = jax.jit(lambda qkvs, b, one=one: [one(q, b) for q in qkvs])
+        try:
+            err = float(jnp.max(jnp.abs(one(qkvs[0], key_bias).astype(jnp.float32) - reference)))
+            busy, top = kernel_ms(fn, (qkvs, key_bias))
+            wall = stream_seconds(lambda: fn(qkvs, key_bias), steps=10, warmup=2, repeats=5)
+        except Exception as e:   # e.g. a tile that needs more shared memory than the GPU has
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        row = {"variant": name, "kernel_ms": busy / args.layers, "wall_ms": wall * 1e3 / args.layers,
+               "hbm_ms": hbm_ms, "max_abs_diff_vs_xla": err, "top_kernels": top}
+        rows.append(row)
+        print(f"{name}: kernel {row['kernel_ms']:.4f} ms, wall {row['wall_ms']:.4f} ms per call "
+              f"(HBM time {hbm_ms:.4f} ms), |diff| vs xla {err:.3g}", flush=True)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+              "command": " ".join(sys.argv), "batch": args.batch, "seq": args.seq, "heads": heads, "head_width": d,
+              "dtype": "bfloat16", "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_gpu.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# Attention on {report['device']}: B={args.batch}, S={args.seq}, 12 heads x 64, bf16, padding bias",
+             "", f"Command: `{report['command']}`", "",
+             "| variant | kernel ms per call | wall ms per call | HBM time ms | max abs diff vs xla |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | |")
+        else:
+            lines.append(f"| {r['variant']} | {r['kernel_ms']:.4f} | {r['wall_ms']:.4f} | {r['hbm_ms']:.4f} | "
+                         f"{r['max_abs_diff_vs_xla']:.3g} |")
+    (out / "attention_gpu.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Multi-head attention for short sequences, read straight from the fused QKV projection.
+
+``context = softmax(q k^T * scale + key_bias) v`` per sequence and head, where ``q, k, v`` are the
+columns of crammed BERT's fused projection ``qkv (B, S, 3H)`` in its per-head interleaved layout
+(head ``n``: query at columns ``3dn + [0, d)``, key at ``3dn + [d, 2d)``, value at ``3dn + [2d, 3d)``;
+``d = H / heads``), and ``context (B, S, H)`` holds head ``n`` at columns ``dn + [0, d)``: the layout
+the output projection takes.
+
+One program takes ``block_q`` queries of one head of one sequence against all of that sequence's keys
+(padded to a power of two, at most :data:`MAX_SEQ`): it loads its query, key and value columns from
+``qkv`` once, forms the ``(block_q, keys)`` float32 scores on the tensor cores, takes the softmax in
+registers and writes its ``(block_q, d)`` slice of ``context``. So nothing but ``qkv`` in and
+``context`` out touches HBM. Against ``jax.nn.dot_product_attention`` this saves (measured on the
+H200 in ``experiments/results/bert_gpu.md``): the copies that cut ``q, k, v`` out of the fused
+product (cuDNN wants each as its own ``(B, S, heads, d)`` array), and the ``(B, 1, S, S)`` bias that
+cuDNN needs materialised for a padding mask.
+
+Scores and softmax are float32; the probabilities are rounded to the value dtype before the product
+with ``v`` (as flash attention and the reference do). The VJP is the reference's
+(:func:`attention_reference`, through XLA): training gets the fast forward and XLA's backward.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fffjax._vjp import with_reference_vjp
+from pallas_kernels import _common as cm
+
+MAX_SEQ = 512   # all keys of a sequence sit in registers: (block_q, keys) float32 scores per program
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """``block_q`` queries per program (a power of two >= 16; capped at the padded sequence length),
+    ``num_warps`` Triton warps per program."""
+
+    block_q: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self):
+        cm.check_powers_of_two(self, ("block_q", "num_warps"))
+        if self.block_q < 16:
+            raise ValueError(f"block_q must be >= 16 (Triton dots), got {self.block_q}")
+
+
+DEFAULT_CONFIG = AttentionConfig()
+
+
+def _padded(n: int) -> int:
+    return max(16, cm.next_pow2(n))   # Triton dots need every dimension >= 16
+
+
+def _kernel(*refs, seq, head_width, scale, block_q, with_bias):
+    if with_bias:
+        qkv_ref, bias_ref, out_ref = refs
+    else:
+        (qkv_ref, out_ref), bias_ref = refs, None
+    b, head, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    queries = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    keys = jnp.arange(_padded(seq), dtype=jnp.int32)
+    query_ok, key_ok = queries < seq, keys < seq
+    cols, col_ok = cm.chunk_indices(0, _padded(head_width), head_width)
+    base = head * 3 * head_width
+    q = cm.load_rows(qkv_ref, b * seq + queries, base + cols, col_ok, query_ok)
+    k = cm.load_rows(qkv_ref, b * seq + keys, base + head_width + cols, col_ok, key_ok)
+    v = cm.load_rows(qkv_ref, b * seq + keys, base + 2 * head_width + cols, col_ok, key_ok)
+    scores = cm.dot(q, k, trans_b=True) * scale                       # (block_q, keys) float32
+    if with_bias:
+        key_bias = cm.load(bias_ref.at[b * seq + keys], mask=key_ok, other=0.0).astype(jnp.float32)
+        scores = scores + key_bias[None, :]
+    scores = jnp.where(key_ok[None, :], scores, -jnp.inf)             # padding lanes beyond the sequence
+    probs = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
+    probs = probs / jnp.sum(probs, axis=1, keepdims=True)
+    context = cm.dot(probs.astype(v.dtype), v)
+    cm.store_rows(out_ref, b * seq + queries, head * head_width + cols, context, col_ok, query_ok)
+
+
+def _kernel_call(qkv, key_bias, *, num_heads, scale, interpret, config):
+    batch, seq, three_h = qkv.shape
+    head_width = three_h // (3 * num_heads)
+    block_q = min(config.block_q, _padded(seq))
+    kernel = functools.partial(_kernel, seq=seq, head_width=head_width, scale=scale, block_q=block_q,
+                               with_bias=key_bias is not None)
+    operands = [qkv.reshape(batch * seq, three_h)]
+    if key_bias is not None:
+        operands.append(key_bias.reshape(batch * seq))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch * seq, num_heads * head_width), qkv.dtype),
+        grid=(batch, num_heads, pl.cdiv(seq, block_q)),
+        compiler_params=cm.compiler_params(config.num_warps, 1),
+        interpret=interpret,
+        name="attention",
+    )(*operands)
+    return out.reshape(batch, seq, num_heads * head_width)
+
+
+def split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``q, k, v`` ``(B, S, heads, d)`` from the per-head interleaved ``qkv (B, S, 3H)``."""
+    batch, seq, three_h = qkv.shape
+    per_head = qkv.reshape(batch, seq, num_heads, 3, three_h // (3 * num_heads))
+    return per_head[..., 0, :], per_head[..., 1, :], per_head[..., 2, :]
+
+
+def attention_reference(qkv, key_bias=None, *, num_heads: int, scale: float):
+    """The jnp form of :func:`attention` (same arguments and result): float32 scores and softmax,
+    probabilities rounded to the dtype of ``qkv`` before the product with ``v``."""
+    batch, seq, _ = qkv.shape
+    q, k, v = split_heads(qkv, num_heads)
+    highest = jax.lax.Precision.HIGHEST
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=highest, preferred_element_type=jnp.float32) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.astype(jnp.float32)[:, None, None, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(qkv.dtype)
+    context = jnp.einsum("bnqk,bknd->bqnd", probs, v, precision=highest, preferred_element_type=jnp.float32)
+    return context.astype(qkv.dtype).reshape(batch, seq, qkv.shape[-1] // 3)
+
+
+_attention = with_reference_vjp(_kernel_call, lambda qkv, key_bias, *, num_heads, scale, **_: attention_reference(
+    qkv, key_bias, num_heads=num_heads, scale=scale))
+
+
+def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bool = False,
+              config: AttentionConfig = DEFAULT_CONFIG):
+    """Attention of the fused, per-head interleaved projection ``qkv (B, S, 3H)`` (see the module
+    docstring) with an additive ``key_bias (B, S)`` per key (e.g. -10000 at padding) or None.
+
+    Returns ``context (B, S, H)`` in the dtype of ``qkv``, head ``n`` at columns ``dn + [0, d)``.
+    ``S <= MAX_SEQ``. Differentiable (the backward is the reference's).
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must have shape (batch, seq, 3 * heads * d) with heads={num_heads}, "
+                         f"got {tuple(qkv.shape)}")
+    if jnp.dtype(qkv.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+        raise ValueError(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
+    batch, seq, _ = qkv.shape
+    if seq > MAX_SEQ:
+        raise ValueError(f"the Pallas attention kernel takes sequences of at most {MAX_SEQ} tokens, got {seq}; "
+                         "use implementation='cudnn' or 'xla' for longer ones")
+    if key_bias is not None and tuple(key_bias.shape) != (batch, seq):
+        raise ValueError(f"key_bias must have shape ({batch}, {seq}) (batch, seq), got {tuple(key_bias.shape)}")
+    if qkv.size == 0:
+        return attention_reference(qkv, key_bias, num_heads=num_heads, scale=scale)
+    static = (("num_heads", int(num_heads)), ("scale", float(scale)), ("interpret", interpret), ("config", config))
+    return _attention(static, qkv, key_bias)
