@@ -15,8 +15,8 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    (b) ``classifier`` (:class:`CrammedBertClassifier`: encoder + pooled head, the fine-tuned model),
    (c) ``mlm`` (full-vocabulary logits: the tied 768 x 32768 decoder costs about as much as the whole
    FFF encoder). FFF with each of ``--implementations`` (default ``pallas,xla``) and the dense twin,
-   for each attention kernel of ``--attention`` (default ``auto``: cuDNN flash attention on a GPU;
-   ``xla,cudnn`` times both; dropout is off, so :class:`SelfAttention` runs the fused form).
+   for each attention kernel of ``--attention`` (default ``auto``: the Pallas kernel on a GPU;
+   ``cudnn,pallas`` times both; dropout is off, so :class:`SelfAttention` runs the fused form).
 
    ``--norm`` picks the layer norms likewise (``auto``: the one-pass Pallas kernel on a GPU; ``xla,auto``
    times both).
@@ -411,7 +411,7 @@ def run(args, command: str) -> dict:
     impls = split_list(args.implementations)
     from fffjax.models.crammed_bert import attention_implementation, norm_implementation
 
-    # Resolved names, each once ("auto": cuDNN attention and Pallas norms on a GPU, XLA on a CPU).
+    # Resolved names, each once ("auto": Pallas attention and norms on a GPU, XLA on a CPU).
     attentions = list(dict.fromkeys(attention_implementation(None if a == "auto" else a, args.compute_dtype)
                                     for a in split_list(args.attention) or ["auto"]))
     norms = list(dict.fromkeys(norm_implementation(None if n == "auto" else n, args.compute_dtype)

@@ -71,8 +71,9 @@ def on_gpu() -> bool:
 
 
 def load(ref, mask=None, other=None):
-    """Masked load (``other`` fills masked-out elements)."""
-    return plgpu_triton.load(ref, mask=mask, other=other)
+    """Masked load (``other`` fills masked-out elements; ignored without a mask, which Triton's
+    lowering would refuse)."""
+    return plgpu_triton.load(ref, mask=mask, other=None if mask is None else other)
 
 
 def store(ref, value, mask=None):

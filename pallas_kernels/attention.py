@@ -39,8 +39,8 @@ class AttentionConfig:
     """``block_q`` queries per program (a power of two >= 16; capped at the padded sequence length),
     ``num_warps`` Triton warps per program."""
 
-    block_q: int = 64
-    num_warps: int = 4
+    block_q: int = 128
+    num_warps: int = 8
 
     def __post_init__(self):
         cm.check_powers_of_two(self, ("block_q", "num_warps"))

@@ -227,10 +227,13 @@ def test_pallas_kernels_give_the_xla_logits(dtype, kernel):
 def test_default_kernels_follow_the_platform_and_dtype(monkeypatch):
     from fffjax.models.crammed_bert import attention_implementation, norm_implementation
 
-    for backend, want in (("cpu", ("xla", "xla")), ("gpu", ("cudnn", "pallas"))):
+    for backend, want in (("cpu", ("xla", "xla")), ("gpu", ("pallas", "pallas"))):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
         assert (attention_implementation(None, jnp.bfloat16), norm_implementation(None, jnp.bfloat16)) == want
         assert (attention_implementation(None, jnp.float32), norm_implementation(None, jnp.float32)) == ("xla", "xla")
+    assert attention_implementation(None, jnp.bfloat16, seq_len=4096) == "cudnn"   # beyond the Pallas kernel
+    assert attention_implementation(None, jnp.bfloat16, seq_len=128) == "pallas"
+    assert attention_implementation("xla", jnp.bfloat16, seq_len=4096) == "xla"
     assert norm_implementation("xla", jnp.bfloat16) == "xla"
 
 

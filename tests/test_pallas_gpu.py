@@ -97,7 +97,7 @@ def test_default_implementation_on_gpu_is_pallas_and_trains():
 
 
 @pytest.mark.parametrize("rows,width,dtype,fused", [(32768, 768, jnp.bfloat16, True), (32768, 768, jnp.bfloat16, False),
-                                                    (1001, 1000, jnp.float32, True)])
+                                                    (1001, 1000, jnp.float32, True), (1001, 64, jnp.float32, False)])
 def test_layer_norm_on_gpu(rows, width, dtype, fused):
     from pallas_kernels.layer_norm import layer_norm, layer_norm_reference
 

@@ -76,7 +76,8 @@ def test_v1_forward_lowers_for_h200(width, leaf_width, depth, dtype):
 
 
 @pytest.mark.parametrize("width,dtype,config", [(768, jnp.bfloat16, LayerNormConfig()),
-                                                (1000, jnp.float32, LayerNormConfig(block_rows=4, num_warps=4))])
+                                                (1000, jnp.float32, LayerNormConfig(block_rows=4, num_warps=4)),
+                                                (64, jnp.float32, LayerNormConfig())])   # no masked lanes
 def test_layer_norm_lowers_for_h200(width, dtype, config):
     def fn(x, scale, bias, residual):
         y, h = layer_norm(x, scale, bias, residual, eps=1e-12, config=config)

@@ -169,15 +169,21 @@ class Embedding(nnx.Module):
         return self.dropout(self.norm(h))
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 
-def attention_implementation(implementation: str | None, dtype) -> str:
-    """The fused attention kernel to run: ``implementation``, or for ``None`` cuDNN's flash attention
-    on a GPU with 16-bit inputs (all it supports) and XLA's fused softmax otherwise. ``"pallas"``:
-    ``pallas_kernels.attention``, which reads the fused QKV projection as it is (sequences up to
-    ``pallas_kernels.attention.MAX_SEQ``; interpret mode off a GPU)."""
-    return _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
+def attention_implementation(implementation: str | None, dtype, seq_len: int | None = None) -> str:
+    """The fused attention kernel to run: ``implementation``, or for ``None`` on a GPU with 16-bit
+    inputs ``"pallas"`` (``pallas_kernels.attention``, which reads the fused QKV projection as it is:
+    2.0x cuDNN with its q/k/v copies at ``base`` shapes on the H200) up to its
+    ``MAX_SEQ`` tokens and cuDNN's flash attention beyond; XLA's fused softmax elsewhere (float32
+    keeps it: the torch parity tests pin its rounding). Off a GPU ``"pallas"`` runs in interpret mode."""
+    choice = _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
+    if implementation is None and choice == "pallas" and seq_len is not None:
+        from pallas_kernels.attention import MAX_SEQ
+
+        return "pallas" if seq_len <= MAX_SEQ else "cudnn"
+    return choice
 
 
 def fused_attention(
@@ -189,12 +195,14 @@ def fused_attention(
     implementation: str | None = None,
 ) -> Float[Array, "batch seq heads dim"]:
     """``softmax(q.k * scale + mask_bias) v`` per head through ``jax.nn.dot_product_attention``
-    (float32 softmax; ``implementation`` as :func:`attention_implementation`). ``mask_bias`` is
-    ``(B, 1, 1, S)`` or None; it is broadcast to the ``(B, 1, S, S)`` that cuDNN requires."""
-    implementation = attention_implementation(implementation, q.dtype)
+    (float32 softmax; ``implementation`` ``"xla"``, ``"cudnn"`` or ``None``: cuDNN on a GPU with
+    16-bit inputs, XLA otherwise). ``mask_bias`` is ``(B, 1, 1, S)`` or None; it is broadcast to the
+    ``(B, 1, S, S)`` that cuDNN requires. (The Pallas kernel takes the fused projection instead:
+    ``pallas_kernels.attention.attention``.)"""
     if implementation == "pallas":
         raise ValueError("fused_attention takes implementation 'xla', 'cudnn' or None; the Pallas kernel reads "
                          "the fused projection: pallas_kernels.attention.attention(qkv, ...)")
+    implementation = _kernel_choice("attention", ("xla", "cudnn"), implementation, q.dtype)
     b, s = q.shape[:2]
     bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
@@ -242,7 +250,7 @@ class SelfAttention(nnx.Module):
         b, s, h = x.shape
         fused = self.dropout.deterministic or self.dropout.rate == 0
         dtype = self.query_key_value.dtype or x.dtype
-        if fused and attention_implementation(self.implementation, dtype) == "pallas":
+        if fused and attention_implementation(self.implementation, dtype, s) == "pallas":
             from pallas_kernels.attention import attention
 
             key_bias = None if mask_bias is None else mask_bias.reshape(b, s)
@@ -251,7 +259,8 @@ class SelfAttention(nnx.Module):
             return self.dense(context)
         q, k, v = self.project_qkv(x)
         if fused:
-            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), self.implementation)
+            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor),
+                                      attention_implementation(self.implementation, dtype, s))
             return self.dense(context.reshape(b, s, h))
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
         if mask_bias is not None:
