@@ -306,7 +306,8 @@ def markdown(report: dict) -> str:
                          f"{1e3 * r['batch_s']:.2f} | {_ratio(r['vs_dense'])} |")
         lines.append("")
     for r in (r for r in rows if r["bench"] == "profile"):
-        lines += [f"## Kernels of one `{r['forward']}` call: {r['config']} ({r['implementation']}), profiler trace", "",
+        lines += [f"## Kernels of one `{r['forward']}` call: {r['config']} ({r['implementation']}), attention "
+                  f"{r.get('attention', 'einsum')}, norm {r.get('norm', 'xla')}, profiler trace", "",
                   f"{r['kernels']} kernels, {r['busy_ms']:.2f} ms of kernel time in a span of {r['span_ms']:.2f} ms "
                   "(the rest: the GPU waiting between kernels). Time per HLO op, longest first:", "",
                   "| op | kernels | ms |", "|---|---|---|"]
