@@ -4,7 +4,8 @@ Per call: ``qkv (B, S, 3H)`` bf16 (crammed BERT's per-head interleaved projectio
 ``H = 768``, 12 heads. cuDNN and XLA run ``jax.nn.dot_product_attention`` on ``q, k, v`` cut out of
 ``qkv`` (the copies are part of their cost, as in a model that computes one fused projection) with
 the bias broadcast to the ``(B, 1, S, S)`` cuDNN requires; Pallas reads ``qkv`` as it is, for each
-``AttentionConfig`` of ``--configs``. Each variant runs ``--layers`` independent calls in one jitted
+``AttentionConfig`` of ``--configs`` (``BQxW[xHxS]``: block_q x num_warps [x heads_per_program x
+num_stages]; the fastest by kernel time is ``best_pallas_config`` in the JSON). Each variant runs ``--layers`` independent calls in one jitted
 function (as the encoder's 16 layers); reported per call: GPU kernel time from a profiler trace and
 wall time over a stream of calls, with the HBM time of ``qkv`` in and ``context`` out at the copy
 rate of the same run. Writes ``attention_gpu.json`` and ``.md`` to ``--out``.
@@ -35,6 +36,11 @@ from bench_gpu import copy_bandwidth  # noqa: E402
 from pallas_kernels.attention import AttentionConfig, attention, split_heads  # noqa: E402
 
 
+def parse_config(text: str) -> AttentionConfig:
+    """``"BQxW"`` or ``"BQxWxHxS"``: block_q x num_warps [x heads_per_program x num_stages]."""
+    return AttentionConfig(*(int(v) for v in text.split("x")))
+
+
 def cut_and_attend(implementation: str, num_heads: int, scale: float):
     def fn(qkv, key_bias):
         b, s, three_h = qkv.shape
@@ -60,7 +66,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--configs", default="64x4,32x4,128x4,128x8,64x8,16x4", help="block_q x num_warps, comma-separated")
+    ap.add_argument("--configs", default="128x8,64x4,128x4,128x8x2x2,128x8x4x2,128x4x4x2,64x4x4x2,128x8x4x3,128x8x12x2",
+                    help="comma-separated block_q x num_warps [x heads_per_program x num_stages]")
     args = ap.parse_args(argv)
     heads, d, dtype = 12, 64, jnp.bfloat16
     scale = d**-0.5
@@ -72,8 +79,7 @@ def main(argv=None):
     hbm_ms = 4 * qkvs[0].nbytes / 3 / bandwidth * 1e3    # qkv in, context (a third of it) out
     variants = {name: cut_and_attend(name, heads, scale) for name in ("cudnn", "xla")}
     for text in args.configs.split(","):
-        block_q, warps = (int(v) for v in text.split("x"))
-        variants[f"pallas {text}"] = lambda q, b, c=AttentionConfig(block_q, warps): attention(
+        variants[f"pallas {text}"] = lambda q, b, c=parse_config(text): attention(
             q, b, num_heads=heads, scale=scale, config=c, interpret=jax.default_backend() != "gpu")
     reference = variants["xla"](qkvs[0], key_bias).astype(jnp.float32)
     rows = []
@@ -92,7 +98,10 @@ def main(argv=None):
         rows.append(row)
         print(f"{name}: kernel {row['kernel_ms']:.4f} ms, wall {row['wall_ms']:.4f} ms per call "
               f"(HBM time {hbm_ms:.4f} ms), |diff| vs xla {err:.3g}", flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+    timed = [r for r in rows if r["variant"].startswith("pallas") and "error" not in r]
+    best = min(timed, key=lambda r: r["kernel_ms"])["variant"].split()[1] if timed else None
+    print(f"best pallas config: {best}", flush=True)
+    report = {"best_pallas_config": best, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
               "command": " ".join(sys.argv), "batch": args.batch, "seq": args.seq, "heads": heads, "head_width": d,
               "dtype": "bfloat16", "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
     out = Path(args.out)

@@ -381,6 +381,12 @@ def write(report: dict, out: Path, *, with_json: bool = True, png: bool = True) 
 # ----------------------------------------------------------------------------- main
 
 
+def pallas_attention_config():
+    import pallas_kernels.attention
+
+    return pallas_kernels.attention.DEFAULT_CONFIG
+
+
 def run(args, command: str) -> dict:
     import flax
     import jax
@@ -394,7 +400,8 @@ def run(args, command: str) -> dict:
     device = jax.devices()[0]
     report = {"command": command, "config": args.config, "dense_config": dense_name, "device_kind": device.device_kind,
               "backend": jax.default_backend(), "jax_version": jax.__version__, "flax_version": flax.__version__,
-              "python": platform.python_version(), "compute_dtype": args.compute_dtype, "rows": []}
+              "python": platform.python_version(), "compute_dtype": args.compute_dtype,
+              "pallas_attention_config": str(pallas_attention_config()), "rows": []}
     out = Path(args.out)
     log(f"{args.config} vs {dense_name} on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
 
@@ -457,6 +464,9 @@ def main(argv=None) -> None:
                     help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see crammed_bert.attention_implementation)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
+    ap.add_argument("--attention-config", default=None, metavar="BQxW[xHxS]",
+                    help="tiles of the Pallas attention kernel for this run (default: its DEFAULT_CONFIG); "
+                         "e.g. the best_pallas_config of bench_attention_gpu")
     ap.add_argument("--profile", action="store_true",
                     help="also trace one call of each forward with the JAX profiler: kernel time per HLO op")
     ap.add_argument("--out", default=None, help=f"folder of {NAME}.json/.md/.png (default experiments/results)")
@@ -469,6 +479,11 @@ def main(argv=None) -> None:
         print(f"wrote {out / NAME}.md and .png", flush=True)
         return
     args.out = args.out or str(RESULTS)
+    if args.attention_config:
+        import pallas_kernels.attention
+        from bench_attention_gpu import parse_config
+
+        pallas_kernels.attention.DEFAULT_CONFIG = parse_config(args.attention_config)
     argv = sys.argv[1:] if argv is None else argv
     run(args, f"PYTHONPATH=. python experiments/bench_bert_gpu.py {shlex.join(argv)}".strip())
     log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")

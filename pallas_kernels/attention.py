@@ -37,15 +37,26 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """``block_q`` queries per program (a power of two >= 16; capped at the padded sequence length),
-    ``num_warps`` Triton warps per program."""
+    ``num_warps`` Triton warps per program; ``heads_per_program`` heads taken one after the other by
+    each program (the largest divisor of the head count not above it), as a loop that Triton
+    software-pipelines (the next head's loads overlap this head's dots) when ``num_stages > 1``."""
 
     block_q: int = 128
     num_warps: int = 8
+    heads_per_program: int = 1
+    num_stages: int = 1
 
     def __post_init__(self):
         cm.check_powers_of_two(self, ("block_q", "num_warps"))
         if self.block_q < 16:
             raise ValueError(f"block_q must be >= 16 (Triton dots), got {self.block_q}")
+        for name in ("heads_per_program", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def heads_for(self, num_heads: int) -> int:
+        """The heads per program for ``num_heads`` heads: the largest divisor <= ``heads_per_program``."""
+        return max(h for h in range(1, min(self.heads_per_program, num_heads) + 1) if num_heads % h == 0)
 
 
 DEFAULT_CONFIG = AttentionConfig()
@@ -55,45 +66,57 @@ def _padded(n: int) -> int:
     return max(16, cm.next_pow2(n))   # Triton dots need every dimension >= 16
 
 
-def _kernel(*refs, seq, head_width, scale, block_q, with_bias):
+def _kernel(*refs, seq, head_width, scale, block_q, with_bias, heads_per_program, loop):
     if with_bias:
         qkv_ref, bias_ref, out_ref = refs
     else:
         (qkv_ref, out_ref), bias_ref = refs, None
-    b, head, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, head_group, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     queries = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
     keys = jnp.arange(_padded(seq), dtype=jnp.int32)
     query_ok, key_ok = queries < seq, keys < seq
     cols, col_ok = cm.chunk_indices(0, _padded(head_width), head_width)
-    base = head * 3 * head_width
-    q = cm.load_rows(qkv_ref, b * seq + queries, base + cols, col_ok, query_ok)
-    k = cm.load_rows(qkv_ref, b * seq + keys, base + head_width + cols, col_ok, key_ok)
-    v = cm.load_rows(qkv_ref, b * seq + keys, base + 2 * head_width + cols, col_ok, key_ok)
-    scores = cm.dot(q, k, trans_b=True) * scale                       # (block_q, keys) float32
+    key_bias = 0.0
     if with_bias:
-        key_bias = cm.load(bias_ref.at[b * seq + keys], mask=key_ok, other=0.0).astype(jnp.float32)
-        scores = scores + key_bias[None, :]
-    scores = jnp.where(key_ok[None, :], scores, -jnp.inf)             # padding lanes beyond the sequence
-    probs = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
-    probs = probs / jnp.sum(probs, axis=1, keepdims=True)
-    context = cm.dot(probs.astype(v.dtype), v)
-    cm.store_rows(out_ref, b * seq + queries, head * head_width + cols, context, col_ok, query_ok)
+        key_bias = cm.load(bias_ref.at[b * seq + keys], mask=key_ok, other=0.0).astype(jnp.float32)[None, :]
+
+    def one_head(h, carry):
+        head = head_group * heads_per_program + h
+        base = head * 3 * head_width
+        q = cm.load_rows(qkv_ref, b * seq + queries, base + cols, col_ok, query_ok)
+        k = cm.load_rows(qkv_ref, b * seq + keys, base + head_width + cols, col_ok, key_ok)
+        v = cm.load_rows(qkv_ref, b * seq + keys, base + 2 * head_width + cols, col_ok, key_ok)
+        scores = cm.dot(q, k, trans_b=True) * scale + key_bias           # (block_q, keys) float32
+        scores = jnp.where(key_ok[None, :], scores, -jnp.inf)             # padding lanes beyond the sequence
+        probs = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
+        probs = probs / jnp.sum(probs, axis=1, keepdims=True)
+        context = cm.dot(probs.astype(v.dtype), v)
+        cm.store_rows(out_ref, b * seq + queries, head * head_width + cols, context, col_ok, query_ok)
+        return carry
+
+    if loop:
+        jax.lax.fori_loop(0, heads_per_program, one_head, jnp.int32(0))
+    else:
+        for h in range(heads_per_program):
+            one_head(h, None)
 
 
 def _kernel_call(qkv, key_bias, *, num_heads, scale, interpret, config):
     batch, seq, three_h = qkv.shape
     head_width = three_h // (3 * num_heads)
     block_q = min(config.block_q, _padded(seq))
+    heads_per_program = config.heads_for(num_heads)
     kernel = functools.partial(_kernel, seq=seq, head_width=head_width, scale=scale, block_q=block_q,
-                               with_bias=key_bias is not None)
+                               with_bias=key_bias is not None, heads_per_program=heads_per_program,
+                               loop=config.num_stages > 1 and heads_per_program > 1)
     operands = [qkv.reshape(batch * seq, three_h)]
     if key_bias is not None:
         operands.append(key_bias.reshape(batch * seq))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch * seq, num_heads * head_width), qkv.dtype),
-        grid=(batch, num_heads, pl.cdiv(seq, block_q)),
-        compiler_params=cm.compiler_params(config.num_warps, 1),
+        grid=(batch, num_heads // heads_per_program, pl.cdiv(seq, block_q)),
+        compiler_params=cm.compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="attention",
     )(*operands)
@@ -126,9 +149,10 @@ _attention = with_reference_vjp(_kernel_call, lambda qkv, key_bias, *, num_heads
 
 
 def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bool = False,
-              config: AttentionConfig = DEFAULT_CONFIG):
+              config: AttentionConfig | None = None):
     """Attention of the fused, per-head interleaved projection ``qkv (B, S, 3H)`` (see the module
     docstring) with an additive ``key_bias (B, S)`` per key (e.g. -10000 at padding) or None.
+    ``config`` None: :data:`DEFAULT_CONFIG`, read at call time.
 
     Returns ``context (B, S, H)`` in the dtype of ``qkv``, head ``n`` at columns ``dn + [0, d)``.
     ``S <= MAX_SEQ``. Differentiable (the backward is the reference's).
@@ -146,5 +170,6 @@ def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bo
         raise ValueError(f"key_bias must have shape ({batch}, {seq}) (batch, seq), got {tuple(key_bias.shape)}")
     if qkv.size == 0:
         return attention_reference(qkv, key_bias, num_heads=num_heads, scale=scale)
+    config = DEFAULT_CONFIG if config is None else config
     static = (("num_heads", int(num_heads)), ("scale", float(scale)), ("interpret", interpret), ("config", config))
     return _attention(static, qkv, key_bias)

@@ -24,11 +24,14 @@ def _inputs(seed, batch, seq, heads, head_width, dtype, padded=True):
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), seq=st.integers(1, 70), heads=st.integers(1, 3),
        head_width=st.sampled_from([8, 16, 24, 64]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       padded=st.booleans(), block_q=st.sampled_from([16, 32, 128]))
-def test_attention_matches_reference(seed, batch, seq, heads, head_width, dtype, padded, block_q):
+       padded=st.booleans(), block_q=st.sampled_from([16, 32, 128]), heads_per_program=st.sampled_from([1, 2, 3]),
+       num_stages=st.sampled_from([1, 2]))
+def test_attention_matches_reference(seed, batch, seq, heads, head_width, dtype, padded, block_q,
+                                     heads_per_program, num_stages):
     qkv, key_bias = _inputs(seed, batch, seq, heads, head_width, dtype, padded)
     scale = head_width**-0.5
-    got = attention(qkv, key_bias, num_heads=heads, scale=scale, interpret=True, config=AttentionConfig(block_q, 4))
+    config = AttentionConfig(block_q, 4, heads_per_program, num_stages)
+    got = attention(qkv, key_bias, num_heads=heads, scale=scale, interpret=True, config=config)
     want = attention_reference(qkv, key_bias, num_heads=heads, scale=scale)
     assert got.shape == (batch, seq, heads * head_width) and got.dtype == dtype
     assert_close(got, want, dtype, "context")
@@ -86,6 +89,12 @@ def test_bad_arguments_name_the_argument():
         AttentionConfig(block_q=48)
     with pytest.raises(ValueError, match="block_q must be >= 16"):
         AttentionConfig(block_q=8)
+    with pytest.raises(ValueError, match="heads_per_program must be >= 1"):
+        AttentionConfig(heads_per_program=0)
+
+
+def test_heads_per_program_divides_the_heads():
+    assert [AttentionConfig(heads_per_program=4).heads_for(n) for n in (12, 6, 5, 1, 16)] == [4, 3, 1, 1, 4]
 
 
 def test_empty_batch():
