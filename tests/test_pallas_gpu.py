@@ -115,6 +115,7 @@ def test_layer_norm_on_gpu(rows, width, dtype, fused):
     (256, 128, 12, 64, jnp.bfloat16, (64, 4)), (256, 128, 12, 64, jnp.bfloat16, (128, 8)),
     (7, 100, 3, 24, jnp.float32, (32, 4)), (2, 512, 12, 64, jnp.bfloat16, (64, 4)),
     (256, 128, 12, 64, jnp.bfloat16, (128, 8, 4, 2)), (7, 100, 3, 24, jnp.float32, (32, 4, 3, 2)),
+    (256, 128, 12, 64, jnp.bfloat16, (128, 4, 4, 2)),   # the default
 ])
 def test_attention_on_gpu(batch, seq, heads, head_width, dtype, config):
     # config: AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])

@@ -175,7 +175,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 def attention_implementation(implementation: str | None, dtype, seq_len: int | None = None) -> str:
     """The fused attention kernel to run: ``implementation``, or for ``None`` on a GPU with 16-bit
     inputs ``"pallas"`` (``pallas_kernels.attention``, which reads the fused QKV projection as it is:
-    2.0x cuDNN with its q/k/v copies at ``base`` shapes on the H200) up to its
+    2.5x cuDNN with its q/k/v copies at ``base`` shapes on the H200) up to its
     ``MAX_SEQ`` tokens and cuDNN's flash attention beyond; XLA's fused softmax elsewhere (float32
     keeps it: the torch parity tests pin its rounding). Off a GPU ``"pallas"`` runs in interpret mode."""
     choice = _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
