@@ -11,11 +11,12 @@ against all of that sequence's keys (padded to a power of two, at most :data:`MA
 loads its query, key and value columns from ``qkv`` once, forms the ``(block_q, keys)`` float32 scores
 on the tensor cores, takes the softmax in registers and writes its ``(block_q, d)`` slice of
 ``context``; with ``num_stages > 1`` the loop over heads is software-pipelined, so the next head's
-loads overlap this head's dots. So nothing but ``qkv`` in and
-``context`` out touches HBM. Against ``jax.nn.dot_product_attention`` this saves (measured on the
-H200 in ``experiments/results/bert_gpu.md``): the copies that cut ``q, k, v`` out of the fused
-product (cuDNN wants each as its own ``(B, S, heads, d)`` array), and the ``(B, 1, S, S)`` bias that
-cuDNN needs materialised for a padding mask.
+loads overlap this head's dots. So nothing but ``qkv`` in and ``context`` out touches HBM. Against
+``jax.nn.dot_product_attention`` this saves the copies that cut ``q, k, v`` out of the fused product
+(cuDNN wants each as its own ``(B, S, heads, d)`` array) and the ``(B, 1, S, S)`` bias that cuDNN
+needs materialised for a padding mask. On the H200 at 256 x 128 tokens, 12 heads of 64, bf16:
+0.081 ms per layer against 0.203 ms for cuDNN with its copies
+(``experiments/results/attention_gpu.md``).
 
 Scores and softmax are float32; the probabilities are rounded to the value dtype before the product
 with ``v`` (as flash attention and the reference do). The VJP is the reference's
