@@ -249,8 +249,8 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: Float[Array, "batch seq hidden"], mask_bias) -> Float[Array, "batch seq hidden"]:
         b, s, h = x.shape
         fused = self.dropout.deterministic or self.dropout.rate == 0
-        dtype = self.query_key_value.dtype or x.dtype
-        if fused and attention_implementation(self.implementation, dtype, s) == "pallas":
+        kernel = attention_implementation(self.implementation, self.query_key_value.dtype or x.dtype, s)
+        if fused and kernel == "pallas":
             from pallas_kernels.attention import attention
 
             key_bias = None if mask_bias is None else mask_bias.reshape(b, s)
@@ -259,8 +259,7 @@ class SelfAttention(nnx.Module):
             return self.dense(context)
         q, k, v = self.project_qkv(x)
         if fused:
-            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor),
-                                      attention_implementation(self.implementation, dtype, s))
+            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), kernel)
             return self.dense(context.reshape(b, s, h))
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
         if mask_bias is not None:
