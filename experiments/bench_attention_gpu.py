@@ -16,11 +16,9 @@ Run on the GPU machine (repo root, about a minute)::
 """
 
 import argparse
-import gzip
 import json
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -31,14 +29,9 @@ for path in (ROOT, ROOT / "experiments"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_bert_gpu import device_events, kernel_summary, stream_seconds  # noqa: E402
+from bench_bert_gpu import parse_attention_config, profile_kernels, stream_seconds  # noqa: E402
 from bench_gpu import copy_bandwidth  # noqa: E402
-from pallas_kernels.attention import AttentionConfig, attention, split_heads  # noqa: E402
-
-
-def parse_config(text: str) -> AttentionConfig:
-    """``"BQxW"`` or ``"BQxWxHxS"``: block_q x num_warps [x heads_per_program x num_stages]."""
-    return AttentionConfig(*(int(v) for v in text.split("x")))
+from pallas_kernels.attention import attention, split_heads  # noqa: E402
 
 
 def cut_and_attend(implementation: str, num_heads: int, scale: float):
@@ -49,15 +42,6 @@ def cut_and_attend(implementation: str, num_heads: int, scale: float):
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
         return out.reshape(b, s, three_h // 3)
     return fn
-
-
-def kernel_ms(fn, args) -> tuple[float, list]:
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            jax.block_until_ready(fn(*args))
-        summary = kernel_summary(device_events(json.load(gzip.open(next(Path(folder).rglob("perfetto_trace.json.gz"))))))
-    return summary["busy_ms"], summary["ops"][:4]
 
 
 def main(argv=None):
@@ -79,7 +63,7 @@ def main(argv=None):
     hbm_ms = 4 * qkvs[0].nbytes / 3 / bandwidth * 1e3    # qkv in, context (a third of it) out
     variants = {name: cut_and_attend(name, heads, scale) for name in ("cudnn", "xla")}
     for text in args.configs.split(","):
-        variants[f"pallas {text}"] = lambda q, b, c=parse_config(text): attention(
+        variants[f"pallas {text}"] = lambda q, b, c=parse_attention_config(text): attention(
             q, b, num_heads=heads, scale=scale, config=c, interpret=jax.default_backend() != "gpu")
     reference = variants["xla"](qkvs[0], key_bias).astype(jnp.float32)
     rows = []
@@ -87,7 +71,8 @@ def main(argv=None):
         fn = jax.jit(lambda qkvs, b, one=one: [one(q, b) for q in qkvs])
         try:
             err = float(jnp.max(jnp.abs(one(qkvs[0], key_bias).astype(jnp.float32) - reference)))
-            busy, top = kernel_ms(fn, (qkvs, key_bias))
+            summary = profile_kernels(fn, qkvs, key_bias, warmup=1)
+            busy, top = summary["busy_ms"], summary["ops"][:4]
             wall = stream_seconds(lambda: fn(qkvs, key_bias), steps=10, warmup=2, repeats=5)
         except Exception as e:   # e.g. a tile that needs more shared memory than the GPU has
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -222,24 +222,37 @@ def kernel_summary(events: list[dict], top: int = 30) -> dict:
             "ops": [{"op": op, "calls": c, "ms": us / 1e3} for op, (c, us) in ranked]}
 
 
-def bench_profile(args, models: dict, forward: str, config_name: str, implementation: str | None, inputs: tuple,
-                  attention: str | None = None, norm: str | None = None) -> dict:
-    """One ``profile`` row: a JAX profiler trace of one jitted ``forward`` call (after the compile and a
-    warm-up call), summarised by :func:`kernel_summary`."""
+def profile_kernels(fn, *args, warmup: int = 2) -> dict:
+    """:func:`kernel_summary` of one call ``fn(*args)`` traced by the JAX profiler, after the compile and
+    ``warmup`` untraced calls."""
     import gzip
     import tempfile
 
     import jax
 
-    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
-    fn, state = jitted_forward(model, forward)
-    for _ in range(2):
-        jax.block_until_ready(fn(state, *inputs))
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
-            jax.block_until_ready(fn(state, *inputs))
+            jax.block_until_ready(fn(*args))
         path = next(Path(folder).rglob("perfetto_trace.json.gz"))
-        summary = kernel_summary(device_events(json.load(gzip.open(path))))
+        return kernel_summary(device_events(json.load(gzip.open(path))))
+
+
+def parse_attention_config(text: str):
+    """``"BQxW"`` or ``"BQxWxHxS"``: ``AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])``."""
+    from pallas_kernels.attention import AttentionConfig
+
+    return AttentionConfig(*(int(v) for v in text.split("x")))
+
+
+def bench_profile(args, models: dict, forward: str, config_name: str, implementation: str | None, inputs: tuple,
+                  attention: str | None = None, norm: str | None = None) -> dict:
+    """One ``profile`` row: a JAX profiler trace of one jitted ``forward`` call (after the compile and a
+    warm-up call), summarised by :func:`kernel_summary`."""
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
+    fn, state = jitted_forward(model, forward)
+    summary = profile_kernels(fn, state, *inputs)
     return {"bench": "profile", "forward": forward, "config": config_name, "implementation": implementation or "dense",
             **kernel_names(attention, norm, args.compute_dtype), "batch": inputs[0].shape[0], "seq": inputs[0].shape[1], **summary}
 
@@ -381,18 +394,13 @@ def write(report: dict, out: Path, *, with_json: bool = True, png: bool = True) 
 # ----------------------------------------------------------------------------- main
 
 
-def pallas_attention_config():
-    import pallas_kernels.attention
-
-    return pallas_kernels.attention.DEFAULT_CONFIG
-
-
 def run(args, command: str) -> dict:
     import flax
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    import pallas_kernels.attention
     from fffjax.models.config import get_config
 
     dense_name = args.dense_config or f"{args.config}-dense"
@@ -401,7 +409,7 @@ def run(args, command: str) -> dict:
     report = {"command": command, "config": args.config, "dense_config": dense_name, "device_kind": device.device_kind,
               "backend": jax.default_backend(), "jax_version": jax.__version__, "flax_version": flax.__version__,
               "python": platform.python_version(), "compute_dtype": args.compute_dtype,
-              "pallas_attention_config": str(pallas_attention_config()), "rows": []}
+              "pallas_attention_config": str(pallas_kernels.attention.DEFAULT_CONFIG), "rows": []}
     out = Path(args.out)
     log(f"{args.config} vs {dense_name} on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
 
@@ -481,9 +489,8 @@ def main(argv=None) -> None:
     args.out = args.out or str(RESULTS)
     if args.attention_config:
         import pallas_kernels.attention
-        from bench_attention_gpu import parse_config
 
-        pallas_kernels.attention.DEFAULT_CONFIG = parse_config(args.attention_config)
+        pallas_kernels.attention.DEFAULT_CONFIG = parse_attention_config(args.attention_config)
     argv = sys.argv[1:] if argv is None else argv
     run(args, f"PYTHONPATH=. python experiments/bench_bert_gpu.py {shlex.join(argv)}".strip())
     log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")
