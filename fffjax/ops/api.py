@@ -46,9 +46,9 @@ def available_implementations(op: str = "fff_v2_hard") -> tuple[str, ...]:
 
 # On a GPU, an FFF-v2 layer whose path holds more than this fraction of its neurons runs faster as
 # the masked dense form on the tensor cores: 128 trees of depth 4 (5 of 31 neurons per tree) took
-# 53.8 ms masked dense against 147 ms for the best Pallas kernel at 2**20 bf16 tokens on the H200,
-# and 23 ms against 537 ms per training step at 2**18; one tree of depth 11 (12 of 4095) is 38x
-# faster through Pallas.
+# 54.0 ms masked dense against 148 ms for the best Pallas kernel at 2**20 bf16 tokens on the H200,
+# and 93 ms against 2190 ms per training step (experiments/results/bench_gpu.md); one tree of
+# depth 11 (12 of 4095) is 38x faster through Pallas.
 DENSE_PATH_FRACTION = 1 / 16
 
 
