@@ -10,6 +10,10 @@ Public API:
     fff_v2_hard_trainable(...): the same, with the conditional custom VJP
     fff_v1_hard(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth, activation,
                 leaf_output_bias=True, interpret=False, config=...)
+
+The crammed-BERT model's kernels, imported from their modules when a model uses them:
+    pallas_kernels.layer_norm.layer_norm(x, scale, bias, residual=None, *, eps, ...)
+    pallas_kernels.attention.attention(qkv, key_bias=None, *, num_heads, scale, ...)
 """
 
 import jax.numpy as jnp
