@@ -34,6 +34,7 @@ from fffjax._vjp import with_reference_vjp
 from pallas_kernels import _common as cm
 
 MAX_SEQ = 512   # all keys of a sequence sit in registers: (block_q, keys) float32 scores per program
+SMEM_BUDGET = 200 * 1024   # bytes of pipelining buffers per program; the H200 gives a program at most 227 KiB
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -60,6 +61,13 @@ class AttentionConfig:
     def heads_for(self, num_heads: int) -> int:
         """The heads per program for ``num_heads`` heads: the largest divisor <= ``heads_per_program``."""
         return max(h for h in range(1, min(self.heads_per_program, num_heads) + 1) if num_heads % h == 0)
+
+    def stages_for(self, seq: int, head_width: int, itemsize: int) -> int:
+        """``num_stages``, or 1 where the pipelined loop's buffers (a query tile, the sequence's keys and
+        values, per stage) would pass :data:`SMEM_BUDGET`: at 512 tokens of 64-wide bf16 heads two
+        stages need 288 KiB and the kernel would not launch."""
+        per_stage = (min(self.block_q, _padded(seq)) + 2 * _padded(seq)) * _padded(head_width) * itemsize
+        return self.num_stages if self.num_stages * per_stage <= SMEM_BUDGET else 1
 
 
 DEFAULT_CONFIG = AttentionConfig()   # the fastest of a sweep on the H200 at base shapes (attention_gpu.md)
@@ -109,9 +117,10 @@ def _kernel_call(qkv, key_bias, *, num_heads, scale, interpret, config):
     head_width = three_h // (3 * num_heads)
     block_q = min(config.block_q, _padded(seq))
     heads_per_program = config.heads_for(num_heads)
+    num_stages = config.stages_for(seq, head_width, jnp.dtype(qkv.dtype).itemsize)
     kernel = functools.partial(_kernel, seq=seq, head_width=head_width, scale=scale, block_q=block_q,
                                with_bias=key_bias is not None, heads_per_program=heads_per_program,
-                               loop=config.num_stages > 1 and heads_per_program > 1)
+                               loop=num_stages > 1 and heads_per_program > 1)
     operands = [qkv.reshape(batch * seq, three_h)]
     if key_bias is not None:
         operands.append(key_bias.reshape(batch * seq))
@@ -119,7 +128,7 @@ def _kernel_call(qkv, key_bias, *, num_heads, scale, interpret, config):
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch * seq, num_heads * head_width), qkv.dtype),
         grid=(batch, num_heads // heads_per_program, pl.cdiv(seq, block_q)),
-        compiler_params=cm.compiler_params(config.num_warps, config.num_stages),
+        compiler_params=cm.compiler_params(config.num_warps, num_stages),
         interpret=interpret,
         name="attention",
     )(*operands)

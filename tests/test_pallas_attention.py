@@ -97,6 +97,16 @@ def test_heads_per_program_divides_the_heads():
     assert [AttentionConfig(heads_per_program=4).heads_for(n) for n in (12, 6, 5, 1, 16)] == [4, 3, 1, 1, 4]
 
 
+def test_pipelining_stages_fit_in_shared_memory():
+    # Two stages of 512 bf16 keys and values of width 64 (288 KiB) did not launch on the H200.
+    config = AttentionConfig(block_q=128, num_stages=2)
+    assert config.stages_for(128, 64, 2) == 2
+    assert config.stages_for(256, 64, 2) == 2
+    assert config.stages_for(512, 64, 2) == 1
+    assert config.stages_for(256, 64, 4) == 1
+    assert AttentionConfig(num_stages=3).stages_for(100, 24, 4) == 3
+
+
 def test_empty_batch():
     out = attention(jnp.zeros((0, 5, 48)), None, num_heads=2, scale=1.0)
     assert out.shape == (0, 5, 16)
