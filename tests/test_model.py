@@ -21,6 +21,7 @@ from fffjax.models import (
     mlm_logits_at,
     set_attention_implementation,
     set_fff_implementation,
+    set_gelu_implementation,
     set_norm_implementation,
     sinusoidal_positions,
 )
@@ -206,12 +207,15 @@ def test_fused_attention_equals_the_explicit_form():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["norm", "attention"])
+@pytest.mark.parametrize("kernel", ["norm", "attention", "gelu"])
 def test_pallas_kernels_give_the_xla_logits(dtype, kernel):
     # Interpret mode here. Norms: the one-pass kernel with the attention residual add fused into norm2;
-    # attention: the kernel that reads the fused QKV projection, with the padding mask.
-    set_implementation = {"norm": set_norm_implementation, "attention": set_attention_implementation}[kernel]
-    model = CrammedBertMLM(TINY, dtype=dtype, implementation="xla", rngs=nnx.Rngs(3))
+    # attention: the kernel that reads the fused QKV projection, with the padding mask; gelu: the dense
+    # twin's feedforward.
+    set_implementation = {"norm": set_norm_implementation, "attention": set_attention_implementation,
+                          "gelu": set_gelu_implementation}[kernel]
+    config = get_config("tiny-dense") if kernel == "gelu" else TINY
+    model = CrammedBertMLM(config, dtype=dtype, implementation="xla", rngs=nnx.Rngs(3))
     model.eval()
     ids, mask = _batch(TINY)
     set_implementation(model, "xla")
@@ -225,12 +229,13 @@ def test_pallas_kernels_give_the_xla_logits(dtype, kernel):
 
 
 def test_default_kernels_follow_the_platform_and_dtype(monkeypatch):
-    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
+    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
 
-    for backend, want in (("cpu", ("xla", "xla")), ("gpu", ("pallas", "pallas"))):
+    kernels = (attention_implementation, norm_implementation, gelu_implementation)
+    for backend, want in (("cpu", ("xla",) * 3), ("gpu", ("pallas",) * 3)):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-        assert (attention_implementation(None, jnp.bfloat16), norm_implementation(None, jnp.bfloat16)) == want
-        assert (attention_implementation(None, jnp.float32), norm_implementation(None, jnp.float32)) == ("xla", "xla")
+        assert tuple(kernel(None, jnp.bfloat16) for kernel in kernels) == want
+        assert tuple(kernel(None, jnp.float32) for kernel in kernels) == ("xla",) * 3
     assert attention_implementation(None, jnp.bfloat16, seq_len=4096) == "cudnn"   # beyond the Pallas kernel
     assert attention_implementation(None, jnp.bfloat16, seq_len=128) == "pallas"
     assert attention_implementation("xla", jnp.bfloat16, seq_len=4096) == "xla"

@@ -116,6 +116,7 @@ def test_layer_norm_on_gpu(rows, width, dtype, fused):
     (7, 100, 3, 24, jnp.float32, (32, 4)), (2, 512, 12, 64, jnp.bfloat16, (64, 4)),
     (256, 128, 12, 64, jnp.bfloat16, (128, 8, 4, 2)), (7, 100, 3, 24, jnp.float32, (32, 4, 3, 2)),
     (256, 128, 12, 64, jnp.bfloat16, (128, 4, 4, 2)),   # the default
+    (2, 512, 12, 64, jnp.bfloat16, (128, 4, 4, 2)),     # the default at MAX_SEQ: one stage fits
 ])
 def test_attention_on_gpu(batch, seq, heads, head_width, dtype, config):
     # config: AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])
@@ -128,3 +129,16 @@ def test_attention_on_gpu(batch, seq, heads, head_width, dtype, config):
     got = attention(qkv, key_bias, num_heads=heads, scale=head_width**-0.5, config=AttentionConfig(*config))
     want = attention_reference(qkv, key_bias, num_heads=heads, scale=head_width**-0.5)
     assert_close(got, want, dtype, "context")
+
+
+@pytest.mark.parametrize("shape,dtype", [((32768, 3072), jnp.bfloat16), ((1001, 999), jnp.float32),
+                                         ((3, 5), jnp.float16)])
+def test_gelu_on_gpu(shape, dtype):
+    from pallas_kernels.gelu import gelu, gelu_reference
+
+    x = (4.0 * jax.random.normal(jax.random.key(6), shape)).astype(dtype)
+    assert_close(gelu(x), gelu_reference(x), dtype, "gelu")
+    g = jax.random.normal(jax.random.key(7), shape).astype(dtype)
+    got = jax.vjp(gelu, x)[1](g)[0]
+    want = jax.vjp(gelu_reference, x)[1](g)[0]
+    assert_close(got, want, dtype, "dx")

@@ -15,6 +15,7 @@ import pallas_kernels as pk
 from fffjax import tree, v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
 from pallas_kernels.attention import AttentionConfig, attention
+from pallas_kernels.gelu import GeluConfig, gelu
 from pallas_kernels.layer_norm import LayerNormConfig, layer_norm
 
 S = jax.ShapeDtypeStruct
@@ -86,6 +87,14 @@ def test_layer_norm_lowers_for_h200(width, dtype, config):
     x = S((1001, width), dtype)
     text = _lower_for_h200(fn, x, S((width,), jnp.float32), S((width,), jnp.float32), x)
     assert "add_layer_norm" in text and "layer_norm" in text.replace("add_layer_norm", "")
+
+
+@pytest.mark.parametrize("shape,dtype,config", [((32768, 3072), jnp.bfloat16, GeluConfig()),
+                                                ((7, 300), jnp.float32, GeluConfig(block=256, num_warps=4))])
+def test_gelu_lowers_for_h200(shape, dtype, config):
+    fn = functools.partial(gelu, config=config)
+    assert "gelu" in _lower_for_h200(fn, S(shape, dtype))
+    assert "gelu_backward" in _lower_for_h200(jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32))), S(shape, dtype))
 
 
 def test_backend_rule_violation_is_caught_by_lowering():

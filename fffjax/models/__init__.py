@@ -11,6 +11,7 @@ from fffjax.models.crammed_bert import (
     model_kind,
     set_attention_implementation,
     set_fff_implementation,
+    set_gelu_implementation,
     set_norm_implementation,
     sinusoidal_positions,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "model_kind",
     "set_attention_implementation",
     "set_fff_implementation",
+    "set_gelu_implementation",
     "set_norm_implementation",
     "sinusoidal_positions",
 ]

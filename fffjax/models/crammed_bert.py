@@ -269,16 +269,38 @@ class SelfAttention(nnx.Module):
         return self.dense(context)
 
 
+GELU_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def gelu_implementation(implementation: str | None, dtype) -> str:
+    """The dense feedforward's exact-GELU kernel: ``implementation``, or for ``None`` the elementwise
+    Pallas kernel (``pallas_kernels.gelu``) on a GPU with 16-bit inputs and ``jax.nn.gelu`` otherwise.
+    On the H200, XLA compiles ``jax.nn.gelu(approximate=False)`` of a ``base`` layer's 32768 x 3072
+    bf16 activations into a 0.30 ms pass, the Pallas kernel takes 0.13 ms (the copy rate: 0.095 ms;
+    ``experiments/results/dense_ff_gpu.md``): without it the dense twin would pay for XLA's ``erfc``
+    and every FFF speed-up would be inflated by 2.7 ms per ``base`` encode. Float32 keeps XLA's,
+    whose rounding the torch parity tests pin."""
+    return _kernel_choice("gelu", GELU_IMPLEMENTATIONS, implementation, dtype)
+
+
 class DenseFF(nnx.Module):
-    """Crammed BERT's ``FFNComponent`` without biases: ``dense_out(GELU(dense_in(x)))``, exact GELU."""
+    """Crammed BERT's ``FFNComponent`` without biases: ``dense_out(GELU(dense_in(x)))``, exact GELU
+    through the kernel picked by ``implementation`` (see :func:`gelu_implementation`; switch it with
+    :func:`set_gelu_implementation`)."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         h, w = config.hidden_size, config.dense_width
+        self.implementation: str | None = None
         self.dense_in = nnx.Linear(h, w, use_bias=False, dtype=dtype, kernel_init=_normal(config.init_std), rngs=rngs)
         self.dense_out = nnx.Linear(w, h, use_bias=False, dtype=dtype, kernel_init=_normal(config.init_std), rngs=rngs)
 
-    def __call__(self, x):
-        return self.dense_out(jax.nn.gelu(self.dense_in(x), approximate=False))
+    def __call__(self, x: Float[Array, "*lead hidden"]) -> Float[Array, "*lead hidden"]:
+        pre = self.dense_in(x)
+        if gelu_implementation(self.implementation, pre.dtype) == "xla":
+            return self.dense_out(jax.nn.gelu(pre, approximate=False))
+        from pallas_kernels.gelu import gelu
+
+        return self.dense_out(gelu(pre, interpret=jax.default_backend() != "gpu"))
 
 
 def _fff_forward(ffn: UltraFastFF, x):
@@ -468,6 +490,13 @@ def set_norm_implementation(model: nnx.Module, implementation: str | None) -> No
     Pallas on a GPU for 16-bit compute; in place)."""
     norm_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
     _set_implementation(model, LayerNorm, implementation)
+
+
+def set_gelu_implementation(model: nnx.Module, implementation: str | None) -> None:
+    """Switch the exact GELU of every dense feedforward of ``model`` to ``implementation`` (``"xla"``,
+    ``"pallas"`` or ``None`` = Pallas on a GPU for 16-bit compute; in place; FFF layers have none)."""
+    gelu_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
+    _set_implementation(model, DenseFF, implementation)
 
 
 def cast_parameters(model: nnx.Module, dtype) -> nnx.Module:
