@@ -19,7 +19,9 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    ``cudnn,pallas`` times both; dropout is off, so :class:`SelfAttention` runs the fused form).
 
    ``--norm`` picks the layer norms likewise (``auto``: the one-pass Pallas kernel on a GPU; ``xla,auto``
-   times both).
+   times both), and ``--gelu`` the dense twin's exact GELU (``auto``: the elementwise Pallas kernel on a
+   GPU; ``auto,xla`` also times ``jax.nn.gelu``). Speed-ups are against the dense row of the first
+   ``--gelu``.
 3. ``--profile``: a JAX profiler trace of one call of each forward: kernel time per kernel (or HLO op),
    where the encoder's time goes. (A former ``--components`` mode timed parts chained in a jitted
    loop; for parts of tens of microseconds it read about twice the profiler's kernel times, e.g.
@@ -88,7 +90,10 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
                             compute_dtype=args.compute_dtype, steps=args.steps, warmup=args.warmup,
                             repeats=args.repeats)
     row = bench_pretrain(ns, 1, "dp")
-    return {"bench": "train", "config": config_name, "implementation": implementation or "dense",
+    from fffjax.models.crammed_bert import gelu_implementation
+
+    gelu = {"gelu": gelu_implementation(None, args.compute_dtype)} if implementation is None else {}   # the default
+    return {"bench": "train", "config": config_name, "implementation": implementation or "dense", **gelu,
             "batch": args.train_batch, "seq": row["seq"], "step_s": row["step_s"], "steps_per_s": 1.0 / row["step_s"],
             "tokens_per_s": row["tokens_per_s"], "compute_dtype": args.compute_dtype,
             "stage_s": time.perf_counter() - t0}
@@ -128,35 +133,41 @@ def jitted_forward(model, forward: str):
     return jax.jit(fn), state
 
 
-def configured(model, implementation: str | None, attention: str | None, norm: str | None = None):
+def configured(model, implementation: str | None, attention: str | None, norm: str | None = None,
+               gelu: str | None = None):
     """``model`` with its FFF layers on ``implementation`` (None: left as built), its attention on
-    ``attention`` and its layer norms on ``norm`` (in place)."""
-    from fffjax.models.crammed_bert import set_attention_implementation, set_fff_implementation, set_norm_implementation
+    ``attention``, its layer norms on ``norm`` and its dense feedforwards' GELU on ``gelu`` (in place)."""
+    from fffjax.models.crammed_bert import (set_attention_implementation, set_fff_implementation,
+                                            set_gelu_implementation, set_norm_implementation)
 
     if implementation is not None:
         set_fff_implementation(model, implementation)
     set_attention_implementation(model, attention)
     set_norm_implementation(model, norm)
+    set_gelu_implementation(model, gelu)
     return model
 
 
-def kernel_names(attention: str | None, norm: str | None, dtype) -> dict:
-    """``{"attention": ..., "norm": ...}``: the kernels a row ran, resolved (None -> the default's name)."""
+def kernel_names(attention: str | None, norm: str | None, dtype, gelu: str | None = None, dense: bool = False) -> dict:
+    """``{"attention": ..., "norm": ...[, "gelu": ...]}``: the kernels a row ran, resolved (None -> the
+    default's name); ``gelu`` for a dense model only (the FFF kernels compute their own)."""
     import jax.numpy as jnp
 
-    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
+    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
 
-    return {"attention": attention_implementation(attention, jnp.dtype(dtype)),
-            "norm": norm_implementation(norm, jnp.dtype(dtype))}
+    names = {"attention": attention_implementation(attention, jnp.dtype(dtype)),
+             "norm": norm_implementation(norm, jnp.dtype(dtype))}
+    return {**names, "gelu": gelu_implementation(gelu, jnp.dtype(dtype))} if dense else names
 
 
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
-                  inputs: tuple, attention: str | None = None, norm: str | None = None) -> dict:
+                  inputs: tuple, attention: str | None = None, norm: str | None = None, gelu: str | None = None) -> dict:
     """One inference row: compile, then the median seconds per batch (waited for one by one, and
     in a stream: :func:`stream_seconds`)."""
     import jax
 
-    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm,
+                       gelu)
     fn, state = jitted_forward(model, forward)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(state, *inputs))
@@ -165,7 +176,8 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     stream = stream_seconds(lambda: fn(state, *inputs), args.steps, args.warmup, args.repeats)
     batch, seq = inputs[0].shape
     return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
-            **kernel_names(attention, norm, args.compute_dtype), "batch": batch, "seq": seq, "batch_s": seconds,
+            **kernel_names(attention, norm, args.compute_dtype, gelu, implementation is None), "batch": batch,
+            "seq": seq, "batch_s": seconds,
             "tokens_per_s": batch * seq / seconds, "stream_batch_s": stream, "stream_tokens_per_s": batch * seq / stream,
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
@@ -247,22 +259,25 @@ def parse_attention_config(text: str):
 
 
 def bench_profile(args, models: dict, forward: str, config_name: str, implementation: str | None, inputs: tuple,
-                  attention: str | None = None, norm: str | None = None) -> dict:
+                  attention: str | None = None, norm: str | None = None, gelu: str | None = None) -> dict:
     """One ``profile`` row: a JAX profiler trace of one jitted ``forward`` call (after the compile and a
     warm-up call), summarised by :func:`kernel_summary`."""
-    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm)
+    model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm,
+                       gelu)
     fn, state = jitted_forward(model, forward)
     summary = profile_kernels(fn, state, *inputs)
     return {"bench": "profile", "forward": forward, "config": config_name, "implementation": implementation or "dense",
-            **kernel_names(attention, norm, args.compute_dtype), "batch": inputs[0].shape[0], "seq": inputs[0].shape[1], **summary}
+            **kernel_names(attention, norm, args.compute_dtype, gelu, implementation is None),
+            "batch": inputs[0].shape[0], "seq": inputs[0].shape[1], **summary}
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def with_ratios(rows: list[dict]) -> list[dict]:
-    """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward); profile
-    rows, which have no throughput, are left as they are."""
+def with_ratios(rows: list[dict], reference_gelu: str | None = None) -> list[dict]:
+    """Rows with ``vs_dense``: tokens/s over the dense row of the same bench (and forward, attention and
+    norm) whose GELU is ``reference_gelu`` (None: the first dense row); profile rows, which have no
+    throughput, are left as they are."""
     def key(r):
         return r["bench"], r.get("forward"), r.get("attention"), r.get("norm")
 
@@ -270,11 +285,19 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         return r[field] / dense[key(r)] if key(r) in dense and field in r else None
 
     timed = [r for r in rows if "tokens_per_s" in r]
-    dense = {key(r): r["tokens_per_s"] for r in timed if r["implementation"] == "dense"}
-    stream = {key(r): r["stream_tokens_per_s"] for r in timed if r["implementation"] == "dense"
-              and "stream_tokens_per_s" in r}
+    reference = [r for r in timed if r["implementation"] == "dense"
+                 and (r["bench"] == "train" or r.get("gelu") in (None, reference_gelu))]   # one dense training row
+    dense, stream = {}, {}
+    for r in reference:
+        dense.setdefault(key(r), r["tokens_per_s"])
+        if "stream_tokens_per_s" in r:
+            stream.setdefault(key(r), r["stream_tokens_per_s"])
     return [{**r, "vs_dense": ratio(r, "tokens_per_s", dense), "stream_vs_dense": ratio(r, "stream_tokens_per_s", stream)}
             if "tokens_per_s" in r else r for r in rows]
+
+
+def _implementation(row: dict) -> str:
+    return row["implementation"] + (f" (GELU {row['gelu']})" if "gelu" in row else "")
 
 
 def _ratio(value) -> str:
@@ -282,7 +305,7 @@ def _ratio(value) -> str:
 
 
 def markdown(report: dict) -> str:
-    rows = with_ratios(report["rows"])
+    rows = with_ratios(report["rows"], report.get("reference_gelu"))
     train = [r for r in rows if r["bench"] == "train"]
     infer = [r for r in rows if r["bench"] == "infer"]
     lines = [f"# UltraFastBERT `{report['config']}` vs `{report['dense_config']}` on {report['device_kind']}", "",
@@ -291,9 +314,9 @@ def markdown(report: dict) -> str:
         r0 = train[0]
         lines += [f"## Training: MLM optimizer steps, {r0['compute_dtype']} compute, {r0['batch']} x {r0['seq']} "
                   "tokens per step, one device", "",
-                  "| model | FFF implementation | step (ms) | steps/s | tokens/s | vs dense |",
+                  "| model | FFF implementation (dense: its GELU) | step (ms) | steps/s | tokens/s | vs dense |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['config']} | {r['implementation']} | {1e3 * r['step_s']:.1f} | {r['steps_per_s']:.2f} | "
+        lines += [f"| {r['config']} | {_implementation(r)} | {1e3 * r['step_s']:.1f} | {r['steps_per_s']:.2f} | "
                   f"{r['tokens_per_s']:,.0f} | {_ratio(r['vs_dense'])} |" for r in train]
         lines.append("")
     if infer:
@@ -302,12 +325,14 @@ def markdown(report: dict) -> str:
                   f"{r0['batch']} x {r0['seq']} tokens per batch", "",
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
-                  f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense.", "",
+                  f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense." + (
+                      f" Speed-ups are against the dense twin whose exact GELU runs through `{report['reference_gelu']}`."
+                      if report.get("reference_gelu") else ""), "",
                   "Throughput: `--steps` batches enqueued back to back and waited for once (a stream of batches: "
                   "the host's dispatch overlaps the GPU's work); latency: each batch waited for before the next "
                   "is sent (then the host's dispatch of a call with these models' ~170 arrays adds to every batch).", "",
-                  "| forward | attention | norm | model | FFF implementation | throughput: ms per batch | tokens/s | "
-                  "speedup vs dense | latency: ms per batch | speedup vs dense |",
+                  "| forward | attention | norm | model | FFF implementation (dense: its GELU) | throughput: ms per batch "
+                  "| tokens/s | speedup vs dense | latency: ms per batch | speedup vs dense |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         order = {f: i for i, f in enumerate(FORWARDS)}
         for r in sorted(infer, key=lambda r: (order.get(r["forward"], len(order)), r.get("attention") or "",
@@ -315,12 +340,13 @@ def markdown(report: dict) -> str:
             stream_ms = f"{1e3 * r['stream_batch_s']:.2f}" if "stream_batch_s" in r else "–"
             stream_tps = f"{r['stream_tokens_per_s']:,.0f}" if "stream_batch_s" in r else "–"
             lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r.get('norm', 'xla')} | {r['config']} | "
-                         f"{r['implementation']} | {stream_ms} | {stream_tps} | {_ratio(r.get('stream_vs_dense'))} | "
+                         f"{_implementation(r)} | {stream_ms} | {stream_tps} | {_ratio(r.get('stream_vs_dense'))} | "
                          f"{1e3 * r['batch_s']:.2f} | {_ratio(r['vs_dense'])} |")
         lines.append("")
     for r in (r for r in rows if r["bench"] == "profile"):
+        gelu = f", GELU {r['gelu']}" if "gelu" in r else ""
         lines += [f"## Kernels of one `{r['forward']}` call: {r['config']} ({r['implementation']}), attention "
-                  f"{r.get('attention', 'einsum')}, norm {r.get('norm', 'xla')}, profiler trace", "",
+                  f"{r.get('attention', 'einsum')}, norm {r.get('norm', 'xla')}{gelu}, profiler trace", "",
                   f"{r['kernels']} kernels, {r['busy_ms']:.2f} ms of kernel time in a span of {r['span_ms']:.2f} ms "
                   "(the rest: the GPU waiting between kernels). Time per HLO op, longest first:", "",
                   "| op | kernels | ms |", "|---|---|---|"]
@@ -340,7 +366,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = with_ratios(report["rows"])
+    rows = with_ratios(report["rows"], report.get("reference_gelu"))
     impls = list(dict.fromkeys(["dense"] + [r["implementation"] for r in rows]))
     colors = {name: f"C{i}" for i, name in enumerate(impls)}
     fig, (ax_t, ax_i) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2.2]})
@@ -385,7 +411,7 @@ def write(report: dict, out: Path, *, with_json: bool = True, png: bool = True) 
     """``bert_gpu.json`` (rows with their ``vs_dense``), ``bert_gpu.md`` and optionally ``bert_gpu.png``."""
     out.mkdir(parents=True, exist_ok=True)
     if with_json:
-        (out / f"{NAME}.json").write_text(json.dumps({**report, "rows": with_ratios(report["rows"])}, indent=1))
+        (out / f"{NAME}.json").write_text(json.dumps({**report, "rows": with_ratios(report["rows"], report.get("reference_gelu"))}, indent=1))
     (out / f"{NAME}.md").write_text(markdown(report))
     if png:
         plot(report, out / f"{NAME}.png")
@@ -425,29 +451,33 @@ def run(args, command: str) -> dict:
         record(bench_train(args, name, impl))
 
     impls = split_list(args.implementations)
-    from fffjax.models.crammed_bert import attention_implementation, norm_implementation
+    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
 
-    # Resolved names, each once ("auto": Pallas attention and norms on a GPU, XLA on a CPU).
+    # Resolved names, each once ("auto": Pallas attention, norms and GELU on a GPU, XLA on a CPU).
     attentions = list(dict.fromkeys(attention_implementation(None if a == "auto" else a, args.compute_dtype)
                                     for a in split_list(args.attention) or ["auto"]))
     norms = list(dict.fromkeys(norm_implementation(None if n == "auto" else n, args.compute_dtype)
                                for n in split_list(args.norm) or ["auto"]))
+    gelus = list(dict.fromkeys(gelu_implementation(None if g == "auto" else g, args.compute_dtype)
+                               for g in split_list(args.gelu) or ["auto"]))
+    report["reference_gelu"] = gelus[0]
     if impls:
         batch = random_mlm_batch(np.random.default_rng(1), args.infer_batch, config.max_seq_length, config.vocab_size)
         inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
         dtype = jnp.dtype(args.compute_dtype)
-        for name, model_impls in ((dense_name, [None]), (args.config, impls)):
+        for name, model_impls, model_gelus in ((dense_name, [None], gelus), (args.config, impls, [None])):
             log(f"infer {name}: build")
             models = build_models(name, dtype, model_impls[0])
-            for attention, norm, impl in itertools.product(attentions, norms, model_impls):
-                what = f"{name} ({impl or 'dense'}, attention {attention}, norm {norm})"
+            for attention, norm, gelu, impl in itertools.product(attentions, norms, model_gelus, model_impls):
+                what = f"{name} ({impl or 'dense'}, attention {attention}, norm {norm}" + (
+                    f", gelu {gelu})" if impl is None else ")")
                 for forward in split_list(args.forwards):
                     log(f"infer {what} {forward}: compile, time")
-                    record(bench_forward(args, models, forward, name, impl, inputs, attention, norm))
+                    record(bench_forward(args, models, forward, name, impl, inputs, attention, norm, gelu))
                 if args.profile:
                     for forward in split_list(args.forwards):
                         log(f"profile {what} {forward}")
-                        record(bench_profile(args, models, forward, name, impl, inputs, attention, norm))
+                        record(bench_profile(args, models, forward, name, impl, inputs, attention, norm, gelu))
             del models
     write(report, out, png=True)
     return report
@@ -472,6 +502,9 @@ def main(argv=None) -> None:
                     help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see crammed_bert.attention_implementation)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
+    ap.add_argument("--gelu", default="auto",
+                    help="comma list of the dense twin's GELU implementations: xla (jax.nn.gelu), pallas, auto "
+                         "(Pallas on a GPU); speed-ups are against the first")
     ap.add_argument("--attention-config", default=None, metavar="BQxW[xHxS]",
                     help="tiles of the Pallas attention kernel for this run (default: its DEFAULT_CONFIG); "
                          "e.g. the best_pallas_config of bench_attention_gpu")
