@@ -22,6 +22,9 @@ from fffjax import tree, v2
 from pallas_kernels import _common as cm
 
 
+ROUTES = ("kernel", "gemm")
+
+
 @dataclasses.dataclass(frozen=True)
 class FffV2ForwardConfig:
     """Block sizes of the FFF-v2 forward kernel.
@@ -39,9 +42,12 @@ class FffV2ForwardConfig:
             subtree they enter, so that every block of ``block_t`` tokens shares its whole top path
             and runs its ``2**(depth+1-s) - 1``-node subtree densely on the tensor cores
             (``block_t >= 16``); ``dense_levels`` is then unused.
-        route_block_t, route_chunk, route_num_warps, route_num_stages: the grouped layout's route
-            kernel (tokens per program, columns per chunk, warps, pipelining stages as above); a larger
-            block rereads the top ``2**s - 1`` weight rows from L2 for fewer tokens.
+        route: how the grouped layout routes tokens through the top ``s`` levels: ``"kernel"``, the
+            route kernel below, or ``"gemm"``, one XLA (cuBLAS) matmul writing the ``(T, 2**s - 1)``
+            float32 top logits, then the descent through them (see :func:`route_to_subtrees`).
+        route_block_t, route_chunk, route_num_warps, route_num_stages: the route kernel's tokens per
+            program, columns per chunk, warps and pipelining stages (as above); a larger block rereads
+            the top ``2**s - 1`` weight rows from L2 for fewer tokens.
     """
 
     block_t: int = 16
@@ -54,6 +60,7 @@ class FffV2ForwardConfig:
     route_num_warps: int = 4
     route_chunk: int = 128
     route_num_stages: int = 1
+    route: str = "kernel"
 
     def __post_init__(self):
         cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t", "route_chunk"))
@@ -64,6 +71,8 @@ class FffV2ForwardConfig:
             raise ValueError(f"dense_levels must be >= 0, got {self.dense_levels}")
         if self.dense_levels > 0 and self.block_t < 16:
             raise ValueError(f"dense_levels > 0 needs block_t >= 16 (tensor-core dot), got {self.block_t}")
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
         if self.split_level < 0:
             raise ValueError(f"split_level must be >= 0, got {self.split_level}")
         if self.split_level > 0 and self.block_t < 16:
@@ -276,16 +285,17 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig =
                       interpret: bool = False):
     """``sub (T,)`` int32: the level-``split`` subtree (``0 .. 2**split - 1``) each token enters.
 
-    For 16-bit ``x`` a Pallas kernel (tiles from ``config.route_*``), so that the top logits never go
-    to HBM: it reads ``x`` once and writes 4 bytes per token (an XLA matmul would write and re-read
-    ``(T, 2**split - 1)`` float32 logits).
+    ``config.route == "kernel"`` and 16-bit ``x``: a Pallas kernel (tiles from ``config.route_*``), so
+    that the top logits never go to HBM: it reads ``x`` once and writes 4 bytes per token. Otherwise
+    one XLA matmul writes the ``(T, 2**split - 1)`` float32 logits and the descent reads them back.
     """
     n_tokens, width_in = x.shape
-    if jnp.dtype(x.dtype).itemsize >= 4:
-        # An IEEE float32 tile dot of this size (no tf32) did not finish compiling within minutes on
-        # the H200: float32 routes through one XLA matmul (its logits go to HBM; float32 is not the fast path).
+    wide = jnp.dtype(x.dtype).itemsize >= 4
+    if wide or config.route == "gemm":
+        # Float32 always: an IEEE float32 tile dot of this size (no tf32) did not finish compiling within
+        # minutes on the H200 (float32 is not the fast path).
         n_top = 2**split - 1
-        logits = jnp.dot(x, w_in[:n_top].T, precision=jax.lax.Precision.HIGHEST,
+        logits = jnp.dot(x, w_in[:n_top].T, precision=jax.lax.Precision.HIGHEST if wide else None,
                          preferred_element_type=jnp.float32) + b_in[:n_top].astype(jnp.float32)
         node = jnp.zeros((n_tokens,), jnp.int32)
         for _ in range(split):

@@ -11,7 +11,7 @@ import fffjax
 import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, descend_table, fff_v2_forward, subtree_table
-from _pallas_helpers import assert_close, pow2_chunk_for, v2_inputs
+from _pallas_helpers import assert_close, pow2_chunk_for, tie_free_tokens, v2_inputs
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -89,6 +89,25 @@ def test_grouped_layout_pads_each_subtree_to_whole_blocks():
     for b, s in enumerate(block_sub):
         toks = slots[b * 16:(b + 1) * 16]
         assert np.all(sub[toks[toks >= 0]] == s)                           # one subtree per block
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_route_kernel_and_gemm_route_agree(dtype):
+    from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, route_to_subtrees
+    x, w_in, b_in, w_out = v2_inputs(6, 77, 96, 11, 1, dtype)
+    keep = np.asarray(tie_free_tokens(x, w_in, b_in, depth=11, n_trees=1))
+    subs = [np.asarray(route_to_subtrees(x, w_in, b_in, split=7, interpret=True,
+                                         config=FffV2ForwardConfig(route_block_t=32, route_chunk=32, route=route)))
+            for route in ("kernel", "gemm")]
+    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in
+    want = np.asarray(v2.path_from_logits(logits, depth=11, n_trees=1))[:, 0, 7] - 127
+    for sub in subs:
+        np.testing.assert_array_equal(sub[keep], want[keep])
+    y = fff_v2_forward(x, w_in, b_in, w_out, depth=11, interpret=True,
+                       config=FffV2ForwardConfig(block_t=16, chunk=32, split_level=7, route="gemm"))
+    assert_close(y[keep], pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=11)[keep], dtype)
+    with pytest.raises(ValueError, match="route must be one of"):
+        FffV2ForwardConfig(route="sort")
 
 
 @pytest.mark.parametrize("n_tokens,n_sub", [(50, 2), (1000, 128), (40000, 256)])
