@@ -6,7 +6,8 @@ A 1x11 layer (H = 768, one tree of depth 11), bf16, grouped kernel with ``split_
 - ``gemm``: one XLA (cuBLAS) matmul writing the ``(T, 127)`` float32 top logits, then the descent;
 - each of ``--configs``: ``rBTxCxWxS``, the route kernel with route_block_t x route_chunk x
   route_num_warps x route_num_stages; ``gBTxCxWxS``, the grouped kernel with block_t x chunk x
-  num_warps x num_stages (the rest as the default config).
+  num_warps x num_stages (the rest as the default config); ``+`` joins both, e.g.
+  ``r128x64x8x3+g128x64x8x3``.
 
 Each variant runs ``--layers`` (default: enough for 2**19 tokens in all) independent layers in one
 jitted function; reported per layer: GPU kernel time from a profiler trace (and its longest ops),
@@ -59,11 +60,7 @@ def main(argv=None):
         base = default_config(DEPTH, 1, n_tokens, dtype)
         variants = {route: dataclasses.replace(base, route=route) for route in ROUTES}
         for text in filter(None, args.configs.split(",")):
-            bt, chunk, warps, stages = (int(v) for v in text[1:].split("x"))
-            fields = (("route_block_t", "route_chunk", "route_num_warps", "route_num_stages") if text[0] == "r"
-                      else ("block_t", "chunk", "num_warps", "num_stages"))
-            variants[f"kernel {text}"] = dataclasses.replace(base, route="kernel",
-                                                             **dict(zip(fields, (bt, chunk, warps, stages))))
+            variants[f"kernel {text}"] = dataclasses.replace(base, route="kernel", **tiles(text))
         for route, config in variants.items():
 
             def one(x, p, config=config):
@@ -92,6 +89,16 @@ def main(argv=None):
     (out / "fff_route_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "fff_route_gpu.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def tiles(text: str) -> dict:
+    """``"rBTxCxWxS+gBTxCxWxS"`` (either part optional) -> the FffV2ForwardConfig fields it sets."""
+    fields = {"r": ("route_block_t", "route_chunk", "route_num_warps", "route_num_stages"),
+              "g": ("block_t", "chunk", "num_warps", "num_stages")}
+    out = {}
+    for part in text.split("+"):
+        out.update(zip(fields[part[0]], (int(v) for v in part[1:].split("x"))))
+    return out
 
 
 def markdown(report: dict) -> str:

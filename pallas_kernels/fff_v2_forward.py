@@ -84,9 +84,13 @@ DEFAULT_CONFIG = FffV2ForwardConfig()
 # 64-token blocks, 64-column chunks pipelined over 3 stages; route kernel 256 tokens x 64 columns, 3 stages.
 GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7,
                                     route_block_t=256, route_chunk=64, route_num_warps=8, route_num_stages=3)
+# Up to 2**17 tokens (a base batch of 256 x 128 is 2**15) 128-token blocks in both kernels and 8-warp
+# grouped programs win (experiments/results/fff_route_gpu.md): 0.078 against 0.096 ms per 2**15-token
+# 1x11 layer with GROUPED_CONFIG's tiles, 0.239 against 0.250 ms at 2**17.
+FEW_TOKENS = 2**18
+FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8, route_block_t=128)
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
-_SMS = 132                        # H200 streaming multiprocessors
 
 
 def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=None) -> FffV2ForwardConfig:
@@ -94,21 +98,16 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
 
     One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
     :data:`GROUPED_CONFIG`, 1.67 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
-    token-order kernel). With fewer than ``2 * 132 * 256`` tokens the route kernel takes smaller
-    blocks (down to 64 tokens, 128-column chunks), so that it still fills two waves of the H200's
-    SMs. Otherwise the token-order kernel with row gathers; float32 too: IEEE float32 tile dots (no
+    token-order kernel; :data:`FEW_TOKENS_CONFIG`'s tiles below :data:`FEW_TOKENS` tokens).
+    Otherwise the token-order kernel with row gathers; float32 too: IEEE float32 tile dots (no
     tf32) run without tensor cores, and the grouped kernel took 266 ms at 2**20 float32 tokens on the
     H200 against 13.6 ms for the token-order kernel.
     """
     wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
         return DEFAULT_CONFIG
-    config = dataclasses.replace(GROUPED_CONFIG, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
-    if n_tokens is not None:
-        route_block_t = min(GROUPED_CONFIG.route_block_t, max(64, cm.next_pow2(n_tokens // (2 * _SMS) + 1) // 2))
-        if route_block_t < GROUPED_CONFIG.route_block_t:
-            config = dataclasses.replace(config, route_block_t=route_block_t, route_chunk=128)
-    return config
+    tiles = FEW_TOKENS_CONFIG if n_tokens is not None and n_tokens < FEW_TOKENS else GROUPED_CONFIG
+    return dataclasses.replace(tiles, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
 
 
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,

@@ -19,13 +19,13 @@ GATHER = FffV2ForwardConfig()
 DENSE5 = FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=5)
 GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)      # column chunks unrolled
 PIPELINED = GROUPED_CONFIG                                              # column chunks as pipelined loops
-SMALL_ROUTE = default_config(11, 1, 2**15)                              # 64-token route blocks
+FEW_TOKENS = default_config(11, 1, 2**15)                               # 128-token blocks in both kernels
 
 
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
     (4099, 768, 11, 1, jnp.float32, GATHER), (4099, 768, 11, 1, jnp.bfloat16, GATHER),
     (4099, 768, 11, 1, jnp.float32, GROUPED), (70000, 768, 11, 1, jnp.bfloat16, PIPELINED),
-    (1 << 20, 768, 11, 1, jnp.bfloat16, PIPELINED), (32768, 768, 11, 1, jnp.bfloat16, SMALL_ROUTE),
+    (1 << 20, 768, 11, 1, jnp.bfloat16, PIPELINED), (32768, 768, 11, 1, jnp.bfloat16, FEW_TOKENS),
     (4099, 768, 11, 1, jnp.float32, PIPELINED),
     (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
     (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GATHER),

@@ -138,9 +138,10 @@ def test_grouped_split_outside_the_kernel_limits_is_refused(depth, split):
 def test_default_config_groups_deep_single_trees():
     from pallas_kernels.fff_v2_forward import default_config
     assert default_config(11, 1).split_level == 7
-    # Fewer tokens: smaller route blocks, so that the route kernel still fills two waves of 132 SMs.
-    assert default_config(11, 1, 2**20).route_block_t == 256
-    assert default_config(11, 1, 2**15).route_block_t == 64
+    # Up to 2**17 tokens: 128-token blocks in the route and grouped kernels (fff_route_gpu.md).
+    assert (default_config(11, 1, 2**20).route_block_t, default_config(11, 1, 2**20).block_t) == (256, 64)
+    assert (default_config(11, 1, 2**15).route_block_t, default_config(11, 1, 2**15).block_t) == (128, 128)
+    assert default_config(11, 1, 2**17).block_t == 128 and default_config(11, 1).block_t == 64
     assert default_config(11, 1, 2**15).split_level == 7
     assert default_config(11, 1, 2**15, jnp.float32).split_level == 0    # no tensor cores for IEEE float32
     assert default_config(11, 1, 2**15, jnp.bfloat16).split_level == 7
