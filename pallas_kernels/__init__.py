@@ -14,6 +14,7 @@ Public API:
 The crammed-BERT model's kernels, imported from their modules when a model uses them:
     pallas_kernels.layer_norm.layer_norm(x, scale, bias, residual=None, *, eps, ...)
     pallas_kernels.attention.attention(qkv, key_bias=None, *, num_heads, scale, ...)
+    pallas_kernels.gelu.gelu(x, ...)   (the dense twin's exact GELU)
 """
 
 import jax.numpy as jnp
