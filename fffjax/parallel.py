@@ -408,6 +408,27 @@ def fff_v2_tree_parallel(
     return y.reshape(*lead, w_out.shape[1])
 
 
+def rows_per_device(fn: Callable, rows: tuple, replicated: tuple = (), *, axis: str = "data"):
+    """``fn(*rows, *replicated)``, computed device by device on the mesh set by ``jax.set_mesh`` (the
+    UltraFastBERT trainer sets its mesh): ``rows`` split on their first dimension over ``axis``,
+    ``replicated`` whole on every device, every output split like ``rows``.
+
+    For kernels XLA cannot partition (Pallas, FFI custom calls) whose output rows depend only on the
+    same input rows. Called on sharded inputs under ``jit``, such a kernel is run by GSPMD on the whole
+    gathered batch on every device (on two H200s a data-parallel ``base`` training step scaled to 65%).
+    Without a mesh, with one device on ``axis``, or when ``axis`` does not divide the rows, this is
+    ``fn(*rows, *replicated)``. The gradients of ``replicated`` are summed over the devices
+    (``shard_map``'s transpose). ``check_vma`` is off: the kernels' outputs do not declare how they vary.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1
+            or any(r.shape[0] % mesh.shape[axis] for r in rows)):
+        return fn(*rows, *replicated)
+    row = P(axis)
+    specs = (row,) * len(rows) + (P(),) * len(replicated)
+    return jax.shard_map(fn, in_specs=specs, out_specs=row, check_vma=False)(*rows, *replicated)
+
+
 def set_tree_parallel(model, mesh, axis: str = "model"):
     """Make every :class:`fffjax.nn.UltraFastFF` inside the NNX ``model`` tree-parallel on ``mesh``'s ``axis``
     (``mesh=None`` turns it off); returns ``model``, changed in place. The weights keep their

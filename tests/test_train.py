@@ -124,6 +124,34 @@ def test_one_device_and_data4_model2_give_the_same_losses(ffn):
     assert one[-1] < one[0]  # it is learning, so the comparison covers real updates
 
 
+@pytest.mark.parametrize("ffn", ["fff", "dense"])
+def test_pallas_kernels_run_per_device_on_the_data_axis(ffn):
+    # Every Pallas kernel (interpret mode here): FFF, norms, attention (dropout off, so the fused form)
+    # and the dense twin's GELU. On a GPU, GSPMD would run each on the whole gathered batch; inside
+    # the Trainer they run per device (parallel.rows_per_device), with the single-device losses.
+    from fffjax.models import set_attention_implementation, set_gelu_implementation, set_norm_implementation
+
+    def losses(mesh):
+        config = dataclasses.replace(small_config(ffn), dropout=0.0)
+        model = CrammedBertMLM(config, implementation="pallas", rngs=nnx.Rngs(params=0, dropout=1))
+        for switch in (set_norm_implementation, set_attention_implementation, set_gelu_implementation):
+            switch(model, "pallas")
+        trainer = loop.Trainer(model, loop.mlm_objective, dataclasses.replace(BASE, steps=4), mesh=mesh)
+        pipe = pipeline.mlm_pipeline(mlm_rows(), BASE.batch_size, vocab_size=VOCAB)
+        batch, out = pipe.next(pipeline.initial_position(0))[0], []
+        for _ in range(4):
+            out.append(trainer.step(batch)["loss"])
+        placed = trainer.place_batch(batch)
+        with jax.set_mesh(mesh):
+            text = jax.jit(trainer._train_step).lower(trainer.state, placed, trainer._seed).as_text()
+        return out, text
+
+    one, _ = losses(shd.make_mesh(1, 1, jax.devices()[:1]))
+    eight, text = losses(shd.make_mesh(4, 2, jax.devices()[:8]))
+    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=0)
+    assert text.count("sdy.manual_computation") >= 3, "the kernels did not run inside shard_map"
+
+
 def test_parameters_are_sharded_by_the_rules():
     config = loop.TrainConfig(steps=2, batch_size=16)
     model = CrammedBertMLM(small_config(), rngs=nnx.Rngs(0))

@@ -114,9 +114,13 @@ class LayerNorm(nnx.LayerNorm):
             return y if residual is None else (y, h)
         from pallas_kernels.layer_norm import layer_norm
 
-        residual = None if residual is None else residual.astype(self.dtype)
-        return layer_norm(x.astype(self.dtype), self.scale[...], self.bias[...], residual, eps=self.epsilon,
-                          interpret=jax.default_backend() != "gpu")
+        def norm(*arrays):   # (x[, residual], scale, bias): per device on a data mesh (parallel.rows_per_device)
+            *rows, scale, bias = arrays
+            return layer_norm(rows[0], scale, bias, rows[1] if len(rows) == 2 else None, eps=self.epsilon,
+                              interpret=jax.default_backend() != "gpu")
+
+        rows = (x.astype(self.dtype),) + (() if residual is None else (residual.astype(self.dtype),))
+        return parallel.rows_per_device(norm, rows, (self.scale[...], self.bias[...]))
 
 
 def _layer_norm(config: ModelConfig, dtype, rngs: nnx.Rngs) -> LayerNorm:
@@ -253,10 +257,12 @@ class SelfAttention(nnx.Module):
         if fused and kernel == "pallas":
             from pallas_kernels.attention import attention
 
-            key_bias = None if mask_bias is None else mask_bias.reshape(b, s)
-            context = attention(self.query_key_value(x), key_bias, num_heads=self.num_heads,
-                                scale=float(self.norm_factor), interpret=jax.default_backend() != "gpu")
-            return self.dense(context)
+            def attend(qkv, *key_bias):   # per device on a data mesh (parallel.rows_per_device)
+                return attention(qkv, key_bias[0] if key_bias else None, num_heads=self.num_heads,
+                                 scale=float(self.norm_factor), interpret=jax.default_backend() != "gpu")
+
+            rows = (self.query_key_value(x),) + (() if mask_bias is None else (mask_bias.reshape(b, s),))
+            return self.dense(parallel.rows_per_device(attend, rows))
         q, k, v = self.project_qkv(x)
         if fused:
             context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), kernel)
@@ -300,7 +306,8 @@ class DenseFF(nnx.Module):
             return self.dense_out(jax.nn.gelu(pre, approximate=False))
         from pallas_kernels.gelu import gelu
 
-        return self.dense_out(gelu(pre, interpret=jax.default_backend() != "gpu"))
+        act = parallel.rows_per_device(lambda h: gelu(h, interpret=jax.default_backend() != "gpu"), (pre,))
+        return self.dense_out(act)
 
 
 def _fff_forward(ffn: UltraFastFF, x):
@@ -310,8 +317,11 @@ def _fff_forward(ffn: UltraFastFF, x):
         return parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
                                              mesh=ffn.mesh, axis=ffn.tree_parallel_axis,
                                              implementation=ffn.implementation)
-    return ops.fff_v2_hard(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
-                           implementation=ffn.implementation)
+    # Per device on a data mesh: the Pallas and FFI implementations are custom calls GSPMD cannot split.
+    return parallel.rows_per_device(
+        lambda x, w_in, b_in, w_out: ops.fff_v2_hard(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
+                                                     implementation=ffn.implementation),
+        (x,), (w_in, b_in, w_out))
 
 
 def _make_ffn(config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):

@@ -343,7 +343,8 @@ class Trainer:
         step_fn = self._compiled("step", lambda: jax.jit(
             self._train_step, in_shardings=(self.state_shardings, self._batch_shardings(batch), repl),
             out_shardings=(self.state_shardings, repl), donate_argnums=0))
-        self.state, metrics = step_fn(self.state, placed, self._seed)
+        with jax.set_mesh(self.mesh):   # the model's kernels run per device on it (parallel.rows_per_device)
+            self.state, metrics = step_fn(self.state, placed, self._seed)
         return {k: float(v) for k, v in shd.to_host(metrics).items()}
 
     def _eval_outputs(self, params, batch):
@@ -359,7 +360,8 @@ class Trainer:
         totals: dict[str, float] = {}
         n = 0
         for batch in batches:
-            out = shd.to_host(eval_fn(self.state["params"], self.place_batch(batch)))
+            with jax.set_mesh(self.mesh):
+                out = shd.to_host(eval_fn(self.state["params"], self.place_batch(batch)))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
@@ -368,7 +370,8 @@ class Trainer:
     def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """Model outputs (dropout off) for a host batch, as numpy."""
         fn = self._compiled("predict", lambda: jax.jit(self._predict_outputs))
-        return np.asarray(shd.to_host(fn(self.state["params"], self.place_batch(batch))))
+        with jax.set_mesh(self.mesh):
+            return np.asarray(shd.to_host(fn(self.state["params"], self.place_batch(batch))))
 
     def model(self) -> nnx.Module:
         """The current parameters as an NNX model in eval mode (host copy)."""
