@@ -29,7 +29,7 @@ for path in (ROOT, ROOT / "experiments"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_bert_gpu import parse_attention_config, profile_kernels, stream_seconds  # noqa: E402
+from bench_bert_gpu import parse_attention_config, per_layer_ms  # noqa: E402
 from bench_gpu import copy_bandwidth  # noqa: E402
 from pallas_kernels.attention import attention, split_heads  # noqa: E402
 
@@ -71,15 +71,13 @@ def main(argv=None):
         fn = jax.jit(lambda qkvs, b, one=one: [one(q, b) for q in qkvs])
         try:
             err = float(jnp.max(jnp.abs(one(qkvs[0], key_bias).astype(jnp.float32) - reference)))
-            summary = profile_kernels(fn, qkvs, key_bias, warmup=1)
-            busy, top = summary["busy_ms"], summary["ops"][:4]
-            wall = stream_seconds(lambda: fn(qkvs, key_bias), steps=10, warmup=2, repeats=5)
+            kernel_ms, wall_ms, summary = per_layer_ms(fn, (qkvs, key_bias), args.layers)
         except Exception as e:   # e.g. a tile that needs more shared memory than the GPU has
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
-        row = {"variant": name, "kernel_ms": busy / args.layers, "wall_ms": wall * 1e3 / args.layers,
-               "hbm_ms": hbm_ms, "max_abs_diff_vs_xla": err, "top_kernels": top}
+        row = {"variant": name, "kernel_ms": kernel_ms, "wall_ms": wall_ms, "hbm_ms": hbm_ms,
+               "max_abs_diff_vs_xla": err, "top_kernels": summary["ops"][:4]}
         rows.append(row)
         print(f"{name}: kernel {row['kernel_ms']:.4f} ms, wall {row['wall_ms']:.4f} ms per call "
               f"(HBM time {hbm_ms:.4f} ms), |diff| vs xla {err:.3g}", flush=True)

@@ -251,6 +251,16 @@ def profile_kernels(fn, *args, warmup: int = 2) -> dict:
         return kernel_summary(device_events(json.load(gzip.open(path))))
 
 
+def per_layer_ms(fn, args: tuple, layers: int, *, steps: int = 10, warmup: int = 2,
+                 repeats: int = 5) -> tuple[float, float, dict]:
+    """``(kernel ms, wall ms, summary)`` of ``fn(*args)``, a jitted call of ``layers`` independent layers:
+    kernel time per layer from one profiled call (:func:`profile_kernels`; ``summary`` is its
+    :func:`kernel_summary`), wall time per layer over a stream of calls (:func:`stream_seconds`)."""
+    summary = profile_kernels(fn, *args, warmup=1)
+    wall = stream_seconds(lambda: fn(*args), steps, warmup, repeats)
+    return summary["busy_ms"] / layers, wall * 1e3 / layers, summary
+
+
 def parse_attention_config(text: str):
     """``"BQxW"`` or ``"BQxWxHxS"``: ``AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])``."""
     from pallas_kernels.attention import AttentionConfig

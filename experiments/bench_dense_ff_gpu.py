@@ -35,7 +35,7 @@ for path in (ROOT, ROOT / "experiments"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_bert_gpu import profile_kernels, stream_seconds  # noqa: E402
+from bench_bert_gpu import per_layer_ms, profile_kernels  # noqa: E402
 from bench_gpu import copy_bandwidth  # noqa: E402
 from pallas_kernels.gelu import GeluConfig  # noqa: E402
 from pallas_kernels.gelu import gelu as pallas_gelu  # noqa: E402
@@ -83,18 +83,18 @@ def main(argv=None):
         alone = jax.jit(lambda hs, act=act: [act(h) for h in hs])
         hs = [pre] * args.layers
         err = float(jnp.max(jnp.abs(act(pre).astype(jnp.float32) - reference)))
-        ff_summary = profile_kernels(ff, x, w_in, w_out, warmup=1)
-        ff_wall = stream_seconds(lambda: ff(x, w_in, w_out), steps=10, warmup=2, repeats=5)
+        ff_kernel_ms, ff_wall_ms, ff_summary = per_layer_ms(ff, (x, w_in, w_out), args.layers)
         alone_summary = profile_kernels(alone, hs, warmup=1) if name != "no GELU" else {"busy_ms": 0.0, "ops": []}
         row = {"variant": name, "max_abs_err_vs_f32_erf_gelu": err,
-               "ff_kernel_ms_per_layer": ff_summary["busy_ms"] / args.layers,
-               "ff_wall_ms_per_layer": ff_wall * 1e3 / args.layers,
+               "ff_kernel_ms_per_layer": ff_kernel_ms, "ff_wall_ms_per_layer": ff_wall_ms,
                "gelu_kernel_ms_per_layer": alone_summary["busy_ms"] / args.layers,
                "gelu_vs_hbm": alone_summary["busy_ms"] / args.layers / gelu_hbm_ms,
                "ff_top_ops": ff_summary["ops"][:4]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"device": str(jax.devices()[0]), "jax": jax.__version__, "python": platform.python_version(),
+    report = {"device": jax.devices()[0].device_kind, "command": "python experiments/bench_dense_ff_gpu.py "
+              + " ".join(sys.argv[1:] if argv is None else argv), "jax": jax.__version__,
+              "python": platform.python_version(),
               "tokens": args.tokens, "hidden": args.hidden, "width": args.width, "layers": args.layers,
               "copy_bandwidth_gb_s": bandwidth / 1e9, "gelu_hbm_ms_per_layer": gelu_hbm_ms, "rows": rows}
     out = Path(args.out)
@@ -112,6 +112,8 @@ def markdown(report: dict) -> str:
         f"{report['layers']} independent layers per call; per layer. GELU's HBM time (one read, one write of "
         f"`{report['tokens']} x {report['width']}` bf16 at {report['copy_bandwidth_gb_s']:.0f} GB/s): "
         f"{report['gelu_hbm_ms_per_layer']:.3f} ms. jax {report['jax']}.",
+        "",
+        f"Command: `{report['command']}`",
         "",
         "| GELU | max abs err vs float32 erf GELU | FF kernel time (ms) | FF wall, stream (ms) | GELU alone (ms) | GELU vs HBM time |",
         "|---|---|---|---|---|---|",

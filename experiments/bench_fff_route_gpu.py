@@ -33,7 +33,7 @@ for path in (ROOT, ROOT / "experiments"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_bert_gpu import profile_kernels, stream_seconds  # noqa: E402
+from bench_bert_gpu import per_layer_ms  # noqa: E402
 from fffjax import v2  # noqa: E402
 from pallas_kernels.fff_v2_forward import ROUTES, default_config, fff_v2_forward  # noqa: E402
 
@@ -70,19 +70,19 @@ def main(argv=None):
             fn = jax.jit(lambda x, ps, one=one: [one(x, p) for p in ps])
             try:
                 outputs[route] = one(x, params[0]).astype(jnp.float32)
-                summary = profile_kernels(fn, x, params, warmup=1)
-                wall = stream_seconds(lambda: fn(x, params), steps=5, warmup=1, repeats=3)
+                kernel_ms, wall_ms, summary = per_layer_ms(fn, (x, params), layers, steps=5, warmup=1, repeats=3)
             except Exception as e:   # e.g. tiles that need more shared memory than the GPU has
                 print(f"{n_tokens} {route}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             row = {"tokens": n_tokens, "route": route, "layers": layers, "config": str(config),
-                   "kernel_ms_per_layer": summary["busy_ms"] / layers, "wall_ms_per_layer": wall * 1e3 / layers,
+                   "kernel_ms_per_layer": kernel_ms, "wall_ms_per_layer": wall_ms,
                    "top_ops": [{**o, "ms": o["ms"] / layers} for o in summary["ops"][:8]]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if route != "kernel":
                 row["max_abs_diff_vs_kernel_route"] = float(jnp.max(jnp.abs(outputs[route] - outputs["kernel"])))
-    report = {"device": str(jax.devices()[0]), "jax": jax.__version__, "python": platform.python_version(),
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+              "commands": ["python experiments/bench_fff_route_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)],
               "width": WIDTH, "depth": DEPTH, "dtype": "bfloat16", "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +104,7 @@ def tiles(text: str) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# Routing the grouped FFF-v2 forward on {report['device']}", "",
              f"1x{report['depth']} layer, H = {report['width']}, bf16, jax {report['jax']}; per layer.", "",
+             *(f"Command: `{c}`" for c in report.get("commands", [])), "",
              "| tokens | route | kernel time (ms) | wall, stream (ms) | longest ops (ms) |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         ops = ", ".join(f"{o['op']} {o['ms']:.4f}" for o in r["top_ops"][:5])
