@@ -416,12 +416,13 @@ def rows_per_device(fn: Callable, rows: tuple, replicated: tuple = (), *, axis: 
     For kernels XLA cannot partition (Pallas, FFI custom calls) whose output rows depend only on the
     same input rows. Called on sharded inputs under ``jit``, such a kernel is run by GSPMD on the whole
     gathered batch on every device (on two H200s a data-parallel ``base`` training step scaled to 65%).
-    Without a mesh, with one device on ``axis``, or when ``axis`` does not divide the rows, this is
-    ``fn(*rows, *replicated)``. The gradients of ``replicated`` are summed over the devices
-    (``shard_map``'s transpose). ``check_vma`` is off: the kernels' outputs do not declare how they vary.
+    Without a mesh, with one device on ``axis``, inside a ``shard_map`` that already maps ``axis`` (the
+    caller is per device), or when ``axis`` does not divide the rows, this is ``fn(*rows, *replicated)``.
+    The gradients of ``replicated`` are summed over the devices (``shard_map``'s transpose).
+    ``check_vma`` is off: the kernels' outputs do not declare how they vary.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1
+    if (mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1 or axis in mesh.manual_axes
             or any(r.shape[0] % mesh.shape[axis] for r in rows)):
         return fn(*rows, *replicated)
     row = P(axis)
