@@ -7,6 +7,7 @@ split/merge) so the update is kept.
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,7 @@ class Usage(nnx.Variable):
 
 def _check_positive(**sizes) -> None:
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        tree.check_count(value, name, 1)
 
 
 def _check_probability(**values) -> None:
@@ -56,6 +56,8 @@ class FFF(nnx.Module):
         rngs: ``nnx.Rngs``; ``params`` initialises, ``dropout`` drives dropout and region leak.
     """
 
+    kernel_op: ClassVar[str] = "fff_v1_hard"   # see fffjax.ops.set_implementation
+
     def __init__(
         self,
         in_features: int,
@@ -74,8 +76,7 @@ class FFF(nnx.Module):
         rngs: nnx.Rngs,
     ):
         _check_positive(in_features=in_features, leaf_width=leaf_width, out_features=out_features)
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        tree.check_depth(depth)
         _check_probability(dropout=dropout, region_leak=region_leak)
         if usage_mode not in USAGE_MODES:
             raise ValueError(f"usage_mode must be one of {USAGE_MODES}, got {usage_mode!r}")
@@ -135,10 +136,12 @@ class FFF(nnx.Module):
 class UltraFastFF(nnx.Module):
     """FFF-v2 (UltraFastBERT's layer): K trees of single GELU neurons, hard ``> 0`` routing.
 
-    Parameters ``w_in (K*N, H)``, ``b_in (K*N,)``, ``w_out (K*N, H_out)``, ``N = 2**(depth+1) - 1``.
+    Parameters ``w_in (K*N, H)``, ``b_in (K*N,)``, ``w_out (K*N, H_out)``, ``N = 2**(depth+1) - 1``,
+    cast to the dtype of the input at each call (a bfloat16 model routes on bfloat16 logits).
     The same hard path in training and inference; ``implementation`` picks the computation
     (``"xla"``: conditional row gathers; ``"reference"``: the published masked dense form;
-    ``"pallas"``: GPU kernels with a conditional backward; ``None``: fastest available).
+    ``"pallas"``: GPU kernels with a conditional backward; ``None``: fastest available; see
+    :func:`fffjax.ops.fff_v2_hard`).
 
     Args:
         features: input width H.
@@ -149,10 +152,12 @@ class UltraFastFF(nnx.Module):
         implementation: see above.
         dtype: parameter dtype.
         rngs: ``nnx.Rngs`` with a ``params`` stream.
-        mesh, tree_parallel_axis: when both are set, the forward is
+        mesh, tree_parallel_axis: when both are set (:func:`set_tree_parallel`), the forward is
             :func:`fffjax.parallel.fff_v2_tree_parallel` over that mesh axis (``mode="subtree"``),
-            which equals the single-device result; ``implementation`` is then unused.
+            which equals the single-device result.
     """
+
+    kernel_op: ClassVar[str] = "fff_v2_hard"   # see fffjax.ops.set_implementation
 
     def __init__(
         self,
@@ -171,8 +176,7 @@ class UltraFastFF(nnx.Module):
         _check_positive(features=features, n_trees=n_trees)
         if out_features is not None:
             _check_positive(out_features=out_features)
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        tree.check_depth(depth)
         self.features, self.depth, self.n_trees = features, depth, n_trees
         self.out_features = features if out_features is None else out_features
         self.implementation = implementation
@@ -182,12 +186,25 @@ class UltraFastFF(nnx.Module):
         self.w_in, self.b_in, self.w_out = nnx.Param(p["w_in"]), nnx.Param(p["b_in"]), nnx.Param(p["w_out"])
 
     def __call__(self, x):
-        """``x (..., H)`` -> ``(..., H_out)``."""
+        """``x (..., H)`` -> ``(..., H_out)`` in the dtype of ``x``."""
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"x must be an array, got {type(x).__name__}")
+        w_in, b_in, w_out = (p[...].astype(x.dtype) for p in (self.w_in, self.b_in, self.w_out))
         if self.mesh is not None and self.tree_parallel_axis is not None:
             return parallel.fff_v2_tree_parallel(
-                x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
-                n_trees=self.n_trees, mesh=self.mesh, axis=self.tree_parallel_axis,
-                implementation=self.implementation)
-        return ops.fff_v2_hard(
-            x, self.w_in[...], self.b_in[...], self.w_out[...], depth=self.depth,
-            n_trees=self.n_trees, implementation=self.implementation)
+                x, w_in, b_in, w_out, depth=self.depth, n_trees=self.n_trees, mesh=self.mesh,
+                axis=self.tree_parallel_axis, implementation=self.implementation)
+        return ops.fff_v2_hard(x, w_in, b_in, w_out, depth=self.depth, n_trees=self.n_trees,
+                               implementation=self.implementation)
+
+
+def set_tree_parallel(model: nnx.Module, mesh, axis: str = "model") -> nnx.Module:
+    """Make every :class:`UltraFastFF` inside ``model`` tree-parallel on ``mesh``'s ``axis``
+    (``mesh=None`` turns it off); returns ``model``, changed in place. The weights keep their heap
+    layout, so checkpoints and exports are unaffected."""
+    if mesh is not None:
+        parallel.check_axis(mesh, axis)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, UltraFastFF):
+            module.mesh, module.tree_parallel_axis = mesh, (axis if mesh is not None else None)
+    return model

@@ -50,7 +50,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from fffjax import ops, tree, v1, v2
@@ -63,7 +62,7 @@ MODES = ("subtree", "trees")
 # ----------------------------------------------------------------------------- layout
 
 
-def _check_axis(mesh, axis: str) -> int:
+def check_axis(mesh, axis: str) -> int:
     """Size ``P`` of ``mesh``'s ``axis``; raises unless it exists and is a power of two."""
     if mesh is None or not hasattr(mesh, "shape"):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}")
@@ -307,7 +306,7 @@ def fff_v2_subtree_parallel(
     Returns:
         ``(tokens, H_out)``.
     """
-    n_shards = _check_axis(mesh, axis)
+    n_shards = check_axis(mesh, axis)
     top_levels = n_shards.bit_length() - 1
     other = tuple(a for a in mesh.axis_names if a != axis)
     token_spec = P((*other, axis))
@@ -366,22 +365,10 @@ def fff_v2_tree_parallel(
     Returns:
         ``(..., H_out)`` in the dtype of ``x``; differentiable in ``x`` and the weights.
     """
-    n_shards = _check_axis(mesh, axis)
+    n_shards = check_axis(mesh, axis)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-    if not isinstance(n_trees, int) or isinstance(n_trees, bool) or n_trees < 1:
-        raise ValueError(f"n_trees must be an int >= 1, got {n_trees!r}")
-    n = n_trees * tree.v2_nodes_per_tree(depth)
-    if w_in.ndim != 2 or w_in.shape[0] != n:
-        raise ValueError(f"w_in must have shape ({n}, H), got {tuple(w_in.shape)}")
-    if x.ndim < 1 or x.shape[-1] != w_in.shape[1]:
-        raise ValueError(f"x must have shape (..., {w_in.shape[1]}) to match w_in, got {tuple(x.shape)}")
-    if b_in.shape != (n,):
-        raise ValueError(f"b_in must have shape ({n},), got {tuple(b_in.shape)}")
-    if w_out.ndim != 2 or w_out.shape[0] != n:
-        raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(w_out.shape)}")
+    v2.check_arguments(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
     top_levels = n_shards.bit_length() - 1
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     if mode == "subtree":
@@ -406,42 +393,6 @@ def fff_v2_tree_parallel(
         y = _unpadded(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args),
                       x2.shape[0], mesh)
     return y.reshape(*lead, w_out.shape[1])
-
-
-def rows_per_device(fn: Callable, rows: tuple, replicated: tuple = (), *, axis: str = "data"):
-    """``fn(*rows, *replicated)``, computed device by device on the mesh set by ``jax.set_mesh`` (the
-    UltraFastBERT trainer sets its mesh): ``rows`` split on their first dimension over ``axis``,
-    ``replicated`` whole on every device, every output split like ``rows``.
-
-    For kernels XLA cannot partition (Pallas, FFI custom calls) whose output rows depend only on the
-    same input rows. Called on sharded inputs under ``jit``, such a kernel is run by GSPMD on the whole
-    gathered batch on every device (on two H200s a data-parallel ``base`` training step scaled to 65%).
-    Without a mesh, with one device on ``axis``, inside a ``shard_map`` that already maps ``axis`` (the
-    caller is per device), or when ``axis`` does not divide the rows, this is ``fn(*rows, *replicated)``.
-    The gradients of ``replicated`` are summed over the devices (``shard_map``'s transpose).
-    ``check_vma`` is off: the kernels' outputs do not declare how they vary.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1 or axis in mesh.manual_axes
-            or any(r.shape[0] % mesh.shape[axis] for r in rows)):
-        return fn(*rows, *replicated)
-    row = P(axis)
-    specs = (row,) * len(rows) + (P(),) * len(replicated)
-    return jax.shard_map(fn, in_specs=specs, out_specs=row, check_vma=False)(*rows, *replicated)
-
-
-def set_tree_parallel(model, mesh, axis: str = "model"):
-    """Make every :class:`fffjax.nn.UltraFastFF` inside the NNX ``model`` tree-parallel on ``mesh``'s ``axis``
-    (``mesh=None`` turns it off); returns ``model``, changed in place. The weights keep their
-    heap layout, so checkpoints and exports are unaffected."""
-    from fffjax.nn import UltraFastFF  # nn imports this module
-
-    if mesh is not None:
-        _check_axis(mesh, axis)
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, UltraFastFF):
-            module.mesh, module.tree_parallel_axis = mesh, (axis if mesh is not None else None)
-    return model
 
 
 # ----------------------------------------------------------------------------- FFF-v1
@@ -528,24 +479,12 @@ def fff_v1_tree_parallel(
     Returns:
         ``(..., out)``; differentiable.
     """
-    n_shards = _check_axis(mesh, axis)
+    n_shards = check_axis(mesh, axis)
     top_levels = n_shards.bit_length() - 1
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < top_levels:
+    node_biases = v1.check_arguments(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth=depth)
+    if depth < top_levels:
         raise ValueError(f"depth must be an int >= log2(P) = {top_levels} for axis {axis!r} of size "
                          f"{n_shards}, got {depth!r}")
-    n_nodes, n_leaves = tree.v1_sizes(depth)
-    if node_biases.ndim == 2:
-        node_biases = node_biases[:, 0]
-    expected = {"node_weights": (n_nodes, w1s.shape[1]), "node_biases": (n_nodes,),
-                "w1s": (n_leaves, w1s.shape[1], w1s.shape[2]), "b1s": (n_leaves, w1s.shape[2]),
-                "w2s": (n_leaves, w1s.shape[2], w2s.shape[-1]), "b2s": (n_leaves, w2s.shape[-1])}
-    given = {"node_weights": node_weights, "node_biases": node_biases, "w1s": w1s, "b1s": b1s,
-             "w2s": w2s, "b2s": b2s}
-    for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
-    if x.ndim < 1 or x.shape[-1] != w1s.shape[1]:
-        raise ValueError(f"x must have shape (..., {w1s.shape[1]}) to match w1s, got {tuple(x.shape)}")
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     other = tuple(a for a in mesh.axis_names if a != axis)
     leaf_specs = (P(axis),) * 4

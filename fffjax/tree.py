@@ -16,6 +16,45 @@ import numpy as np
 import jax.numpy as jnp
 
 
+def check_count(value, name: str, minimum: int) -> int:
+    """``value`` if it is a Python int (not a bool) ``>= minimum``; a ``ValueError`` naming ``name`` otherwise.
+
+    The one check behind every depth, tree count and width argument of the package, so that each
+    refusal reads the same: ``depth must be an int >= 0, got -1``.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_depth(depth, name: str = "depth", minimum: int = 0) -> int:
+    """``depth`` if it is an int ``>= minimum`` (a ``ValueError`` naming ``name`` otherwise)."""
+    return check_count(depth, name, minimum)
+
+
+def check_n_trees(n_trees, name: str = "n_trees") -> int:
+    """``n_trees`` if it is an int ``>= 1`` (a ``ValueError`` naming ``name`` otherwise)."""
+    return check_count(n_trees, name, 1)
+
+
+def check_inputs(x, width: int, width_name: str) -> None:
+    """Refuse ``x`` unless it is a floating array of shape ``(..., width)`` (``width_name`` says where
+    ``width`` comes from, e.g. ``"w_in.shape[1]"``)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    if not np.issubdtype(np.dtype(x.dtype), np.floating) and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != width:
+        raise ValueError(f"x must have shape (..., {width}) to match {width_name}, got {tuple(x.shape)}")
+
+
+def check_shape(name: str, a, expected: tuple, detail: str = "") -> None:
+    """Refuse array ``a`` (argument ``name``) unless its shape is ``expected`` (``detail`` is appended
+    to the message, e.g. which depth the shape follows from)."""
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(a.shape)}{detail}")
+
+
 def num_nodes(levels: int) -> int:
     """Nodes in a complete binary tree of ``levels`` levels: ``2**levels - 1``."""
     if levels < 0:

@@ -139,6 +139,30 @@ class SoftForward(NamedTuple):
     mixture: Array
 
 
+def check_arguments(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: int):
+    """Refuse FFF-v1 arguments that do not fit the layout above, naming the argument, the expected
+    shape and the ``depth`` it follows from; returns ``node_biases`` 1-D (the package's ``(n, 1)``
+    biases are accepted). ``x`` is ``(..., in)`` (None: not checked)."""
+    tree.check_depth(depth)
+    n_nodes, n_leaves = tree.v1_sizes(depth)
+    detail = f" (depth={depth})"
+    if getattr(w1s, "ndim", None) != 3 or w1s.shape[0] != n_leaves:
+        raise ValueError(f"w1s must have shape ({n_leaves}, in, width), got {tuple(getattr(w1s, 'shape', ()))}{detail}")
+    din, width = w1s.shape[1], w1s.shape[2]
+    if x is not None:
+        tree.check_inputs(x, din, "w1s.shape[1]")
+    tree.check_shape("node_weights", node_weights, (n_nodes, din), detail)
+    if node_biases.ndim == 2:
+        tree.check_shape("node_biases", node_biases, (n_nodes, 1), detail)
+        node_biases = node_biases[:, 0]
+    tree.check_shape("node_biases", node_biases, (n_nodes,), detail)
+    tree.check_shape("b1s", b1s, (n_leaves, width), detail)
+    if getattr(w2s, "ndim", None) != 3 or w2s.shape[:2] != (n_leaves, width):
+        raise ValueError(f"w2s must have shape ({n_leaves}, {width}, out), got {tuple(getattr(w2s, 'shape', ()))}{detail}")
+    tree.check_shape("b2s", b2s, (n_leaves, w2s.shape[2]), detail)
+    return node_biases
+
+
 def soft_forward(
     params: dict[str, Array],
     x: Float[Array, "batch din"],

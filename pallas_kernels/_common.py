@@ -1,15 +1,10 @@
 """Helpers shared by the kernels: Triton compiler params, power-of-two sizes, erf/GELU that lower in Triton."""
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu_triton
-
-# jax >= 0.11 deprecates the Pallas Triton backend; the kernels stay on it behind implementation="pallas".
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*", category=DeprecationWarning)
 
 # Eigen's / XLA's rational erf for float32 on [-4, 4] (outside, erf is +-1 in float32): odd numerator,
 # even denominator, both in x**2. Max |error| 4e-7 against float64 erf (jax's own: 3e-7).

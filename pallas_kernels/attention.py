@@ -19,8 +19,9 @@ needs materialised for a padding mask. On the H200 at 256 x 128 tokens, 12 heads
 (``experiments/results/attention_gpu.md``).
 
 Scores and softmax are float32; the probabilities are rounded to the value dtype before the product
-with ``v`` (as flash attention and the reference do). The VJP is the reference's
-(:func:`attention_reference`, through XLA): training gets the fast forward and XLA's backward.
+with ``v`` (as flash attention and the reference do). The kernel is forward only:
+``fffjax.ops.attention(..., implementation="pallas")`` differentiates it through the VJP of
+:func:`attention_reference`, so training gets the fast forward and XLA's backward.
 """
 
 import dataclasses
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from fffjax._vjp import with_reference_vjp
 from pallas_kernels import _common as cm
 
 MAX_SEQ = 512   # all keys of a sequence sit in registers: (block_q, keys) float32 scores per program
@@ -156,10 +156,6 @@ def attention_reference(qkv, key_bias=None, *, num_heads: int, scale: float):
     return context.astype(qkv.dtype).reshape(batch, seq, qkv.shape[-1] // 3)
 
 
-_attention = with_reference_vjp(_kernel_call, lambda qkv, key_bias, *, num_heads, scale, **_: attention_reference(
-    qkv, key_bias, num_heads=num_heads, scale=scale))
-
-
 def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bool = False,
               config: AttentionConfig | None = None):
     """Attention of the fused, per-head interleaved projection ``qkv (B, S, 3H)`` (see the module
@@ -167,7 +163,7 @@ def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bo
     ``config`` None: :data:`DEFAULT_CONFIG`, read at call time.
 
     Returns ``context (B, S, H)`` in the dtype of ``qkv``, head ``n`` at columns ``dn + [0, d)``.
-    ``S <= MAX_SEQ``. Differentiable (the backward is the reference's).
+    ``S <= MAX_SEQ``. Forward only (see the module docstring).
     """
     if qkv.ndim != 3 or qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv must have shape (batch, seq, 3 * heads * d) with heads={num_heads}, "
@@ -183,5 +179,5 @@ def attention(qkv, key_bias=None, *, num_heads: int, scale: float, interpret: bo
     if qkv.size == 0:
         return attention_reference(qkv, key_bias, num_heads=num_heads, scale=scale)
     config = DEFAULT_CONFIG if config is None else config
-    static = (("num_heads", int(num_heads)), ("scale", float(scale)), ("interpret", interpret), ("config", config))
-    return _attention(static, qkv, key_bias)
+    return _kernel_call(qkv, key_bias, num_heads=int(num_heads), scale=float(scale), interpret=interpret,
+                        config=config)

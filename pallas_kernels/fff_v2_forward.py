@@ -89,6 +89,7 @@ GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stage
 # 1x11 layer with GROUPED_CONFIG's tiles, 0.239 against 0.250 ms at 2**17.
 FEW_TOKENS = 2**18
 FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8, route_block_t=128)
+MAX_DEPTH = 15                  # the deepest tree the kernels take; fffjax.ops falls back to "xla" beyond
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
 
@@ -397,20 +398,13 @@ def group_by_subtree(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig = 
 
 
 def check_shapes(x, w_in, b_in, w_out, depth: int, n_trees: int) -> None:
-    """Raise ``ValueError`` naming the argument whose shape does not fit the FFF-v2 layout."""
-    if not isinstance(depth, int) or depth < 0 or depth > 15:
-        raise ValueError(f"depth must be an int in 0..15, got {depth!r}")
-    if not isinstance(n_trees, int) or n_trees < 1:
-        raise ValueError(f"n_trees must be an int >= 1, got {n_trees!r}")
-    n = n_trees * tree.v2_nodes_per_tree(depth)
+    """Raise ``ValueError`` naming the argument that does not fit the FFF-v2 layout (``x`` is
+    ``(tokens, H)``; the kernels take depths up to :data:`MAX_DEPTH`)."""
+    v2.check_arguments(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"depth must be <= {MAX_DEPTH} for the Pallas kernels, got {depth}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (tokens, H), got {tuple(x.shape)}")
-    if tuple(w_in.shape) != (n, x.shape[1]):
-        raise ValueError(f"w_in must have shape ({n}, {x.shape[1]}), got {tuple(w_in.shape)}")
-    if tuple(b_in.shape) != (n,):
-        raise ValueError(f"b_in must have shape ({n},), got {tuple(b_in.shape)}")
-    if w_out.ndim != 2 or w_out.shape[0] != n:
-        raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(w_out.shape)}")
 
 
 class PathResiduals(NamedTuple):

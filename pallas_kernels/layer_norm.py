@@ -11,7 +11,8 @@ the mean and the variance in registers and stores ``y`` (and ``h``). So the kern
 bfloat16 rows took 0.088 ms, 3.7x that traffic at the copy bandwidth
 (``experiments/results/bert_gpu.md``).
 
-The VJP is the reference's (``jax.vjp`` of :func:`layer_norm_reference`): training keeps XLA's backward.
+The kernel is forward only: ``fffjax.ops.layer_norm(..., implementation="pallas")`` differentiates it
+through the VJP of :func:`layer_norm_reference`, so training keeps XLA's backward.
 """
 
 import dataclasses
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from fffjax._vjp import with_reference_vjp
 from pallas_kernels import _common as cm
 
 
@@ -99,17 +99,13 @@ def _kernel_call(x, scale, bias, residual, *, eps, interpret, config):
     return out.reshape(x.shape) if residual is None else (out[0].reshape(x.shape), out[1].reshape(x.shape))
 
 
-_layer_norm = with_reference_vjp(
-    _kernel_call, lambda x, scale, bias, residual, *, eps, **_: layer_norm_reference(x, scale, bias, residual, eps=eps))
-
-
 def layer_norm(x, scale, bias, residual=None, *, eps: float, interpret: bool = False,
                config: LayerNormConfig = DEFAULT_CONFIG):
     """Layer norm of ``x (..., H)`` with ``scale (H,)`` and ``bias (H,)``, or of ``x + residual``.
 
     Returns ``y (..., H)`` in the dtype of ``x``; with ``residual (..., H)`` the pair ``(y, h)`` where
-    ``h = x + residual`` (the new residual stream, written by the same pass). Differentiable (the
-    backward is the reference's).
+    ``h = x + residual`` (the new residual stream, written by the same pass). Forward only (see the
+    module docstring).
     """
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., H) with H >= 1, got {tuple(x.shape)}")
@@ -122,5 +118,4 @@ def layer_norm(x, scale, bias, residual=None, *, eps: float, interpret: bool = F
                          f"{tuple(residual.shape)} {residual.dtype}")
     if x.size == 0:
         return layer_norm_reference(x, scale, bias, residual, eps=eps)
-    static = (("eps", float(eps)), ("interpret", interpret), ("config", config))
-    return _layer_norm(static, x, scale, bias, residual)
+    return _kernel_call(x, scale, bias, residual, eps=float(eps), interpret=interpret, config=config)

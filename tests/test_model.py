@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fffjax.ops import set_implementation
 from fffjax.models import (
     CONFIGS,
     CrammedBertClassifier,
@@ -19,10 +20,6 @@ from fffjax.models import (
     count_parameters,
     get_config,
     mlm_logits_at,
-    set_attention_implementation,
-    set_fff_implementation,
-    set_gelu_implementation,
-    set_norm_implementation,
     sinusoidal_positions,
 )
 
@@ -161,7 +158,7 @@ def test_conditional_fff_equals_masked_reference():
     model.eval()
     ids, mask = _batch(TINY, seed=1)
     conditional = model(ids, mask)
-    set_fff_implementation(model, "reference")
+    set_implementation(model, "fff_v2_hard", "reference")
     assert model.encoder.layers[1].ffn.implementation == "reference"
     np.testing.assert_allclose(model(ids, mask), conditional, atol=1e-5)
 
@@ -185,7 +182,7 @@ def test_dropout_train_and_eval_modes():
 
 
 def test_fused_attention_equals_the_explicit_form():
-    """Eval mode runs jax.nn.dot_product_attention; it must equal the einsum form the training path runs."""
+    """Eval mode runs fffjax.ops.attention; it must equal the einsum form the training path runs."""
     from fffjax.models.crammed_bert import SelfAttention, additive_mask
 
     attn = SelfAttention(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -195,51 +192,47 @@ def test_fused_attention_equals_the_explicit_form():
     bias = additive_mask(mask, jnp.float32)
     b, s, h = x.shape
     qkv = (x @ attn.query_key_value.kernel[...]).reshape(b, s, TINY.num_heads, 3, TINY.attention_head_width)
-    scores = jnp.einsum("bqnd,bknd->bnqk", qkv[..., 0, :], qkv[..., 1, :]) * TINY.norm_factor + bias
+    scores = jnp.einsum("bqnd,bknd->bnqk", qkv[..., 0, :], qkv[..., 1, :]) * TINY.norm_factor + bias[:, None, None, :]
     context = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), qkv[..., 2, :]).reshape(b, s, h)
     want = context @ attn.dense.kernel[...]
     for implementation in (None, "xla", "pallas"):   # pallas: interpret mode on the CPU
-        set_attention_implementation(attn, implementation)
+        set_implementation(attn, "attention", implementation)
         np.testing.assert_allclose(attn(x, bias), want, atol=1e-5)
         np.testing.assert_allclose(attn(x, None), attn(x, jnp.zeros_like(bias)), atol=1e-6)
-    with pytest.raises(ValueError, match="attention implementation must be one of"):
-        set_attention_implementation(attn, "flash")
+    with pytest.raises(ValueError, match="implementation must be one of .* for attention, got 'flash'"):
+        set_implementation(attn, "attention", "flash")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["norm", "attention", "gelu"])
-def test_pallas_kernels_give_the_xla_logits(dtype, kernel):
+@pytest.mark.parametrize("op", ["layer_norm", "attention", "gelu"])
+def test_pallas_kernels_give_the_xla_logits(dtype, op):
     # Interpret mode here. Norms: the one-pass kernel with the attention residual add fused into norm2;
     # attention: the kernel that reads the fused QKV projection, with the padding mask; gelu: the dense
     # twin's feedforward.
-    set_implementation = {"norm": set_norm_implementation, "attention": set_attention_implementation,
-                          "gelu": set_gelu_implementation}[kernel]
-    config = get_config("tiny-dense") if kernel == "gelu" else TINY
+    config = get_config("tiny-dense") if op == "gelu" else TINY
     model = CrammedBertMLM(config, dtype=dtype, implementation="xla", rngs=nnx.Rngs(3))
     model.eval()
     ids, mask = _batch(TINY)
-    set_implementation(model, "xla")
+    set_implementation(model, op, "xla")
     want = model(ids, mask)
-    set_implementation(model, "pallas")
+    set_implementation(model, op, "pallas")
     got = model(ids, mask)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2 * float(jnp.max(jnp.abs(want)))   # bf16: a rounding here and there
     np.testing.assert_allclose(got, want, atol=tol)
-    with pytest.raises(ValueError, match=f"{kernel} implementation must be one of"):
-        set_implementation(model, "apex")
+    with pytest.raises(ValueError, match=f"implementation must be one of .* for {op}, got 'apex'"):
+        set_implementation(model, op, "apex")
 
 
-def test_default_kernels_follow_the_platform_and_dtype(monkeypatch):
-    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
-
-    kernels = (attention_implementation, norm_implementation, gelu_implementation)
-    for backend, want in (("cpu", ("xla",) * 3), ("gpu", ("pallas",) * 3)):
-        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-        assert tuple(kernel(None, jnp.bfloat16) for kernel in kernels) == want
-        assert tuple(kernel(None, jnp.float32) for kernel in kernels) == ("xla",) * 3
-    assert attention_implementation(None, jnp.bfloat16, seq_len=4096) == "cudnn"   # beyond the Pallas kernel
-    assert attention_implementation(None, jnp.bfloat16, seq_len=128) == "pallas"
-    assert attention_implementation("xla", jnp.bfloat16, seq_len=4096) == "xla"
-    assert norm_implementation("xla", jnp.bfloat16) == "xla"
+def test_set_implementation_switches_only_the_modules_of_its_op():
+    model = CrammedBertMLM(get_config("tiny-dense"), rngs=nnx.Rngs(0))
+    set_implementation(model, "gelu", "pallas")
+    layer = model.encoder.layers[0]
+    assert layer.ffn.implementation == "pallas"
+    assert layer.attn.implementation is None and layer.norm1.implementation is None
+    set_implementation(model, "layer_norm", "xla")
+    assert model.encoder.final_norm.implementation == "xla" and layer.norm2.implementation == "xla"
+    with pytest.raises(ValueError, match="op must be one of"):
+        set_implementation(model, "softmax", "xla")
 
 
 def test_sparse_prediction_matches_full_logits(tiny_mlm):

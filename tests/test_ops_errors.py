@@ -122,8 +122,8 @@ def test_package_layout_node_biases_accepted():
     [
         (dict(depth=-1), "depth must be an int >= 0"),
         (dict(depth=1.5), NOT_AN_INT.format("depth")),
-        (dict(in_features=0), "in_features must be a positive int"),
-        (dict(leaf_width=-3), "leaf_width must be a positive int"),
+        (dict(in_features=0), "in_features must be an int >= 1"),
+        (dict(leaf_width=-3), "leaf_width must be an int >= 1"),
         (dict(out_features=2.0), NOT_AN_INT.format("out_features")),
         (dict(dropout=1.5), r"dropout must be in \[0, 1\]"),
         (dict(region_leak=-0.1), r"region_leak must be in \[0, 1\]"),
@@ -140,9 +140,9 @@ def test_fff_module_constructor_names_the_bad_argument(kwargs, pattern):
     "kwargs,pattern",
     [
         (dict(depth=-1), "depth must be an int >= 0"),
-        (dict(features=0), "features must be a positive int"),
-        (dict(n_trees=0), "n_trees must be a positive int"),
-        (dict(out_features=-4), "out_features must be a positive int"),
+        (dict(features=0), "features must be an int >= 1"),
+        (dict(n_trees=0), "n_trees must be an int >= 1"),
+        (dict(out_features=-4), "out_features must be an int >= 1"),
         (dict(init="xavier"), "init must be one of"),
     ],
 )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fffjax import tree, v1, v2
-from fffjax.ops import api, cpu_ffi, fff_v1_hard, fff_v2_hard
+from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry
 from fffjax.ops import xla as xla_ops
 
 IMPLEMENTATIONS = ("xla", "cpu_ffi")
@@ -122,7 +122,7 @@ def test_gradients_match_masked_form(implementation):
 
 
 @pytest.mark.parametrize(
-    "implementation,jitted", [("xla", xla_ops.fff_v2_hard_xla), ("cpu_ffi", cpu_ffi.fff_v2_hard_cpu)]
+    "implementation,jitted", [("xla", xla_ops.fff_v2_hard), ("cpu_ffi", cpu_ffi.fff_v2_hard_cpu)]
 )
 def test_no_recompile_across_calls_of_one_shape(implementation, jitted):
     _skip_unless_built(implementation)
@@ -137,14 +137,15 @@ def test_no_recompile_across_calls_of_one_shape(implementation, jitted):
 def test_gpu_prefers_masked_dense_for_wide_paths(monkeypatch):
     # Measured on the H200: 128x4 (5 of 31 neurons per tree) is faster masked dense; 1x11 through Pallas.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert "pallas" in api.available_implementations("fff_v2_hard")
-    assert api._candidates("fff_v2_hard", None, {"depth": 4, "n_trees": 128})[:2] == ["reference", "pallas"]
-    assert api._candidates("fff_v2_hard", None, {"depth": 11, "n_trees": 1})[0] == "pallas"
-    assert api._candidates("fff_v2_hard", "pallas", {"depth": 4, "n_trees": 128}) == ["pallas"]
+    assert "pallas" in registry.available_implementations("fff_v2_hard")
+    f32 = jnp.float32
+    assert registry.candidates("fff_v2_hard", None, f32, {"depth": 4, "n_trees": 128})[:2] == ("reference", "pallas")
+    assert registry.candidates("fff_v2_hard", None, f32, {"depth": 11, "n_trees": 1})[0] == "pallas"
+    assert registry.candidates("fff_v2_hard", "pallas", f32, {"depth": 4, "n_trees": 128}) == ("pallas",)
 
 
 def test_cpu_prefers_ffi_and_falls_back_to_xla():
-    candidates = api._candidates("fff_v2_hard", None)
+    candidates = registry.candidates("fff_v2_hard", None, jnp.float32, {"depth": 2, "n_trees": 1})
     assert candidates[-1] == "xla"
     assert candidates[0] == ("cpu_ffi" if jax.default_backend() == "cpu" else candidates[0])
     x, w_in, b_in, w_out = _problem(31, 9, 20, 2, 1, 20)
@@ -258,18 +259,18 @@ def test_cpu_ffi_v1_gradients_equal_xla(leaf_output_bias):
 def test_v1_other_activations_fall_back_to_xla(monkeypatch):
     """cpu_ffi compiles only ReLU: under implementation=None, gelu goes to "xla", relu does not."""
     _skip_unless_built("cpu_ffi")
-    assert api._candidates("fff_v1_hard", None)[0] == "cpu_ffi"
+    assert registry.candidates("fff_v1_hard", None, jnp.float32, {"depth": 3})[0] == "cpu_ffi"
     x, weights = _v1_problem(101, 17, 20, 8, 10, 3)
     with pytest.raises(NotImplementedError, match="relu"):
         fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu, implementation="cpu_ffi")
     calls = []
-    xla_fn = api._REGISTRY["fff_v1_hard"]["xla"]
+    xla_fn = registry._REGISTRY["fff_v1_hard"]["xla"].fn
 
     def spy(*args, **kwargs):
         calls.append(kwargs["activation"])
         return xla_fn(*args, **kwargs)
 
-    monkeypatch.setitem(api._REGISTRY["fff_v1_hard"], "xla", spy)
+    monkeypatch.setitem(registry._REGISTRY["fff_v1_hard"], "xla", registry.Implementation(fn=spy))
     actual = fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu)
     assert calls == [jax.nn.gelu]
     _assert_close(actual, v1.hard_forward_reference(x, *weights, depth=3, activation=jax.nn.gelu))

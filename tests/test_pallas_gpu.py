@@ -82,8 +82,8 @@ def test_v1_forward_on_gpu(leaf_width, depth, dtype):
 
 
 def test_default_implementation_on_gpu_is_pallas_and_trains():
-    from fffjax.ops.api import _candidates
-    assert _candidates("fff_v2_hard", None)[0] == "pallas"
+    from fffjax.ops.registry import candidates
+    assert candidates("fff_v2_hard", None, jnp.float32, {"depth": 11, "n_trees": 1})[0] == "pallas"
     model = fffjax.UltraFastFF(768, 11, rngs=nnx.Rngs(0))                  # implementation=None
     ref = fffjax.UltraFastFF(768, 11, implementation="reference", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (4, 300, 768))

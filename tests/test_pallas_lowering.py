@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 import pallas_kernels as pk
-from fffjax import tree, v2
+from fffjax import ops, tree, v2
+from fffjax.ops import pallas as ops_pallas
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
 from pallas_kernels.attention import AttentionConfig, attention
 from pallas_kernels.gelu import GeluConfig, gelu
@@ -117,9 +118,12 @@ def test_backend_rule_violation_is_caught_by_lowering():
     ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig(128, 8, heads_per_program=4, num_stages=2)),
     ((3, 40, 216), 3, jnp.float32, False, AttentionConfig(16, 4, heads_per_program=3, num_stages=1)),
 ])
-def test_attention_lowers_for_h200(shape, num_heads, dtype, with_bias, config):
+def test_attention_lowers_for_h200(shape, num_heads, dtype, with_bias, config, monkeypatch):
     fn = functools.partial(attention, num_heads=num_heads, scale=0.125, config=config)
     args = (S(shape, dtype), S(shape[:2], dtype) if with_bias else None)
     assert "attention" in _lower_for_h200(fn, *args)
-    grad = jax.grad(lambda qkv, bias: jnp.sum(fn(qkv, bias).astype(jnp.float32)))
-    _lower_for_h200(grad, *args)   # the forward kernel, then XLA's backward
+    # Training as the model runs it: fffjax.ops' adapter, compiled (not interpreted) as on a GPU.
+    monkeypatch.setattr(ops_pallas, "_interpret", lambda: False)
+    op = functools.partial(ops.attention, num_heads=num_heads, scale=0.125, implementation="pallas")
+    grad = jax.grad(lambda qkv, bias: jnp.sum(op(qkv, bias).astype(jnp.float32)))
+    assert "attention" in _lower_for_h200(grad, *args)   # the forward kernel, then XLA's backward

@@ -88,14 +88,14 @@ def test_rows_per_device_splits_rows_and_sums_replicated_gradients():
     w = jax.random.normal(jax.random.key(1), (3,))
 
     def loss(x, w):
-        return jnp.sum(parallel.rows_per_device(lambda a, v: jnp.sin(a * v), (x,), (w,)) ** 2)
+        return jnp.sum(ops.rows_per_device(lambda a, v: jnp.sin(a * v), (x,), (w,)) ** 2)
 
     want = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
     with jax.set_mesh(mesh):
         got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
         assert "sdy.manual_computation" in jax.jit(loss).lower(x, w).as_text()
         # Inside a shard_map that already maps "data" the caller is per device: fn runs as it is.
-        inner = jax.jit(jax.shard_map(lambda a: parallel.rows_per_device(lambda b: b * 2, (a,)),
+        inner = jax.jit(jax.shard_map(lambda a: ops.rows_per_device(lambda b: b * 2, (a,)),
                                       in_specs=jax.P("data"), out_specs=jax.P("data")))(x)
     for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w_, rtol=1e-6, atol=1e-6)
@@ -281,7 +281,7 @@ def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
 
     fn, params = loss_and_grads(model)
     want, grads_want = fn(params, batch)
-    fn, params = loss_and_grads(parallel.set_tree_parallel(model, make_mesh((2, 4), ("data", "model")), "model"))
+    fn, params = loss_and_grads(nn.set_tree_parallel(model, make_mesh((2, 4), ("data", "model")), "model"))
     assert "all_to_all" in fn.lower(params, batch).as_text()
     got, grads_got = fn(params, batch)
     assert_close_per_tensor(got, want)

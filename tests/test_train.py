@@ -128,14 +128,14 @@ def test_one_device_and_data4_model2_give_the_same_losses(ffn):
 def test_pallas_kernels_run_per_device_on_the_data_axis(ffn):
     # Every Pallas kernel (interpret mode here): FFF, norms, attention (dropout off, so the fused form)
     # and the dense twin's GELU. On a GPU, GSPMD would run each on the whole gathered batch; inside
-    # the Trainer they run per device (parallel.rows_per_device), with the single-device losses.
-    from fffjax.models import set_attention_implementation, set_gelu_implementation, set_norm_implementation
+    # the Trainer they run per device (fffjax.ops.rows_per_device), with the single-device losses.
+    from fffjax.ops import set_implementation
 
     def losses(mesh):
         config = dataclasses.replace(small_config(ffn), dropout=0.0)
         model = CrammedBertMLM(config, implementation="pallas", rngs=nnx.Rngs(params=0, dropout=1))
-        for switch in (set_norm_implementation, set_attention_implementation, set_gelu_implementation):
-            switch(model, "pallas")
+        for op in ("layer_norm", "attention", "gelu"):
+            set_implementation(model, op, "pallas")
         trainer = loop.Trainer(model, loop.mlm_objective, dataclasses.replace(BASE, steps=4), mesh=mesh)
         pipe = pipeline.mlm_pipeline(mlm_rows(), BASE.batch_size, vocab_size=VOCAB)
         batch, out = pipe.next(pipeline.initial_position(0))[0], []

@@ -260,10 +260,8 @@ def import_ultrafast_ff(
     Raises:
         ValueError: a missing or unexpected key, or a shape that does not fit.
     """
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-    if not isinstance(n_trees, int) or isinstance(n_trees, bool) or n_trees < 1:
-        raise ValueError(f"n_trees must be an int >= 1, got {n_trees!r}")
+    tree.check_depth(depth)
+    tree.check_n_trees(n_trees)
     arrays = to_numpy_dict(state_dict)
     keys = tuple(prefix + k for k in ULTRAFAST_FF_KEYS)
     _check_keys(arrays, keys, "UltraFastBERT fff.FFF")

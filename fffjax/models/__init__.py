@@ -9,10 +9,6 @@ from fffjax.models.crammed_bert import (
     mlm_logits_at,
     model_from_params,
     model_kind,
-    set_attention_implementation,
-    set_fff_implementation,
-    set_gelu_implementation,
-    set_norm_implementation,
     sinusoidal_positions,
 )
 
@@ -27,9 +23,5 @@ __all__ = [
     "mlm_logits_at",
     "model_from_params",
     "model_kind",
-    "set_attention_implementation",
-    "set_fff_implementation",
-    "set_gelu_implementation",
-    "set_norm_implementation",
     "sinusoidal_positions",
 ]

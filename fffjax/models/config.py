@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fffjax import tree
+
 FFN_TYPES = ("fff", "dense")
 
 
@@ -58,11 +60,8 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_length",
                      "fff_trees", "dense_width", "num_labels", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.fff_depth, int) or isinstance(self.fff_depth, bool) or self.fff_depth < 0:
-            raise ValueError(f"fff_depth must be an int >= 0, got {self.fff_depth!r}")
+            tree.check_count(getattr(self, name), name, 1)
+        tree.check_depth(self.fff_depth, "fff_depth")
         if self.ffn not in FFN_TYPES:
             raise ValueError(f"ffn must be one of {FFN_TYPES}, got {self.ffn!r}")
         if self.hidden_size % self.num_heads:

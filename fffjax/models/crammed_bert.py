@@ -18,7 +18,9 @@ Module tree (attribute names follow the published state_dict, so the exporter's 
     encoder.final_norm;   classifier only: pooler.dense.{kernel, bias}, head.{kernel, bias}
 
 Norms are :class:`LayerNorm` (an ``nnx.LayerNorm``: ``scale``, ``bias``), linears ``nnx.Linear`` (``kernel (in, out)``,
-the transpose of torch's ``weight``). Parameters are float32; ``dtype`` sets the compute dtype
+the transpose of torch's ``weight``). Layer norm, attention, GELU and the FFF layers run through
+:mod:`fffjax.ops`, which picks each kernel; ``fffjax.ops.set_implementation(model, op, name)``
+switches one op for the whole model. Parameters are float32; ``dtype`` sets the compute dtype
 (e.g. bfloat16; LayerNorm statistics stay float32, Flax's rule) and the MLM and class logits come
 out in float32 (:func:`cast_parameters` stores the weights in the compute dtype for inference).
 A new model is in train mode (dropout on); ``model.eval()`` / ``model.train()`` switch it. Dropout
@@ -27,13 +29,14 @@ draws from the ``dropout`` stream of the ``rngs`` given at construction: run tra
 """
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fffjax import ops, parallel
+from fffjax import ops
 from fffjax._typing import Array, Float, Int
 from fffjax.models.config import ModelConfig
 from fffjax.nn import UltraFastFF
@@ -56,51 +59,27 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     return table
 
 
-def additive_mask(attention_mask, dtype) -> Array:
-    """``(B, S)`` 1 = token / 0 = padding -> ``(B, 1, 1, S)`` bias ``(1 - mask) * -10000``."""
+def additive_mask(attention_mask, dtype) -> Float[Array, "batch seq"]:
+    """``(B, S)`` 1 = token / 0 = padding -> the additive bias per key ``(1 - mask) * -10000``, ``(B, S)``."""
     mask = jnp.asarray(attention_mask).astype(dtype)
-    return ((1.0 - mask) * MASK_BIAS).astype(dtype)[:, None, None, :]
+    return ((1.0 - mask) * MASK_BIAS).astype(dtype)
 
 
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def _kernel_choice(what: str, choices: tuple[str, ...], implementation: str | None, dtype) -> str:
-    """``implementation`` if it is one of ``choices`` (a ``ValueError`` naming ``what`` otherwise); for
-    ``None``, ``choices[1]`` on a GPU with 16-bit inputs and ``choices[0]`` (XLA) elsewhere."""
-    if implementation is None:
-        on_gpu = jax.default_backend() == "gpu"
-        return choices[1] if on_gpu and jnp.dtype(dtype).itemsize == 2 else choices[0]
-    if implementation not in choices:
-        raise ValueError(f"{what} implementation must be one of {choices} or None, got {implementation!r}")
-    return implementation
-
-
-def _set_implementation(model: nnx.Module, module_type: type, implementation: str | None) -> None:
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, module_type):
-            module.implementation = implementation
-
-
-NORM_IMPLEMENTATIONS = ("xla", "pallas")
-
-
-def norm_implementation(implementation: str | None, dtype) -> str:
-    """The layer-norm kernel to run: ``implementation``, or for ``None`` the one-pass Pallas kernel
-    (``pallas_kernels.layer_norm``) on a GPU with 16-bit inputs and XLA's otherwise (float32 keeps
-    XLA's, whose rounding the torch parity tests pin)."""
-    return _kernel_choice("norm", NORM_IMPLEMENTATIONS, implementation, dtype)
-
-
 class LayerNorm(nnx.LayerNorm):
-    """``nnx.LayerNorm`` (``scale``, ``bias``; two-pass variance, as torch's: ``E[x^2] - E[x]^2`` loses
-    digits at eps 1e-12) with a kernel switch and the residual add fused in.
+    """``nnx.LayerNorm``'s parameters (``scale``, ``bias``) computed by :func:`fffjax.ops.layer_norm`
+    (two-pass variance, as torch's: ``E[x^2] - E[x]^2`` loses digits at eps 1e-12), with the residual
+    add fused in.
 
     ``norm(x)`` is the layer norm of ``x``; ``norm(x, residual)`` returns ``(norm(x + residual),
-    x + residual)`` from one pass. ``implementation`` as :func:`norm_implementation` (switch it with
-    :func:`set_norm_implementation`); on the CPU ``"pallas"`` runs in interpret mode (tests).
+    x + residual)`` from one pass. Inputs are cast to the compute dtype; ``implementation`` picks the
+    kernel (``fffjax.ops.set_implementation(model, "layer_norm", name)``).
     """
+
+    kernel_op: ClassVar[str] = "layer_norm"
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         super().__init__(config.hidden_size, epsilon=config.norm_eps, dtype=dtype, use_fast_variance=False,
@@ -108,19 +87,9 @@ class LayerNorm(nnx.LayerNorm):
         self.implementation: str | None = None
 
     def __call__(self, x: Float[Array, "*lead hidden"], residual=None):
-        if norm_implementation(self.implementation, self.dtype) == "xla":
-            h = x if residual is None else x + residual
-            y = super().__call__(h)
-            return y if residual is None else (y, h)
-        from pallas_kernels.layer_norm import layer_norm
-
-        def norm(*arrays):   # (x[, residual], scale, bias): per device on a data mesh (parallel.rows_per_device)
-            *rows, scale, bias = arrays
-            return layer_norm(rows[0], scale, bias, rows[1] if len(rows) == 2 else None, eps=self.epsilon,
-                              interpret=jax.default_backend() != "gpu")
-
-        rows = (x.astype(self.dtype),) + (() if residual is None else (residual.astype(self.dtype),))
-        return parallel.rows_per_device(norm, rows, (self.scale[...], self.bias[...]))
+        return ops.layer_norm(x.astype(self.dtype), self.scale[...], self.bias[...],
+                              None if residual is None else residual.astype(self.dtype), eps=self.epsilon,
+                              implementation=self.implementation)
 
 
 def _layer_norm(config: ModelConfig, dtype, rngs: nnx.Rngs) -> LayerNorm:
@@ -173,60 +142,22 @@ class Embedding(nnx.Module):
         return self.dropout(self.norm(h))
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
-
-
-def attention_implementation(implementation: str | None, dtype, seq_len: int | None = None) -> str:
-    """The fused attention kernel to run: ``implementation``, or for ``None`` on a GPU with 16-bit
-    inputs ``"pallas"`` (``pallas_kernels.attention``, which reads the fused QKV projection as it is:
-    2.5x cuDNN with its q/k/v copies at ``base`` shapes on the H200) up to its
-    ``MAX_SEQ`` tokens and cuDNN's flash attention beyond; XLA's fused softmax elsewhere (float32
-    keeps it: the torch parity tests pin its rounding). Off a GPU ``"pallas"`` runs in interpret mode."""
-    choice = _kernel_choice("attention", ATTENTION_IMPLEMENTATIONS, implementation, dtype)
-    if implementation is None and choice == "pallas" and seq_len is not None:
-        from pallas_kernels.attention import MAX_SEQ
-
-        return "pallas" if seq_len <= MAX_SEQ else "cudnn"
-    return choice
-
-
-def fused_attention(
-    q: Float[Array, "batch seq heads dim"],
-    k: Float[Array, "batch seq heads dim"],
-    v: Float[Array, "batch seq heads dim"],
-    mask_bias,
-    scale: float,
-    implementation: str | None = None,
-) -> Float[Array, "batch seq heads dim"]:
-    """``softmax(q.k * scale + mask_bias) v`` per head through ``jax.nn.dot_product_attention``
-    (float32 softmax; ``implementation`` ``"xla"``, ``"cudnn"`` or ``None``: cuDNN on a GPU with
-    16-bit inputs, XLA otherwise). ``mask_bias`` is ``(B, 1, 1, S)`` or None; it is broadcast to the
-    ``(B, 1, S, S)`` that cuDNN requires. (The Pallas kernel takes the fused projection instead:
-    ``pallas_kernels.attention.attention``.)"""
-    if implementation == "pallas":
-        raise ValueError("fused_attention takes implementation 'xla', 'cudnn' or None; the Pallas kernel reads "
-                         "the fused projection: pallas_kernels.attention.attention(qkv, ...)")
-    implementation = _kernel_choice("attention", ("xla", "cudnn"), implementation, q.dtype)
-    b, s = q.shape[:2]
-    bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
-
-
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head attention with crammed BERT's per-head interleaved QKV, no biases.
 
     ``query_key_value.kernel (H, 3H)``: output column ``h*3d + [0:d]`` is head h's query,
     ``[d:2d]`` its key, ``[2d:3d]`` its value (d = H / heads), i.e. the (B, S, 3H) projection is
-    viewed as (B, S, heads, 3, d). Scores ``q.k * norm_factor + mask``, softmax, dropout on the
+    viewed as (B, S, heads, 3, d). Scores ``q.k * norm_factor + key_bias``, softmax, dropout on the
     probabilities, then the output projection ``dense``.
 
-    Without active dropout (eval mode, or rate 0) the scores go through a fused kernel (float32
-    softmax) picked by ``implementation`` (``"xla"`` or ``"cudnn"``: ``jax.nn.dot_product_attention``
-    on ``q, k, v`` from :meth:`project_qkv`; ``"pallas"``: ``pallas_kernels.attention`` on the fused
-    ``(B, S, 3H)`` projection; ``None``: see :func:`attention_implementation`; switch it with
-    :func:`set_attention_implementation`). Attention dropout needs the probabilities, which the
-    fused kernels never write: with it, the explicit einsum form runs (softmax in the compute dtype).
+    Without active dropout (eval mode, or rate 0) the scores go through :func:`fffjax.ops.attention`
+    (float32 softmax), whose kernel ``implementation`` picks
+    (``fffjax.ops.set_implementation(model, "attention", name)``). Attention dropout needs the
+    probabilities, which the fused kernels never write: with it, the explicit einsum form runs
+    (softmax in the compute dtype).
     """
+
+    kernel_op: ClassVar[str] = "attention"
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.head_width = config.num_heads, config.attention_head_width
@@ -238,61 +169,28 @@ class SelfAttention(nnx.Module):
         self.dense = nnx.Linear(h, h, use_bias=False, dtype=dtype, kernel_init=_normal(config.init_std), rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def project_qkv(self, x: Float[Array, "batch seq hidden"]) -> tuple[Array, Array, Array]:
-        """``q, k, v`` ``(B, S, heads, d)``: one matmul each, against the kernel's query, key and value
-        columns, so that no per-head slicing of one ``(B, S, 3H)`` product is needed. (On the H200,
-        XLA's dot merger still joins the three into one GEMM followed by two slice copies: 1.0 ms of a
-        10.0 ms ``base`` encode at 256 x 128 bf16 tokens, against 1.5 ms of slices for the per-head
-        view of the fused product; ``experiments/results/bert_gpu.md``.)"""
-        linear = self.query_key_value
-        kernel = linear.kernel[...].reshape(x.shape[-1], self.num_heads, 3, self.head_width)
-        x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=linear.dtype)
-        return tuple(jnp.einsum("bsh,hnd->bsnd", x, kernel[:, :, i, :], precision=linear.precision)
-                     for i in range(3))
-
-    def __call__(self, x: Float[Array, "batch seq hidden"], mask_bias) -> Float[Array, "batch seq hidden"]:
+    def __call__(self, x: Float[Array, "batch seq hidden"], key_bias: Float[Array, "batch seq"] | None
+                 ) -> Float[Array, "batch seq hidden"]:
         b, s, h = x.shape
-        fused = self.dropout.deterministic or self.dropout.rate == 0
-        kernel = attention_implementation(self.implementation, self.query_key_value.dtype or x.dtype, s)
-        if fused and kernel == "pallas":
-            from pallas_kernels.attention import attention
-
-            def attend(qkv, *key_bias):   # per device on a data mesh (parallel.rows_per_device)
-                return attention(qkv, key_bias[0] if key_bias else None, num_heads=self.num_heads,
-                                 scale=float(self.norm_factor), interpret=jax.default_backend() != "gpu")
-
-            rows = (self.query_key_value(x),) + (() if mask_bias is None else (mask_bias.reshape(b, s),))
-            return self.dense(parallel.rows_per_device(attend, rows))
-        q, k, v = self.project_qkv(x)
-        if fused:
-            context = fused_attention(q, k, v, mask_bias, float(self.norm_factor), kernel)
-            return self.dense(context.reshape(b, s, h))
+        qkv = self.query_key_value(x)
+        if self.dropout.deterministic or self.dropout.rate == 0:
+            context = ops.attention(qkv, key_bias, num_heads=self.num_heads, scale=float(self.norm_factor),
+                                    implementation=self.implementation)
+            return self.dense(context)
+        q, k, v = ops.split_heads(qkv, self.num_heads)
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * jnp.asarray(self.norm_factor, q.dtype)
-        if mask_bias is not None:
-            scores = scores + mask_bias.astype(scores.dtype)
+        if key_bias is not None:
+            scores = scores + key_bias.astype(scores.dtype)[:, None, None, :]
         probs = self.dropout(jax.nn.softmax(scores, axis=-1))
         context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, s, h)
         return self.dense(context)
 
 
-GELU_IMPLEMENTATIONS = ("xla", "pallas")
-
-
-def gelu_implementation(implementation: str | None, dtype) -> str:
-    """The dense feedforward's exact-GELU kernel: ``implementation``, or for ``None`` the elementwise
-    Pallas kernel (``pallas_kernels.gelu``) on a GPU with 16-bit inputs and ``jax.nn.gelu`` otherwise.
-    On the H200, XLA compiles ``jax.nn.gelu(approximate=False)`` of a ``base`` layer's 32768 x 3072
-    bf16 activations into a 0.30 ms pass, the Pallas kernel takes 0.13 ms (the copy rate: 0.095 ms;
-    ``experiments/results/dense_ff_gpu.md``): without it the dense twin would pay for XLA's ``erfc``
-    and every FFF speed-up would be inflated by 2.7 ms per ``base`` encode. Float32 keeps XLA's,
-    whose rounding the torch parity tests pin."""
-    return _kernel_choice("gelu", GELU_IMPLEMENTATIONS, implementation, dtype)
-
-
 class DenseFF(nnx.Module):
-    """Crammed BERT's ``FFNComponent`` without biases: ``dense_out(GELU(dense_in(x)))``, exact GELU
-    through the kernel picked by ``implementation`` (see :func:`gelu_implementation`; switch it with
-    :func:`set_gelu_implementation`)."""
+    """Crammed BERT's ``FFNComponent`` without biases: ``dense_out(GELU(dense_in(x)))``, the exact GELU
+    through :func:`fffjax.ops.gelu` (``fffjax.ops.set_implementation(model, "gelu", name)``)."""
+
+    kernel_op: ClassVar[str] = "gelu"
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         h, w = config.hidden_size, config.dense_width
@@ -301,27 +199,7 @@ class DenseFF(nnx.Module):
         self.dense_out = nnx.Linear(w, h, use_bias=False, dtype=dtype, kernel_init=_normal(config.init_std), rngs=rngs)
 
     def __call__(self, x: Float[Array, "*lead hidden"]) -> Float[Array, "*lead hidden"]:
-        pre = self.dense_in(x)
-        if gelu_implementation(self.implementation, pre.dtype) == "xla":
-            return self.dense_out(jax.nn.gelu(pre, approximate=False))
-        from pallas_kernels.gelu import gelu
-
-        act = parallel.rows_per_device(lambda h: gelu(h, interpret=jax.default_backend() != "gpu"), (pre,))
-        return self.dense_out(act)
-
-
-def _fff_forward(ffn: UltraFastFF, x):
-    # UltraFastFF with its parameters cast to the compute dtype (a bf16 model routes on bf16 logits).
-    w_in, b_in, w_out = (p[...].astype(x.dtype) for p in (ffn.w_in, ffn.b_in, ffn.w_out))
-    if ffn.mesh is not None and ffn.tree_parallel_axis is not None:   # see parallel.set_tree_parallel
-        return parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
-                                             mesh=ffn.mesh, axis=ffn.tree_parallel_axis,
-                                             implementation=ffn.implementation)
-    # Per device on a data mesh: the Pallas and FFI implementations are custom calls GSPMD cannot split.
-    return parallel.rows_per_device(
-        lambda x, w_in, b_in, w_out: ops.fff_v2_hard(x, w_in, b_in, w_out, depth=ffn.depth, n_trees=ffn.n_trees,
-                                                     implementation=ffn.implementation),
-        (x,), (w_in, b_in, w_out))
+        return self.dense_out(ops.gelu(self.dense_in(x), implementation=self.implementation))
 
 
 def _make_ffn(config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):
@@ -338,7 +216,7 @@ def _make_ffn(config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):
 class TransformerLayer(nnx.Module):
     """Pre-LN: ``h + drop(attn(norm1(h)))``, then ``h + drop(ffn(norm2(h)))``.
 
-    Called as ``layer(h, mask_bias, update)``, it returns ``(h', update')`` whose sum is its output:
+    Called as ``layer(h, key_bias, update)``, it returns ``(h', update')`` whose sum is its output:
     the pending ``update`` of the layer before (None for the first) is added to ``h`` by ``norm1`` in
     the pass that normalises the sum, as the attention output is by ``norm2``; so every residual
     add rides on a layer norm (the last one on the encoder's final norm).
@@ -351,11 +229,10 @@ class TransformerLayer(nnx.Module):
         self.ffn = _make_ffn(config, dtype=dtype, implementation=implementation, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, h, mask_bias, update=None):
+    def __call__(self, h, key_bias, update=None):
         normed, h = (self.norm1(h), h) if update is None else self.norm1(update, h)   # one pass adds and norms
-        normed, h = self.norm2(self.dropout(self.attn(normed, mask_bias)), h)
-        out = _fff_forward(self.ffn, normed) if isinstance(self.ffn, UltraFastFF) else self.ffn(normed)
-        return h, self.dropout(out)
+        normed, h = self.norm2(self.dropout(self.attn(normed, key_bias)), h)
+        return h, self.dropout(self.ffn(normed))
 
 
 class Encoder(nnx.Module):
@@ -372,10 +249,10 @@ class Encoder(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
         input_ids = _check_inputs(input_ids, attention_mask, self.config)
-        mask_bias = None if attention_mask is None else additive_mask(attention_mask, self.dtype)
+        key_bias = None if attention_mask is None else additive_mask(attention_mask, self.dtype)
         h, update = self.embedding(input_ids), None
         for layer in self.layers:
-            h, update = layer(h, mask_bias, update)
+            h, update = layer(h, key_bias, update)
         return self.final_norm(update, h)[0]
 
 
@@ -481,32 +358,6 @@ class CrammedBertClassifier(_EncoderModel):
 
     def __call__(self, input_ids, attention_mask=None) -> Float[Array, "batch labels"]:
         return self.head(self.pooler(self.encode(input_ids, attention_mask))).astype(jnp.float32)
-
-
-def set_fff_implementation(model: nnx.Module, implementation: str | None) -> None:
-    """Switch every FFF-v2 layer of ``model`` to ``implementation`` (in place)."""
-    _set_implementation(model, UltraFastFF, implementation)
-
-
-def set_attention_implementation(model: nnx.Module, implementation: str | None) -> None:
-    """Switch every attention block of ``model`` to ``implementation`` (``"xla"``, ``"cudnn"``,
-    ``"pallas"`` or ``None``: see :func:`attention_implementation`; in place; used when dropout is off)."""
-    attention_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
-    _set_implementation(model, SelfAttention, implementation)
-
-
-def set_norm_implementation(model: nnx.Module, implementation: str | None) -> None:
-    """Switch every layer norm of ``model`` to ``implementation`` (``"xla"``, ``"pallas"`` or ``None`` =
-    Pallas on a GPU for 16-bit compute; in place)."""
-    norm_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
-    _set_implementation(model, LayerNorm, implementation)
-
-
-def set_gelu_implementation(model: nnx.Module, implementation: str | None) -> None:
-    """Switch the exact GELU of every dense feedforward of ``model`` to ``implementation`` (``"xla"``,
-    ``"pallas"`` or ``None`` = Pallas on a GPU for 16-bit compute; in place; FFF layers have none)."""
-    gelu_implementation(implementation, jnp.float32)   # refuse an unknown name here, not at call time
-    _set_implementation(model, DenseFF, implementation)
 
 
 def cast_parameters(model: nnx.Module, dtype) -> nnx.Module:

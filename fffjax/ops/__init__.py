@@ -1,17 +1,35 @@
-"""Hard (conditional) inference ops with an ``implementation=`` switch.
+"""Every kernelled op, with one ``implementation=`` switch and one rule for picking it.
 
-* ``"xla"``: row gathers, jitted; available everywhere, the CPU path, differentiable.
-* ``"reference"``: the masked dense computation, for testing.
-* ``"pallas"``: GPU kernels from ``pallas_kernels`` (registered when that package imports).
-
-``implementation=None`` picks the first available implementation preferred for the platform.
+The ops: :func:`fff_v2_hard`, :func:`fff_v1_hard`, :func:`layer_norm`, :func:`attention`,
+:func:`gelu`. Implementations: ``"xla"`` (always available, last resort), ``"reference"`` (masked
+dense FFF), ``"cpu_ffi"`` (C++ CPU kernels), ``"cudnn"`` (attention), ``"pallas"`` (GPU kernels
+from :mod:`pallas_kernels`). ``implementation=None`` picks the fastest available for the platform
+and falls back on ``NotImplementedError``; :mod:`fffjax.ops.registry` states the rule, and
+:func:`set_implementation` switches a model's modules.
 """
 
-from fffjax.ops.api import (
+from fffjax.ops.api import attention, fff_v1_hard, fff_v2_hard, gelu, layer_norm
+from fffjax.ops.per_device import rows_per_device
+from fffjax.ops.xla import split_heads
+from fffjax.ops.registry import (
+    DENSE_PATH_FRACTION,
+    OPS,
     available_implementations,
-    fff_v1_hard,
-    fff_v2_hard,
     register_implementation,
+    set_implementation,
 )
 
-__all__ = ["available_implementations", "fff_v1_hard", "fff_v2_hard", "register_implementation"]
+__all__ = [
+    "DENSE_PATH_FRACTION",
+    "OPS",
+    "attention",
+    "available_implementations",
+    "fff_v1_hard",
+    "fff_v2_hard",
+    "gelu",
+    "layer_norm",
+    "register_implementation",
+    "rows_per_device",
+    "set_implementation",
+    "split_heads",
+]

@@ -343,7 +343,7 @@ class Trainer:
         step_fn = self._compiled("step", lambda: jax.jit(
             self._train_step, in_shardings=(self.state_shardings, self._batch_shardings(batch), repl),
             out_shardings=(self.state_shardings, repl), donate_argnums=0))
-        with jax.set_mesh(self.mesh):   # the model's kernels run per device on it (parallel.rows_per_device)
+        with jax.set_mesh(self.mesh):   # the model's kernels run per device on it (fffjax.ops.rows_per_device)
             self.state, metrics = step_fn(self.state, placed, self._seed)
         return {k: float(v) for k, v in shd.to_host(metrics).items()}
 

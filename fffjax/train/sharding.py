@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fffjax import nn
+
 DATA, MODEL = "data", "model"
 Rules = Sequence[tuple[str, P]]
 
@@ -61,10 +63,8 @@ def parallelism_rules(name: str) -> Rules:
 def apply_parallelism(model, name: str, mesh: Mesh) -> Rules:
     """Prepare `model` for configuration `name` on `mesh` (tree-parallel FFF layers over `model` for
     the `tree` variants, a no-op otherwise) and return its partition rules for `Trainer(rules=...)`."""
-    from fffjax import parallel
-
     rules = parallelism_rules(name)
-    parallel.set_tree_parallel(model, mesh if "tree" in name else None, MODEL)
+    nn.set_tree_parallel(model, mesh if "tree" in name else None, MODEL)
     return rules
 
 
