@@ -21,7 +21,7 @@ from pallas_kernels import _common as cm
 MAX_LEAF_WIDTH = 256
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FffV1ForwardConfig:
     """Block sizes of the FFF-v1 kernels.
 

@@ -25,7 +25,7 @@ from pallas_kernels import _common as cm
 ROUTES = ("kernel", "gemm")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FffV2ForwardConfig:
     """Block sizes of the FFF-v2 forward kernel.
 
@@ -80,13 +80,12 @@ class FffV2ForwardConfig:
 
 
 DEFAULT_CONFIG = FffV2ForwardConfig()
-# The fastest of the sweep timed on the H200 at 2**20 bf16 tokens, 1x11 (experiments/results/bench_gpu_sweep.json):
-# 64-token blocks, 64-column chunks pipelined over 3 stages; route kernel 256 tokens x 64 columns, 3 stages.
+# Tiles of the grouped layout at many tokens: the fastest of the sweep in
+# experiments/results/bench_gpu_sweep.json (1x11, 2**20 bf16 tokens).
 GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7,
                                     route_block_t=256, route_chunk=64, route_num_warps=8, route_num_stages=3)
-# Up to 2**17 tokens (a base batch of 256 x 128 is 2**15) 128-token blocks in both kernels and 8-warp
-# grouped programs win (experiments/results/fff_route_gpu.md): 0.078 against 0.096 ms per 2**15-token
-# 1x11 layer with GROUPED_CONFIG's tiles, 0.239 against 0.250 ms at 2**17.
+# Below FEW_TOKENS tokens (a base batch of 256 x 128 is 2**15) larger token blocks and 8-warp grouped
+# programs fill the GPU better: the sweep in experiments/results/fff_route_gpu.md.
 FEW_TOKENS = 2**18
 FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8, route_block_t=128)
 MAX_DEPTH = 15                  # the deepest tree the kernels take; fffjax.ops falls back to "xla" beyond
@@ -97,12 +96,12 @@ MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <
 def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=None) -> FffV2ForwardConfig:
     """The block sizes used when none are given.
 
-    One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4`` (depth 11: 7;
-    :data:`GROUPED_CONFIG`, 1.67 ms at 2**20 bf16 tokens on the H200 against 5.59 ms for the
-    token-order kernel; :data:`FEW_TOKENS_CONFIG`'s tiles below :data:`FEW_TOKENS` tokens).
-    Otherwise the token-order kernel with row gathers; float32 too: IEEE float32 tile dots (no
-    tf32) run without tensor cores, and the grouped kernel took 266 ms at 2**20 float32 tokens on the
-    H200 against 13.6 ms for the token-order kernel.
+    One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4``
+    (depth 11: 7) and :data:`GROUPED_CONFIG`'s tiles (:data:`FEW_TOKENS_CONFIG`'s below
+    :data:`FEW_TOKENS` tokens), several times faster than the token-order kernel there. Otherwise
+    the token-order kernel with row gathers; float32 too, because IEEE float32 tile dots (no tf32)
+    run without tensor cores and make the grouped kernel the slower one
+    (``experiments/results/bench_gpu.md``).
     """
     wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
@@ -292,8 +291,8 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig =
     n_tokens, width_in = x.shape
     wide = jnp.dtype(x.dtype).itemsize >= 4
     if wide or config.route == "gemm":
-        # Float32 always: an IEEE float32 tile dot of this size (no tf32) did not finish compiling within
-        # minutes on the H200 (float32 is not the fast path).
+        # Float32 always: Triton does not finish compiling an IEEE float32 tile dot of this size (no tf32)
+        # in reasonable time, and float32 is not the fast path.
         n_top = 2**split - 1
         logits = jnp.dot(x, w_in[:n_top].T, precision=jax.lax.Precision.HIGHEST if wide else None,
                          preferred_element_type=jnp.float32) + b_in[:n_top].astype(jnp.float32)
@@ -316,7 +315,7 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig =
 
 
 RANK_CHUNK = 64          # tokens per step of the rank kernel's loop
-RANK_PROGRAMS = 256      # about two waves of the H200's 132 SMs
+RANK_PROGRAMS = 256      # about two waves of a Hopper GPU's 132 SMs
 
 
 def _rank_kernel(sub_ref, rank_ref, count_ref, *, n_tokens, n_sub, steps):
@@ -376,9 +375,9 @@ def group_by_subtree(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig = 
         in token order, padded to whole blocks, and ``block_sub (n_blocks,)`` the subtree of each
         block, with ``n_blocks = cdiv(T, block_t) + 2**split`` (a static bound).
 
-    No sort (:func:`rank_in_subtree` instead: a radix sort of the tokens cost 0.13 ms on the H200
-    even at 2**15 tokens) and no ``jnp.searchsorted`` with its default method (a ``while`` loop
-    whose every GPU step waits on the host: about 0.5 ms in all).
+    No sort (:func:`rank_in_subtree` instead, cheaper than XLA's radix sort of the tokens) and no
+    ``jnp.searchsorted`` with its default method (a ``while`` loop whose every GPU step waits on the
+    host).
     """
     n_tokens, block_t = x.shape[0], config.block_t
     n_sub = 2**split

@@ -40,7 +40,7 @@ from pallas_kernels.fff_v2_forward import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FffV2TrainConfig:
     """Block sizes of the training kernels.
 

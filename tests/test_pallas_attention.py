@@ -30,7 +30,8 @@ def test_attention_matches_reference(seed, batch, seq, heads, head_width, dtype,
                                      heads_per_program, num_stages):
     qkv, key_bias = _inputs(seed, batch, seq, heads, head_width, dtype, padded)
     scale = head_width**-0.5
-    config = AttentionConfig(block_q, 4, heads_per_program, num_stages)
+    config = AttentionConfig(block_q=block_q, num_warps=4, heads_per_program=heads_per_program,
+                             num_stages=num_stages)
     got = attention(qkv, key_bias, num_heads=heads, scale=scale, interpret=True, config=config)
     want = attention_reference(qkv, key_bias, num_heads=heads, scale=scale)
     assert got.shape == (batch, seq, heads * head_width) and got.dtype == dtype

@@ -119,14 +119,15 @@ def test_layer_norm_on_gpu(rows, width, dtype, fused):
     (2, 512, 12, 64, jnp.bfloat16, (128, 4, 4, 2)),     # the default at MAX_SEQ: one stage fits
 ])
 def test_attention_on_gpu(batch, seq, heads, head_width, dtype, config):
-    # config: AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])
+    # config: (block_q, num_warps[, heads_per_program, num_stages])
     from pallas_kernels.attention import AttentionConfig, attention, attention_reference
 
     k = jax.random.split(jax.random.key(5), 2)
     qkv = (2.0 * jax.random.normal(k[0], (batch, seq, 3 * heads * head_width))).astype(dtype)
     pad = (jax.random.uniform(k[1], (batch, seq)) < 0.3).at[:, 0].set(False)
     key_bias = jnp.where(pad, -10000.0, 0.0).astype(dtype)
-    got = attention(qkv, key_bias, num_heads=heads, scale=head_width**-0.5, config=AttentionConfig(*config))
+    got = attention(qkv, key_bias, num_heads=heads, scale=head_width**-0.5, config=AttentionConfig(**dict(zip(
+        ("block_q", "num_warps", "heads_per_program", "num_stages"), config))))
     want = attention_reference(qkv, key_bias, num_heads=heads, scale=head_width**-0.5)
     assert_close(got, want, dtype, "context")
 

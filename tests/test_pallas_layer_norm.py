@@ -27,7 +27,7 @@ def _inputs(seed, shape, dtype):
 def test_layer_norm_matches_reference(seed, rows, width, dtype, fused, block_rows):
     x, residual, scale, bias = _inputs(seed, (rows, width), dtype)
     residual = residual if fused else None
-    got = layer_norm(x, scale, bias, residual, eps=1e-12, interpret=True, config=LayerNormConfig(block_rows, 4))
+    got = layer_norm(x, scale, bias, residual, eps=1e-12, interpret=True, config=LayerNormConfig(block_rows=block_rows, num_warps=4))
     want = layer_norm_reference(x, scale, bias, residual, eps=1e-12)
     got, want = (got, want) if fused else ((got,), (want,))
     for g, w, name in zip(got, want, ("y", "h")):

@@ -115,8 +115,8 @@ def test_backend_rule_violation_is_caught_by_lowering():
     ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig()),
     ((3, 40, 72), 1, jnp.float32, False, AttentionConfig(block_q=16)),
     ((2, 512, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8)),
-    ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig(128, 8, heads_per_program=4, num_stages=2)),
-    ((3, 40, 216), 3, jnp.float32, False, AttentionConfig(16, 4, heads_per_program=3, num_stages=1)),
+    ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8, heads_per_program=4, num_stages=2)),
+    ((3, 40, 216), 3, jnp.float32, False, AttentionConfig(block_q=16, num_warps=4, heads_per_program=3, num_stages=1)),
 ])
 def test_attention_lowers_for_h200(shape, num_heads, dtype, with_bias, config, monkeypatch):
     fn = functools.partial(attention, num_heads=num_heads, scale=0.125, config=config)
