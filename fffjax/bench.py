@@ -350,14 +350,17 @@ def provenance(script: str | Path, argv: Sequence[str] | None = None) -> dict:
 def provenance_line(report: Mapping) -> str:
     """One markdown sentence: the command that made ``report``, its date, device and jax version.
 
-    Reads the keys of :func:`provenance` and, for results written before it, the older ``device``,
-    ``jax_version`` / ``jax`` keys; parts that are missing are left out.
+    Reads the keys of :func:`provenance` and, for results written before it, the older ``commands``
+    (several runs merged), ``device`` and ``jax_version`` / ``jax`` keys; parts that are missing are
+    left out.
     """
     machine = report.get("machine", {})
+    commands = [report["command"]] if "command" in report else list(report.get("commands", []))
     device = report.get("device_kind") or report.get("device")
     jax_version = machine.get("jax") or report.get("jax_version") or report.get("jax")
     where = ", ".join(filter(None, [report.get("date_utc"), device, jax_version and f"jax {jax_version}"]))
-    return f"Produced by `{report.get('command', '(command not recorded)')}`" + (f" ({where})." if where else ".")
+    made_by = " and ".join(f"`{c}`" for c in commands) or "`(command not recorded)`"
+    return f"Produced by {made_by}" + (f" ({where})." if where else ".")
 
 
 # ----------------------------------------------------------------------------- result files

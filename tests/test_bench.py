@@ -136,6 +136,8 @@ def test_provenance_records_command_date_and_device():
     assert record["command"] in line and record["device_kind"] in line and jax.__version__ in line
     legacy = bench.provenance_line({"command": "python x.py", "device": "NVIDIA H200", "jax_version": "0.9"})
     assert legacy == "Produced by `python x.py` (NVIDIA H200, jax 0.9)."
+    merged = bench.provenance_line({"commands": ["python x.py", "python x.py --tokens 8"]})
+    assert merged == "Produced by `python x.py` and `python x.py --tokens 8`."
 
 
 def test_write_results_writes_json_markdown_and_figure(tmp_path):
