@@ -378,16 +378,18 @@ def pyplot():
 
 def write_results(folder: str | Path, name: str, *, report: Mapping | None = None, markdown: str | None = None,
                   figure=None, dpi: int = 120) -> list[Path]:
-    """Writes the files of a result into ``folder`` (created): ``name.json``, ``name.md``, ``name.png``.
+    """Writes the files of a result into ``folder``: ``name.json``, ``name.md``, ``name.png``.
 
     Each only when given: ``report`` as indented JSON (values JSON cannot hold written with
     ``str``), ``markdown`` as text ending in a newline, ``figure`` (a matplotlib figure, closed
-    afterwards) at ``dpi``. Returns the paths written.
+    afterwards) at ``dpi``. Folders are created, also those inside ``name`` (``"sub/run"``).
+    Returns the paths written.
     """
     if report is None and markdown is None and figure is None:
         raise ValueError("write_results: expected at least one of report, markdown, figure")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(folder) / name
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    folder, name = stem.parent, stem.name
     written = []
     if report is not None:
         written.append(folder / f"{name}.json")

@@ -152,6 +152,7 @@ def test_write_results_writes_json_markdown_and_figure(tmp_path):
     assert saved["rows"] == [{"ms": 1.5}]
     assert (tmp_path / "out" / "demo.md").read_text() == "# title\n"
     assert (tmp_path / "out" / "demo.png").stat().st_size > 0
+    assert bench.write_results(tmp_path, "nested/run", markdown="x") == [tmp_path / "nested" / "run.md"]
     with pytest.raises(ValueError, match="at least one"):
         bench.write_results(tmp_path, "nothing")
 
