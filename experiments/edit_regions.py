@@ -1,9 +1,10 @@
 """Surgical editing: add a held-out class by fine-tuning only the FFF leaves it routes to.
 
     python experiments/edit_regions.py --dataset mnist            # table + plot under experiments/results/
-    python experiments/edit_regions.py --dataset digits --n-train 0 --seeds 1 --epochs 1 --edit-epochs 1 \\
-        --out /tmp/edit
-                                                                  # smoke run on the bundled digits
+
+Smoke run on the bundled digits (a minute)::
+
+    python experiments/edit_regions.py --dataset digits --n-train 0 --seeds 1 --epochs 1 --edit-epochs 1 --out /tmp/e
 
 1. Train an FFF-v1 and an FF (equal training width) on every class but ``--new-class``.
 2. Fine-tune on the new class's training images alone (the hardest continual-learning setting:
