@@ -1,5 +1,7 @@
-"""How fast the dense twin's feedforward can run: crammed BERT's ``dense_out(GELU(dense_in(x)))`` at
-UltraFastBERT ``base`` shapes (``x (B*S, 768)`` bf16, width 3072, exact GELU), GELU variants side by side.
+"""How fast the dense twin's feedforward can run, GELU variants side by side on one GPU.
+
+Crammed BERT's ``dense_out(GELU(dense_in(x)))`` at UltraFastBERT ``base`` shapes
+(``x (B*S, 768)`` bf16, width 3072, exact GELU).
 
 Variants (each runs ``--layers`` independent feedforwards in one jitted function, as the encoder's 16
 layers; GEMMs are XLA's, i.e. cuBLAS):
