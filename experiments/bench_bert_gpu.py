@@ -259,7 +259,7 @@ def markdown(report: dict) -> str:
                   f"{r0['batch']} x {r0['seq']} tokens per batch", "",
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
-                  f"H x V matmul per token, the same in both models)." + (
+                  "H x V matmul per token, the same in both models)." + (
                       f" Speed-ups are against the dense twin whose exact GELU runs through `{report['reference_gelu']}`."
                       if report.get("reference_gelu") else ""), "",
                   "Throughput: `--steps` batches sent back to back, the last one waited for (a stream of batches: "

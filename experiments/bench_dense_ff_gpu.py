@@ -92,7 +92,8 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {**bench.provenance(__file__, argv), "tokens": args.tokens, "hidden": args.hidden, "width": args.width,
-              "layers": args.layers, "copy_bandwidth_gb_s": bandwidth / 1e9, "gelu_hbm_ms_per_layer": gelu_hbm_ms, "rows": rows}
+              "layers": args.layers, "copy_bandwidth_gb_s": bandwidth / 1e9, "gelu_hbm_ms_per_layer": gelu_hbm_ms,
+              "rows": rows}
     bench.write_results(args.out, "dense_ff_gpu", report=report, markdown=markdown(report))
     print(markdown(report))
 

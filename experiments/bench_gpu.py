@@ -343,7 +343,7 @@ def run(args, argv=None):
                             entries[f"dense{width}_xla"] = bench.stream(dense_xla(width, dtype), x)
                         except Exception as e:
                             log(f"  dense{width}_xla failed: {e}")
-                        try:   # torch allocates beside JAX's preallocated pool: a float32 2^20 FF-4096 ran out
+                        try:   # torch allocates beside JAX's preallocated pool: large sizes can run out
                             ms = torch_dense_ms(width, dname, n) if args.torch else None
                         except Exception as e:
                             log(f"  dense{width}_torch failed: {type(e).__name__}: {str(e)[:200]}")
@@ -468,26 +468,25 @@ def plot(out, folder):
         if not panels:
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
-        for k, (layer, dname) in enumerate(panels):
-            if True:   # one panel per (layer, dtype) that has data
-                ax = axes[0][k]
-                rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
-                for impl in sorted({r["impl"] for r in rows}):
-                    pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
-                    style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--x"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
-                if kind == "forward" and rows:
-                    bw = info["copy_bandwidth_TBps"] * 1e12
-                    roof = bw / (2 * WIDTH * jnp.dtype(DTYPES[dname]).itemsize)
-                    ax.axhline(roof, color="k", ls=":", label="HBM roofline")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_title(f"{kind} {layer} {dname}")
-                ax.set_xlabel("tokens")
-                ax.set_ylabel("tokens / s")
-                ax.grid(alpha=0.3)
-                if rows:
-                    ax.legend(fontsize=7)
+        for k, (layer, dname) in enumerate(panels):   # one panel per (layer, dtype) that has data
+            ax = axes[0][k]
+            rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
+            for impl in sorted({r["impl"] for r in rows}):
+                pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
+                style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--x"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
+            if kind == "forward" and rows:
+                bw = info["copy_bandwidth_TBps"] * 1e12
+                roof = bw / (2 * WIDTH * jnp.dtype(DTYPES[dname]).itemsize)
+                ax.axhline(roof, color="k", ls=":", label="HBM roofline")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{kind} {layer} {dname}")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("tokens / s")
+            ax.grid(alpha=0.3)
+            if rows:
+                ax.legend(fontsize=7)
         fig.suptitle(f"FFF-v2 {kind}, H={WIDTH}, {info.get('device_kind') or info['device']}")
         fig.tight_layout()
         bench.write_results(folder, f"bench_gpu_{kind}", figure=fig, dpi=110)
@@ -530,8 +529,8 @@ def main(argv=None):
     parser.add_argument("--train-candidates", type=int, default=len(TRAIN_CANDIDATES))
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     parser.add_argument("--skip", nargs="+", default=[], metavar="IMPL",
-                        help="implementations not to time, e.g. xla_gather train_xla_gather (128x4 at 2^20: "
-                             "the gather path asks for 385 GiB and its training step takes minutes)")
+                        help="implementations not to time, e.g. xla_gather train_xla_gather (at 128x4 and "
+                             "2^20 tokens the gather path needs more memory than a GPU has)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:

@@ -32,9 +32,9 @@ steps, the median of ``--repeats`` repeats. Results are appended row by row to
 
 Run on the GPU machine (one call per kind)::
 
-    python experiments/bench_scaleout.py --counts 1           # nvidia-h200
-    python experiments/bench_scaleout.py --counts 1 2         # nvidia-h200-x2
-    python experiments/bench_scaleout.py --counts 1 2 4 8     # nvidia-h200-x8
+    python experiments/bench_scaleout.py --counts 1           # one GPU
+    python experiments/bench_scaleout.py --counts 1 2         # two GPUs
+    python experiments/bench_scaleout.py --counts 1 2 4 8     # eight GPUs
 
 Smoke test on CPU (8 fake devices, tiny shapes)::
 

@@ -1,4 +1,4 @@
-"""Independent branch training of an FFF-v1 (the users' proposal for loosely connected machines).
+"""Independent branch training of an FFF-v1: subtrees trained apart, as on loosely connected machines.
 
 Recipe, for a tree of depth ``d`` and a split level ``s``:
 
