@@ -1,6 +1,6 @@
 """Timing, kernel profiles and result files for the scripts in ``experiments/``.
 
-How long something takes, in one vocabulary (every function returns seconds per call, and compiles
+How long something takes, in one vocabulary (each of these returns seconds per call, and compiles
 and warms up before it measures):
 
 * :func:`latency`: each call waited for before the next is sent: what a caller that needs every
