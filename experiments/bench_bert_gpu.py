@@ -8,8 +8,8 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    positions) with :class:`fffjax.train.loop.Trainer` on random token ids, one device, bf16 compute
    (float32 master weights and AdamW), ``--train-batch`` sequences per step. The FFF model runs each
    implementation of ``--train-implementations`` (default ``pallas``: the Pallas forward with the
-   conditional backward kernels; ``xla``'s backward is a scatter-add, slow on a GPU). Timed by
-   :func:`bench_scaleout.bench_pretrain` (the Trainer runs the modules in the compute dtype).
+   conditional backward kernels; ``xla``'s backward is a scatter-add, slow on a GPU). The Trainer
+   runs the modules in the compute dtype, data parallel (``dp``) on a one-device mesh.
 2. **Inference**: jitted forward passes, bf16 parameters and compute, dropout off, ``--infer-batch``
    sequences: (a) ``encode`` (the encoder, where the FFF replaces the dense feedforward),
    (b) ``classifier`` (:class:`CrammedBertClassifier`: encoder + pooled head, the fine-tuned model),
@@ -22,24 +22,24 @@ dense feedforward of width 3072. Both are measured in the same run, so every rat
    times both), and ``--gelu`` the dense twin's exact GELU (``auto``: the elementwise Pallas kernel on a
    GPU; ``auto,xla`` also times ``jax.nn.gelu``). Speed-ups are against the dense row of the first
    ``--gelu``.
-3. ``--profile``: a JAX profiler trace of one call of each forward: kernel time per kernel (or HLO op),
-   where the encoder's time goes. (A former ``--components`` mode timed parts chained in a jitted
-   loop; for parts of tens of microseconds it read about twice the profiler's kernel times, e.g.
-   0.088 ms for a layer norm of 34-44 us.)
+3. ``--profile``: a JAX profiler trace of one call of each forward (:func:`fffjax.bench.profile_kernels`):
+   kernel time per HLO op, where the encoder's time goes. Kernel times of parts of tens of
+   microseconds come from this trace, not from timing the parts alone.
 
-Timing: inference reports the throughput of a stream of batches (``--steps`` calls enqueued back to
-back, waited for once) and the latency of one batch (each call waited for); training, the wall clock
-of ``--steps`` steps (each ending in a host fetch of the metrics). After the compile and ``--warmup``
-calls; the median of ``--repeats`` repeats. Writes ``bert_gpu.json`` (rows, device, versions,
-command), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out`` after every measurement.
+Timing (:mod:`fffjax.bench`): inference reports the throughput of a stream of batches
+(:func:`~fffjax.bench.stream`: ``--steps`` calls sent back to back, the last one waited for) and the
+latency of one batch (:func:`~fffjax.bench.latency`: each call waited for); training, the latency of
+``--steps`` steps (each ending in a host fetch of the metrics). After the compile and ``--warmup``
+calls; the median of ``--repeats`` repeats. Writes ``bert_gpu.json`` (rows, command, date, device,
+versions), ``bert_gpu.md`` and ``bert_gpu.png`` to ``--out`` after every measurement.
 
-Run on the GPU machine (repo root, about 4 minutes on an H200, mostly compiles)::
+Run on the GPU machine (a few minutes, mostly compiles)::
 
-    PYTHONPATH=. python experiments/bench_bert_gpu.py --out $OUT
+    python experiments/bench_bert_gpu.py --out $OUT
 
 Smoke test on the CPU (tiny, about a minute)::
 
-    PYTHONPATH=. python experiments/bench_bert_gpu.py --config tiny --train-implementations xla \\
+    python experiments/bench_bert_gpu.py --config tiny --train-implementations xla \\
         --implementations xla --train-batch 8 --infer-batch 16 --steps 2 --repeats 2 --out /tmp/bert_smoke
 
 Redraw the md and png from a json (written next to it unless ``--out`` is given)::
@@ -50,29 +50,16 @@ Redraw the md and png from a json (written next to it unless ``--out`` is given)
 import argparse
 import itertools
 import json
-import platform
-import re
-import shlex
-import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "experiments"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from fffjax import bench
 
-from bench_scaleout import bench_pretrain, random_mlm_batch, timed  # noqa: E402
-
-RESULTS = ROOT / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bert_gpu"
 FORWARDS = ("encode", "classifier", "mlm")
-_T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", flush=True)
+# AttentionConfig fields in the order of --attention-config's BQxW[xHxS].
+ATTENTION_TILES = ("block_q", "num_warps", "heads_per_program", "num_stages")
 
 
 def split_list(text: str) -> list[str]:
@@ -83,19 +70,42 @@ def split_list(text: str) -> list[str]:
 # ----------------------------------------------------------------------------- training
 
 
-def bench_train(args, config_name: str, implementation: str | None) -> dict:
-    """One training row: :func:`bench_pretrain` of ``config_name`` on one device (scheme ``dp``)."""
-    t0 = time.perf_counter()
-    ns = argparse.Namespace(config=config_name, implementation=implementation, per_device_batch=args.train_batch,
-                            compute_dtype=args.compute_dtype, steps=args.steps, warmup=args.warmup,
-                            repeats=args.repeats)
-    row = bench_pretrain(ns, 1, "dp")
-    from fffjax.models.crammed_bert import gelu_implementation
+def random_mlm_batch(rng, batch: int, seq: int, vocab: int) -> dict:
+    """An MLM batch (:func:`fffjax.data.mlm.mask_tokens`) of uniformly random word-piece ids."""
+    import numpy as np
 
+    from fffjax.data.mlm import mask_tokens
+    from fffjax.data.tokenizer import FIRST_WORD_ID
+
+    return mask_tokens(rng.integers(FIRST_WORD_ID, vocab, size=(batch, seq), dtype=np.int32), rng, vocab_size=vocab)
+
+
+def bench_train(args, config_name: str, implementation: str | None) -> dict:
+    """One training row: MLM optimizer steps of ``config_name`` with the Trainer on one device, each
+    step waited for (:func:`fffjax.bench.latency`: ``Trainer.step`` places the host batch, runs the
+    jitted step and fetches the metrics, as a training loop does)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fffjax.models.config import get_config
+    from fffjax.models.crammed_bert import CrammedBertMLM, gelu_implementation
+    from fffjax.train import loop
+    from fffjax.train import sharding as shd
+
+    t0 = time.perf_counter()
+    config = get_config(config_name)
+    train_config = loop.TrainConfig(steps=10_000, batch_size=args.train_batch, compute_dtype=args.compute_dtype,
+                                    data_parallel=1, model_parallel=1, parallelism="dp")
+    model = CrammedBertMLM(config, implementation=implementation, rngs=nnx.Rngs(0))
+    trainer = loop.Trainer(model, loop.mlm_objective, train_config,
+                           mesh=shd.make_mesh(1, 1, devices=jax.devices()[:1]))
+    host = random_mlm_batch(np.random.default_rng(0), args.train_batch, config.max_seq_length, config.vocab_size)
+    seconds = bench.latency(trainer.step, host, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
     gelu = {"gelu": gelu_implementation(None, args.compute_dtype)} if implementation is None else {}   # the default
     return {"bench": "train", "config": config_name, "implementation": implementation or "dense", **gelu,
-            "batch": args.train_batch, "seq": row["seq"], "step_s": row["step_s"], "steps_per_s": 1.0 / row["step_s"],
-            "tokens_per_s": row["tokens_per_s"], "compute_dtype": args.compute_dtype,
+            "batch": args.train_batch, "seq": config.max_seq_length, "step_s": seconds, "steps_per_s": 1.0 / seconds,
+            "tokens_per_s": args.train_batch * config.max_seq_length / seconds, "compute_dtype": args.compute_dtype,
             "stage_s": time.perf_counter() - t0}
 
 
@@ -162,8 +172,8 @@ def kernel_names(attention: str | None, norm: str | None, dtype, gelu: str | Non
 
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
                   inputs: tuple, attention: str | None = None, norm: str | None = None, gelu: str | None = None) -> dict:
-    """One inference row: compile, then the median seconds per batch (waited for one by one, and
-    in a stream: :func:`stream_seconds`)."""
+    """One inference row: compile, then the median seconds per batch, each waited for
+    (:func:`fffjax.bench.latency`) and in a stream of batches (:func:`fffjax.bench.stream`)."""
     import jax
 
     model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm,
@@ -172,8 +182,8 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     t0 = time.perf_counter()
     jax.block_until_ready(fn(state, *inputs))
     first_call_s = time.perf_counter() - t0   # compile + one call
-    seconds = timed(lambda: jax.block_until_ready(fn(state, *inputs)), args.steps, args.warmup, args.repeats)
-    stream = stream_seconds(lambda: fn(state, *inputs), args.steps, args.warmup, args.repeats)
+    seconds = bench.latency(fn, state, *inputs, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
+    stream = bench.stream(fn, state, *inputs, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
     batch, seq = inputs[0].shape
     return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
             **kernel_names(attention, norm, args.compute_dtype, gelu, implementation is None), "batch": batch,
@@ -182,100 +192,14 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
-def stream_seconds(fn, steps: int, warmup: int, repeats: int) -> float:
-    """Median seconds per call of ``fn()`` (which returns without waiting) over ``steps`` calls enqueued
-    back to back and waited for once: a stream of batches, whose host dispatch overlaps the GPU's work."""
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = [fn() for _ in range(steps)]
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - t0) / steps)
-    return statistics.median(runs)
-
-
-def device_events(trace: dict) -> list[dict]:
-    """The complete (``ph == "X"``) events of a Perfetto trace that ran on a GPU: processes whose name
-    holds ``/device:GPU`` (the profiler's device lines: one per stream). Without a GPU (CPU smoke
-    runs), the events that carry an ``hlo_op``."""
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    gpu_pids = {e["pid"] for e in trace.get("traceEvents", []) if e.get("ph") == "M"
-                and e.get("name") == "process_name" and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
-    if gpu_pids:
-        return [e for e in events if e.get("pid") in gpu_pids]
-    return [e for e in events if "hlo_op" in e.get("args", {})]
-
-
-def kernel_summary(events: list[dict], top: int = 30) -> dict:
-    """``{span_ms, busy_ms, kernels, ops: [{op, calls, ms}]}`` of one traced call: the wall span from the
-    first kernel's start to the last one's end, the summed kernel time, and the kernels' time grouped
-    by HLO op name without its instance number (``fusion.12`` and ``fusion.3`` are one row; the
-    kernel name where the event has no op or runs inside an XLA command buffer, i.e. a CUDA graph),
-    longest first. ``span - busy`` is time the
-    GPU waited (launch gaps)."""
-    if not events:
-        return {"span_ms": 0.0, "busy_ms": 0.0, "kernels": 0, "ops": []}
-    start = min(e["ts"] for e in events)
-    end = max(e["ts"] + e["dur"] for e in events)
-    ops: dict = {}
-    for e in events:
-        op = e.get("args", {}).get("hlo_op") or ""
-        if not op or op.startswith("command_buffer"):   # kernels replayed from a CUDA graph: their own names
-            op = e["name"]
-        op = re.sub(r"[._]\d+$", "", op)[:90]            # fusion.12 / loop_add_fusion_3 -> one row
-        calls, us = ops.get(op, (0, 0.0))
-        ops[op] = (calls + 1, us + e["dur"])
-    ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"span_ms": (end - start) / 1e3, "busy_ms": sum(e["dur"] for e in events) / 1e3, "kernels": len(events),
-            "ops": [{"op": op, "calls": c, "ms": us / 1e3} for op, (c, us) in ranked]}
-
-
-def profile_kernels(fn, *args, warmup: int = 2) -> dict:
-    """:func:`kernel_summary` of one call ``fn(*args)`` traced by the JAX profiler, after the compile and
-    ``warmup`` untraced calls."""
-    import gzip
-    import tempfile
-
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            jax.block_until_ready(fn(*args))
-        path = next(Path(folder).rglob("perfetto_trace.json.gz"))
-        return kernel_summary(device_events(json.load(gzip.open(path))))
-
-
-def per_layer_ms(fn, args: tuple, layers: int, *, steps: int = 10, warmup: int = 2,
-                 repeats: int = 5) -> tuple[float, float, dict]:
-    """``(kernel ms, wall ms, summary)`` of ``fn(*args)``, a jitted call of ``layers`` independent layers:
-    kernel time per layer from one profiled call (:func:`profile_kernels`; ``summary`` is its
-    :func:`kernel_summary`), wall time per layer over a stream of calls (:func:`stream_seconds`)."""
-    summary = profile_kernels(fn, *args, warmup=1)
-    wall = stream_seconds(lambda: fn(*args), steps, warmup, repeats)
-    return summary["busy_ms"] / layers, wall * 1e3 / layers, summary
-
-
-def parse_attention_config(text: str):
-    """``"BQxW"`` or ``"BQxWxHxS"``: ``AttentionConfig(block_q, num_warps[, heads_per_program, num_stages])``."""
-    from pallas_kernels.attention import AttentionConfig
-
-    return AttentionConfig(*(int(v) for v in text.split("x")))
-
-
 def bench_profile(args, models: dict, forward: str, config_name: str, implementation: str | None, inputs: tuple,
                   attention: str | None = None, norm: str | None = None, gelu: str | None = None) -> dict:
-    """One ``profile`` row: a JAX profiler trace of one jitted ``forward`` call (after the compile and a
-    warm-up call), summarised by :func:`kernel_summary`."""
+    """One ``profile`` row: :func:`fffjax.bench.profile_kernels` of one jitted ``forward`` call (after
+    the compile and a warm-up call)."""
     model = configured(models["classifier" if forward == "classifier" else "mlm"], implementation, attention, norm,
                        gelu)
     fn, state = jitted_forward(model, forward)
-    summary = profile_kernels(fn, state, *inputs)
+    summary = bench.profile_kernels(fn, state, *inputs)
     return {"bench": "profile", "forward": forward, "config": config_name, "implementation": implementation or "dense",
             **kernel_names(attention, norm, args.compute_dtype, gelu, implementation is None),
             "batch": inputs[0].shape[0], "seq": inputs[0].shape[1], **summary}
@@ -319,7 +243,7 @@ def markdown(report: dict) -> str:
     train = [r for r in rows if r["bench"] == "train"]
     infer = [r for r in rows if r["bench"] == "infer"]
     lines = [f"# UltraFastBERT `{report['config']}` vs `{report['dense_config']}` on {report['device_kind']}", "",
-             f"How produced: `{report['command']}` (jax {report['jax_version']}, {report['backend']}).", ""]
+             bench.provenance_line(report), ""]
     if train:
         r0 = train[0]
         lines += [f"## Training: MLM optimizer steps, {r0['compute_dtype']} compute, {r0['batch']} x {r0['seq']} "
@@ -335,10 +259,10 @@ def markdown(report: dict) -> str:
                   f"{r0['batch']} x {r0['seq']} tokens per batch", "",
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
-                  f"H x V matmul per token, the same in both models). Issue target: >= 2.5x vs dense." + (
+                  "H x V matmul per token, the same in both models)." + (
                       f" Speed-ups are against the dense twin whose exact GELU runs through `{report['reference_gelu']}`."
                       if report.get("reference_gelu") else ""), "",
-                  "Throughput: `--steps` batches enqueued back to back and waited for once (a stream of batches: "
+                  "Throughput: `--steps` batches sent back to back, the last one waited for (a stream of batches: "
                   "the host's dispatch overlaps the GPU's work); latency: each batch waited for before the next "
                   "is sent (then the host's dispatch of a call with these models' ~170 arrays adds to every batch).", "",
                   "| forward | attention | norm | model | FFF implementation (dense: its GELU) | throughput: ms per batch "
@@ -365,17 +289,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict):
     """Bar plot: training tokens/s (left), inference tokens/s per forward (right); bars labelled vs dense."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name}", flush=True)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = bench.pyplot()
     rows = with_ratios(report["rows"], report.get("reference_gelu"))
     impls = list(dict.fromkeys(["dense"] + [r["implementation"] for r in rows]))
     colors = {name: f"C{i}" for i, name in enumerate(impls)}
@@ -413,24 +331,20 @@ def plot(report: dict, path: Path) -> None:
                    else "inference throughput (a stream of batches)")
     fig.suptitle(f"UltraFastBERT {report['config']} vs {report['dense_config']}, {report['device_kind']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write(report: dict, out: Path, *, with_json: bool = True, png: bool = True) -> None:
     """``bert_gpu.json`` (rows with their ``vs_dense``), ``bert_gpu.md`` and optionally ``bert_gpu.png``."""
-    out.mkdir(parents=True, exist_ok=True)
-    if with_json:
-        (out / f"{NAME}.json").write_text(json.dumps({**report, "rows": with_ratios(report["rows"], report.get("reference_gelu"))}, indent=1))
-    (out / f"{NAME}.md").write_text(markdown(report))
-    if png:
-        plot(report, out / f"{NAME}.png")
+    rows = with_ratios(report["rows"], report.get("reference_gelu"))
+    bench.write_results(out, NAME, report={**report, "rows": rows} if with_json else None, markdown=markdown(report),
+                        figure=plot(report) if png else None)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def run(args, command: str) -> dict:
+def run(args, argv: list[str] | None) -> dict:
     import flax
     import jax
     import jax.numpy as jnp
@@ -441,23 +355,22 @@ def run(args, command: str) -> dict:
 
     dense_name = args.dense_config or f"{args.config}-dense"
     config = get_config(args.config)
-    device = jax.devices()[0]
-    report = {"command": command, "config": args.config, "dense_config": dense_name, "device_kind": device.device_kind,
-              "backend": jax.default_backend(), "jax_version": jax.__version__, "flax_version": flax.__version__,
-              "python": platform.python_version(), "compute_dtype": args.compute_dtype,
+    report = {**bench.provenance(__file__, argv), "config": args.config, "dense_config": dense_name,
+              "flax_version": flax.__version__, "compute_dtype": args.compute_dtype,
               "pallas_attention_config": str(pallas_kernels.attention.DEFAULT_CONFIG), "rows": []}
     out = Path(args.out)
-    log(f"{args.config} vs {dense_name} on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    bench.log(f"{args.config} vs {dense_name} on {report['device_kind']} ({jax.default_backend()}), "
+              f"jax {jax.__version__}")
 
     def record(row: dict) -> None:
         report["rows"].append(row)
-        log(json.dumps(row))
+        bench.log(json.dumps(row))
         write(report, out, png=False)
 
     train_impls = split_list(args.train_implementations)
     for impl in [None] + train_impls if train_impls else []:
         name = dense_name if impl is None else args.config
-        log(f"train {name} ({impl or 'dense'}): build, compile, time")
+        bench.log(f"train {name} ({impl or 'dense'}): build, compile, time")
         record(bench_train(args, name, impl))
 
     impls = split_list(args.implementations)
@@ -476,17 +389,17 @@ def run(args, command: str) -> dict:
         inputs = (jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
         dtype = jnp.dtype(args.compute_dtype)
         for name, model_impls, model_gelus in ((dense_name, [None], gelus), (args.config, impls, [None])):
-            log(f"infer {name}: build")
+            bench.log(f"infer {name}: build")
             models = build_models(name, dtype, model_impls[0])
             for attention, norm, gelu, impl in itertools.product(attentions, norms, model_gelus, model_impls):
                 what = f"{name} ({impl or 'dense'}, attention {attention}, norm {norm}" + (
                     f", gelu {gelu})" if impl is None else ")")
                 for forward in split_list(args.forwards):
-                    log(f"infer {what} {forward}: compile, time")
+                    bench.log(f"infer {what} {forward}: compile, time")
                     record(bench_forward(args, models, forward, name, impl, inputs, attention, norm, gelu))
                 if args.profile:
                     for forward in split_list(args.forwards):
-                        log(f"profile {what} {forward}")
+                        bench.log(f"profile {what} {forward}")
                         record(bench_profile(args, models, forward, name, impl, inputs, attention, norm, gelu))
             del models
     write(report, out, png=True)
@@ -533,10 +446,10 @@ def main(argv=None) -> None:
     if args.attention_config:
         import pallas_kernels.attention
 
-        pallas_kernels.attention.DEFAULT_CONFIG = parse_attention_config(args.attention_config)
-    argv = sys.argv[1:] if argv is None else argv
-    run(args, f"PYTHONPATH=. python experiments/bench_bert_gpu.py {shlex.join(argv)}".strip())
-    log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")
+        pallas_kernels.attention.DEFAULT_CONFIG = pallas_kernels.attention.AttentionConfig(
+            **bench.parse_fields(args.attention_config, ATTENTION_TILES))
+    run(args, argv)
+    bench.log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")
     print((Path(args.out) / f"{NAME}.md").read_text(), flush=True)
 
 

@@ -11,29 +11,30 @@ float32, 128 / 1024 / 16384 tokens. Variants (every weight and input random, eve
 * At the largest token count, ablations that say where the time goes (see the ``.md``).
 
 The baseline of every ratio is the fastest dense layer of width 4095 or 4096 (XLA or torch) at the
-same token count, named beside the ratio. Timing: warm-up, then wall clock around one call ending in
-``block_until_ready``; variants interleaved round by round; median of the repeats (slow variants
-get fewer). FFF outputs are checked against the masked reference before anything is timed.
+same token count, named beside the ratio. Timing: :func:`fffjax.bench.side_by_side`: one warm-up
+call, then wall clock and process CPU time around one call ending in ``block_until_ready``;
+variants interleaved round by round; median of the samples (slow variants get fewer, within
+``--budget-s``). FFF outputs are checked against the masked reference before anything is timed.
 
-Large fresh XLA output buffers are page-faulted in 4 KiB pages on every call (about 20 ms per 50 MB
-here, for every JAX variant alike); the script re-executes itself with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for malloc) unless
-``--no-hugetlb``. The setting is recorded in the JSON.
+Large fresh XLA output buffers are page-faulted in 4 KiB pages on every call, for every JAX variant
+alike; the script re-executes itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent
+huge pages for malloc) unless ``--no-hugetlb``. The setting is recorded in the JSON.
 
-Run: ``python experiments/bench_cpu.py`` (a few minutes on 2 cores).
+Run (a few minutes on 2 cores; writes ``experiments/results/bench_cpu.{json,md,png}``)::
+
+    python experiments/bench_cpu.py
+
+Smoke run (seconds)::
+
+    python experiments/bench_cpu.py --tokens 64 --max-repeats 3 --budget-s 0.01 --no-torch --out /tmp/bench_cpu
 """
 
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 HUGETLB = "glibc.malloc.hugetlb=1"
 
 
@@ -49,51 +50,29 @@ def _reexec_with_hugetlb(argv: list[str]) -> None:
 
 
 _reexec_with_hugetlb(sys.argv)
-sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fffjax import tree, v2  # noqa: E402
+from fffjax import bench, tree, v2  # noqa: E402
 from fffjax.ops import cpu_ffi, fff_v2_hard  # noqa: E402
 
 H, DEPTH, WIDTHS = 768, 11, (4095, 4096, 3072)
 BASELINES = ("xla_dense_4095", "xla_dense_4096", "torch_dense_4095", "torch_dense_4096")
+RESULTS = Path(__file__).resolve().parent / "results"
+log = bench.log
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def machine_info() -> dict:
-    model = platform.processor()
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        caches = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                  if ln.strip().startswith(("L1d", "L2", "L3"))}
-    except OSError:
-        caches = {}
-    info = {
-        "cpu_model": model, "cores": len(os.sched_getaffinity(0)), "caches": caches, "python": platform.python_version(),
-        "platform": platform.platform(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "cpu_ffi_available": cpu_ffi.available(), "cpu_ffi_build_error": cpu_ffi.build_error(),
-    }
-    try:
-        import jaxlib
-        info["jaxlib"] = jaxlib.__version__
-        import torch
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        info.setdefault("torch", None)
+def machine_info(torch_mod) -> dict:
+    """:func:`fffjax.bench.machine_info` with what this benchmark depends on: the malloc and OpenMP
+    settings, whether the ``cpu_ffi`` kernel compiled, torch's version and threads."""
+    info = {**bench.machine_info(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "cpu_ffi_available": cpu_ffi.available(), "cpu_ffi_build_error": cpu_ffi.build_error(),
+            "torch": getattr(torch_mod, "__version__", None)}
+    if torch_mod is not None:
+        info["torch_threads"] = torch_mod.get_num_threads()
     return info
 
 
@@ -200,24 +179,18 @@ def torch_fff_gather(torch, x, w_in, b_in, w_out, depth: int):
 
 
 class Variant:
-    """One timed callable; ``call()`` returns only when the result is computed."""
+    """One row of the table: ``call()`` returns only when its result is computed, with the environment
+    variables ``env`` set for the call (the ``cpu_ffi`` kernel reads its ablation switches there)."""
 
     def __init__(self, name: str, call, *, group: str, width: int | None = None, env: dict | None = None):
-        self.name, self.call, self.group, self.width, self.env = name, call, group, width, env or {}
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []  # process CPU time (all threads) of the same calls
-        self.repeats = 0
+        self.name, self.group, self.width, self.env = name, group, width, env or {}
+        self._call = call
 
-    def timed(self) -> float:
-        """Wall seconds of one call; its process CPU seconds go to ``self.last_cpu``."""
+    def call(self):
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         try:
-            cpu, start = time.process_time(), time.perf_counter()
-            self.call()
-            wall = time.perf_counter() - start
-            self.last_cpu = time.process_time() - cpu
-            return wall
+            return self._call()
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -326,30 +299,14 @@ def check_outputs(checks, reference, tokens: int) -> dict:
     return errors
 
 
-def time_variants(variants, *, max_repeats: int, budget_s: float) -> None:
-    """Warm up each, then interleave: round r runs every variant that still wants a repeat."""
-    for v in variants:
-        v.timed()  # compile / first touch
-        first = v.timed()
-        v.repeats = int(np.clip(budget_s / max(first, 1e-6), 3, max_repeats))
-        v.times, v.cpu_times = [first], [v.last_cpu]
-        log(f"  warm {v.name:34s} {first * 1e3:10.2f} ms -> {v.repeats} repeats")
-    for r in range(1, max(v.repeats for v in variants)):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
-        for v in order:
-            if r < v.repeats:
-                v.times.append(v.timed())
-                v.cpu_times.append(v.last_cpu)
-
-
-def summarise(tokens, variants) -> list[dict]:
+def summarise(tokens, variants, times: dict[str, bench.Timing]) -> list[dict]:
+    """One row per variant: its median, minimum and CPU time, and its speed-up over the baselines."""
     rows = []
     for v in variants:
-        ms = statistics.median(v.times) * 1e3
+        t = times[v.name]
         rows.append({"tokens": tokens, "variant": v.name, "group": v.group, "width": v.width,
-                     "ms_median": ms, "ms_min": min(v.times) * 1e3, "repeats": len(v.times),
-                     "tokens_per_s": tokens / (ms / 1e3), "env": v.env,
-                     "cpu_ms_median": statistics.median(v.cpu_times) * 1e3})
+                     "ms_median": t.median_s * 1e3, "ms_min": t.min_s * 1e3, "repeats": len(t.samples_s),
+                     "tokens_per_s": tokens / t.median_s, "env": v.env, "cpu_ms_median": t.cpu_median_s * 1e3})
     by_name = {r["variant"]: r for r in rows}
     base = min((by_name[b] for b in BASELINES if b in by_name), key=lambda r: r["ms_median"])
     d3072 = min((by_name[b] for b in ("xla_dense_3072", "torch_dense_3072") if b in by_name),
@@ -365,15 +322,19 @@ def summarise(tokens, variants) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 
-def write_markdown(path: Path, info: dict, rows: list[dict], errors: dict, args) -> None:
+def markdown(result: dict) -> str:
+    info, rows, errors = result["machine"], result["results"], result["output_max_abs_error"]
     lines = [
         "# CPU benchmark: FFF-v2 hard inference vs dense feedforward",
         "",
         f"UltraFastBERT 1x11 layer: H = {H}, FFF-v2 depth {DEPTH} ({tree.v2_nodes_per_tree(DEPTH)} neurons, "
         f"{DEPTH + 1} per token), float32. Machine: {info['cpu_model']}, {info['cores']} cores "
         f"({', '.join(f'{k} {v}' for k, v in info['caches'].items())}); jax {info['jax']}, torch {info.get('torch')}; "
-        f"`GLIBC_TUNABLES={info['glibc_tunables'] or '(unset)'}`, `OMP_WAIT_POLICY={info['omp_wait_policy'] or '(unset)'}`. Produced by `experiments/bench_cpu.py` "
-        f"on {info['date_utc']}; load average before/after: {info['loadavg_start']} / {info['loadavg_end']}.",
+        f"`GLIBC_TUNABLES={info['glibc_tunables'] or '(unset)'}`, "
+        f"`OMP_WAIT_POLICY={info['omp_wait_policy'] or '(unset)'}`; load average before/after: "
+        f"{info['loadavg_start']} / {info['loadavg_end']}.",
+        "",
+        bench.provenance_line({"date_utc": info.get("date_utc"), **result}),   # older files: the date in machine
         "",
         "Wall clock per call (median of the repeats, variants interleaved in one process). **Speedup** is "
         "relative to the fastest dense layer of width 4095 or 4096 (XLA or torch) at the same token count, "
@@ -402,7 +363,7 @@ def write_markdown(path: Path, info: dict, rows: list[dict], errors: dict, args)
         lines.append(f"| {tokens} | " + " | ".join(f"{errs[k]:.2e}" if k in errs else "-" for k in names) + " |")
     lines.append("")
     lines += analysis_lines(rows)
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def analysis_lines(rows: list[dict]) -> list[str]:
@@ -447,7 +408,7 @@ def analysis_lines(rows: list[dict]) -> list[str]:
                                      "come from memory once per token instead of once per subtree",
         "ablation_cpu_ffi_1_thread": "`cpu_ffi` on one thread (`FFFJAX_CPU_THREADS=1`)",
         "ablation_cpu_ffi_depth_7": "`cpu_ffi` at depth 7 (8 levels, 0.8 MB per table: stays in L2/L3)",
-        "ablation_xla_multiply_sum": "gathers, then multiply and sum (`xla_multiply_sum`): the previous \"xla\"",
+        "ablation_xla_multiply_sum": "gathers, then multiply and sum (`xla_multiply_sum`)",
         "ablation_xla_routing_only": "the \"xla\" path's gathers and dots without the output stage",
         "ablation_xla_lax_map_1024": "the \"xla\" path over blocks of 1024 tokens with `lax.map`",
         "ablation_xla_fori_levels": "the \"xla\" path with a `fori_loop` over levels (multiply-sum)",
@@ -476,17 +437,14 @@ def analysis_lines(rows: list[dict]) -> list[str]:
         "The machine is shared with other jobs (load averages above): time slicing slows every variant, the "
         "compute-bound dense layers most, so ratios measured under load can flatter the FFF; the interleaving "
         "keeps the variants under the same conditions. The CPU-time columns approximate what a quiet machine "
-        "would show (a quiet run of the dense 4096 layer at 16384 tokens took about 0.65 s wall, i.e. about "
-        "1.3 s of CPU time on 2 cores); rerun the script on an idle machine for clean wall-clock figures.",
+        "would show; rerun the script on an idle machine for clean wall-clock figures.",
     ]
     return lines + [""]
 
 
-def write_plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(rows: list[dict]):
+    """Bars of ms per call and of speed-up over the baseline, per token count (ablations left out)."""
+    plt = bench.pyplot()
     main = [r for r in rows if r["group"] != "ablation"]
     names = list(dict.fromkeys(r["variant"] for r in main))
     token_counts = sorted({r["tokens"] for r in main})
@@ -512,7 +470,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     handles, labels = ax_sp.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv=None) -> None:
@@ -522,15 +480,14 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=3.0, help="time per variant per token count")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-hugetlb", action="store_true", help="keep glibc's default malloc (4 KiB page faults)")
-    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_cpu"))
+    parser.add_argument("--out", default=str(RESULTS / "bench_cpu"), help="path of the results without suffix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the existing .json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.replot:
         saved = json.loads(out.with_suffix(".json").read_text())
-        write_markdown(out.with_suffix(".md"), saved["machine"], saved["results"], saved["output_max_abs_error"], args)
-        write_plot(out.with_suffix(".png"), saved["results"])
+        bench.write_results(out.parent, out.name, markdown=markdown(saved), figure=figure(saved["results"]))
         log(f"rewrote {out}.md, .png from {out}.json")
         return
 
@@ -543,8 +500,8 @@ def main(argv=None) -> None:
         except ImportError:
             log("torch not installed: torch variants skipped")
     log("compiling / loading the cpu_ffi kernel")
-    info = machine_info()
-    info["date_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    head = bench.provenance(__file__, argv)
+    info = machine_info(torch_mod)
     info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     log(f"machine: {info['cpu_model']}, {info['cores']} cores, jax {info['jax']}, torch {info.get('torch')}, "
         f"GLIBC_TUNABLES={info['glibc_tunables']!r}, load {info['loadavg_start']}")
@@ -554,20 +511,18 @@ def main(argv=None) -> None:
         variants, checks, reference = build_variants(tokens, args.seed, tokens == max(args.tokens), torch_mod)
         errors[tokens] = check_outputs(checks, reference, tokens)
         log(f"{tokens} tokens: outputs match the masked reference (max |err| {max(errors[tokens].values()):.2e})")
-        time_variants(variants, max_repeats=args.max_repeats, budget_s=args.budget_s)
-        sub = summarise(tokens, variants)
+        times = bench.side_by_side({v.name: v.call for v in variants}, rounds=args.max_repeats, warmup=1,
+                                   budget_s=args.budget_s, min_rounds=3, log=log)
+        sub = summarise(tokens, variants, times)
         rows += sub
         for r in sub:
             log(f"  {r['variant']:34s} {r['ms_median']:10.3f} ms  {r['speedup_vs_baseline']:8.1f}x vs {r['baseline']}")
         info[f"loadavg_after_{tokens}"] = [round(v, 2) for v in os.getloadavg()]
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"config": {"H": H, "depth": DEPTH, "dtype": "float32", "tokens": args.tokens,
-                         "dense_widths": list(WIDTHS), "baselines": list(BASELINES)},
+    result = {**head, "config": {"H": H, "depth": DEPTH, "dtype": "float32", "tokens": args.tokens,
+                                 "dense_widths": list(WIDTHS), "baselines": list(BASELINES)},
               "machine": info, "output_max_abs_error": {str(k): v for k, v in errors.items()}, "results": rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    write_markdown(out.with_suffix(".md"), info, rows, errors, args)
-    write_plot(out.with_suffix(".png"), rows)
+    bench.write_results(out.parent, out.name, report=result, markdown=markdown(result), figure=figure(rows))
     log(f"wrote {out}.json, .md, .png")
 
 

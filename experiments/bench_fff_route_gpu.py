@@ -10,39 +10,32 @@ A 1x11 layer (H = 768, one tree of depth 11), bf16, grouped kernel with ``split_
   ``r128x64x8x3+g128x64x8x3``.
 
 Each variant runs ``--layers`` (default: enough for 2**19 tokens in all) independent layers in one
-jitted function; reported per layer: GPU kernel time from a profiler trace (and its longest ops),
-and wall time over a stream of calls. Writes ``fff_route_gpu.json`` and ``.md`` to ``--out``.
+jitted function; reported per layer (:func:`fffjax.bench.per_layer`): GPU kernel time from a
+profiler trace (and its longest ops), and wall time over a stream of calls. Writes
+``fff_route_gpu.json`` and ``.md`` to ``--out``.
 
-Run on the GPU machine (repo root, about a minute)::
+Run on the GPU machine (about a minute)::
 
-    PYTHONPATH=. python experiments/bench_fff_route_gpu.py --out $OUT
+    python experiments/bench_fff_route_gpu.py --out $OUT
 """
 
 import argparse
 import dataclasses
 import json
-import platform
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "experiments"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from bench_bert_gpu import per_layer_ms  # noqa: E402
-from fffjax import v2  # noqa: E402
-from pallas_kernels.fff_v2_forward import ROUTES, default_config, fff_v2_forward  # noqa: E402
+from fffjax import bench, v2
+from pallas_kernels.fff_v2_forward import ROUTES, default_config, fff_v2_forward
 
 WIDTH, DEPTH = 768, 11
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tokens", default="32768,131072,1048576", help="comma list of token counts")
     ap.add_argument("--layers", type=int, default=None, help="layers per call (default: 2**19 tokens in all)")
     ap.add_argument("--configs", default="", help="comma list of tiles to time as well: rBTxCxWxS (route kernel), "
@@ -70,7 +63,8 @@ def main(argv=None):
             fn = jax.jit(lambda x, ps, one=one: [one(x, p) for p in ps])
             try:
                 outputs[route] = one(x, params[0]).astype(jnp.float32)
-                kernel_ms, wall_ms, summary = per_layer_ms(fn, (x, params), layers, steps=5, warmup=1, repeats=3)
+                kernel_ms, wall_ms, summary = bench.per_layer(fn, x, params, layers=layers, calls=5, warmup=1,
+                                                              repeats=3)
             except Exception as e:   # e.g. tiles that need more shared memory than the GPU has
                 print(f"{n_tokens} {route}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -81,30 +75,30 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             if route != "kernel":
                 row["max_abs_diff_vs_kernel_route"] = float(jnp.max(jnp.abs(outputs[route] - outputs["kernel"])))
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
-              "commands": ["python experiments/bench_fff_route_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)],
-              "width": WIDTH, "depth": DEPTH, "dtype": "bfloat16", "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fff_route_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "fff_route_gpu.md").write_text(markdown(report))
+    report = {**bench.provenance(__file__, argv), "width": WIDTH, "depth": DEPTH, "dtype": "bfloat16", "rows": rows}
+    bench.write_results(args.out, "fff_route_gpu", report=report, markdown=markdown(report))
     print(markdown(report))
+
+
+# FffV2ForwardConfig fields of --configs' tiles, in their order: r = route kernel, g = grouped kernel.
+TILES = {"r": ("route_block_t", "route_chunk", "route_num_warps", "route_num_stages"),
+         "g": ("block_t", "chunk", "num_warps", "num_stages")}
 
 
 def tiles(text: str) -> dict:
     """``"rBTxCxWxS+gBTxCxWxS"`` (either part optional) -> the FffV2ForwardConfig fields it sets."""
-    fields = {"r": ("route_block_t", "route_chunk", "route_num_warps", "route_num_stages"),
-              "g": ("block_t", "chunk", "num_warps", "num_stages")}
     out = {}
     for part in text.split("+"):
-        out.update(zip(fields[part[0]], (int(v) for v in part[1:].split("x"))))
+        if part[:1] not in TILES:
+            raise ValueError(f"--configs: expected tiles starting with 'r' or 'g', got {part!r}")
+        out.update(bench.parse_fields(part[1:], TILES[part[0]]))
     return out
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Routing the grouped FFF-v2 forward on {report['device']}", "",
-             f"1x{report['depth']} layer, H = {report['width']}, bf16, jax {report['jax']}; per layer.", "",
-             *(f"Command: `{c}`" for c in report.get("commands", [])), "",
+    lines = [f"# Routing the grouped FFF-v2 forward on {report.get('device_kind') or report['device']}", "",
+             f"1x{report['depth']} layer, H = {report['width']}, bf16; per layer.", "",
+             bench.provenance_line(report), "",
              "| tokens | route | kernel time (ms) | wall, stream (ms) | longest ops (ms) |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         ops = ", ".join(f"{o['op']} {o['ms']:.4f}" for o in r["top_ops"][:5])

@@ -1,23 +1,28 @@
-"""GPU benchmark of FFF-v2 hard inference and conditional training on one GPU (run on the lent H200).
+"""FFF-v2 hard inference and conditional training on one GPU, against dense feedforward layers.
 
 Layers: H = 768, one tree of depth 11 ("1x11", UltraFastBERT) and 128 trees of depth 4 ("128x4").
 Forward, tokens 2**14..2**20, float32 and bfloat16: dense FF of width 4095, 4096 and 3072 through
 XLA (cuBLAS) and ``torch.nn.Linear`` (where torch is installed), the masked dense FFF form
 (``fffjax.v2.masked_forward``), the XLA gather path (``fffjax.v2.conditional_forward``) and the Pallas
-kernel (block sizes autotuned at the largest token count). Tokens/s and the fraction of the HBM
-roofline (x read once, y written once, at the device-to-device copy bandwidth measured in the same
-run). Training step (forward + backward of the layer, all four gradients): Pallas vs masked dense
-vs XLA gather with scatter-add.
+kernel (block sizes autotuned at the largest token count among :data:`FORWARD_CANDIDATES`). Tokens/s
+and the fraction of the HBM roofline (x read once, y written once, at the copy bandwidth measured in
+the same run: :func:`fffjax.bench.copy_bandwidth`). Training step (forward + backward of the layer,
+all four gradients): Pallas vs masked dense vs XLA gather with scatter-add.
 
-Usage (repo root, on the GPU machine)::
+Timing: :func:`fffjax.bench.stream` (compile and one call, then 3 runs of calls sent back to back
+within 0.3 s, the last one waited for; the median); torch's dense layers by CUDA events, the same
+way. ``--breakdown`` times each stage of the Pallas path alone in device time
+(:func:`fffjax.bench.chained`).
 
-    PYTHONPATH=. python experiments/bench_gpu.py --out $OUT            # full run: json, md, png
-    PYTHONPATH=. python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
+Run on the GPU machine::
+
+    python experiments/bench_gpu.py --out $OUT            # full run: json, md, png
+    python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
     python experiments/bench_gpu.py --out experiments/results --merge a/bench_gpu.json b/bench_gpu.json
 
-CPU smoke run of the script (kernels in interpret mode, about 3 minutes)::
+CPU smoke run of the script (kernels in interpret mode, a few minutes)::
 
-    PYTHONPATH=. python experiments/bench_gpu.py --out /tmp/bench_smoke --layers 1x11 --dtypes bfloat16 \
+    python experiments/bench_gpu.py --out /tmp/bench_smoke --layers 1x11 --dtypes bfloat16 \\
         --token-exponents 10 --forward-candidates 13 --train-candidates 1 --no-torch
 """
 
@@ -25,19 +30,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import sys
-import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
-from fffjax import tree, v2  # noqa: E402
+from fffjax import bench, v2  # noqa: E402
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig  # noqa: E402
 from pallas_kernels.fff_v2_forward import default_config as fwd_default_config  # noqa: E402
 from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
@@ -49,28 +51,36 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 C = FffV2ForwardConfig
 R256 = dict(route_block_t=256, route_chunk=64, route_num_warps=8, route_num_stages=3)
+# Forward tiles to try, fastest (within tolerance) wins. 1x11: the grouped kernel (split_level 7: route
+# kernel for the top 7 levels, then one program per subtree) with stages > 1 running the column chunks
+# as loops that Triton pipelines, varied one field at a time, then route-kernel tiles; last, the
+# token-order kernel (split_level 0), with the top levels as one dense tile where dense_levels > 0.
 FORWARD_CANDIDATES = {
-    # Grouped (split 7): grouped kernel (block, chunk, warps, stages) x route kernel (R256: block, chunk, warps,
-    # stages); stages > 1 run the column chunks as loops that Triton pipelines. The first is the default
-    # (timed best on the H200 in a sweep of the third session); the last two groups: the second
-    # session's default and the token-order kernel.
-    "1x11": [C(64, 128, 0, 4, 3, split_level=7, **R256),
-             C(64, 128, 0, 4, 4, split_level=7, **R256),
-             C(64, 64, 0, 4, 3, split_level=7, **R256),
-             C(64, 256, 0, 4, 3, split_level=7, **R256),
-             C(64, 128, 0, 8, 3, split_level=7, **R256),
-             C(128, 128, 0, 4, 3, split_level=7, **R256),
-             C(32, 128, 0, 4, 3, split_level=7, **R256),
-             C(64, 128, 0, 4, 3, split_level=7, route_block_t=256, route_chunk=128, route_num_warps=8,
+    "1x11": [C(block_t=64, chunk=128, num_warps=4, num_stages=3, split_level=7, **R256),
+             C(block_t=64, chunk=128, num_warps=4, num_stages=4, split_level=7, **R256),
+             C(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7, **R256),
+             C(block_t=64, chunk=256, num_warps=4, num_stages=3, split_level=7, **R256),
+             C(block_t=64, chunk=128, num_warps=8, num_stages=3, split_level=7, **R256),
+             C(block_t=128, chunk=128, num_warps=4, num_stages=3, split_level=7, **R256),
+             C(block_t=32, chunk=128, num_warps=4, num_stages=3, split_level=7, **R256),
+             C(block_t=64, chunk=128, num_warps=4, num_stages=3, split_level=7, route_block_t=256, route_chunk=128,
+               route_num_warps=8, route_num_stages=3),
+             C(block_t=64, chunk=128, num_warps=4, num_stages=3, split_level=7, route_block_t=512, route_chunk=64,
+               route_num_warps=8, route_num_stages=3),
+             C(block_t=64, chunk=128, num_warps=4, num_stages=3, split_level=7, route_block_t=256, route_chunk=64,
+               route_num_warps=4, route_num_stages=4),
+             C(block_t=64, chunk=128, num_warps=4, num_stages=3, split_level=7, route_block_t=128, route_num_warps=8,
                route_num_stages=3),
-             C(64, 128, 0, 4, 3, split_level=7, route_block_t=512, route_chunk=64, route_num_warps=8,
-               route_num_stages=3),
-             C(64, 128, 0, 4, 3, split_level=7, route_block_t=256, route_chunk=64, route_num_warps=4,
-               route_num_stages=4),
-             C(64, 128, 0, 4, 3, split_level=7, route_block_t=128, route_num_warps=8, route_num_stages=3),
-             C(64, 128, 0, 4, split_level=7),
-             C(64, 128, 0, 4, split_level=8), C(16, 256, 0, 8), C(32, 128, 4, 4), C(64, 128, 5, 8)],
-    "128x4": [C(16, 256, 0, 8), C(64, 128, 5, 4), C(64, 256, 5, 8), C(128, 128, 5, 8), C(128, 256, 5, 8)],
+             C(block_t=64, chunk=128, num_warps=4, split_level=7),
+             C(block_t=64, chunk=128, num_warps=4, split_level=8),
+             C(block_t=16, chunk=256, num_warps=8),
+             C(block_t=32, chunk=128, dense_levels=4, num_warps=4),
+             C(block_t=64, chunk=128, dense_levels=5, num_warps=8)],
+    "128x4": [C(block_t=16, chunk=256, num_warps=8),
+              C(block_t=64, chunk=128, dense_levels=5, num_warps=4),
+              C(block_t=64, chunk=256, dense_levels=5, num_warps=8),
+              C(block_t=128, chunk=128, dense_levels=5, num_warps=8),
+              C(block_t=128, chunk=256, dense_levels=5, num_warps=8)],
 }
 INTERPRET = jax.default_backend() != "gpu"   # CPU dry runs of the script only
 TRAIN_CANDIDATES = [FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=4),
@@ -81,38 +91,8 @@ TRAIN_CANDIDATES = [FffV2TrainConfig(grouped_chunk=64, grouped_num_warps=4),
                     FffV2TrainConfig(grouped_chunk=128, grouped_num_warps=8, num_stages=3)]
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
-def block(out):
-    jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
-
-
-def time_call(fn, *args, budget_s: float = 0.3, trials: int = 3) -> float:
-    """Median seconds per call: compile and warm up once, then ``trials`` timed batches within ``budget_s``."""
-    block(fn(*args))
-    t0 = time.perf_counter()
-    block(fn(*args))
-    est = time.perf_counter() - t0
-    reps = int(min(50, max(1, budget_s / max(est, 1e-6) / trials)))
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        block(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 4 GiB device-to-device elementwise copy (bytes read + bytes written)."""
-    x = jnp.ones((1 << 29,), jnp.float32) * 1.5
-    f = jax.jit(lambda a: a + 1.0)
-    t = time_call(f, x, budget_s=0.5, trials=5)
-    del x
-    return 2 * (1 << 29) * 4 / t
+def log(message: str) -> None:
+    bench.log(message)
 
 
 def layer_params(layer: str, dtype):
@@ -195,7 +175,8 @@ def train_impls(layer: str, dtype, config):
     return {
         "masked_dense": step(lambda x, a, b, c: v2.masked_forward(x, a, b, c, **kw)),
         "xla_gather": step(lambda x, a, b, c: v2.conditional_forward(x, a, b, c, **kw)),
-        "pallas": step(lambda x, a, b, c: pk.fff_v2_hard_trainable(x, a, b, c, **kw, config=config, interpret=INTERPRET)),
+        "pallas": step(lambda x, a, b, c: pk.fff_v2_hard_trainable(x, a, b, c, **kw, config=config,
+                                                                   interpret=INTERPRET)),
     }
 
 
@@ -218,7 +199,7 @@ def autotune_forward(layer: str, dtype, n_tokens: int, candidates):
     for cfg in candidates:
         try:
             fns, w, kw = forward_impls(layer, dtype, cfg)
-            t = time_call(fns["pallas"], x)
+            t = bench.stream(fns["pallas"], x)
             err = check_forward(fns["pallas"], layer, dtype, w, kw)
         except Exception as e:  # a config that fails to compile or run is skipped, and reported
             log(f"  {layer} {jnp.dtype(dtype).name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -229,7 +210,7 @@ def autotune_forward(layer: str, dtype, n_tokens: int, candidates):
             from pallas_kernels.fff_v2_forward import route_to_subtrees
             route = jax.jit(lambda x: route_to_subtrees(x, w[0], w[1], split=cfg.split_level, config=cfg,
                                                         interpret=INTERPRET))
-            row["route_ms"] = time_call(route, x) * 1e3
+            row["route_ms"] = bench.stream(route, x) * 1e3
         log(f"  {layer} {jnp.dtype(dtype).name} T={n_tokens} {cfg}: {t * 1e3:.3f} ms "
             f"(route {row.get('route_ms', float('nan')):.3f} ms)  rel.err {err:.2e}")
         rows.append(row)
@@ -246,7 +227,7 @@ def autotune_train(layer: str, dtype, n_tokens: int, forward_cfg, candidates):
     for cand in candidates:
         cfg = FffV2TrainConfig(**{**cand.__dict__, "forward": forward_cfg})
         try:
-            t = time_call(train_impls(layer, dtype, cfg)["pallas"], x, dy)
+            t = bench.stream(train_impls(layer, dtype, cfg)["pallas"], x, dy)
         except Exception as e:
             log(f"  train {layer} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}")
             rows.append({"config": {k: v for k, v in cand.__dict__.items() if k != "forward"}, "error": str(e)[:300]})
@@ -259,23 +240,8 @@ def autotune_train(layer: str, dtype, n_tokens: int, forward_cfg, candidates):
     return (best[0] if best else FffV2TrainConfig(forward=forward_cfg)), rows
 
 
-def chained_time(fn, *args, calls: int = 16) -> float:
-    """Device seconds per call of ``fn(*args)``: ``calls`` calls in one jitted ``fori_loop``, each
-    call's inputs passed through an optimization barrier with the previous call's outputs (so XLA
-    can neither hoist nor drop a call), timed by :func:`time_call` and divided by ``calls``. Host
-    dispatch, which would dominate a stage of tens of microseconds, is not counted."""
-    def looped(*args):
-        def body(_, state):
-            return jax.lax.optimization_barrier((state[0], fn(*state[0])))
-
-        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
-        return jax.lax.fori_loop(0, calls, body, (args, out))[1]
-
-    return time_call(jax.jit(looped), *args) / calls
-
-
 def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg, alternatives=()) -> dict:
-    """Device milliseconds (:func:`chained_time`) of each stage of the grouped Pallas forward and of
+    """Device milliseconds (:func:`fffjax.bench.chained`) of each stage of the grouped Pallas forward and of
     the training step, timed alone, and of the whole forward with each of ``alternatives`` (configs)."""
     from pallas_kernels import fff_v2_forward as fwd
     from pallas_kernels import fff_v2_train as trn
@@ -287,23 +253,23 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg, alternat
     kw = dict(depth=depth, n_trees=n_trees, interpret=INTERPRET)
     stages = {}
     if split:
-        stages["route_kernel"] = chained_time(
+        stages["route_kernel"] = bench.chained(
             lambda x: fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET), x)
         s = fwd.route_to_subtrees(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET)
-        stages["rank_kernel"] = chained_time(lambda s: fwd.rank_in_subtree(s, 2**split, interpret=INTERPRET), s)
-        stages["route_and_layout"] = chained_time(
+        stages["rank_kernel"] = bench.chained(lambda s: fwd.rank_in_subtree(s, 2**split, interpret=INTERPRET), s)
+        stages["route_and_layout"] = bench.chained(
             lambda x: fwd.group_by_subtree(x, w_in, b_in, split=split, config=forward_cfg, interpret=INTERPRET), x)
-    stages["forward"] = chained_time(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw), x)
+    stages["forward"] = bench.chained(lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, **kw), x)
     for i, cfg in enumerate(alternatives):
         try:
-            stages[f"forward_alt{i}"] = chained_time(
+            stages[f"forward_alt{i}"] = bench.chained(
                 lambda x, cfg=cfg: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=cfg, **kw), x)
         except Exception as e:   # a config that fails to compile is reported, not fatal
             log(f"  alternative {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
-    stages["forward_with_residuals"] = chained_time(
+    stages["forward_with_residuals"] = bench.chained(
         lambda x: fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw), x)
     res = fwd.fff_v2_forward(x, w_in, b_in, w_out, config=forward_cfg, save_residuals=True, **kw)
-    stages["backward"] = chained_time(
+    stages["backward"] = bench.chained(
         lambda x, dy, res: trn.backward_from_residuals(x, w_in, b_in, w_out, res, dy, config=train_cfg, **kw),
         x, dy, res)
     ms = {k: v * 1e3 for k, v in stages.items()}
@@ -316,16 +282,14 @@ def roofline_s(n_tokens: int, dtype, bandwidth: float) -> float:
     return n_tokens * 2 * WIDTH * jnp.dtype(dtype).itemsize / bandwidth
 
 
-def run(args):
-    info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
-            "command": " ".join(sys.argv)}
-    log(info)
-    bandwidth = copy_bandwidth()
-    info["copy_bandwidth_TBps"] = bandwidth / 1e12
+def run(args, argv=None):
+    head = bench.provenance(__file__, argv)
+    log(f"{head['command']} on {head['device_kind']}, jax {jax.__version__}")
+    bandwidth = bench.copy_bandwidth()
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     token_counts = [2**e for e in args.token_exponents]
     results, tuning = [], {}
-    out = {"info": info, "tuning": tuning, "results": results}
+    out = {**head, "copy_bandwidth_TBps": bandwidth / 1e12, "tuning": tuning, "results": results}
     if args.breakdown:
         out["breakdown"] = []
         for layer in args.layers:
@@ -366,7 +330,7 @@ def run(args):
                     if name in slow:
                         continue
                     try:
-                        entries[name] = time_call(fn, x)
+                        entries[name] = bench.stream(fn, x)
                     except Exception as e:
                         log(f"  {name} failed at T={n}: {type(e).__name__}: {str(e)[:200]}")
                         slow.add(name)
@@ -376,10 +340,10 @@ def run(args):
                 if layer == "1x11":   # the dense baselines do not depend on the FFF layer
                     for width in DENSE_WIDTHS:
                         try:
-                            entries[f"dense{width}_xla"] = time_call(dense_xla(width, dtype), x)
+                            entries[f"dense{width}_xla"] = bench.stream(dense_xla(width, dtype), x)
                         except Exception as e:
                             log(f"  dense{width}_xla failed: {e}")
-                        try:   # torch allocates beside JAX's preallocated pool: a float32 2^20 FF-4096 ran out
+                        try:   # torch allocates beside JAX's preallocated pool: large sizes can run out
                             ms = torch_dense_ms(width, dname, n) if args.torch else None
                         except Exception as e:
                             log(f"  dense{width}_torch failed: {type(e).__name__}: {str(e)[:200]}")
@@ -397,7 +361,7 @@ def run(args):
                     if f"train_{name}" in slow:
                         continue
                     try:
-                        tentries[name] = time_call(fn, x, dy)
+                        tentries[name] = bench.stream(fn, x, dy)
                     except Exception as e:
                         log(f"  train {name} failed at T={n}: {type(e).__name__}: {str(e)[:200]}")
                         slow.add(f"train_{name}")
@@ -418,10 +382,13 @@ def run(args):
 
 def save(out, args):
     name = "bench_gpu_breakdown" if args.breakdown else "bench_gpu_sweep" if args.sweep else "bench_gpu"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    if not (args.sweep or args.breakdown):
-        write_markdown(out, os.path.join(args.out, "bench_gpu.md"))
+    bench.write_results(args.out, name, report=out,
+                        markdown=None if args.sweep or args.breakdown else markdown(out))
+
+
+def head_of(out: dict) -> dict:
+    """The command, device and copy bandwidth of a run: top-level keys, or ``info`` in older files."""
+    return out.get("info", out)
 
 
 def _lookup(results, **key):
@@ -431,13 +398,12 @@ def _lookup(results, **key):
     return None
 
 
-def write_markdown(out, path):
-    info, results = out["info"], out["results"]
-    lines = [f"# FFF-v2 on {info['device']} (jax {info['jax']})", "",
-             f"Command: `{info['command']}`. Copy bandwidth measured in the run: "
-             f"{info['copy_bandwidth_TBps']:.2f} TB/s (read + write). H = {WIDTH}. Times are medians of 3 timed "
-             "batches (ms per call, wall clock after block_until_ready); roofline = x read once + y written once "
-             "at the measured copy bandwidth.", ""]
+def markdown(out) -> str:
+    info, results = head_of(out), out["results"]
+    lines = [f"# FFF-v2 on {info.get('device_kind') or info['device']}", "", bench.provenance_line(info), "",
+             f"Copy bandwidth measured in the run: {info['copy_bandwidth_TBps']:.2f} TB/s (read + write). "
+             f"H = {WIDTH}. Times are ms per call, the median of 3 runs of calls sent back to back, the last one "
+             "waited for; roofline = x read once + y written once at the measured copy bandwidth.", ""]
     for kind in ("forward", "train"):
         lines += [f"## {'Forward' if kind == 'forward' else 'Training step (forward + backward, all gradients)'}", ""]
         for layer in LAYERS:
@@ -463,7 +429,10 @@ def write_markdown(out, path):
                 lines.append("")
     lines += ["## Targets (2^20 tokens, bf16, 1x11)", ""]
     n = max((r["tokens"] for r in results), default=0)
-    get = lambda kind, impl: _lookup(results, kind=kind, layer="1x11", dtype="bfloat16", tokens=n, impl=impl)
+
+    def get(kind, impl):
+        return _lookup(results, kind=kind, layer="1x11", dtype="bfloat16", tokens=n, impl=impl)
+
     pallas = get("forward", "pallas")
     if pallas:
         dense = [r for r in (get("forward", f"dense{w}_{s}") for w in (4095, 4096) for s in ("xla", "torch")) if r]
@@ -486,69 +455,63 @@ def write_markdown(out, path):
     lines += ["", "## Autotuning (largest token count)", ""]
     for key, val in out["tuning"].items():
         lines.append(f"- {key}: best `{val['best']}`")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def plot(out, folder):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = out["results"]
+    """``bench_gpu_forward.png`` and ``bench_gpu_train.png``: tokens/s against tokens, one panel per layer and dtype."""
+    plt = bench.pyplot()
+    info, results = head_of(out), out["results"]
     for kind in ("forward", "train"):
         panels = [(layer, dname) for layer in LAYERS for dname in DTYPES
                   if any(r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname for r in results)]
         if not panels:
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
-        for k, (layer, dname) in enumerate(panels):
-            if True:   # one panel per (layer, dtype) that has data
-                ax = axes[0][k]
-                rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
-                for impl in sorted({r["impl"] for r in rows}):
-                    pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
-                    style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--x"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
-                if kind == "forward" and rows:
-                    bw = out["info"]["copy_bandwidth_TBps"] * 1e12
-                    roof = bw / (2 * WIDTH * jnp.dtype(DTYPES[dname]).itemsize)
-                    ax.axhline(roof, color="k", ls=":", label="HBM roofline")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_title(f"{kind} {layer} {dname}")
-                ax.set_xlabel("tokens")
-                ax.set_ylabel("tokens / s")
-                ax.grid(alpha=0.3)
-                if rows:
-                    ax.legend(fontsize=7)
-        fig.suptitle(f"FFF-v2 {kind}, H={WIDTH}, {out['info']['device']}")
+        for k, (layer, dname) in enumerate(panels):   # one panel per (layer, dtype) that has data
+            ax = axes[0][k]
+            rows = [r for r in results if r["kind"] == kind and r["layer"] == layer and r["dtype"] == dname]
+            for impl in sorted({r["impl"] for r in rows}):
+                pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["impl"] == impl)
+                style = "-o" if impl in ("pallas", "xla_gather", "masked_dense") else "--x"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, lw=2 if impl == "pallas" else 1)
+            if kind == "forward" and rows:
+                bw = info["copy_bandwidth_TBps"] * 1e12
+                roof = bw / (2 * WIDTH * jnp.dtype(DTYPES[dname]).itemsize)
+                ax.axhline(roof, color="k", ls=":", label="HBM roofline")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{kind} {layer} {dname}")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("tokens / s")
+            ax.grid(alpha=0.3)
+            if rows:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"FFF-v2 {kind}, H={WIDTH}, {info.get('device_kind') or info['device']}")
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, f"bench_gpu_{kind}.png"), dpi=110)
-        plt.close(fig)
+        bench.write_results(folder, f"bench_gpu_{kind}", figure=fig, dpi=110)
 
 
 def merge(paths, folder) -> dict:
     """One ``bench_gpu.json``/``.md``/PNGs in ``folder`` from the ``bench_gpu.json`` of separate runs
     (for example one process per layer and dtype, each under its own time limit): their results and
-    tuning concatenated, the first run's info with every command and the lowest copy bandwidth."""
-    runs = [json.load(open(p)) for p in paths]
-    info = dict(runs[0]["info"])
-    info["command"] = " ; ".join(r["info"]["command"] for r in runs)
-    info["copy_bandwidth_TBps"] = min(r["info"]["copy_bandwidth_TBps"] for r in runs)
-    out = {"info": info, "tuning": {k: v for r in runs for k, v in r["tuning"].items()},
+    tuning concatenated, the first run's device and versions with every run's command and the lowest
+    copy bandwidth."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    heads = [head_of(r) for r in runs]
+    first = {k: v for k, v in heads[0].items() if k not in ("command", "commands", "tuning", "results", "breakdown")}
+    out = {**first, "commands": [c for h in heads for c in ([h["command"]] if "command" in h else h["commands"])],
+           "copy_bandwidth_TBps": min(h["copy_bandwidth_TBps"] for h in heads),
+           "tuning": {k: v for r in runs for k, v in r["tuning"].items()},
            "results": [row for r in runs for row in r["results"]]}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "bench_gpu.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    write_markdown(out, os.path.join(folder, "bench_gpu.md"))
+    bench.write_results(folder, "bench_gpu", report=out, markdown=markdown(out))
     plot(out, folder)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).resolve().parent / "results")))
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                         help="only merge the bench_gpu.json of separate runs into --out (no GPU needed)")
     parser.add_argument("--sweep", action="store_true", help="only the block-size sweep at the largest token count")
@@ -566,14 +529,14 @@ def main(argv=None):
     parser.add_argument("--train-candidates", type=int, default=len(TRAIN_CANDIDATES))
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     parser.add_argument("--skip", nargs="+", default=[], metavar="IMPL",
-                        help="implementations not to time, e.g. xla_gather train_xla_gather (128x4 at 2^20: "
-                             "the gather path asks for 385 GiB and its training step takes minutes)")
+                        help="implementations not to time, e.g. xla_gather train_xla_gather (at 128x4 and "
+                             "2^20 tokens the gather path needs more memory than a GPU has)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         merge(args.merge, args.out)
         return
-    run(args)
+    run(args, argv)
 
 
 if __name__ == "__main__":

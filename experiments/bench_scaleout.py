@@ -26,15 +26,15 @@ Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.dev
 Splitting the attention's tokens over both mesh axes (so tree@m scales the whole model) needs the
 trainer to split batches over ``("data", "model")``; it splits them over ``data`` only.
 
-Timing: wall clock of ``--steps`` steps after ``--warmup`` steps, each ending in
-``block_until_ready``; the median of ``--repeats`` repeats. Results are appended row by row to
+Timing: :func:`fffjax.bench.latency` (each step waited for): ``--steps`` steps after ``--warmup``
+steps, the median of ``--repeats`` repeats. Results are appended row by row to
 ``experiments/results/<out>.{json,md}`` (``--out``, default ``scaleout_<device kind>``).
 
 Run on the GPU machine (one call per kind)::
 
-    python experiments/bench_scaleout.py --counts 1           # nvidia-h200
-    python experiments/bench_scaleout.py --counts 1 2         # nvidia-h200-x2
-    python experiments/bench_scaleout.py --counts 1 2 4 8     # nvidia-h200-x8
+    python experiments/bench_scaleout.py --counts 1           # one GPU
+    python experiments/bench_scaleout.py --counts 1 2         # two GPUs
+    python experiments/bench_scaleout.py --counts 1 2 4 8     # eight GPUs
 
 Smoke test on CPU (8 fake devices, tiny shapes)::
 
@@ -47,43 +47,24 @@ import argparse
 import json
 import math
 import os
-import statistics
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fffjax import bench
 
-RESULTS = ROOT / "experiments" / "results"
-
-
-def timed(fn, steps: int, warmup: int, repeats: int) -> float:
-    """Median seconds per call of ``fn()`` (which must block until its work is done)."""
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        runs.append((time.perf_counter() - t0) / steps)
-    return statistics.median(runs)
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- pretraining
 
 
-def random_mlm_batch(rng, batch: int, seq: int, vocab: int, rate: float = 0.25) -> dict:
+def random_mlm_batch(rng, batch: int, seq: int, vocab: int) -> dict:
+    """An MLM batch (:func:`fffjax.data.mlm.mask_tokens`) of uniformly random word-piece ids."""
     import numpy as np
 
-    k = max(1, int(round(rate * seq)))
-    ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int32)
-    positions = np.sort(np.stack([rng.choice(seq, k, replace=False) for _ in range(batch)]), axis=1).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32),
-            "mask_positions": positions, "mask_labels": np.take_along_axis(ids, positions, 1),
-            "mask_weights": np.ones((batch, k), np.float32)}
+    from fffjax.data.mlm import mask_tokens
+    from fffjax.data.tokenizer import FIRST_WORD_ID
+
+    return mask_tokens(rng.integers(FIRST_WORD_ID, vocab, size=(batch, seq), dtype=np.int32), rng, vocab_size=vocab)
 
 
 def bench_pretrain(args, n: int, scheme: str) -> dict:
@@ -114,7 +95,7 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
     host = random_mlm_batch(np.random.default_rng(0), batch, config.max_seq_length, config.vocab_size)
     # Trainer.step places the host batch, runs the jitted step and fetches the metrics (blocking),
     # as a training loop does.
-    seconds = timed(lambda: trainer.step(host), args.steps, args.warmup, args.repeats)
+    seconds = bench.latency(trainer.step, host, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
     tokens = batch * config.max_seq_length
     return {"bench": "pretrain", "config": args.config, "scheme": scheme, "devices": n, "per_device_batch":
             args.per_device_batch, "seq": config.max_seq_length, "step_s": seconds, "tokens_per_s": tokens / seconds,
@@ -153,7 +134,7 @@ def bench_layer(args, n: int) -> dict:
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     step = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
-    seconds = timed(lambda: jax.block_until_ready(step(x, *weights)), args.steps, args.warmup, args.repeats)
+    seconds = bench.latency(step, x, *weights, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
 
     # The exchanges alone: 3 forward (tokens, tree ids, outputs) and 2 backward, n x capacity rows.
     items = args.layer_tokens
@@ -169,7 +150,7 @@ def bench_layer(args, n: int) -> dict:
 
     a2a = jax.jit(jax.shard_map(exchanges, mesh=mesh, in_specs=(P("model"), P("model")),
                                 out_specs=(P("model"), P("model"))))
-    a2a_seconds = timed(lambda: jax.block_until_ready(a2a(buf, ids)), args.steps, args.warmup, args.repeats)
+    a2a_seconds = bench.latency(a2a, buf, ids, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
     return {"bench": "layer", "scheme": "layer", "devices": n, "hidden": args.hidden, "depth": args.depth,
             "tokens_per_device": args.layer_tokens, "capacity": cap, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "all_to_all_s": a2a_seconds, "compute_dtype": args.compute_dtype}
@@ -178,10 +159,10 @@ def bench_layer(args, n: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def write(rows: list[dict], out: str, command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    lines = [f"# Scale-out: tokens/s at a fixed per-device batch", "", f"Produced by `{command}`.", "",
+def markdown(report: dict) -> str:
+    """The table of ``report["rows"]`` with each row's scaling efficiency against its one-device row."""
+    rows = report["rows"]
+    lines = ["# Scale-out: tokens/s at a fixed per-device batch", "", bench.provenance_line(report), "",
              "Scaling efficiency = tokens/s(n) / (n x tokens/s(1)). Layer rows: compute = the one-device "
              "step at the same per-device tokens; all-to-all = the step's five exchanges timed alone.", "",
              "| bench | scheme | devices | step (ms) | tokens/s | scaling efficiency | all-to-all (ms) | compute (ms) |",
@@ -195,7 +176,7 @@ def write(rows: list[dict], out: str, command: str) -> None:
         comp = f"{1e3 * base['step_s']:.2f}" if r["bench"] == "layer" and base else "–"
         lines.append(f"| {r['bench']} | {r['scheme']} | {r['devices']} | {1e3 * r['step_s']:.2f} | "
                      f"{r['tokens_per_s']:,.0f} | {eff} | {a2a} | {comp} |")
-    (RESULTS / f"{out}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -228,7 +209,7 @@ def main(argv=None) -> None:
         ap.error("--counts must be powers of two (the tree layer's axis)")
     kind = jax.devices()[0].device_kind.replace(" ", "_").lower()
     out = a.out or f"scaleout_{kind}"
-    command = "python experiments/bench_scaleout.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = bench.provenance(__file__, argv)
     rows = []
     existing = RESULTS / f"{out}.json"
     if existing.exists():       # keep rows measured by earlier calls (other device kinds / counts)
@@ -243,7 +224,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             rows.sort(key=lambda r: (r["bench"], r["scheme"], r["devices"]))
-            write(rows, out, command.strip())
+            report = {**head, "rows": rows}
+            bench.write_results(RESULTS, out, report=report, markdown=markdown(report))
     print((RESULTS / f"{out}.md").read_text())
 
 

@@ -1,4 +1,4 @@
-"""Independent branch training of an FFF-v1 (the users' proposal for loosely connected machines).
+"""Independent branch training of an FFF-v1: subtrees trained apart, as on loosely connected machines.
 
 Recipe, for a tree of depth ``d`` and a split level ``s``:
 
@@ -25,28 +25,25 @@ subtrees compute only ``2**(d-s)`` leaves per sample, so after the joint phase e
 mixture per sample and trains ``epochs - joint_epochs`` epochs over its shard. The last
 ``hard_epochs`` (scaled the same way) use rounded decisions (leaves only), as the joint recipe.
 
-Run (writes ``experiments/results/branch_training.{md,json,png}``)::
+Run (writes ``experiments/results/branch_training.{md,json,png}``; ``--out NAME`` for other names)::
 
     python experiments/branch_training.py --datasets mnist fashion_mnist
-    python experiments/branch_training.py --datasets digits --epochs 4   # quick check, no data needed
+    python experiments/branch_training.py --datasets digits --epochs 4 --splits 1 --sync-rounds 1 \\
+        --out /tmp/branch                                         # quick check, no data needed
 """
 
 import argparse
 import dataclasses
 import json
 import multiprocessing
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fffjax import bench
 
-RESULTS = ROOT / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- tree surgery
@@ -258,14 +255,13 @@ def run_dataset(setup: Setup, splits: list[int]) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(rows: list[dict], setups: list[Setup], command: str, stem: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "setups": [dataclasses.asdict(s) for s in setups], "rows": rows}, indent=1))
-    s0 = setups[0]
+def write_report(report: dict, stem: str) -> None:
+    """``stem.json`` (``report``: provenance, ``setups``, ``rows``), ``stem.md`` and ``stem.png`` under
+    ``experiments/results/``."""
+    rows, s0 = report["rows"], Setup(**report["setups"][0])
     lines = [
         "# Independent branch training of FFF-v1 vs joint training (equal total compute)", "",
-        f"Produced by `{command}`.", "",
+        bench.provenance_line(report), "",
         f"FFF-v1 depth {s0.depth}, leaf width {s0.width}; AdamW lr {s0.learning_rate} cosine, batch "
         f"{s0.batch_size}, hardening {s0.hardening} (ramp); joint: {s0.epochs} epochs ({s0.hard_epochs} hard, "
         f"leaves only). Branch methods: {s0.joint_epochs} joint epochs, then the top s levels frozen "
@@ -300,13 +296,7 @@ def write_report(rows: list[dict], setups: list[Setup], command: str, stem: str)
         "`sync_every_steps` in the JSON) and re-splits the data by the new routing; the local optimizer "
         "restarts each round.",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bench.pyplot()
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
@@ -322,7 +312,7 @@ def write_report(rows: list[dict], setups: list[Setup], command: str, stem: str)
         ax.set_xticks(sorted({r["split"] for r in rows if r["split"] > 0}))
         ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    bench.write_results(RESULTS, stem, report=report, markdown="\n".join(lines), figure=fig)
 
 
 def main(argv=None) -> None:
@@ -346,22 +336,21 @@ def main(argv=None) -> None:
     ap.add_argument("--replot", action="store_true", help="rebuild the table and plot from the JSON")
     a = ap.parse_args(argv)
     if a.replot:
-        saved = json.loads((RESULTS / f"{a.out}.json").read_text())
-        write_report(saved["rows"], [Setup(**d) for d in saved["setups"]], saved["command"], a.out)
+        write_report(json.loads((RESULTS / f"{a.out}.json").read_text()), a.out)
         print((RESULTS / f"{a.out}.md").read_text())
         return
     if max(a.splits) > a.depth or a.joint_epochs + a.hard_epochs >= a.epochs:
         ap.error("need max(--splits) <= --depth and --joint-epochs + --hard-epochs < --epochs")
     if a.sync_rounds and (a.epochs - a.joint_epochs - a.hard_epochs) % a.sync_rounds:
         ap.error("--sync-rounds must divide --epochs - --joint-epochs - --hard-epochs (equal compute)")
-    command = "python experiments/branch_training.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    head = bench.provenance(__file__, argv)
     setups, rows = [], []
     for ds in a.datasets:
         setup = Setup(ds, a.depth, a.width, a.epochs, a.joint_epochs, a.hard_epochs, a.sync_rounds, a.batch_size,
                       a.lr, a.hardening, a.n_train, a.seed, a.workers)
         setups.append(setup)
         rows += run_dataset(setup, a.splits)
-        write_report(rows, setups, command.strip(), a.out)
+        write_report({**head, "setups": [dataclasses.asdict(s) for s in setups], "rows": rows}, a.out)
     print((RESULTS / f"{a.out}.md").read_text())
 
 

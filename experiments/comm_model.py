@@ -27,26 +27,20 @@ Configurations:
   ``P x capacity`` rows; the replicated top levels' gradients all-reduced over the whole mesh,
   the subtree gradients over ``data``.
 
-Run (writes ``experiments/results/comm_model.{md,json,png}``)::
+Run (writes ``experiments/results/comm_model.{md,json,png}``; ``--out NAME`` for other names)::
 
     python experiments/comm_model.py
 """
 
 import argparse
 import dataclasses
-import functools
-import json
 import math
 import re
-import shlex
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fffjax import bench
 
-RESULTS = ROOT / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
 DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
                "s64": 8, "u64": 8}
@@ -297,11 +291,10 @@ def main(argv=None) -> None:
     ap.add_argument("--gbit", type=float, default=1.0)
     ap.add_argument("--out", default="comm_model")
     a = ap.parse_args(argv)
-    command = "python experiments/comm_model.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
+    head = bench.provenance(__file__, argv)
 
     # --- check the formula against compiled HLO on 8 fake devices
     small = Model(layers=2, hidden=64, depth=5, dense_width=64, tokens=512, input_grad=False)
@@ -345,15 +338,12 @@ def main(argv=None) -> None:
             row["dp_sent_bytes_per_device"] = formula(m, "dp", a.machines, 1)["sent_bytes"]
             rows.append(row)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     tree_axis = 1 << (a.machines.bit_length() - 1)
-    (RESULTS / f"{a.out}.json").write_text(json.dumps(
-        {"command": command.strip(), "check_model": dataclasses.asdict(small), "checks": checks,
-         "machines": a.machines, "tree_axis": tree_axis, "gbit_per_s": a.gbit, "batches": batches,
-         "curves": curves, "table": rows}, indent=1))
+    report = {**head, "check_model": dataclasses.asdict(small), "checks": checks, "machines": a.machines,
+              "tree_axis": tree_axis, "gbit_per_s": a.gbit, "batches": batches, "curves": curves, "table": rows}
     lines = [
         "# Communication model: tree parallel vs tensor-parallel dense FF vs data parallel", "",
-        f"Produced by `{command.strip()}` (formula and HLO check: `experiments/comm_model.py`).", "",
+        bench.provenance_line(report) + " Formula and HLO check: `experiments/comm_model.py`.", "",
         "## Check against compiled HLO (8 fake CPU devices)", "",
         f"Model: {small.layers} residual FF layers, H {small.hidden}, FFF depth {small.depth} "
         f"({small.nodes} nodes), dense width {small.dense_width}, {small.tokens} tokens per step, fp32, "
@@ -396,13 +386,7 @@ def main(argv=None) -> None:
             at = math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * math.log(r0) / (math.log(r0) - math.log(r1)))
             lines.append(f"- {label}: tree parallel ahead below about {at:,.0f} global tokens per step "
                          f"(x{ratio[0]:.1f} at {batches[0]:,}); data parallel ahead above.")
-    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bench.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, label in zip(axes, ("FF layers only", "whole model")):
         for scheme, style in (("dp", "-o"), ("tp", "-^"), ("tree", "-s")):
@@ -415,8 +399,8 @@ def main(argv=None) -> None:
     axes[0].set_ylabel("tokens/s the network sustains")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{a.out}.png", dpi=120)
-    print((RESULTS / f"{a.out}.md").read_text())
+    bench.write_results(RESULTS, a.out, report=report, markdown="\n".join(lines), figure=fig)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

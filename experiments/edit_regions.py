@@ -2,6 +2,10 @@
 
     python experiments/edit_regions.py --dataset mnist            # table + plot under experiments/results/
 
+Smoke run on the bundled digits (a minute)::
+
+    python experiments/edit_regions.py --dataset digits --n-train 0 --seeds 1 --epochs 1 --edit-epochs 1 --out /tmp/e
+
 1. Train an FFF-v1 and an FF (equal training width) on every class but ``--new-class``.
 2. Fine-tune on the new class's training images alone (the hardest continual-learning setting:
    no replay), three ways: FFF, only the leaves the new class reaches (hard routing, nodes and
@@ -16,22 +20,16 @@ Writes ``experiments/results/editing_<dataset>.{md,json,png}``.
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fffjax import bench, regions
+from fffjax.data import vision
+from fffjax.train import classify as C
 
-from fffjax import regions  # noqa: E402
-from fffjax.data import vision  # noqa: E402
-from fffjax.train import classify as C  # noqa: E402
-
-RESULTS = ROOT / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def leaf_method(min_share: float) -> str:
@@ -120,12 +118,9 @@ def markdown(agg, args, n_leaves):
             + "\n".join(notes) + "\n")
 
 
-def plot(agg, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(agg, title):
+    """Grouped bars per method: old-class accuracy before and after, new-class accuracy after."""
+    plt = bench.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = np.arange(len(agg))
     bars = [("old classes before", "old_before", "tab:gray"), ("old classes after", "old_after", "tab:blue"),
@@ -137,8 +132,7 @@ def plot(agg, path, title):
     ax.set(ylabel="test accuracy (%)", title=title, ylim=(0, 100))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def parse(argv=None):
@@ -167,10 +161,13 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    out = Path(args.out) if args.out else RESULTS
+    name = f"editing_{args.dataset}"
     if args.replot:
-        stem = (Path(args.out) if args.out else RESULTS) / f"editing_{args.dataset}"
-        saved = json.loads(stem.with_suffix(".json").read_text())
-        plot(saved["aggregate"], stem.with_suffix(".png"), f"adding class {saved['args']['new_class']} ({args.dataset})")
+        saved = json.loads((out / f"{name}.json").read_text())
+        bench.write_results(out, name, figure=plot(saved["aggregate"],
+                                                   f"adding class {saved['args']['new_class']} ({args.dataset})"),
+                            dpi=110)
         return saved["aggregate"]
     data = vision.load(args.dataset)
     if args.n_train:
@@ -182,21 +179,17 @@ def main(argv=None):
 
     rows = [r for seed in tqdm(range(args.seeds), desc="editing seeds") for r in run_seed(data, args, seed)]
     agg = aggregate(rows)
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"editing_{args.dataset}"
-    cmd = "python experiments/edit_regions.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    (stem.with_suffix(".json")).write_text(json.dumps({"args": vars(args), "command": cmd, "rows": rows,
-                                                        "aggregate": agg, "seconds": round(time.time() - t0, 1)}, indent=1))
+    report = {**bench.provenance(__file__, argv), "args": vars(args), "rows": rows, "aggregate": agg,
+              "seconds": round(time.time() - t0, 1)}
     text = (f"# Surgical editing: add class {args.new_class} to FFF d{args.depth} l{args.width} ({args.dataset})\n\n"
-            f"Produced by `{cmd}`. Base: {args.epochs} epochs on the other classes "
+            f"{bench.provenance_line(report)} Base: {args.epochs} epochs on the other classes "
             f"({args.n_train or 'all'} training images, stratified), FF of equal training width "
             f"({2 ** args.depth * args.width}); edit: {args.edit_epochs} epochs of Adam lr {args.edit_lr:g}, batch "
             f"{args.edit_batch_size}, on the new "
             f"class's training images only (no replay); {args.seeds} seeds, mean ± std; test accuracy in %.\n\n"
             + markdown(agg, args, 2 ** args.depth))
-    stem.with_suffix(".md").write_text(text)
-    plot(agg, stem.with_suffix(".png"), f"adding class {args.new_class} ({args.dataset})")
+    bench.write_results(out, name, report=report, markdown=text,
+                        figure=plot(agg, f"adding class {args.new_class} ({args.dataset})"), dpi=110)
     print(text)
     return agg
 

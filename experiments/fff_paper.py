@@ -8,6 +8,8 @@ One command per table; each writes ``experiments/results/fff_paper_<table>_<data
     python experiments/fff_paper.py v2 --dataset mnist            # FFF-v2 trees vs FFs
     python experiments/fff_paper.py recipe --dataset mnist        # training recipes for one FFF shape
     python experiments/fff_paper.py plot --dataset mnist          # redraw the plots from the JSON
+    python experiments/fff_paper.py v2 --dataset digits --seeds 1 --epochs 1 --hard-epochs 0 --trees 1x3 --tag smoke
+                                                                  # smoke run: fff_paper_v2_smoke_digits.*
 
 Every FFF-v1 row is compared with an FF (one ReLU hidden layer) of equal *training* width
 (``2**d * l``, what the soft mixture computes) and of equal *inference* width (``d + l``, the
@@ -19,21 +21,16 @@ Fashion-MNIST from the cache (``python -m fffjax.data.fetch vision``); ``digits`
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fffjax import bench
+from fffjax.data import vision
+from fffjax.train import classify as C
 
-from fffjax.data import vision  # noqa: E402
-from fffjax.train import classify as C  # noqa: E402
-
-RESULTS = ROOT / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = ("grid", "hardening", "v2", "recipe")
 
 
@@ -197,23 +194,22 @@ def summary(rows) -> str:
 
 
 def write(table, args, rows, markdown, extra=""):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"fff_paper_{table}{'_' + args.tag if args.tag else ''}_{args.dataset}"
-    cmd = "python experiments/fff_paper.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """``fff_paper_<table>[_<tag>]_<dataset>.{json,md}``: the rows with the command, machine and recipe."""
+    name = f"fff_paper_{table}{'_' + args.tag if args.tag else ''}_{args.dataset}"
     cfg = dataclasses.asdict(base_config(args))
-    meta = {"table": table, "dataset": args.dataset, "command": cmd, "config": cfg, "seeds": args.seeds,
+    meta = {"table": table, "dataset": args.dataset, "config": cfg, "seeds": args.seeds,
             "n_train": args.n_train or "all", "n_test": args.n_test or "all", "train_eval_n": args.train_eval_n,
             "full_grid_command": full_command(table, args.dataset)}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report = {**bench.provenance(__file__, args.argv), "meta": meta, "rows": rows}
     text = (f"# FFF paper: {table} table, {args.dataset}\n\n"
-            f"Produced by `{cmd}`; full grid: `{meta['full_grid_command']}`.\n\n"
+            f"{bench.provenance_line(report)} Full grid: `{meta['full_grid_command']}`.\n\n"
             f"Recipe: {cfg['epochs']} epochs (FFF: last {cfg['hard_epochs']} with hard decisions, leaves only), "
             f"batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']:g} {cfg['schedule']}, "
             f"hardening {cfg['hardening_schedule']}; {args.seeds} seeds (mean ± std); train data "
             f"{meta['n_train']}, test {meta['n_test']}; train accuracy on the first {args.train_eval_n} "
             f"training samples. Accuracies in %, hard (deployed) forward unless marked soft; FLOPs per sample "
             f"of the hard forward.\n\n" + extra + markdown)
-    stem.with_suffix(".md").write_text(text)
+    bench.write_results(RESULTS, name, report=report, markdown=text)
     print(text)
 
 
@@ -302,11 +298,7 @@ def table_recipe(args):
 
 def plot(args):
     """Accuracy vs inference FLOPs and soft-hard gap vs depth, from the grid JSON."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = bench.pyplot()
     path = RESULTS / f"fff_paper_grid_{args.dataset}.json"
     rows = json.loads(path.read_text())["rows"]
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -329,8 +321,7 @@ def plot(args):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"fff_paper_accuracy_vs_flops_{args.dataset}.png", dpi=110)
-    plt.close(fig)
+    bench.write_results(RESULTS, f"fff_paper_accuracy_vs_flops_{args.dataset}", figure=fig, dpi=110)
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for w in sorted({r["width"] for r in rows}):
@@ -342,8 +333,7 @@ def plot(args):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"fff_paper_gap_vs_depth_{args.dataset}.png", dpi=110)
-    plt.close(fig)
+    bench.write_results(RESULTS, f"fff_paper_gap_vs_depth_{args.dataset}", figure=fig, dpi=110)
 
 
 # ---------------------------------------------------------------- CLI
@@ -373,7 +363,9 @@ def parse(argv=None):
     p.add_argument("--n-test", type=int, default=0, help="stratified test subset (0 = all)")
     p.add_argument("--tag", default="", help="suffix of the table name in the output files (variant runs)")
     p.add_argument("--train-eval-n", type=int, default=10000, help="training samples scored for train accuracy")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = argv   # the arguments as given (None: sys.argv[1:]), for the command in the results
+    return args
 
 
 def main(argv=None):

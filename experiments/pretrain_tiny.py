@@ -1,5 +1,6 @@
-"""Tiny FFF crammed BERT vs its dense twin on the CPU: MLM pretraining at equal steps, then
-fine-tuning on Amazon fine-food reviews and SpamAssassin.
+"""Tiny FFF crammed BERT vs its dense twin on the CPU: MLM pretraining, then fine-tuning.
+
+Pretraining at equal steps, then fine-tuning on Amazon fine-food reviews and SpamAssassin.
 
     bash experiments/fetch_text.sh                      # once: corpus and labelled sets
     python experiments/pretrain_tiny.py --scratch       # runs everything (skips finished runs)
@@ -21,10 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from fffjax import bench
+
+ROOT = Path(__file__).resolve().parents[1]   # the repository: runs/ lives there
 RUNS = ROOT / "runs" / "bert_tiny"
-RESULTS = ROOT / "experiments" / "results" / "bert_tiny_cpu"
-CONFIGS = ROOT / "experiments" / "configs"
+RESULTS = Path(__file__).resolve().parent / "results" / "bert_tiny_cpu"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 MODELS = {"fff": "pretrain_tiny.json", "dense": "pretrain_tiny_dense.json"}
 FINETUNE = {"fff": "finetune_tiny.json", "dense": "finetune_tiny_dense.json"}
 TASKS = ("amazon", "spam")
@@ -72,7 +75,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def report() -> dict:
+def report(argv: list[str] | None = None) -> dict:
+    """Collects the runs' metrics and results into ``experiments/results/bert_tiny_cpu/``."""
     from fffjax.train.loop import plot_losses
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -103,11 +107,11 @@ def report() -> dict:
     for task, by_model in table["finetune"].items():
         if "fff" in by_model and "dense" in by_model:
             by_model["fff_over_dense"] = by_model["fff"]["test_accuracy"] / by_model["dense"]["test_accuracy"]
-    (RESULTS / "results.json").write_text(json.dumps(table, indent=2))
+    head = bench.provenance(__file__, argv)
     lines = ["# tiny FFF vs tiny-dense on the CPU", "",
              "Commands: `bash experiments/fetch_text.sh && python experiments/pretrain_tiny.py` "
              "(each run is a `fffjax pretrain` / `fffjax finetune` command printed by the script; configs in "
-             "`experiments/configs/`).", "",
+             "`experiments/configs/`). This report: " + bench.provenance_line(head), "",
              "## MLM pretraining (equal steps, batch 32 x 128 tokens, prose corpus)", "",
              "| model | steps | final train loss | held-out loss | held-out accuracy | median s/step | wall s |",
              "|---|---|---|---|---|---|---|"]
@@ -124,17 +128,17 @@ def report() -> dict:
             cells = [f"{scratch[n]['test_accuracy']:.3f}" if n in scratch else "-" for n in ("fff", "dense")]
             lines.append(f"| {task} | {fff['n_test']} | {fff['majority_baseline']:.3f} | {fff['test_accuracy']:.3f} | "
                          f"{dense['test_accuracy']:.3f} | {by_model['fff_over_dense']:.3f} | {cells[0]} | {cells[1]} |")
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+    bench.write_results(RESULTS, "results", report={**head, **table}, markdown="\n".join(lines))
     print("\n".join(lines))
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--scratch", action="store_true", help="also fine-tune from random init (baseline)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.report_only:
         RUNS.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -144,7 +148,7 @@ def main() -> None:
         if args.scratch:
             with ThreadPoolExecutor(args.parallel) as pool:
                 list(pool.map(lambda nt: finetune(*nt, scratch=True), [(n, t) for t in TASKS for n in MODELS]))
-    report()
+    report(argv)
 
 
 if __name__ == "__main__":

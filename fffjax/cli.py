@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fffjax.convert.cmd_export", "write a checkpoint's model in the published UltraFastBERT HF layout"),
     "import": ("fffjax.convert.cmd_import", "read a published-layout UltraFastBERT directory into a checkpoint"),
     "inspect": ("fffjax.convert.cmd_inspect", "show a checkpoint's config, parameter counts, step and metrics"),
+    "bench": ("fffjax.bench_cli", "list the benchmark scripts of experiments/, or run one: fffjax bench NAME [ARGS]"),
 }
 
 

@@ -13,7 +13,6 @@ decisions give fffjax's hard-mode predictions. Run it with ``fffjax demo`` (``--
 
 import argparse
 import dataclasses
-import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fffjax import ops, v1
+from fffjax import bench, ops, v1
 from fffjax.ops import cpu_ffi
 from fffjax.data.vision import Split, load_digits
 from fffjax.nn import FFF
@@ -156,26 +155,6 @@ def accuracy(model: nnx.Module, x, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(predict(model, x)).argmax(-1) == labels))
 
 
-def time_side_by_side(functions: dict, *, repeats: int, calls: int) -> dict[str, float]:
-    """Median seconds per call of each zero-argument jitted function, measured interleaved.
-
-    Each is warmed up (compiled) first; each repeat times ``calls`` back-to-back calls and waits
-    for the last with ``block_until_ready``, so dispatch overlaps compute as in a serving loop.
-    """
-    for fn in functions.values():
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-    samples = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fn()
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def check_in_fastfeedforward(export_path: Path, fff: FFF, x_test: np.ndarray) -> dict | None:
     """Load the exported file into ``fastfeedforward.FFF`` (strict) and compare its hard outputs with fffjax's.
 
@@ -254,9 +233,12 @@ def run_demo(config: DemoConfig = DemoConfig(), *, print_fn=print) -> DemoResult
     implementation = "cpu_ffi" if jax.default_backend() == "cpu" and cpu_ffi.available() else "xla"
     fff_hard = jax.jit(lambda x, w: ops.fff_v1_hard(x, *w, depth=config.depth, implementation=implementation))
     ff_dense = jax.jit(lambda x, w: ff_forward(x, *w))
-    times = time_side_by_side(
+    # Interleaved rounds of `timing_calls` back-to-back calls, the last one waited for: dispatch
+    # overlaps compute as in a serving loop.
+    timings = bench.side_by_side(
         {"fff": lambda: fff_hard(x_test, fff_weights), "ff": lambda: ff_dense(x_test, ff_weights)},
-        repeats=config.timing_repeats, calls=config.timing_calls)
+        rounds=config.timing_repeats, calls=config.timing_calls)
+    times = {name: timing.median_s for name, timing in timings.items()}
     speedup = times["ff"] / times["fff"]
     print_fn(f"hard inference on the {len(data.x_test)}-sample test batch (jitted, median of "
              f"{config.timing_repeats}x{config.timing_calls} calls): FFF hard ({implementation}) "

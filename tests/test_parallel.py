@@ -361,5 +361,4 @@ def test_two_processes_tree_parallel_match_one_device(tmp_path, single_device_lo
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     distributed_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
