@@ -89,7 +89,7 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
     from flax import nnx
 
     from fffjax.models.config import get_config
-    from fffjax.models.crammed_bert import CrammedBertMLM, gelu_implementation
+    from fffjax.models.crammed_bert import CrammedBertMLM
     from fffjax.train import loop
     from fffjax.train import sharding as shd
 
@@ -102,7 +102,7 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
                            mesh=shd.make_mesh(1, 1, devices=jax.devices()[:1]))
     host = random_mlm_batch(np.random.default_rng(0), args.train_batch, config.max_seq_length, config.vocab_size)
     seconds = bench.latency(trainer.step, host, calls=args.steps, warmup=args.warmup, repeats=args.repeats)
-    gelu = {"gelu": gelu_implementation(None, args.compute_dtype)} if implementation is None else {}   # the default
+    gelu = {"gelu": resolved("gelu", None, args.compute_dtype)} if implementation is None else {}   # the default
     return {"bench": "train", "config": config_name, "implementation": implementation or "dense", **gelu,
             "batch": args.train_batch, "seq": config.max_seq_length, "step_s": seconds, "steps_per_s": 1.0 / seconds,
             "tokens_per_s": args.train_batch * config.max_seq_length / seconds, "compute_dtype": args.compute_dtype,
@@ -147,27 +147,30 @@ def configured(model, implementation: str | None, attention: str | None, norm: s
                gelu: str | None = None):
     """``model`` with its FFF layers on ``implementation`` (None: left as built), its attention on
     ``attention``, its layer norms on ``norm`` and its dense feedforwards' GELU on ``gelu`` (in place)."""
-    from fffjax.models.crammed_bert import (set_attention_implementation, set_fff_implementation,
-                                            set_gelu_implementation, set_norm_implementation)
+    from fffjax.ops import set_implementation
 
     if implementation is not None:
-        set_fff_implementation(model, implementation)
-    set_attention_implementation(model, attention)
-    set_norm_implementation(model, norm)
-    set_gelu_implementation(model, gelu)
+        set_implementation(model, "fff_v2_hard", implementation)
+    for op, name in (("attention", attention), ("layer_norm", norm), ("gelu", gelu)):
+        set_implementation(model, op, name)
     return model
+
+
+def resolved(op: str, implementation: str | None, dtype) -> str:
+    """The implementation of ``op`` a call with ``implementation`` runs first for inputs of ``dtype``
+    (None: the platform's preference, :func:`fffjax.ops.registry.preference`)."""
+    import jax.numpy as jnp
+
+    from fffjax.ops import registry
+
+    return registry.candidates(op, implementation, jnp.dtype(dtype), {})[0]
 
 
 def kernel_names(attention: str | None, norm: str | None, dtype, gelu: str | None = None, dense: bool = False) -> dict:
     """``{"attention": ..., "norm": ...[, "gelu": ...]}``: the kernels a row ran, resolved (None -> the
     default's name); ``gelu`` for a dense model only (the FFF kernels compute their own)."""
-    import jax.numpy as jnp
-
-    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
-
-    names = {"attention": attention_implementation(attention, jnp.dtype(dtype)),
-             "norm": norm_implementation(norm, jnp.dtype(dtype))}
-    return {**names, "gelu": gelu_implementation(gelu, jnp.dtype(dtype))} if dense else names
+    names = {"attention": resolved("attention", attention, dtype), "norm": resolved("layer_norm", norm, dtype)}
+    return {**names, "gelu": resolved("gelu", gelu, dtype)} if dense else names
 
 
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
@@ -374,14 +377,12 @@ def run(args, argv: list[str] | None) -> dict:
         record(bench_train(args, name, impl))
 
     impls = split_list(args.implementations)
-    from fffjax.models.crammed_bert import attention_implementation, gelu_implementation, norm_implementation
-
     # Resolved names, each once ("auto": Pallas attention, norms and GELU on a GPU, XLA on a CPU).
-    attentions = list(dict.fromkeys(attention_implementation(None if a == "auto" else a, args.compute_dtype)
+    attentions = list(dict.fromkeys(resolved("attention", None if a == "auto" else a, args.compute_dtype)
                                     for a in split_list(args.attention) or ["auto"]))
-    norms = list(dict.fromkeys(norm_implementation(None if n == "auto" else n, args.compute_dtype)
+    norms = list(dict.fromkeys(resolved("layer_norm", None if n == "auto" else n, args.compute_dtype)
                                for n in split_list(args.norm) or ["auto"]))
-    gelus = list(dict.fromkeys(gelu_implementation(None if g == "auto" else g, args.compute_dtype)
+    gelus = list(dict.fromkeys(resolved("gelu", None if g == "auto" else g, args.compute_dtype)
                                for g in split_list(args.gelu) or ["auto"]))
     report["reference_gelu"] = gelus[0]
     if impls:
@@ -422,7 +423,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     ap.add_argument("--forwards", default=",".join(FORWARDS), help=f"comma list of inference forwards: {FORWARDS}")
     ap.add_argument("--attention", default="auto",
-                    help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see crammed_bert.attention_implementation)")
+                    help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see fffjax.ops.registry)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
     ap.add_argument("--gelu", default="auto",
