@@ -2,7 +2,7 @@
 
 The forward pass is the published ``ScriptableLMForPreTraining`` / ``ScriptableLMForSequenceClassification``
 (``pbelcak/UltraFastBERT``, ``training/cramming/architectures/crammed_bert.py``; see
-``shared/reference/fff.md`` section 5), batch-first::
+``docs/conventions.md``, "Crammed BERT"), batch-first::
 
     h = Dropout(LayerNorm(E[ids] + s * PE[:S]))                    embedding
     h = h + Dropout(Attn(LN1(h)));  h = h + Dropout(FFN(LN2(h)))    each pre-LN layer

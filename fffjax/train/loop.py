@@ -1,6 +1,6 @@
 """The training step and loop: the crammed-BERT AdamW recipe, sharded `jax.jit`, metrics.
 
-Recipe (fff.md §5.5, `bert-o4`): AdamW with betas (0.9, 0.98), eps 1e-12, weight decay 0.01 not
+Recipe (`bert-o4`, docs/conventions.md): AdamW with betas (0.9, 0.98), eps 1e-12, weight decay 0.01 not
 applied to biases and norms, a triangle learning-rate schedule (linear rise from 0 to the peak at
 `peak_fraction` of the steps, linear fall to 0 at the end; the published `budget-triangle2` is the
 same shape over wall-clock budget, here over steps so runs are reproducible), gradient clipping
