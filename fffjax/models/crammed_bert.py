@@ -110,7 +110,8 @@ class LayerNorm(nnx.LayerNorm):
     def __call__(self, x: Float[Array, "*lead hidden"], residual=None):
         if norm_implementation(self.implementation, self.dtype) == "xla":
             h = x if residual is None else x + residual
-            y = super().__call__(h)
+            with jax.numpy_dtype_promotion("standard"):   # flax's statistics promote 16-bit inputs to float32
+                y = super().__call__(h)
             return y if residual is None else (y, h)
         from pallas_kernels.layer_norm import layer_norm
 
@@ -145,7 +146,7 @@ class ScaledSinusoidal(nnx.Module):
                 f"input_ids has {seq_length} positions; this model's position table has max_seq_length="
                 f"{self.max_seq_length}")
         table = jnp.asarray(sinusoidal_positions(seq_length, self.hidden_size))
-        return (self.scale_factor[...] * table).astype(dtype)
+        return (self.scale_factor[...].astype(jnp.float32) * table).astype(dtype)
 
 
 class Embedding(nnx.Module):
@@ -209,7 +210,8 @@ def fused_attention(
     implementation = _kernel_choice("attention", ("xla", "cudnn"), implementation, q.dtype)
     b, s = q.shape[:2]
     bias = None if mask_bias is None else jnp.broadcast_to(mask_bias, (b, 1, s, s)).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    with jax.numpy_dtype_promotion("standard"):   # jax's XLA attention promotes 16-bit logits to float32 implicitly
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
 
 
 class SelfAttention(nnx.Module):
