@@ -28,6 +28,7 @@ from fffjax.ops import cpu_ffi
 from fffjax.data.vision import Split, load_digits
 from fffjax.nn import FFF
 from fffjax.train.checkpoint import save_checkpoint
+from fffjax.train.optim import with_standard_promotion
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,7 +106,7 @@ def train(
     Returns per-epoch metrics (mean loss, train accuracy, mean node entropy).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(learning_rate)
+    tx = with_standard_promotion(optax.adam(learning_rate))
     opt_state = tx.init(params)
 
     @jax.jit

@@ -1,4 +1,5 @@
-"""Test configuration: 8 fake CPU devices and highest matmul precision, set before jax initialises."""
+"""Test configuration, set before jax initialises: 8 fake CPU devices, highest matmul precision and
+strict dtype promotion (mixing dtypes needs an explicit cast; weak-typed Python scalars still mix)."""
 
 import os
 import warnings
@@ -11,6 +12,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 

@@ -1,4 +1,4 @@
-"""PyTorch crammed BERT written from ``shared/reference/fff.md`` section 5 (the published
+"""PyTorch crammed BERT written from ``docs/conventions.md``, "Crammed BERT" (the published
 ``cramming/architectures/crammed_bert.py`` and the components it imports), for parity tests.
 
 Same module names, parameter/buffer registration order and hence the same ``state_dict`` keys

@@ -1,4 +1,4 @@
-"""Whole-model UltraFastBERT conversion: parity with a PyTorch crammed BERT written from fff.md,
+"""Whole-model UltraFastBERT conversion: parity with a PyTorch crammed BERT written from docs/conventions.md,
 loaded with ``strict=True``, in both directions, plus the HF directory layout and the CLI."""
 
 import dataclasses

@@ -164,11 +164,41 @@ def test_conditional_fff_equals_masked_reference():
 
 
 def test_dense_twin_runs_and_differs_from_fff():
+    """Same seed, same input, the same parameters outside the feedforward: the logits differ, and
+    only through the feedforward (zeroing both feedforward outputs makes them equal)."""
+    from fffjax.models.crammed_bert import DenseFF
+    from fffjax.nn import UltraFastFF
+
+    fff = CrammedBertMLM(TINY, rngs=nnx.Rngs(0))
     dense = CrammedBertMLM(get_config("tiny-dense"), rngs=nnx.Rngs(0))
+    fff.eval()
     dense.eval()
+    assert not any(isinstance(node, UltraFastFF) for _, node in nnx.iter_graph(dense))
+    for layer in dense.encoder.layers:
+        assert isinstance(layer.ffn, DenseFF) and layer.ffn.dense_in.kernel.shape == (64, 256)
+    fff_params = nnx.to_pure_dict(nnx.state(fff, nnx.Param))
+    dense_params = nnx.to_pure_dict(nnx.state(dense, nnx.Param))
+    dense_params["encoder"]["embedding"] = fff_params["encoder"]["embedding"]
+    dense_params["encoder"]["final_norm"] = fff_params["encoder"]["final_norm"]
+    for i, layer in dense_params["encoder"]["layers"].items():
+        dense_params["encoder"]["layers"][i] = {**fff_params["encoder"]["layers"][i], "ffn": layer["ffn"]}
+    dense_state = nnx.state(dense, nnx.Param)
+    nnx.replace_by_pure_dict(dense_state, dense_params)
+    nnx.update(dense, dense_state)
+
     ids, mask = _batch(TINY)
-    assert dense(ids, mask).shape == (3, 16, TINY.vocab_size)
-    assert dense.encoder.layers[0].ffn.dense_in.kernel.shape == (64, 256)
+    fff_logits, dense_logits = fff(ids, mask), dense(ids, mask)
+    assert fff_logits.shape == dense_logits.shape == (3, 16, TINY.vocab_size)
+    assert np.isfinite(np.asarray(fff_logits)).all() and np.isfinite(np.asarray(dense_logits)).all()
+    # The feedforwards' share of the logits is small at init (normal 0.02 weights), yet far above the
+    # float32 rounding that bounds the difference once both feedforwards output zero (below).
+    assert float(jnp.abs(fff_logits - dense_logits).max()) > 1e-3
+
+    for layer in fff.encoder.layers:
+        layer.ffn.w_out[...] = jnp.zeros_like(layer.ffn.w_out[...])
+    for layer in dense.encoder.layers:
+        layer.ffn.dense_out.kernel[...] = jnp.zeros_like(layer.ffn.dense_out.kernel[...])
+    np.testing.assert_allclose(fff(ids, mask), dense(ids, mask), rtol=0, atol=1e-6)
 
 
 def test_dropout_train_and_eval_modes():

@@ -135,7 +135,7 @@ def test_no_recompile_across_calls_of_one_shape(implementation, jitted):
 
 
 def test_gpu_prefers_masked_dense_for_wide_paths(monkeypatch):
-    # Measured on the H200: 128x4 (5 of 31 neurons per tree) is faster masked dense; 1x11 through Pallas.
+    # On the H200 128x4 (5 of 31 neurons per tree) runs faster masked dense, 1x11 through Pallas (bench_gpu.md).
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "pallas" in registry.available_implementations("fff_v2_hard")
     f32 = jnp.float32

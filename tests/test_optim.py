@@ -199,7 +199,7 @@ def test_params_without_usage_step_every_time_as_adam():
     params = {"w": jnp.array([[1.0, -2.0]]), "fff": jnp.ones((2, 2))}
     grads = {"w": jnp.array([[0.5, 0.25]]), "fff": jnp.ones((2, 2))}
     tx = optim.local_adam(0.1, local_batch_size=4)
-    ref = optax.adam(0.1, eps=1e-8)
+    ref = optim.with_standard_promotion(optax.adam(0.1, eps=1e-8))
     state, ref_state = tx.init(params), ref.init(params["w"])
     for _ in range(3):
         updates, state = tx.update(grads, state, params, usage={"w": None, "fff": jnp.zeros(2)})

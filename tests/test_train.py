@@ -191,7 +191,9 @@ def test_bf16_compute_tracks_float32_and_keeps_float32_weights():
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
     f32 = run_losses(BASE, mesh, steps=5)
     config = dataclasses.replace(BASE, compute_dtype="bfloat16")
-    bf16 = run_losses(config, mesh, steps=5)
+    # The VJP of jax.nn.dot_product_attention mixes float32 and bfloat16, which strict promotion rejects.
+    with jax.numpy_dtype_promotion("standard"):
+        bf16 = run_losses(config, mesh, steps=5)
     np.testing.assert_allclose(bf16, f32, rtol=2e-2)
     assert bf16 != f32
     trainer = loop.Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), loop.mlm_objective, config, mesh=mesh)

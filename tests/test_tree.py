@@ -33,7 +33,7 @@ def test_levels_and_offsets():
 
 
 def test_leaf_path_roundtrip_and_example():
-    # fff.md: depth 3, leaf 5 = 101b: right at 0 -> node 2, left -> node 5, right -> flat 12.
+    # Depth 3, leaf 5 = 101b: right at 0 -> node 2, left -> node 5, right -> flat 12 (docs/conventions.md).
     assert list(tree.leaf_to_path(5, 3)) == [1, 0, 1]
     assert list(tree.leaf_ancestors(3)[5]) == [0, 2, 5]
     assert tree.leaf_to_node(5, 3) == 12

@@ -1,4 +1,4 @@
-"""PyTorch reference modules written from the published code (see ``shared/reference/fff.md``).
+"""PyTorch reference modules written from the published code (see ``docs/conventions.md``).
 
 A plain module of classes, imported by tests after ``pytest.importorskip("torch")``.
 """

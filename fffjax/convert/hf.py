@@ -30,7 +30,7 @@ from fffjax.models.config import ModelConfig
 
 FORMATS = {"safetensors": "model.safetensors", "pt": "pytorch_model.bin"}
 ARCHITECTURES = {"mlm": "ScriptableLMForPreTraining", "classifier": "ScriptableLMForSequenceClassification"}
-# The transformers release whose loading of the published checkpoint fff.md documents.
+# The transformers release named in the published config.json (docs/conventions.md).
 TRANSFORMERS_VERSION = "4.49.0"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
 

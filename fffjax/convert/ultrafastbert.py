@@ -2,7 +2,7 @@
 
 ``ScriptableLMForPreTraining`` (MLM; 167 keys for UltraFastBERT-1x11-long) and
 ``ScriptableLMForSequenceClassification`` (classifier: the encoder keys plus ``pooler.dense.*``
-and ``head.*``), keys in the published order (``shared/reference/fff.md`` section 5.3)::
+and ``head.*``), keys in the published order (``docs/conventions.md``, "Crammed BERT state dict")::
 
     encoder.embedding.word_embedding.weight (V, H)   encoder.embedding.pos_embedding.scale_factor (1,)
     encoder.embedding.norm.{weight, bias} (H,)

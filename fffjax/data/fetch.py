@@ -35,7 +35,7 @@ IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATASETS = ("mnist", "fashion_mnist")
 
-# Facts of the canonical data (datasets.md §1): class counts and first labels, which any correct
+# Facts of the canonical data: class counts and first labels, which any correct
 # copy reproduces. IMAGE_SHA256 pins `array_digest` of the four decoded arrays, recorded from a
 # fetch that passed those checks.
 EXPECTED = {

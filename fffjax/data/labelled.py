@@ -1,4 +1,4 @@
-"""Labelled text sets for fine-tuning (datasets.md §3), with fixed train/test splits.
+"""Labelled text sets for fine-tuning, with fixed train/test splits.
 
 - `amazon`: Amazon fine-food reviews from Debian `r-cran-modeldata` (the package's own split:
   4 000 train, 1 000 test); label 1 = `great`, 0 = `other`.

@@ -1,4 +1,5 @@
-"""Masked-language-model batches as in the crammed-BERT recipe (fff.md §5.5), on the host in numpy.
+"""Masked-language-model batches as in the crammed-BERT recipe, on the host in numpy
+(docs/conventions.md, "Pretraining recipe").
 
 Rate 0.25 with the BERT replacement rule: of the selected positions 80% become `[MASK]`, 10% a
 random word piece and 10% stay unchanged (cramming's `use_80_20_rule`: 80% mask, the other 20%

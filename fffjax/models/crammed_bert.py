@@ -2,7 +2,7 @@
 
 The forward pass is the published ``ScriptableLMForPreTraining`` / ``ScriptableLMForSequenceClassification``
 (``pbelcak/UltraFastBERT``, ``training/cramming/architectures/crammed_bert.py``; see
-``shared/reference/fff.md`` section 5), batch-first::
+``docs/conventions.md``, "Crammed BERT"), batch-first::
 
     h = Dropout(LayerNorm(E[ids] + s * PE[:S]))                    embedding
     h = h + Dropout(Attn(LN1(h)));  h = h + Dropout(FFN(LN2(h)))    each pre-LN layer
@@ -114,7 +114,7 @@ class ScaledSinusoidal(nnx.Module):
                 f"input_ids has {seq_length} positions; this model's position table has max_seq_length="
                 f"{self.max_seq_length}")
         table = jnp.asarray(sinusoidal_positions(seq_length, self.hidden_size))
-        return (self.scale_factor[...] * table).astype(dtype)
+        return (self.scale_factor[...].astype(jnp.float32) * table).astype(dtype)
 
 
 class Embedding(nnx.Module):

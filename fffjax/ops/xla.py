@@ -69,7 +69,8 @@ def _dot_product_attention(qkv, key_bias, *, num_heads: int, scale: float, imple
     bias = None
     if key_bias is not None:   # cuDNN takes the bias materialised as (B, 1, S, S)
         bias = jnp.broadcast_to(key_bias[:, None, None, :], (batch, 1, seq, seq)).astype(qkv.dtype)
-    context = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    with jax.numpy_dtype_promotion("standard"):   # jax's attention promotes 16-bit scores to float32 inside
+        context = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
     return context.reshape(batch, seq, three_h // 3)
 
 

@@ -30,6 +30,7 @@ import optax
 
 from fffjax import tree, v1, v2
 from fffjax._typing import Array, Float, Int, PRNGKeyArray
+from fffjax.train.optim import with_standard_promotion
 
 MODEL_KINDS = ("fff", "ff", "fff2")
 SCHEDULES = ("constant", "cosine")
@@ -274,7 +275,7 @@ def _optimizer(epochs: int, steps_per_epoch: int, learning_rate: float, schedule
     else:
         warmup = min(steps_per_epoch, total // 2)
         lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, warmup), total, 0.0)
-    return optax.adamw(lr, weight_decay=weight_decay)
+    return with_standard_promotion(optax.adamw(lr, weight_decay=weight_decay))
 
 
 def loss_fn(spec: ModelSpec, params, x, y, hardening, *, hard_decisions: bool, key):

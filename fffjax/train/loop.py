@@ -1,6 +1,6 @@
 """The training step and loop: the crammed-BERT AdamW recipe, sharded `jax.jit`, metrics.
 
-Recipe (fff.md §5.5, `bert-o4`): AdamW with betas (0.9, 0.98), eps 1e-12, weight decay 0.01 not
+Recipe (`bert-o4`, docs/conventions.md): AdamW with betas (0.9, 0.98), eps 1e-12, weight decay 0.01 not
 applied to biases and norms, a triangle learning-rate schedule (linear rise from 0 to the peak at
 `peak_fraction` of the steps, linear fall to 0 at the end; the published `budget-triangle2` is the
 same shape over wall-clock budget, here over steps so runs are reproducible), gradient clipping
@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from fffjax._typing import Array, Float, Int
 from fffjax.train import sharding as shd
+from fffjax.train.optim import with_standard_promotion
 
 LossFn = Callable[[nnx.Module, dict[str, Array]], tuple[Array, dict[str, Array]]]
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -132,11 +133,11 @@ def decay_mask(params) -> Any:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW on the triangle schedule, decay masked by `decay_mask`."""
     schedule = triangle_schedule(config.learning_rate, config.steps, config.peak_fraction)
-    return optax.chain(
+    return with_standard_promotion(optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=decay_mask),
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- losses
@@ -156,7 +157,7 @@ def mlm_loss(
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     total = jnp.maximum(weights.sum(), 1.0)
     loss = (per_token * weights).sum() / total
-    accuracy = ((logits.argmax(-1) == labels) * weights).sum() / total
+    accuracy = ((logits.argmax(-1) == labels).astype(weights.dtype) * weights).sum() / total
     return loss, {"accuracy": accuracy}
 
 

@@ -355,3 +355,26 @@ def local_sgd(
         return updates, LocalSGDState(grad_sum, count, buf, jnp.ones((), jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- optax under strict promotion
+
+
+def with_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` whose ``init`` and ``update`` trace under jax's standard dtype promotion.
+
+    optax's Adam bias correction raises ``b1`` and ``b2`` (Python floats) to the int32 step count,
+    which ``jax_numpy_dtype_promotion="strict"`` rejects. The wrapper keeps fffjax's optax
+    optimizers usable when a caller (the test suite does) turns strict promotion on; their results
+    are those of ``tx``.
+    """
+
+    def init_fn(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update_fn(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
