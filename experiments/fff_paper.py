@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fffjax.data import vision  # noqa: E402
-from fffjax.train import classify as C  # noqa: E402
+from fffjax.train import flat as C  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 TABLES = ("grid", "hardening", "v2", "recipe")
@@ -76,8 +76,8 @@ def run_spec(spec, config, data, seeds, train_eval_n, bar=None) -> dict:
     return row
 
 
-def base_config(args) -> C.TrainConfig:
-    return C.TrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, batch_size=args.batch_size,
+def base_config(args) -> C.FlatTrainConfig:
+    return C.FlatTrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, batch_size=args.batch_size,
                          learning_rate=args.lr, schedule=args.schedule, hardening=args.hardening,
                          hardening_schedule=args.hardening_schedule, seed=0)
 
