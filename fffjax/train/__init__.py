@@ -1,6 +1,6 @@
-"""Training utilities: FFF-v1 local optimizers (:mod:`.optim`) and orbax checkpoints (:mod:`.checkpoint`)."""
+"""Training utilities: FFF-v1 local optimizers (:mod:`.local_optim`) and orbax checkpoints (:mod:`.checkpoint`)."""
 
-from fffjax.train.optim import (
+from fffjax.train.local_optim import (
     LocalAdamState,
     LocalSGDState,
     fff_usage,
