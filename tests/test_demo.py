@@ -68,6 +68,16 @@ def test_export_holds_the_checkpointed_parameters(tiny_run):
     assert params["ff"]["w1"].shape == (64, 2**config.depth * config.leaf_width)
 
 
+def test_inspect_reads_the_demo_checkpoint_and_export_refuses_it(tiny_run, capsys, tmp_path):
+    _, result, _ = tiny_run
+    capsys.readouterr()
+    assert cli.main(["inspect", str(result.checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "fffjax.nn.FFF" in out and "fff" in out and "ff" in out
+    with pytest.raises(ValueError, match="does not hold a crammed-BERT model"):
+        cli.main(["export", str(result.checkpoint), str(tmp_path / "hf")])
+
+
 @pytest.mark.torch
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and fastfeedforward")
 def test_export_agrees_with_fastfeedforward(tiny_run):

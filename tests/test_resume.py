@@ -111,7 +111,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's aborted reads
 def test_damaged_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, damage):
     from fffjax.train import loop
-    from fffjax.train.resume import CheckpointCorruptError, RunCheckpoints
+    from fffjax.train.checkpoint import CheckpointCorruptError, RunCheckpoints
 
     trainer, pipe, kwargs = make_run(tmp_path)
     first = loop.fit(trainer, pipe, **kwargs)

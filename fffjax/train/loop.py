@@ -472,7 +472,7 @@ def fit(
 
     Writes `<out_dir>/metrics.jsonl` (one record per step: loss, accuracy, grad_norm, lr,
     seconds, tokens_per_s; eval_* every `eval_every` steps and at the end), checkpoints under
-    `<out_dir>/checkpoints/` (see `fffjax.train.resume`) and `<out_dir>/loss.png`. With `resume`,
+    `<out_dir>/checkpoints/` (see `fffjax.train.checkpoint.RunCheckpoints`) and `<out_dir>/loss.png`. With `resume`,
     restarts from the latest readable checkpoint (parameters, optimizer, data position, step) and
     drops metric records of later steps, so the continued log equals an uninterrupted one.
 
@@ -493,7 +493,7 @@ def fit(
     from tqdm.auto import tqdm
 
     from fffjax.data.pipeline import initial_position
-    from fffjax.train.resume import RunCheckpoints
+    from fffjax.train.checkpoint import RunCheckpoints
 
     config = trainer.config
     out_dir = Path(out_dir)
