@@ -73,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def report() -> dict:
-    from fffjax.train.loop import plot_losses
+    from fffjax.train.metrics import plot_losses
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     curves, table = {}, {"pretrain": {}, "finetune": {}, "scratch": {}}

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     from fffjax.models import CrammedBertClassifier
     from fffjax.train.checkpoint import crammed_bert_config, load_params
-    from fffjax.train.loop import Trainer, classification_objective, fit
+    from fffjax.train.loop import fit
+    from fffjax.train.objectives import classification_objective
+    from fffjax.train.trainer import Trainer
 
     model_config, train_overrides, data = load_run_config(args.config)
     init_params = None
