@@ -220,6 +220,20 @@ def test_bf16_compute_runs_every_matmul_in_bf16(ffn):
     assert model.encoder.layers[0].attn.dense.dtype == jnp.float32          # the caller's model is untouched
 
 
+def test_trainers_of_one_structure_share_one_compiled_step():
+    # The step is cached by jax.jit on a static description of the program: a second Trainer that
+    # differs only in run-time fields (seed, checkpoint interval) reuses it; another recipe does not.
+    from fffjax.train import trainer as trainer_module
+
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    run_losses(BASE, mesh, steps=2)
+    size = trainer_module._jit_train_step._cache_size()
+    run_losses(dataclasses.replace(BASE, seed=3, save_every=7, keep=1), mesh, steps=2)
+    assert trainer_module._jit_train_step._cache_size() == size
+    run_losses(dataclasses.replace(BASE, learning_rate=1e-2), mesh, steps=1)
+    assert trainer_module._jit_train_step._cache_size() > size
+
+
 def test_dropout_is_a_pure_function_of_seed_and_step():
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
     config = dataclasses.replace(BASE, train_mode=True)
