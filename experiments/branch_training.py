@@ -233,7 +233,8 @@ def run_dataset(setup: Setup, splits: list[int]) -> list[dict]:
     acc = lambda p: C.accuracy(spec, p, data.x_test, data.y_test, mode="hard")  # noqa: E731
     rows = []
     t0 = time.time()
-    joint = C.train(spec, C.FlatTrainConfig(**recipe(setup, setup.epochs, setup.hard_epochs)), data.x_train, data.y_train)
+    joint = C.train(spec, C.FlatTrainConfig(**recipe(setup, setup.epochs, setup.hard_epochs)),
+                    data.x_train, data.y_train)
     rows.append({"dataset": setup.dataset, "method": "joint", "split": 0, "test_hard": acc(joint.params),
                  "wall_seconds": time.time() - t0, "compute_epochs_full_tree": setup.epochs})
     print(rows[-1], flush=True)

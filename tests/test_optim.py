@@ -175,7 +175,8 @@ def test_local_sgd_rows_are_torch_sgd(config):
 
 def test_legacy_adam_differs_from_corrected_only_after_a_skip():
     params, grads, node_inc, leaf_inc = _trajectory(4)
-    legacy = _run_jax(local_optim.local_adam(0.05, local_batch_size=LBS, legacy=True), params, grads, node_inc, leaf_inc)
+    legacy = _run_jax(local_optim.local_adam(0.05, local_batch_size=LBS, legacy=True), params, grads,
+                      node_inc, leaf_inc)
     fixed = _run_jax(local_optim.local_adam(0.05, local_batch_size=LBS), params, grads, node_inc, leaf_inc)
     np.testing.assert_array_equal(legacy[-1]["w1s"][0], fixed[-1]["w1s"][0])  # leaf 0 never skips
     assert not np.allclose(legacy[-1]["w1s"][1:], fixed[-1]["w1s"][1:])

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         eval_batches=lambda: eval_batches, resume=not args.no_resume, progress=not args.no_progress,
         tokens_per_example=seq_length, plot_title=f"fine-tuning {args.config} on {args.task}")
     result = {"task": args.task, "config": str(args.config), "init": str(args.init), "steps": config.steps,
-              "test_accuracy": classifier_accuracy(trainer, test, config.batch_size), "n_test": int(len(test["labels"])),
+              "test_accuracy": classifier_accuracy(trainer, test, config.batch_size),
+              "n_test": int(len(test["labels"])),
               "majority_baseline": float(max(test["labels"].mean(), 1 - test["labels"].mean()))}
     (Path(out) / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -2,9 +2,10 @@
 
 Choice: **Auto (GSPMD) axes with explicit shardings**. Parameters and optimizer moments get a
 `NamedSharding` from the rules below (they are placed with it, and the trainer's step constrains
-its new state to it), batches are split on `data`, and XLA inserts the collectives. Auto keeps the model code free of sharding annotations (the same
-NNX modules run unsharded), which Explicit mode would not (every op would need a sharding-aware
-type). The numerics are the same as on one device up to float reassociation.
+its new state to it), batches are split on `data`, and XLA inserts the collectives. Auto keeps the
+model code free of sharding annotations (the same NNX modules run unsharded), which Explicit mode
+would not (every op would need a sharding-aware type). The numerics are the same as on one device
+up to float reassociation.
 
 Partition rules map a parameter's dotted path (`layers.0.ffn.w_in`, from
 `jax.tree_util.tree_leaves_with_path` on the pure-dict state) to a `PartitionSpec`: the first rule
