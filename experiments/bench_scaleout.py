@@ -77,7 +77,7 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
 
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax.train import loop
+    from fffjax import train as loop  # Trainer, TrainConfig, mlm_objective
     from fffjax.train import sharding as shd
 
     config = get_config(args.config)

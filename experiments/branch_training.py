@@ -114,13 +114,13 @@ def train_subtree(task: dict) -> dict:
     """One independent process: train a subtree on its shard (runs in a fresh spawned interpreter)."""
     import jax
 
-    from fffjax.train import classify as C
+    from fffjax.train import flat as C
 
     t0 = time.time()
     data = load_data(task["dataset"], task["n_train"])
     idx = task["indices"]
     spec = C.ModelSpec("fff", data.x_train.shape[1], data.n_classes, depth=task["depth"], width=task["width"])
-    config = C.TrainConfig(**task["config"])
+    config = C.FlatTrainConfig(**task["config"])
     result = C.train(spec, config, data.x_train[idx], data.y_train[idx], params=task["params"])
     return {"params": jax.tree.map(np.asarray, result.params), "seconds": time.time() - t0,
             "steps": config.epochs * (len(idx) // min(config.batch_size, len(idx)))}
@@ -177,7 +177,7 @@ def synced(setup: Setup, data, joint_params: dict, split: int) -> dict:
     """Step 4: local training of top nodes + own subtree, coordinator averages the top every round."""
     import jax
 
-    from fffjax.train import classify as C
+    from fffjax.train import flat as C
 
     spec = C.ModelSpec("fff", data.x_train.shape[1], data.n_classes, depth=setup.depth, width=setup.width)
     soft_epochs = setup.epochs - setup.joint_epochs - setup.hard_epochs
@@ -198,7 +198,7 @@ def synced(setup: Setup, data, joint_params: dict, split: int) -> dict:
             idx = np.flatnonzero(shard == i)
             if len(idx) == 0:
                 continue
-            config = C.TrainConfig(**recipe(setup, epochs, epochs if last else 0))
+            config = C.FlatTrainConfig(**recipe(setup, epochs, epochs if last else 0))
             if epochs * (len(idx) // min(setup.batch_size, len(idx))) < 2:   # optax's cosine needs 2 steps
                 config = dataclasses.replace(config, schedule="constant")
             mask = top_mask(model, setup.depth, split, i)
@@ -223,19 +223,20 @@ def synced(setup: Setup, data, joint_params: dict, split: int) -> dict:
 
 
 def run_dataset(setup: Setup, splits: list[int]) -> list[dict]:
-    from fffjax.train import classify as C
+    from fffjax.train import flat as C
 
     data = load_data(setup.dataset, setup.n_train)
     spec = C.ModelSpec("fff", data.x_train.shape[1], data.n_classes, depth=setup.depth, width=setup.width)
     acc = lambda p: C.accuracy(spec, p, data.x_test, data.y_test, mode="hard")  # noqa: E731
     rows = []
     t0 = time.time()
-    joint = C.train(spec, C.TrainConfig(**recipe(setup, setup.epochs, setup.hard_epochs)), data.x_train, data.y_train)
+    joint = C.train(spec, C.FlatTrainConfig(**recipe(setup, setup.epochs, setup.hard_epochs)),
+                    data.x_train, data.y_train)
     rows.append({"dataset": setup.dataset, "method": "joint", "split": 0, "test_hard": acc(joint.params),
                  "wall_seconds": time.time() - t0, "compute_epochs_full_tree": setup.epochs})
     print(rows[-1], flush=True)
     t0 = time.time()
-    phase = C.train(spec, C.TrainConfig(**recipe(setup, setup.joint_epochs, 0)), data.x_train, data.y_train)
+    phase = C.train(spec, C.FlatTrainConfig(**recipe(setup, setup.joint_epochs, 0)), data.x_train, data.y_train)
     phase_params = {k: np.asarray(v) for k, v in phase.params.items()}
     phase_seconds = time.time() - t0
     for split in splits:

@@ -27,7 +27,7 @@ import numpy as np
 
 from fffjax import bench, regions
 from fffjax.data import vision
-from fffjax.train import classify as C
+from fffjax.train import flat as C
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,7 +52,7 @@ def run_seed(data, args, seed: int) -> list[dict]:
     d_in, n_cls = data.x_train.shape[1], data.n_classes
     fff = C.ModelSpec("fff", d_in, n_cls, depth=args.depth, width=args.width, region_leak=args.leak)
     ff = C.ModelSpec("ff", d_in, n_cls, width=2 ** args.depth * args.width)
-    base_cfg = C.TrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, learning_rate=args.lr,
+    base_cfg = C.FlatTrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, learning_rate=args.lr,
                              batch_size=args.batch_size,
                              schedule="cosine", hardening=args.hardening, hardening_schedule="ramp", seed=seed)
     ff_cfg = dataclasses.replace(base_cfg, hardening=0.0, hard_epochs=0)
@@ -60,7 +60,7 @@ def run_seed(data, args, seed: int) -> list[dict]:
     ff_base = C.train(ff, ff_cfg, data.x_train[old_tr], data.y_train[old_tr]).params
 
     x_new, y_new = data.x_train[new_tr], data.y_train[new_tr]
-    edit_cfg = C.TrainConfig(epochs=args.edit_epochs, batch_size=args.edit_batch_size, learning_rate=args.edit_lr,
+    edit_cfg = C.FlatTrainConfig(epochs=args.edit_epochs, batch_size=args.edit_batch_size, learning_rate=args.edit_lr,
                              schedule="constant", seed=seed)
     old_leaves = regions.leaf_assignments(fff_base, data.x_test[old_te], depth=args.depth)
     edits = {}

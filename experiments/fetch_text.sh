@@ -8,7 +8,7 @@
 # data_cache/text/corpus/*.txt, one file per source.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CACHE="${FFFJAX_DATA_CACHE:-$ROOT/data_cache}/text"
+CACHE="${FFFJAX_DATA:-$ROOT/data_cache}/text"
 mkdir -p "$CACHE/debs" "$CACHE/raw"
 
 DEBS=(r-cran-janeaustenr r-cran-modeldata bible-kjv bible-kjv-text dict-gcide wordnet-base

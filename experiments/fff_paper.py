@@ -28,7 +28,7 @@ import numpy as np
 
 from fffjax import bench
 from fffjax.data import vision
-from fffjax.train import classify as C
+from fffjax.train import flat as C
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = ("grid", "hardening", "v2", "recipe")
@@ -73,8 +73,8 @@ def run_spec(spec, config, data, seeds, train_eval_n, bar=None) -> dict:
     return row
 
 
-def base_config(args) -> C.TrainConfig:
-    return C.TrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, batch_size=args.batch_size,
+def base_config(args) -> C.FlatTrainConfig:
+    return C.FlatTrainConfig(epochs=args.epochs, hard_epochs=args.hard_epochs, batch_size=args.batch_size,
                          learning_rate=args.lr, schedule=args.schedule, hardening=args.hardening,
                          hardening_schedule=args.hardening_schedule, seed=0)
 

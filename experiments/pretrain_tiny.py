@@ -77,7 +77,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def report(argv: list[str] | None = None) -> dict:
     """Collects the runs' metrics and results into ``experiments/results/bert_tiny_cpu/``."""
-    from fffjax.train.loop import plot_losses
+    from fffjax.train.metrics import plot_losses
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     curves, table = {}, {"pretrain": {}, "finetune": {}, "scratch": {}}

@@ -7,7 +7,7 @@ All functions take the :mod:`fffjax.v1` parameter dict (or ``FFF.params()``) and
     plot_regions(report)                               # a matplotlib Figure
 
     mask = leaf_gradient_mask(params, x_new, depth=3)  # train only the leaves x_new reaches
-    fffjax.train.classify.train(spec, config, x_new, y_new, params=params, grad_mask=mask)
+    fffjax.train.flat.train(spec, config, x_new, y_new, params=params, grad_mask=mask)
 
 Regions are those of the hard (deployed) descent: right when ``z >= 0``.
 """

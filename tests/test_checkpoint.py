@@ -1,4 +1,4 @@
-"""Orbax checkpoint helper: exact round trips, config, atomic writes."""
+"""Checkpoints: exact round trips, config, atomic writes, the run digest, reading any checkpoint."""
 
 import jax
 import jax.numpy as jnp
@@ -80,3 +80,53 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     checkpoint.save_checkpoint(tmp_path / "ok", _params(), {"v": 1})
     assert sorted(p.name for p in tmp_path.iterdir() if "tmp" not in p.name) == ["ok"]
+
+
+def test_run_checkpoints_digest_only_the_steps_they_save(tmp_path, monkeypatch):
+    """The digest (a host copy and CRC of every array) is skipped on steps the interval policy skips."""
+    calls = []
+    digest = checkpoint.tree_digest
+    monkeypatch.setattr(checkpoint, "tree_digest", lambda tree: calls.append(1) or digest(tree))
+    params, opt_state = _params(), {"mu": jnp.zeros((3, 4))}
+    with checkpoint.RunCheckpoints(tmp_path / "checkpoints", save_every=3, async_save=False) as run:
+        saved = [run.save(step, params=params, opt_state=opt_state, position={"epoch": 0, "index": step, "seed": 0},
+                          config={"v": 1}, run={"command": "test"}, metrics={"loss": 1.0 / step},
+                          force=step == 4) for step in range(1, 5)]
+        assert saved == [False, False, True, True] and run.steps() == [3, 4]
+    assert len(calls) == 2  # steps 3 (interval) and 4 (forced); not 1 and 2
+    params_back, config, record = checkpoint.load_params(tmp_path)  # the run's latest step
+    assert config == {"v": 1} and record["step"] == 4 and record["metrics"] == {"loss": 0.25}
+    assert record["run"]["command"] == "test" and record["run"]["digest"] == digest({"params": params,
+                                                                                     "opt_state": opt_state})
+    np.testing.assert_array_equal(params_back["w"], np.asarray(params["w"]))
+
+
+def _flat_checkpoint(tmp_path):
+    """A checkpoint shaped like `fffjax demo`'s: FFF-v1 and FF parameter dicts, no crammed-BERT config."""
+    from fffjax import v1
+
+    params = {"fff": v1.init(jax.random.key(0), 6, 3, 4, 2),
+              "ff": {"w1": jnp.ones((6, 12)), "b1": jnp.zeros((12,)), "w2": jnp.ones((12, 4)), "b2": jnp.zeros((4,))}}
+    config = {"model": "fffjax.nn.FFF", "in_features": 6, "out_features": 4, "depth": 2, "leaf_width": 3}
+    return checkpoint.save_checkpoint(tmp_path / "demo", params, config), params, config
+
+
+def test_inspect_describes_a_checkpoint_that_holds_no_crammed_bert(tmp_path):
+    path, params, config = _flat_checkpoint(tmp_path)
+    info = checkpoint.inspect_checkpoint(path)
+    assert info["kind"] == "fffjax.nn.FFF" and info["config"] == config and info["step"] is None
+    sizes = {name: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree)) for name, tree in params.items()}
+    assert info["parameters"] == {"total": sum(sizes.values()), **sizes}
+    with pytest.raises(ValueError, match="does not hold a crammed-BERT model.*fffjax.nn.FFF"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_cli_inspect_and_export_of_a_checkpoint_without_crammed_bert(tmp_path, capsys):
+    from fffjax.cli import main
+
+    path, _, _ = _flat_checkpoint(tmp_path)
+    assert main(["inspect", str(path)]) == 0
+    assert "fffjax.nn.FFF" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"checkpoint {path} does not hold a crammed-BERT model"):
+        main(["export", str(path), str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fffjax import v1
-from fffjax.train import classify as C
+from fffjax.train import flat as C
 
 
 def blobs(n_per_class=40, n_classes=4, dim=6, seed=0):
@@ -27,12 +27,12 @@ def test_spec_and_config_validation():
     with pytest.raises(ValueError, match="region_leak"):
         C.ModelSpec("fff", 4, 2, depth=1, region_leak=1.5)
     with pytest.raises(ValueError, match="hard_epochs"):
-        C.TrainConfig(epochs=2, hard_epochs=3)
+        C.FlatTrainConfig(epochs=2, hard_epochs=3)
     with pytest.raises(ValueError, match="schedule"):
-        C.TrainConfig(schedule="linear")
+        C.FlatTrainConfig(schedule="linear")
     spec = C.ModelSpec("ff", 6, 4, width=8)
     with pytest.raises(ValueError, match=r"x_train must be \(n, 6\)"):
-        C.train(spec, C.TrainConfig(epochs=1), np.zeros((4, 5), np.float32), np.zeros(4, np.int32))
+        C.train(spec, C.FlatTrainConfig(epochs=1), np.zeros((4, 5), np.float32), np.zeros(4, np.int32))
     with pytest.raises(ValueError, match="mode must be"):
         C.predict_logits(spec, C.init_params(spec, jax.random.key(0)), np.zeros((2, 6)), mode="fuzzy")
 
@@ -56,7 +56,7 @@ def test_inference_flops_and_widths():
 ])
 def test_learns_separable_blobs(spec):
     x, y = blobs()
-    cfg = C.TrainConfig(epochs=25, hard_epochs=5, batch_size=32, learning_rate=1e-2, hardening=0.1)
+    cfg = C.FlatTrainConfig(epochs=25, hard_epochs=5, batch_size=32, learning_rate=1e-2, hardening=0.1)
     result = C.train(spec, cfg, x, y)
     assert C.accuracy(spec, result.params, x, y, mode="hard") > 0.9
     assert result.history[-1]["loss"] < result.history[0]["loss"]
@@ -66,7 +66,7 @@ def test_learns_separable_blobs(spec):
 def test_train_seeds_matches_single_runs_and_seeds_differ():
     x, y = blobs()
     spec = C.ModelSpec("fff", 6, 4, depth=2, width=4)
-    cfg = C.TrainConfig(epochs=1, batch_size=32, seed=1)
+    cfg = C.FlatTrainConfig(epochs=1, batch_size=32, seed=1)
     many = C.train_seeds(spec, cfg, x, y, seeds=(0, 1))
     one = C.train(spec, cfg, x, y)
     for name in one.params:
@@ -78,7 +78,7 @@ def test_hard_epochs_leave_the_nodes_alone():
     x, y = blobs()
     spec = C.ModelSpec("fff", 6, 4, depth=2, width=4)
     start = C.init_params(spec, jax.random.key(3))
-    cfg = C.TrainConfig(epochs=2, hard_epochs=2, batch_size=32)
+    cfg = C.FlatTrainConfig(epochs=2, hard_epochs=2, batch_size=32)
     out = C.train(spec, cfg, x, y, params=start).params
     np.testing.assert_array_equal(out["node_weights"], start["node_weights"])
     assert not np.allclose(out["w1s"], start["w1s"])
@@ -92,7 +92,7 @@ def test_zero_grad_mask_freezes_everything_even_with_weight_decay():
     start = C.init_params(spec, jax.random.key(0))
     mask = {k: 0.0 for k in start}
     mask["b2"] = 1.0
-    cfg = C.TrainConfig(epochs=2, batch_size=32, weight_decay=0.1)
+    cfg = C.FlatTrainConfig(epochs=2, batch_size=32, weight_decay=0.1)
     out = C.train(spec, cfg, x, y, params=start, grad_mask=mask).params
     for k in ("w1", "b1", "w2"):
         np.testing.assert_array_equal(out[k], start[k])
@@ -117,7 +117,7 @@ def test_hardening_lowers_node_entropy():
     spec = C.ModelSpec("fff", 6, 4, depth=2, width=4)
     ent = []
     for h in (0.0, 3.0):
-        p = C.train(spec, C.TrainConfig(epochs=10, batch_size=32, learning_rate=1e-2, hardening=h), x, y).params
+        p = C.train(spec, C.FlatTrainConfig(epochs=10, batch_size=32, learning_rate=1e-2, hardening=h), x, y).params
         ent.append(float(v1.soft_forward(p, jnp.asarray(x), depth=2).entropies.mean()))
     assert ent[1] < ent[0]
 

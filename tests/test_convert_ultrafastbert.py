@@ -14,15 +14,7 @@ torch = pytest.importorskip("torch")
 
 import crammed_bert_reference as ref  # noqa: E402
 
-from fffjax.convert.hf import (  # noqa: E402
-    cmd_export,
-    cmd_import,
-    cmd_inspect,
-    hf_config,
-    load_checkpoint,
-    read_hf_dir,
-    write_hf_dir,
-)
+from fffjax.convert.hf import cmd_export, cmd_import, hf_config, read_hf_dir, write_hf_dir  # noqa: E402
 from fffjax.convert.ultrafastbert import (  # noqa: E402
     _expected_shapes,
     export_ultrafastbert,
@@ -30,7 +22,7 @@ from fffjax.convert.ultrafastbert import (  # noqa: E402
     published_keys,
 )
 from fffjax.models import CrammedBertClassifier, CrammedBertMLM, get_config  # noqa: E402
-from fffjax.train.checkpoint import save_checkpoint  # noqa: E402
+from fffjax.train.checkpoint import inspect_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 TINY = get_config("tiny")
@@ -302,7 +294,7 @@ def test_inspect_reads_a_classifier_checkpoint(tmp_path):
     config = dataclasses.replace(TINY, num_labels=3)
     model = CrammedBertClassifier(config, rngs=nnx.Rngs(0))
     ckpt = _checkpoint(tmp_path, model)
-    info = cmd_inspect(ckpt)
+    info = inspect_checkpoint(ckpt)
     assert info["kind"] == "classifier" and info["config"]["num_labels"] == 3
     assert info["parameters"]["head"] == config.head_dim * 3 + 3
     out = cmd_export(ckpt, tmp_path / "hf")
@@ -312,7 +304,7 @@ def test_inspect_reads_a_classifier_checkpoint(tmp_path):
 
 
 def test_training_run_directory_exports_its_latest_step(tmp_path):
-    from fffjax.train.resume import RunCheckpoints
+    from fffjax.train.checkpoint import RunCheckpoints
 
     model = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=12)
     model.eval()
@@ -322,7 +314,7 @@ def test_training_run_directory_exports_its_latest_step(tmp_path):
             checkpoints.save(step, params=params, opt_state={"count": jnp.zeros(())},
                              position={"epoch": 0, "index": step, "seed": 0}, config=TINY.to_dict(),
                              run={"command": "pretrain"}, metrics={"loss": 100.0 / step})
-    info = cmd_inspect(tmp_path / "run")
+    info = inspect_checkpoint(tmp_path / "run")
     assert info["step"] == 20 and info["metrics"] == {"loss": 5.0} and info["path"].endswith("20")
     out = cmd_export(tmp_path / "run", tmp_path / "hf")
     state_dict, config_json = read_hf_dir(out)

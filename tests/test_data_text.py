@@ -3,11 +3,12 @@ sets. Everything runs on tiny synthetic files written to tmp folders (no network
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fffjax.data import corpus, labelled, mlm, pipeline
+from fffjax.data import corpus, fetch, labelled, mlm, pipeline
 from fffjax.data.tokenizer import (CLS_ID, FIRST_WORD_ID, MASK_ID, PAD_ID, SEP_ID, encode_padded, encode_stream,
                                    load_tokenizer, train_wordpiece)
 
@@ -213,3 +214,11 @@ def test_email_body_keeps_text_parts_only():
                "plain words\n--XX\nContent-Type: application/octet-stream\n\nBINARY\n--XX--\n")
     body = labelled.email_body(message)
     assert "plain words" in body and "BINARY" not in body and body.startswith("hi")
+
+
+def test_text_cache_follows_the_one_data_cache_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
+    assert corpus.default_cache() == tmp_path.resolve() / "text"
+    assert fetch.cache_dir() == tmp_path.resolve()
+    monkeypatch.delenv(fetch.CACHE_ENV)
+    assert corpus.default_cache() == (Path("data_cache") / "text").resolve()

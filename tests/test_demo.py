@@ -4,12 +4,11 @@ import importlib.util
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from fffjax import cli, demo
 from fffjax.convert import load
 from fffjax.data.vision import load_digits
-from fffjax.nn import FFF
+from fffjax.train import flat
 from fffjax.train.checkpoint import restore_checkpoint
 
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "fastfeedforward"))
@@ -37,42 +36,46 @@ def test_demo_trains_and_reports(tiny_run):
 
 
 def _restore_models(path):
-    """The demo's FFF and FF rebuilt from the checkpoint alone (config item + params item)."""
+    """The demo's FFF and FF specs and parameters, from the checkpoint alone (config item + params item)."""
     params, config = restore_checkpoint(path)
-    rngs = nnx.Rngs(123)
-    fff = FFF(config["in_features"], config["leaf_width"], config["out_features"], config["depth"], rngs=rngs)
-    mlp = demo.MLP(config["in_features"], 2 ** config["depth"] * config["leaf_width"], config["out_features"], rngs=rngs)
-    for model, saved in ((fff, params["fff"]), (mlp, params["ff"])):
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, saved)
-        nnx.update(model, state)
-    return fff, mlp, params, config
+    specs = {name: flat.ModelSpec(**spec) for name, spec in config["specs"].items()}
+    return specs, params, config
 
 
 def test_checkpoint_restores_the_trained_models(tiny_run):
     config, result, _ = tiny_run
     assert result.checkpoint.is_dir()
-    fff, mlp, _, saved_config = _restore_models(result.checkpoint)
+    specs, params, saved_config = _restore_models(result.checkpoint)
     assert saved_config["depth"] == config.depth and saved_config["leaf_width"] == config.leaf_width
+    assert specs["fff"].depth == config.depth and specs["fff"].width == config.leaf_width
     assert saved_config["results"]["fff_hard_accuracy"] == result.fff_hard_accuracy
     data = load_digits(seed=config.seed)
-    fff.eval()
-    assert demo.accuracy(fff, data.x_test, data.y_test) == result.fff_hard_accuracy
-    assert demo.accuracy(mlp, data.x_test, data.y_test) == result.ff_accuracy
+    assert flat.accuracy(specs["fff"], params["fff"], data.x_test, data.y_test) == result.fff_hard_accuracy
+    assert flat.accuracy(specs["ff"], params["ff"], data.x_test, data.y_test) == result.ff_accuracy
 
 
 def test_export_holds_the_checkpointed_parameters(tiny_run):
     pytest.importorskip("safetensors")
     config, result, _ = tiny_run
     assert result.export.is_file()
-    _, _, params, _ = _restore_models(result.checkpoint)
+    _, params, _ = _restore_models(result.checkpoint)
     exported = load(result.export)
     assert exported["depth"].shape == () and exported["depth"].dtype == np.int64
     assert int(exported["depth"]) == config.depth
     for name in ("node_weights", "w1s", "b1s", "w2s", "b2s"):
         np.testing.assert_array_equal(np.asarray(params["fff"][name]), exported[name])
     np.testing.assert_array_equal(np.asarray(params["fff"]["node_biases"])[:, None], exported["node_biases"])
-    assert params["ff"]["hidden"]["kernel"].shape == (64, 2**config.depth * config.leaf_width)
+    assert params["ff"]["w1"].shape == (64, 2**config.depth * config.leaf_width)
+
+
+def test_inspect_reads_the_demo_checkpoint_and_export_refuses_it(tiny_run, capsys, tmp_path):
+    _, result, _ = tiny_run
+    capsys.readouterr()
+    assert cli.main(["inspect", str(result.checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "fffjax.nn.FFF" in out and "fff" in out and "ff" in out
+    with pytest.raises(ValueError, match="does not hold a crammed-BERT model"):
+        cli.main(["export", str(result.checkpoint), str(tmp_path / "hf")])
 
 
 @pytest.mark.torch

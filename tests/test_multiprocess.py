@@ -22,14 +22,14 @@ def losses_on(devices) -> list[float]:
 
     from fffjax.data import pipeline
     from fffjax.models import CrammedBertMLM, get_config
-    from fffjax.train import loop
+    from fffjax.train import TrainConfig, Trainer, mlm_objective
     from fffjax.train import sharding as shd
 
     config = dataclasses.replace(get_config("tiny"), vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2,
                                  max_seq_length=SEQ, fff_depth=3, head_dim=16)
-    train = loop.TrainConfig(steps=STEPS, batch_size=BATCH, learning_rate=3e-3, train_mode=True)
-    trainer = loop.Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), loop.mlm_objective, train,
-                           mesh=shd.make_mesh(2, 2, devices))
+    train = TrainConfig(steps=STEPS, batch_size=BATCH, learning_rate=3e-3, train_mode=True)
+    trainer = Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), mlm_objective, train,
+                      mesh=shd.make_mesh(2, 2, devices))
     rows = np.random.default_rng(0).integers(5, VOCAB, size=(64, SEQ)).astype(np.int32)
     pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB)
     position = pipeline.initial_position(0)

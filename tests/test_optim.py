@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from fffjax.nn import FFF
-from fffjax.train import optim
+from fffjax.train import local_optim, optim
 
 LBS = 8
 STEPS = 7
@@ -62,11 +62,11 @@ def _run_jax(tx, params, grads, node_inc, leaf_inc):
     for step in range(STEPS):
         node_usage = node_usage + node_inc[step]
         leaf_usage = leaf_usage + leaf_inc[step]
-        usage = optim.v1_usage(params, node_usage, leaf_usage)
+        usage = local_optim.v1_usage(params, node_usage, leaf_usage)
         updates, state = step_fn(jax.tree.map(jnp.asarray, grads[step]), state, params, usage)
         params = optax.apply_updates(params, updates)
-        node_usage = optim.reset_usage(node_usage, LBS)
-        leaf_usage = optim.reset_usage(leaf_usage, LBS)
+        node_usage = local_optim.reset_usage(node_usage, LBS)
+        leaf_usage = local_optim.reset_usage(leaf_usage, LBS)
         out.append(jax.tree.map(np.asarray, params))
     return out
 
@@ -101,7 +101,7 @@ def test_local_adam_legacy_matches_package(config):
     want = _run_torch(lambda g: LocalAdam(g, lr=0.05, local_batch_size=LBS, **config),
                       params, grads, node_inc, leaf_inc)
     b1, b2 = config.get("betas", (0.9, 0.999))
-    tx = optim.local_adam(0.05, b1, b2, weight_decay=config.get("weight_decay", 0.0),
+    tx = local_optim.local_adam(0.05, b1, b2, weight_decay=config.get("weight_decay", 0.0),
                           amsgrad=config.get("amsgrad", False), local_batch_size=LBS, legacy=True)
     _assert_trajectories_close(_run_jax(tx, params, grads, node_inc, leaf_inc), want)
 
@@ -122,7 +122,7 @@ def test_local_sgd_legacy_matches_package(config):
     params, grads, node_inc, leaf_inc = _trajectory(1)
     want = _run_torch(lambda g: LocalSGD(g, lr=0.05, local_batch_size=LBS, **config),
                       params, grads, node_inc, leaf_inc)
-    tx = optim.local_sgd(0.05, local_batch_size=LBS, legacy=True, **config)
+    tx = local_optim.local_sgd(0.05, local_batch_size=LBS, legacy=True, **config)
     _assert_trajectories_close(_run_jax(tx, params, grads, node_inc, leaf_inc), want)
 
 
@@ -158,7 +158,7 @@ def test_local_adam_rows_are_torch_adam(config):
     params, grads, node_inc, leaf_inc = _trajectory(2)
     want = _per_row_reference(lambda p: torch.optim.Adam(p, lr=0.05, **config), params, grads, node_inc, leaf_inc)
     b1, b2 = config.get("betas", (0.9, 0.999))
-    tx = optim.local_adam(0.05, b1, b2, weight_decay=config.get("weight_decay", 0.0),
+    tx = local_optim.local_adam(0.05, b1, b2, weight_decay=config.get("weight_decay", 0.0),
                           amsgrad=config.get("amsgrad", False), local_batch_size=LBS)
     _assert_trajectories_close(_run_jax(tx, params, grads, node_inc, leaf_inc), want)
 
@@ -169,21 +169,22 @@ def test_local_sgd_rows_are_torch_sgd(config):
     torch = pytest.importorskip("torch")
     params, grads, node_inc, leaf_inc = _trajectory(3)
     want = _per_row_reference(lambda p: torch.optim.SGD(p, lr=0.05, **config), params, grads, node_inc, leaf_inc)
-    tx = optim.local_sgd(0.05, local_batch_size=LBS, **config)
+    tx = local_optim.local_sgd(0.05, local_batch_size=LBS, **config)
     _assert_trajectories_close(_run_jax(tx, params, grads, node_inc, leaf_inc), want)
 
 
 def test_legacy_adam_differs_from_corrected_only_after_a_skip():
     params, grads, node_inc, leaf_inc = _trajectory(4)
-    legacy = _run_jax(optim.local_adam(0.05, local_batch_size=LBS, legacy=True), params, grads, node_inc, leaf_inc)
-    fixed = _run_jax(optim.local_adam(0.05, local_batch_size=LBS), params, grads, node_inc, leaf_inc)
+    legacy = _run_jax(local_optim.local_adam(0.05, local_batch_size=LBS, legacy=True), params, grads,
+                      node_inc, leaf_inc)
+    fixed = _run_jax(local_optim.local_adam(0.05, local_batch_size=LBS), params, grads, node_inc, leaf_inc)
     np.testing.assert_array_equal(legacy[-1]["w1s"][0], fixed[-1]["w1s"][0])  # leaf 0 never skips
     assert not np.allclose(legacy[-1]["w1s"][1:], fixed[-1]["w1s"][1:])
 
 
 def test_rows_below_threshold_are_untouched_and_accumulate():
     params = {"w": jnp.ones((3, 2))}
-    tx = optim.local_sgd(1.0, local_batch_size=4)
+    tx = local_optim.local_sgd(1.0, local_batch_size=4)
     state = tx.init(params)
     g = {"w": jnp.ones((3, 2))}
     updates, state = tx.update(g, state, params, usage={"w": jnp.array([0.0, 3.0, 4.0])})
@@ -192,13 +193,13 @@ def test_rows_below_threshold_are_untouched_and_accumulate():
     # Row 1 reaches 8 after accumulating two gradients: step = 2 * 4 / 8 = 1.
     updates, state = tx.update(g, state, params, usage={"w": jnp.array([0.0, 8.0, 0.0])})
     np.testing.assert_array_equal(updates["w"], [[0, 0], [-1, -1], [0, 0]])
-    np.testing.assert_array_equal(optim.reset_usage(jnp.array([0.0, 8.0, 7.5]), 8), [0.0, 0.0, 7.5])
+    np.testing.assert_array_equal(local_optim.reset_usage(jnp.array([0.0, 8.0, 7.5]), 8), [0.0, 0.0, 7.5])
 
 
 def test_params_without_usage_step_every_time_as_adam():
     params = {"w": jnp.array([[1.0, -2.0]]), "fff": jnp.ones((2, 2))}
     grads = {"w": jnp.array([[0.5, 0.25]]), "fff": jnp.ones((2, 2))}
-    tx = optim.local_adam(0.1, local_batch_size=4)
+    tx = local_optim.local_adam(0.1, local_batch_size=4)
     ref = optim.with_standard_promotion(optax.adam(0.1, eps=1e-8))
     state, ref_state = tx.init(params), ref.init(params["w"])
     for _ in range(3):
@@ -210,10 +211,10 @@ def test_params_without_usage_step_every_time_as_adam():
 
 def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="local_batch_size"):
-        optim.local_adam(1e-3, local_batch_size=0)
+        local_optim.local_adam(1e-3, local_batch_size=0)
     with pytest.raises(ValueError, match="nesterov"):
-        optim.local_sgd(1e-3, nesterov=True, local_batch_size=4)
-    tx = optim.local_sgd(1.0, local_batch_size=4)
+        local_optim.local_sgd(1e-3, nesterov=True, local_batch_size=4)
+    tx = local_optim.local_sgd(1.0, local_batch_size=4)
     params = {"w": jnp.ones((3, 2))}
     with pytest.raises(ValueError, match=r"usage\['w'\] must have shape \(3,\)"):
         tx.update(params, tx.init(params), params, usage={"w": jnp.zeros(2)})
@@ -221,7 +222,7 @@ def test_bad_arguments_raise_naming_them():
 
 def test_nnx_optimizer_step_with_module_usage():
     model = FFF(6, 3, 2, 2, usage_mode="soft", rngs=nnx.Rngs(0))
-    tx = optim.local_adam(1e-2, local_batch_size=12)
+    tx = local_optim.local_adam(1e-2, local_batch_size=12)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(1), (8, 6))
     before = nnx.state(model, nnx.Param)
@@ -230,8 +231,8 @@ def test_nnx_optimizer_step_with_module_usage():
     @nnx.jit
     def train_step(model, optimizer, x):
         grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
-        optimizer.update(model, grads, usage=optim.fff_usage(model))
-        optim.reset_fff_usage(model, 12)
+        optimizer.update(model, grads, usage=local_optim.fff_usage(model))
+        local_optim.reset_fff_usage(model, 12)
 
     train_step(model, optimizer, x)  # root usage 8 < 12: nothing moves, usage kept
     np.testing.assert_array_equal(model.node_weights[...], before["node_weights"])
@@ -239,5 +240,5 @@ def test_nnx_optimizer_step_with_module_usage():
     train_step(model, optimizer, x)  # root reaches 16: updated and reset
     assert model.node_usage[0] == 0
     assert not np.allclose(model.node_weights[0], before["node_weights"][0])
-    usage = optim.fff_usage(model)
+    usage = local_optim.fff_usage(model)
     assert usage["node_biases"].shape == (3,) and usage["w1s"].shape == (4,)

@@ -263,7 +263,7 @@ def test_v1_soft_partial_mixtures_sum_to_soft_forward():
 def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax.train.loop import mlm_objective
+    from fffjax.train.objectives import mlm_objective
 
     config = get_config("tiny")
     model = CrammedBertMLM(config, implementation="reference", rngs=nnx.Rngs(0))
@@ -297,14 +297,14 @@ def tiny_losses(parallelism, data, model_axis, devices=None):
     """Losses of the first TRAIN_STEPS optimizer steps of the tiny crammed BERT (MLM, random ids)."""
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax.train import loop
+    from fffjax.train import TrainConfig, Trainer, mlm_objective
     from fffjax.train import sharding as shd
 
     config = get_config("tiny")
     mesh = shd.make_mesh(data, model_axis, devices=devices or jax.devices()[: data * model_axis])
     model = CrammedBertMLM(config, implementation="xla", rngs=nnx.Rngs(0))
-    config_train = loop.TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3, parallelism=parallelism)
-    trainer = loop.Trainer(model, loop.mlm_objective, config_train, mesh=mesh)
+    config_train = TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3, parallelism=parallelism)
+    trainer = Trainer(model, mlm_objective, config_train, mesh=mesh)
     assert all(m.mesh is None for _, m in nnx.iter_graph(model) if isinstance(m, nn.UltraFastFF))  # not mutated
     rng = np.random.default_rng(0)
     losses = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fffjax import regions, v1
-from fffjax.train import classify as C
+from fffjax.train import flat as C
 
 DEPTH = 2
 
@@ -91,7 +91,7 @@ def test_leaf_only_training_keeps_other_regions_exact():
     new = x[(x[:, 0] >= 0) & (x[:, 1] >= 0)]                      # all in leaf 3
     spec = C.ModelSpec("fff", 2, 4, depth=DEPTH, width=3)
     mask = regions.leaf_gradient_mask(params, new, depth=DEPTH)
-    cfg = C.TrainConfig(epochs=3, hard_epochs=3, batch_size=8, learning_rate=1e-2, weight_decay=0.01)
+    cfg = C.FlatTrainConfig(epochs=3, hard_epochs=3, batch_size=8, learning_rate=1e-2, weight_decay=0.01)
     edited = C.train(spec, cfg, new, np.full(len(new), 2, np.int32), params=params, grad_mask=mask).params
     others = regions.leaf_assignments(params, x, depth=DEPTH) != 3
     before = C.predict_logits(spec, params, x[others])

@@ -28,15 +28,15 @@ def make_run(out: Path, *, sleep: float = 0.0):
 
     from fffjax.data import pipeline
     from fffjax.models import CrammedBertMLM, get_config
-    from fffjax.train import loop
+    from fffjax.train import TrainConfig, Trainer, mlm_objective
     from fffjax.train import sharding as shd
 
     config = dataclasses.replace(get_config("tiny"), vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
                                  max_seq_length=SEQ, fff_depth=2, head_dim=8)
-    train = loop.TrainConfig(steps=STEPS, batch_size=BATCH, learning_rate=3e-3, save_every=SAVE_EVERY, keep=2,
-                             train_mode=True)
-    trainer = loop.Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), loop.mlm_objective, train,
-                           mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
+    train = TrainConfig(steps=STEPS, batch_size=BATCH, learning_rate=3e-3, save_every=SAVE_EVERY, keep=2,
+                        train_mode=True)
+    trainer = Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), mlm_objective, train,
+                      mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
     rows = np.random.default_rng(0).integers(5, VOCAB, size=(40, SEQ)).astype(np.int32)
     pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB)  # 5 batches per epoch: crosses epochs
 
@@ -52,10 +52,10 @@ def worker(out: str, sleep: float) -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from fffjax.train import loop
+    from fffjax.train import fit
 
     trainer, pipe, kwargs = make_run(Path(out), sleep=sleep)
-    loop.fit(trainer, pipe, **kwargs)
+    fit(trainer, pipe, **kwargs)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -110,11 +110,10 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's aborted reads
 def test_damaged_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, damage):
-    from fffjax.train import loop
-    from fffjax.train.resume import CheckpointCorruptError, RunCheckpoints
+    from fffjax.train import CheckpointCorruptError, RunCheckpoints, fit
 
     trainer, pipe, kwargs = make_run(tmp_path)
-    first = loop.fit(trainer, pipe, **kwargs)
+    first = fit(trainer, pipe, **kwargs)
     latest = tmp_path / "checkpoints" / str(STEPS)
     assert latest.is_dir()
     data_files = [p for p in (latest / "params" / "ocdbt.process_0" / "d").iterdir() if p.is_file()]
@@ -137,7 +136,7 @@ def test_damaged_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, dama
     assert restored["step"] == STEPS - SAVE_EVERY
 
     with pytest.warns(UserWarning, match=f"{latest} is unreadable.*moved to"):
-        again = loop.fit(fresh, pipe2, **kwargs2)
+        again = fit(fresh, pipe2, **kwargs2)
     assert [r["loss"] for r in again] == [r["loss"] for r in first]  # steps 10-12 retrained identically
     assert (tmp_path / "checkpoints.corrupt" / str(STEPS) / "params").is_dir()
     assert (latest / "params").is_dir()  # saved again by the resumed run

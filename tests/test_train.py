@@ -14,8 +14,11 @@ from flax import nnx
 
 from fffjax.data import pipeline
 from fffjax.models import CrammedBertClassifier, CrammedBertMLM, get_config
-from fffjax.train import loop
+from fffjax.train import TrainConfig, Trainer, classification_objective, fit, mlm_objective
 from fffjax.train import sharding as shd
+from fffjax.train.metrics import read_metrics
+from fffjax.train.objectives import gather_positions, mlm_loss
+from fffjax.train.optim import decay_mask, make_optimizer, triangle_schedule
 
 VOCAB, SEQ = 96, 16
 
@@ -27,7 +30,7 @@ def small_config(ffn: str = "fff"):
 
 
 # One TrainConfig shared by most tests, so their Trainers share one compiled step.
-BASE = loop.TrainConfig(steps=20, batch_size=16, learning_rate=3e-3)
+BASE = TrainConfig(steps=20, batch_size=16, learning_rate=3e-3)
 
 
 def mlm_rows(n: int = 96, seed: int = 0) -> np.ndarray:
@@ -36,9 +39,9 @@ def mlm_rows(n: int = 96, seed: int = 0) -> np.ndarray:
     return rows
 
 
-def run_losses(config: loop.TrainConfig, mesh, *, ffn: str = "fff", steps: int | None = None) -> list[float]:
+def run_losses(config: TrainConfig, mesh, *, ffn: str = "fff", steps: int | None = None) -> list[float]:
     model = CrammedBertMLM(small_config(ffn), rngs=nnx.Rngs(params=0, dropout=1))
-    trainer = loop.Trainer(model, loop.mlm_objective, config, mesh=mesh)
+    trainer = Trainer(model, mlm_objective, config, mesh=mesh)
     pipe = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB)
     position = pipeline.initial_position(config.seed)
     losses = []
@@ -52,7 +55,7 @@ def run_losses(config: loop.TrainConfig, mesh, *, ffn: str = "fff", steps: int |
 
 
 def test_triangle_schedule_shape():
-    schedule = loop.triangle_schedule(1e-3, 100, 0.5)
+    schedule = triangle_schedule(1e-3, 100, 0.5)
     values = np.array([float(schedule(s)) for s in range(101)])
     assert values[0] == 0.0 and values.argmax() == 50 and np.isclose(values[50], 1e-3)
     assert np.isclose(values[25], 5e-4) and np.isclose(values[75], 5e-4) and values[100] == 0.0
@@ -62,7 +65,7 @@ def test_triangle_schedule_shape():
 def test_decay_mask_excludes_norms_and_biases_of_the_real_model():
     model = CrammedBertClassifier(small_config(), rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    mask = {shd.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loop.decay_mask(params))}
+    mask = {shd.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
     assert not mask["encoder.layers.0.norm1.scale"] and not mask["encoder.final_norm.bias"]
     assert not mask["encoder.layers.0.ffn.b_in"] and not mask["head.bias"] and not mask["pooler.dense.bias"]
     assert mask["encoder.layers.0.ffn.w_in"] and mask["encoder.layers.0.attn.query_key_value.kernel"]
@@ -70,8 +73,8 @@ def test_decay_mask_excludes_norms_and_biases_of_the_real_model():
 
 
 def test_optimizer_is_adamw_with_recipe_constants_and_clipping():
-    config = loop.TrainConfig(steps=10, learning_rate=1e-2, peak_fraction=0.1)
-    tx = loop.make_optimizer(config)
+    config = TrainConfig(steps=10, learning_rate=1e-2, peak_fraction=0.1)
+    tx = make_optimizer(config)
     params = {"w": jnp.ones((2, 2)), "norm": {"scale": jnp.ones((2,))}}
     grads = {"w": jnp.full((2, 2), 100.0), "norm": {"scale": jnp.zeros((2,))}}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -93,7 +96,7 @@ def test_mlm_loss_matches_numpy():
     logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
     labels = rng.integers(0, 5, size=(2, 3)).astype(np.int32)
     weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-    loss, metrics = loop.mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
+    loss, metrics = mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss), (nll * weights).sum() / 3, rtol=1e-6)
@@ -105,9 +108,9 @@ def test_sparse_decode_equals_gathered_full_logits():
     model.eval()
     batch = {k: jnp.asarray(v) for k, v in pipeline.mlm_pipeline(mlm_rows(), 8, vocab_size=VOCAB).batch_at(
         pipeline.initial_position(0)).items()}
-    sparse, _ = loop.mlm_objective(model, batch)
-    full = loop.gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
-    dense_loss, _ = loop.mlm_loss(full, batch["mask_labels"], batch["mask_weights"])
+    sparse, _ = mlm_objective(model, batch)
+    full = gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
+    dense_loss, _ = mlm_loss(full, batch["mask_labels"], batch["mask_weights"])
     np.testing.assert_allclose(float(sparse), float(dense_loss), rtol=1e-6)
 
 
@@ -136,7 +139,7 @@ def test_pallas_kernels_run_per_device_on_the_data_axis(ffn):
         model = CrammedBertMLM(config, implementation="pallas", rngs=nnx.Rngs(params=0, dropout=1))
         for op in ("layer_norm", "attention", "gelu"):
             set_implementation(model, op, "pallas")
-        trainer = loop.Trainer(model, loop.mlm_objective, dataclasses.replace(BASE, steps=4), mesh=mesh)
+        trainer = Trainer(model, mlm_objective, dataclasses.replace(BASE, steps=4), mesh=mesh)
         pipe = pipeline.mlm_pipeline(mlm_rows(), BASE.batch_size, vocab_size=VOCAB)
         batch, out = pipe.next(pipeline.initial_position(0))[0], []
         for _ in range(4):
@@ -153,9 +156,9 @@ def test_pallas_kernels_run_per_device_on_the_data_axis(ffn):
 
 
 def test_parameters_are_sharded_by_the_rules():
-    config = loop.TrainConfig(steps=2, batch_size=16)
+    config = TrainConfig(steps=2, batch_size=16)
     model = CrammedBertMLM(small_config(), rngs=nnx.Rngs(0))
-    trainer = loop.Trainer(model, loop.mlm_objective, config, mesh=shd.make_mesh(4, 2, jax.devices()[:8]))
+    trainer = Trainer(model, mlm_objective, config, mesh=shd.make_mesh(4, 2, jax.devices()[:8]))
     params = trainer.state["params"]["encoder"]
     assert params["layers"][0]["ffn"]["w_in"].sharding.spec == jax.P(None, "model")
     assert params["layers"][0]["attn"]["dense"]["kernel"].sharding.spec == jax.P("model", None)
@@ -164,7 +167,7 @@ def test_parameters_are_sharded_by_the_rules():
     assert mu.sharding.spec == jax.P(None, "model")  # Adam moments follow their parameter
     assert len(params["layers"][0]["ffn"]["w_in"].addressable_shards) == 8
     with pytest.raises(ValueError, match="batch_size"):
-        loop.Trainer(model, loop.mlm_objective, loop.TrainConfig(batch_size=6), mesh=shd.make_mesh(4, 2))
+        Trainer(model, mlm_objective, TrainConfig(batch_size=6), mesh=shd.make_mesh(4, 2))
 
 
 def test_spec_for_falls_back_to_replication_when_not_divisible():
@@ -196,7 +199,7 @@ def test_bf16_compute_tracks_float32_and_keeps_float32_weights():
         bf16 = run_losses(config, mesh, steps=5)
     np.testing.assert_allclose(bf16, f32, rtol=2e-2)
     assert bf16 != f32
-    trainer = loop.Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), loop.mlm_objective, config, mesh=mesh)
+    trainer = Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), mlm_objective, config, mesh=mesh)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state["params"]))
 
 
@@ -208,7 +211,7 @@ def test_bf16_compute_runs_every_matmul_in_bf16(ffn):
 
     config = dataclasses.replace(BASE, compute_dtype="bfloat16")
     model = CrammedBertMLM(small_config(ffn), rngs=nnx.Rngs(0))
-    trainer = loop.Trainer(model, loop.mlm_objective, config, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
+    trainer = Trainer(model, mlm_objective, config, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
     batch, _ = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB).next(
         pipeline.initial_position(0))
     text = jax.jit(lambda p, b: trainer._loss(p, b, 0, 0, 0)[0]).lower(
@@ -217,6 +220,20 @@ def test_bf16_compute_runs_every_matmul_in_bf16(ffn):
                 for line in text.splitlines() if "dot_general" in line]
     assert len(operands) >= 5 and all(o == ("bf16", "bf16") for o in operands), operands
     assert model.encoder.layers[0].attn.dense.dtype == jnp.float32          # the caller's model is untouched
+
+
+def test_trainers_of_one_structure_share_one_compiled_step():
+    # The step is cached by jax.jit on a static description of the program: a second Trainer that
+    # differs only in run-time fields (seed, checkpoint interval) reuses it; another recipe does not.
+    from fffjax.train import trainer as trainer_module
+
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    run_losses(BASE, mesh, steps=2)
+    size = trainer_module._jit_train_step._cache_size()
+    run_losses(dataclasses.replace(BASE, seed=3, save_every=7, keep=1), mesh, steps=2)
+    assert trainer_module._jit_train_step._cache_size() == size
+    run_losses(dataclasses.replace(BASE, learning_rate=1e-2), mesh, steps=1)
+    assert trainer_module._jit_train_step._cache_size() > size
 
 
 def test_dropout_is_a_pure_function_of_seed_and_step():
@@ -236,9 +253,9 @@ def test_classifier_learns_a_separable_task():
     ids = rng.integers(5, VOCAB, size=(64, SEQ)).astype(np.int32)
     ids[:, 1::2] = np.where(labels == 1, 7, 8)[:, None]  # the label is written in every other token
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
-    config = loop.TrainConfig(steps=40, batch_size=16, learning_rate=3e-3, peak_fraction=0.1)
-    trainer = loop.Trainer(CrammedBertClassifier(small_config(), rngs=nnx.Rngs(0)), loop.classification_objective,
-                           config, mesh=shd.make_mesh(2, 1, jax.devices()[:2]))
+    config = TrainConfig(steps=40, batch_size=16, learning_rate=3e-3, peak_fraction=0.1)
+    trainer = Trainer(CrammedBertClassifier(small_config(), rngs=nnx.Rngs(0)), classification_objective,
+                      config, mesh=shd.make_mesh(2, 1, jax.devices()[:2]))
     pipe = pipeline.BatchPipeline(data, 16)
     position = pipeline.initial_position(0)
     for _ in range(config.steps):
@@ -254,12 +271,12 @@ def test_classifier_learns_a_separable_task():
 
 def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     config = dataclasses.replace(BASE, steps=6, save_every=3, eval_every=3)
-    trainer = loop.Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), loop.mlm_objective, config,
-                           mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
+    trainer = Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), mlm_objective, config,
+                      mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
     pipe = pipeline.mlm_pipeline(mlm_rows(), 16, vocab_size=VOCAB)
     held = [pipeline.mlm_pipeline(mlm_rows(32, seed=1), 16, vocab_size=VOCAB).batch_at(pipeline.initial_position(9))]
-    records = loop.fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(),
-                       eval_batches=lambda: held, progress=False, tokens_per_example=SEQ)
+    records = fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(),
+                  eval_batches=lambda: held, progress=False, tokens_per_example=SEQ)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {"loss", "accuracy", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])
     assert "eval_loss" in records[2] and "eval_loss" in records[5] and "eval_loss" not in records[3]
@@ -274,7 +291,7 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["encoder"]["final_norm"]["scale"]),
                                   np.asarray(trainer.state["params"]["encoder"]["final_norm"]["scale"]))
     with pytest.raises(FileExistsError, match="out_dir"):  # no silent overwrite of a finished run
-        loop.fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(), resume=False, progress=False)
+        fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(), resume=False, progress=False)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -315,17 +332,17 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
 
     out = tmp_path / "pretrain"
     assert invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
-    records = loop.read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_loss" in records[-1]
     assert (out / "loss.png").exists() and (out / "tokenizer.json").exists()
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     # running it again resumes at the last step: nothing to train, the log is unchanged
     assert invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
-    assert loop.read_metrics(out / "metrics.jsonl") == records
+    assert read_metrics(out / "metrics.jsonl") == records
 
     ft = tmp_path / "finetune"
     assert invoke(finetune, ["--config", str(run_config), "--task", "spam", "--init", str(out), "--out", str(ft),
                              "--cache", str(cache), "--steps", "3", "--no-progress"]) == 0
     result = json.loads((ft / "result.json").read_text())
     assert result["n_test"] == 8 and 0.0 <= result["test_accuracy"] <= 1.0
-    assert [r["step"] for r in loop.read_metrics(ft / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(ft / "metrics.jsonl")] == [1, 2, 3]

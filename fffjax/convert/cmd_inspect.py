@@ -12,9 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fffjax.convert.hf import cmd_inspect
+    from fffjax.train.checkpoint import inspect_checkpoint
 
-    info = cmd_inspect(args.checkpoint)
+    info = inspect_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

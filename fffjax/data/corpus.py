@@ -16,18 +16,20 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from fffjax.data.fetch import CACHE_ENV, cache_dir
+
 FETCH_COMMAND = "bash experiments/fetch_text.sh"
 
 
 def default_cache() -> Path:
-    """The text cache folder: `$FFFJAX_DATA_CACHE/text`, else `./data_cache/text`."""
-    return Path(os.environ.get("FFFJAX_DATA_CACHE", "data_cache")) / "text"
+    """The text cache folder: `text/` in the data cache (`$FFFJAX_DATA`, else `./data_cache`)."""
+    return cache_dir() / "text"
 
 
 def missing_data_error(what: str, path: Path) -> FileNotFoundError:
     """An error for absent data that names the command fetching it."""
     return FileNotFoundError(f"{what} not found at {path}; fetch it with `{FETCH_COMMAND}` "
-                             f"(or set FFFJAX_DATA_CACHE to the folder holding text/)")
+                             f"(or set {CACHE_ENV} to the folder holding text/)")
 
 
 def _unpack_r(blob: bytes) -> bytes:

@@ -1,27 +1,62 @@
-"""Orbax checkpoints of a parameter pytree plus a JSON config, as a few pure functions.
+"""Checkpoints: the one module that saves, resumes, checks and loads them.
 
-A checkpoint is one directory holding two orbax items: ``params`` (any pytree of arrays with
-string keys, e.g. ``nnx.to_pure_dict(nnx.state(model))`` or a :mod:`fffjax.v1` parameter dict)
-and ``config`` (a JSON-serialisable dict: what is needed to rebuild the model). Orbax writes
-into a temporary sibling directory and renames it only once every file is written, so a
-crash never leaves a half-written checkpoint under the final name.
+A checkpoint is a directory of orbax items. Two writers share one layout:
+
+- `save_checkpoint` writes a model checkpoint: `params` (any pytree of arrays with string keys,
+  e.g. `nnx.to_pure_dict(nnx.state(model, nnx.Param))` or a `fffjax.v1` parameter dict) and
+  `config` (a JSON-serialisable dict: what is needed to rebuild the model).
+- `RunCheckpoints` writes a training run's steps `<run>/checkpoints/<step>/` (an orbax
+  `CheckpointManager`: async saves, `LatestN` preservation, `FixedIntervalPolicy` save interval)
+  with the same `params` and `config` (the `ModelConfig` dict) plus `opt_state` (the optax state,
+  restored with its NamedTuple types and shardings), `data` (the input-pipeline position
+  `{"epoch", "index", "seed"}`), `run` (the step, the `TrainConfig` dict, anything the caller adds
+  such as task and tokenizer path, and the digest below) and `metrics` (of the saved step).
+
+Integrity: orbax writes into a temporary name and renames only once every file is written, so a
+crash never leaves a half-written checkpoint under its final name. A complete but damaged step (a
+truncated or corrupted file; silent bit flips are caught by `tree_digest`, a CRC-32 of the arrays
+stored in the `run` item and checked on restore in single-process runs) fails to restore with a
+`CheckpointCorruptError` naming the directory; `RunCheckpoints.restore_latest` then warns and falls
+back to the next older step.
+
+Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, or the latest step
+of a run), `load_params` reads its parameters as host arrays with its config and run record,
+`load_checkpoint` rebuilds the crammed-BERT model it holds, and `inspect_checkpoint` describes any
+checkpoint (config, parameter counts, step, metrics) without reading an array. `fffjax export`,
+`fffjax inspect` and `fffjax finetune` read checkpoints through these functions.
 """
 
+import dataclasses
 import json
+import shutil
+import warnings
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-PARAMS_ITEM = "params"
-CONFIG_ITEM = "config"
+from fffjax.models.config import ModelConfig
+from fffjax.models.crammed_bert import model_from_params, model_kind
+
+PARAMS, CONFIG, OPT_STATE, DATA, RUN, METRICS = "params", "config", "opt_state", "data", "run", "metrics"
+JSON_ITEMS = (CONFIG, DATA, RUN, METRICS)
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint directory exists but cannot be restored."""
+
+
+# --------------------------------------------------------------------------- model checkpoints
 
 
 def _checkpointer() -> ocp.Checkpointer:
     # Named handlers so that metadata() can describe the params item without a target.
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-        PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()}))
+        PARAMS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}))
 
 
 def save_checkpoint(path: str | Path, params: Any, config: dict, *, overwrite: bool = False) -> Path:
@@ -49,8 +84,8 @@ def save_checkpoint(path: str | Path, params: Any, config: dict, *, overwrite: b
         checkpointer.save(
             path,
             args=ocp.args.Composite(**{
-                PARAMS_ITEM: ocp.args.StandardSave(params),
-                CONFIG_ITEM: ocp.args.JsonSave(config),
+                PARAMS: ocp.args.StandardSave(params),
+                CONFIG: ocp.args.JsonSave(config),
             }),
             force=overwrite,
         )
@@ -61,15 +96,15 @@ def read_config(path: str | Path) -> dict:
     """The JSON config of the checkpoint at ``path``, without reading any array."""
     with _checkpointer() as checkpointer:
         restored = checkpointer.restore(
-            Path(path).absolute(), args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return dict(restored[CONFIG_ITEM])
+            Path(path).absolute(), args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    return dict(restored[CONFIG])
 
 
 def restore_checkpoint(path: str | Path, target: Any | None = None) -> tuple[Any, dict]:
     """Read ``(params, config)`` from the checkpoint at ``path``.
 
     Args:
-        path: a directory written by :func:`save_checkpoint`.
+        path: a directory written by :func:`save_checkpoint` (or a step of :class:`RunCheckpoints`).
         target: optional pytree of arrays or ``jax.ShapeDtypeStruct`` giving the structure,
             dtypes and shardings to restore into; without it the structure, shapes and dtypes
             come from the checkpoint's metadata (nested dicts, arrays on the default device).
@@ -78,14 +113,283 @@ def restore_checkpoint(path: str | Path, target: Any | None = None) -> tuple[Any
         ``(params, config)``.
     """
     path = Path(path).absolute()
-    if not (path / PARAMS_ITEM).is_dir():
-        raise FileNotFoundError(f"path {path} is not a checkpoint written by save_checkpoint (no {PARAMS_ITEM}/)")
+    if not (path / PARAMS).is_dir():
+        raise FileNotFoundError(f"path {path} is not a checkpoint written by save_checkpoint (no {PARAMS}/)")
     with _checkpointer() as checkpointer:
         if target is None:
-            tree = checkpointer.metadata(path).item_metadata[PARAMS_ITEM].tree
+            tree = checkpointer.metadata(path).item_metadata[PARAMS].tree
             abstract = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype), tree)
         else:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = checkpointer.restore(path, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardRestore(abstract), CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return restored[PARAMS_ITEM], dict(restored[CONFIG_ITEM])
+            PARAMS: ocp.args.StandardRestore(abstract), CONFIG: ocp.args.JsonRestore()}))
+    return restored[PARAMS], dict(restored[CONFIG])
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def tree_digest(tree) -> str | None:
+    """A CRC-32 over every leaf's bytes, dtype and shape, in tree order; None when a leaf is not
+    fully addressable here (several processes: each holds only its shards)."""
+    crc = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        host = np.ascontiguousarray(np.asarray(leaf))
+        crc = zlib.crc32(f"{host.dtype}{host.shape}".encode(), crc)
+        crc = zlib.crc32(host.view(np.uint8).reshape(-1) if host.size else b"", crc)
+    return f"{crc:08x}"
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def _jsonable(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(tree, default=lambda x: np.asarray(x).tolist()))
+
+
+class RunCheckpoints:
+    """An orbax `CheckpointManager` for one training run.
+
+    Args:
+        directory: where step directories go (created).
+        save_every: save when `step % save_every == 0` (plus `force=True` saves).
+        keep: how many of the latest steps to keep.
+        async_save: write in a background thread (call `wait` or `close` before reading).
+    """
+
+    def __init__(self, directory: Path | str, *, save_every: int, keep: int = 3, async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every, keep: expected positive ints, got {save_every}, {keep}")
+        self.directory = Path(directory).absolute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.LatestN(n=keep),
+            save_decision_policy=policies.FixedIntervalPolicy(interval=save_every),
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, *, params, opt_state, position: Mapping[str, Any], config: Mapping[str, Any],
+             run: Mapping[str, Any], metrics: Mapping[str, Any], force: bool = False) -> bool:
+        """Saves when the interval policy (or `force`) says so; returns whether it did.
+
+        The digest (a host copy and CRC of the parameters and optimizer state) is computed only
+        for a step that is saved.
+        """
+        if not force and not self.manager.should_save(int(step)):
+            return False
+        args = ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            OPT_STATE: ocp.args.StandardSave(opt_state),
+            CONFIG: ocp.args.JsonSave(_jsonable(config)),
+            DATA: ocp.args.JsonSave(_jsonable(position)),
+            RUN: ocp.args.JsonSave(_jsonable({**run, "step": int(step),
+                                              "digest": tree_digest({PARAMS: params, OPT_STATE: opt_state})})),
+            METRICS: ocp.args.JsonSave(_jsonable(metrics)),
+        })
+        return bool(self.manager.save(int(step), args=args, force=force))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def restore(self, step: int, abstract_state: Mapping[str, Any]) -> dict[str, Any]:
+        """Restores one step into `abstract_state` (`{"params", "opt_state"}` of `ShapeDtypeStruct`s).
+
+        Raises:
+            CheckpointCorruptError: naming the step directory when anything fails to read.
+        """
+        args = ocp.args.Composite(
+            **{PARAMS: ocp.args.StandardRestore(abstract_state[PARAMS]),
+               OPT_STATE: ocp.args.StandardRestore(abstract_state[OPT_STATE])},
+            **{name: ocp.args.JsonRestore() for name in JSON_ITEMS})
+        try:
+            restored = self.manager.restore(int(step), args=args)
+            result = {name: restored[name] for name in (PARAMS, OPT_STATE, *JSON_ITEMS)}
+            if result[RUN] is None or int(result[RUN]["step"]) != int(step):
+                raise ValueError(f"run item records step {None if result[RUN] is None else result[RUN].get('step')}")
+            expected = result[RUN].get("digest")
+            found = tree_digest({PARAMS: result[PARAMS], OPT_STATE: result[OPT_STATE]})
+            if expected is not None and found is not None and expected != found:
+                raise ValueError(f"array contents do not match the saved digest ({found} != {expected})")
+        except Exception as error:  # orbax/tensorstore raise many types for damaged files
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise CheckpointCorruptError(
+                f"checkpoint {self.step_dir(step)} is unreadable ({type(error).__name__}: {first_line})") from error
+        result[DATA] = {k: np.asarray(v, np.int64) for k, v in result[DATA].items()}
+        return result
+
+    def restore_latest(self, abstract_state: Mapping[str, Any], *, quarantine: bool = True) -> dict[str, Any] | None:
+        """The newest step that restores, warning about each newer unreadable one; None if none.
+
+        Args:
+            abstract_state: as for `restore`.
+            quarantine: move each unreadable step folder to `<directory>.corrupt/<step>` (kept for
+                inspection) so that training can save that step again.
+
+        Returns:
+            `{"params", "opt_state", "config", "data", "run", "metrics", "step"}` or None.
+        """
+        for step in reversed(self.steps()):
+            try:
+                result = self.restore(step, abstract_state)
+            except CheckpointCorruptError as error:
+                note = ""
+                if quarantine and jax.process_index() == 0:
+                    target = Path(f"{self.directory}.corrupt") / str(step)
+                    if target.exists():
+                        shutil.rmtree(target)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.step_dir(step)), str(target))
+                    self.manager.reload()
+                    note = f" (moved to {target})"
+                warnings.warn(f"{error}{note}; falling back to an older checkpoint", stacklevel=2)
+                continue
+            result["step"] = step
+            return result
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reading for inference
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory (holding ``params/``) that ``path`` names: itself, or the latest step
+    of a training run (``path/<step>/`` or ``path/checkpoints/<step>/``)."""
+    path = Path(path).absolute()
+    if (path / PARAMS).is_dir():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            steps = [p for p in root.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()]
+            if steps:
+                return max(steps, key=lambda p: int(p.name))
+    raise FileNotFoundError(
+        f"checkpoint {path} is neither an fffjax checkpoint (no {PARAMS}/) nor a run directory with step checkpoints")
+
+
+def _read_json_items(step_dir: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON items of a checkpoint that exist, read as plain files (orbax's JSON handler writes
+    ``<item>/metadata``; a ``CheckpointManager`` writes its reserved ``metrics`` item as
+    ``metrics/metrics``)."""
+    items = {}
+    for name in names:
+        for candidate in (step_dir / name / "metadata", step_dir / name / name):
+            if candidate.is_file():
+                items[name] = json.loads(candidate.read_text())
+                break
+    return items
+
+
+def _run_record(step_dir: Path) -> dict[str, Any]:
+    """``{"path", "step", "run", "metrics"}`` of a checkpoint (step from the run item or the folder name)."""
+    extra = _read_json_items(step_dir, (RUN, METRICS))
+    run = extra.get(RUN) or {}
+    step = run.get("step", int(step_dir.name) if step_dir.name.isdigit() else None)
+    return {"path": str(step_dir), "step": step, "run": run, "metrics": extra.get(METRICS)}
+
+
+def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelConfig:
+    """The crammed-BERT `ModelConfig` a checkpoint's config item describes.
+
+    Accepts a `ModelConfig` dict, a published ``config.json`` dict (with an ``arch`` block), or a
+    run JSON's ``{"model": {...}}``. Raises ``ValueError`` naming the checkpoint ``path`` for any
+    other config (for example `fffjax demo`'s, which holds FFF-v1 and FF parameter dicts).
+    """
+    if isinstance(config.get("model"), Mapping):
+        config = config["model"]
+    if "vocab_size" in config:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig.from_dict({k: v for k, v in config.items() if k in names})
+    if "arch" in config:
+        return ModelConfig.from_arch(config)
+    described = f" (its config names model {config['model']!r})" if "model" in config else ""
+    raise ValueError(f"checkpoint {path} does not hold a crammed-BERT model{described}: its config has neither "
+                     "vocab_size nor an arch block; `fffjax inspect` describes any checkpoint")
+
+
+def load_params(checkpoint: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(params, config, record)`` of a checkpoint or the latest step of a run.
+
+    ``params`` are host numpy arrays, ``config`` is the config item as stored, ``record`` is
+    ``{"path", "step", "run", "metrics"}`` (step and metrics ``None`` when not recorded).
+    """
+    step_dir = resolve_checkpoint(checkpoint)
+    params, config = restore_checkpoint(step_dir)
+    return jax.tree.map(np.asarray, params), config, _run_record(step_dir)
+
+
+def load_checkpoint(checkpoint: str | Path, *, implementation: str | None = None):
+    """``(model, info)``: the crammed-BERT model of a checkpoint or run directory, in eval mode.
+
+    ``info``: ``{"path", "kind", "config", "step", "metrics"}`` (``kind`` "mlm" or "classifier";
+    step and metrics ``None`` when the checkpoint does not record them). A checkpoint of another
+    model raises ``ValueError`` (see :func:`crammed_bert_config`).
+    """
+    step_dir = resolve_checkpoint(checkpoint)
+    config = crammed_bert_config(read_config(step_dir), step_dir)
+    params, _ = restore_checkpoint(step_dir)
+    kind = model_kind(params)
+    model = model_from_params(config, params, kind=kind, implementation=implementation)
+    model.eval()
+    record = _run_record(step_dir)
+    return model, {"path": record["path"], "kind": kind, "config": config, "step": record["step"],
+                   "metrics": record["metrics"]}
+
+
+def inspect_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """Config, parameter counts, step and metrics of any checkpoint, without reading an array.
+
+    Returns ``{"path", "kind", "config", "parameters", "step", "metrics"}``. For a crammed-BERT
+    checkpoint ``kind`` is "mlm" or "classifier" and ``config`` the `ModelConfig` dict; otherwise
+    ``kind`` is the config's ``model`` entry (or "unknown") and ``config`` the stored dict.
+    ``parameters`` counts the total and each top-level group (``encoder.*`` one level deeper).
+    """
+    step_dir = resolve_checkpoint(checkpoint)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(step_dir / PARAMS).item_metadata
+    tree = getattr(tree, "tree", tree)
+    counts: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, prefix + (str(key),))
+        elif hasattr(node, "shape"):
+            group = ".".join(prefix[:2]) if prefix[:1] == ("encoder",) else prefix[0] if prefix else "params"
+            counts[group] = counts.get(group, 0) + int(np.prod(node.shape))
+
+    walk(tree, ())
+    stored = read_config(step_dir)
+    try:
+        config = crammed_bert_config(stored, step_dir).to_dict()
+        kind = "classifier" if "head" in tree or "pooler" in tree else "mlm"
+    except ValueError:
+        config, kind = stored, str(stored.get("model", "unknown"))
+    record = _run_record(step_dir)
+    return {
+        "path": record["path"],
+        "kind": kind,
+        "config": config,
+        "parameters": {"total": sum(counts.values()), **dict(sorted(counts.items()))},
+        "step": record["step"],
+        "metrics": record["metrics"],
+    }

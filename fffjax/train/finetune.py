@@ -24,36 +24,14 @@ FINETUNE_DEFAULTS = {"steps": 300, "batch_size": 32, "learning_rate": 3e-4, "sav
                      "train_mode": True, "peak_fraction": 0.1}
 
 
-def latest_checkpoint(path: Path) -> Path:
-    """A step folder: `path` itself, or the highest step under `path/checkpoints/`."""
-    path = Path(path)
-    if (path / "params").is_dir():
-        return path
-    steps = sorted((int(p.name), p) for p in (path / "checkpoints").glob("*") if p.name.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"--init: no checkpoint under {path} (expected <run>/checkpoints/<step>/params)")
-    return steps[-1][1]
-
-
-def load_encoder(step_dir: Path) -> tuple[dict, dict, dict]:
-    """`(params, model config dict, run info)` of a checkpoint step folder (host numpy arrays)."""
-    import jax
-
-    from fffjax.train.checkpoint import restore_checkpoint
-
-    params, config = restore_checkpoint(step_dir)
-    run_file = step_dir / "run" / "metadata"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    return jax.tree.map(np.asarray, params), config, run
-
-
 def classifier_batches(texts, labels, tokenizer, seq_length: int) -> dict[str, np.ndarray]:
     ids, mask = encode_padded(tokenizer, texts, seq_length)
     return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels, np.int32)}
 
 
-def accuracy(trainer, arrays: dict[str, np.ndarray], batch_size: int) -> float:
-    """Test accuracy, batching with `[PAD]` rows to a full last batch (ignored)."""
+def classifier_accuracy(trainer, arrays: dict[str, np.ndarray], batch_size: int) -> float:
+    """Accuracy of the trainer's classifier on a labelled set, padding the last batch with `[PAD]`
+    rows (their predictions are ignored) so that every example counts."""
     n = len(arrays["labels"])
     correct = 0
     for start in range(0, n, batch_size):
@@ -79,18 +57,23 @@ def run(args: argparse.Namespace) -> int:
 
     from flax import nnx
 
-    from fffjax.models import CrammedBertClassifier, ModelConfig
-    from fffjax.train.loop import Trainer, classification_objective, fit
+    from fffjax.models import CrammedBertClassifier
+    from fffjax.train.checkpoint import crammed_bert_config, load_params
+    from fffjax.train.loop import fit
+    from fffjax.train.objectives import classification_objective
+    from fffjax.train.trainer import Trainer
 
     model_config, train_overrides, data = load_run_config(args.config)
     init_params = None
     tokenizer_path = args.tokenizer
     if args.init is not None:
-        step_dir = latest_checkpoint(args.init)
-        init_params, init_config, init_run = load_encoder(step_dir)
-        model_config = ModelConfig.from_dict(init_config)
-        tokenizer_path = tokenizer_path or init_run.get("tokenizer")
-        print(f"finetune: encoder from {step_dir}")
+        try:
+            init_params, init_config, record = load_params(args.init)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--init: {error}") from error
+        model_config = crammed_bert_config(init_config, record["path"])
+        tokenizer_path = tokenizer_path or record["run"].get("tokenizer")
+        print(f"finetune: encoder from {record['path']}")
     if tokenizer_path is None:
         raise ValueError("--tokenizer: required without --init (a pretraining run records its tokenizer)")
     model_config = dataclasses.replace(model_config, num_labels=2)
@@ -124,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         eval_batches=lambda: eval_batches, resume=not args.no_resume, progress=not args.no_progress,
         tokens_per_example=seq_length, plot_title=f"fine-tuning {args.config} on {args.task}")
     result = {"task": args.task, "config": str(args.config), "init": str(args.init), "steps": config.steps,
-              "test_accuracy": accuracy(trainer, test, config.batch_size), "n_test": int(len(test["labels"])),
+              "test_accuracy": classifier_accuracy(trainer, test, config.batch_size),
+              "n_test": int(len(test["labels"])),
               "majority_baseline": float(max(test["labels"].mean(), 1 - test["labels"].mean()))}
     (Path(out) / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

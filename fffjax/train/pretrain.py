@@ -74,7 +74,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_config_from(args: argparse.Namespace, overrides: dict[str, Any], defaults: dict[str, Any]):
     """A `TrainConfig` from defaults < run-file overrides < command-line flags."""
-    from fffjax.train.loop import TrainConfig
+    from fffjax.train.config import TrainConfig
 
     fields = dict(defaults)
     fields.update(overrides)
@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from fffjax.models import CrammedBertMLM, count_parameters
-    from fffjax.train.loop import Trainer, fit, mlm_objective
+    from fffjax.train.loop import fit
+    from fffjax.train.objectives import mlm_objective
+    from fffjax.train.trainer import Trainer
 
     model_config, train_overrides, data = load_run_config(args.config)
     config = train_config_from(args, train_overrides, PRETRAIN_DEFAULTS)

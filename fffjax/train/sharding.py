@@ -1,18 +1,19 @@
 """Mesh, partition rules and global arrays for training on a `("data", "model")` mesh.
 
-Choice: **Auto (GSPMD) axes with explicit `in_shardings`/`out_shardings`** on `jax.jit`. Parameters
-and optimizer moments get a `NamedSharding` from the rules below, batches are split on `data`,
-and XLA inserts the collectives. Auto keeps the model code free of sharding annotations (the same
-NNX modules run unsharded), which Explicit mode would not (every op would need a sharding-aware
-type). The numerics are the same as on one device up to float reassociation.
+Choice: **Auto (GSPMD) axes with explicit shardings**. Parameters and optimizer moments get a
+`NamedSharding` from the rules below (they are placed with it, and the trainer's step constrains
+its new state to it), batches are split on `data`, and XLA inserts the collectives. Auto keeps the
+model code free of sharding annotations (the same NNX modules run unsharded), which Explicit mode
+would not (every op would need a sharding-aware type). The numerics are the same as on one device
+up to float reassociation.
 
 Partition rules map a parameter's dotted path (`layers.0.ffn.w_in`, from
 `jax.tree_util.tree_leaves_with_path` on the pure-dict state) to a `PartitionSpec`: the first rule
 whose regular expression matches (`re.search`) wins. A rule whose spec does not divide the shape
 on this mesh falls back to replication, so one rule set serves every mesh size. With no match, a
 matrix is sharded along its last dimension on `model` when that divides, everything else is
-replicated. The FFF node tables `w_in`/`w_out (nodes, hidden)` shard the hidden dimension (jax.md
-§2: sharding nodes breaks gather locality).
+replicated. The FFF node tables `w_in`/`w_out (nodes, hidden)` shard the hidden dimension:
+sharding the nodes would break the locality of the per-level row gathers.
 """
 
 import re

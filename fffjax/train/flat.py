@@ -1,10 +1,10 @@
-"""A small, pure training loop for FFF-v1, FFF-v2 and dense (FF) classifiers on flat features.
+"""The flat-feature trainer: FFF-v1, FFF-v2 and dense (FF) classifiers on flat features, vmapped over seeds.
 
 Models are parameter dicts plus a frozen :class:`ModelSpec`; training is one jitted
 ``lax.scan`` over the batches of an epoch, so a CPU run of a few epochs of MNIST takes seconds::
 
     spec = ModelSpec("fff", in_features=784, out_features=10, depth=3, width=16)
-    config = TrainConfig(epochs=5, hardening=0.1, hard_epochs=1)
+    config = FlatTrainConfig(epochs=5, hardening=0.1, hard_epochs=1)
     result = train(spec, config, x_train, y_train)
     accuracy(spec, result.params, x_test, y_test, mode="hard")
 
@@ -84,7 +84,7 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class FlatTrainConfig:
     """How to train.
 
     Attributes:
@@ -261,7 +261,7 @@ def to_module(spec: ModelSpec, params: dict):
     return module
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: FlatTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """AdamW with the configured learning-rate schedule; recipes that differ only in what the
     optimizer does not see (seed, hardening, ...) share one object, hence one compilation."""
     return _optimizer(config.epochs, steps_per_epoch, config.learning_rate, config.schedule, config.weight_decay)
@@ -328,7 +328,7 @@ class TrainResult(NamedTuple):
 
 def train(
     spec: ModelSpec,
-    config: TrainConfig,
+    config: FlatTrainConfig,
     x_train: Float[np.ndarray, "n din"] | Float[Array, "n din"],
     y_train: Int[np.ndarray, " n"] | Int[Array, " n"],
     *,
@@ -355,7 +355,7 @@ def train(
 
 def train_seeds(
     spec: ModelSpec,
-    config: TrainConfig,
+    config: FlatTrainConfig,
     x_train: Float[np.ndarray, "n din"] | Float[Array, "n din"],
     y_train: Int[np.ndarray, " n"] | Int[Array, " n"],
     *,

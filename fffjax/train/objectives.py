@@ -1,0 +1,60 @@
+"""Training objectives of the UltraFastBERT trainer: `(model, batch) -> (loss, metrics)`.
+
+`mlm_objective` is sparse-prediction masked language modelling (the loss only at the masked
+positions); `classification_objective` is sequence classification. Both return their accuracy as
+a metric, computed from the same logits as the loss.
+"""
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fffjax._typing import Array, Float, Int
+
+LossFn = Callable[[nnx.Module, dict[str, Array]], tuple[Array, dict[str, Array]]]
+
+
+def mlm_loss(
+    logits: Float[Array, "batch k vocab"], labels: Int[Array, "batch k"], weights: Float[Array, "batch k"]
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Weighted mean cross-entropy over the predicted positions, and their accuracy.
+
+    Args:
+        logits: `(batch, k, vocab)` logits at the masked positions.
+        labels: `(batch, k)` original ids.
+        weights: `(batch, k)` 1 for a real prediction, 0 for padding.
+    """
+    logits = logits.astype(jnp.float32)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    total = jnp.maximum(weights.sum(), 1.0)
+    loss = (per_token * weights).sum() / total
+    accuracy = ((logits.argmax(-1) == labels).astype(weights.dtype) * weights).sum() / total
+    return loss, {"accuracy": accuracy}
+
+
+def gather_positions(x: Float[Array, "batch seq *rest"], positions: Int[Array, "batch k"]) -> Array:
+    """`x[b, positions[b, j]]` for every b, j: `(batch, k, *rest)`."""
+    return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def mlm_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Sparse-prediction MLM loss of a model called as `model(input_ids, attention_mask)`.
+
+    A model with `encode(ids, mask) -> (B, S, H)` and `decode(hidden) -> logits` is decoded only
+    at the masked positions (crammed BERT's sparse prediction); otherwise full logits are gathered.
+    """
+    if hasattr(model, "encode") and hasattr(model, "decode"):
+        hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+        logits = model.decode(gather_positions(hidden, batch["mask_positions"]))
+    else:
+        logits = gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
+    return mlm_loss(logits, batch["mask_labels"], batch["mask_weights"])
+
+
+def classification_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Mean cross-entropy and accuracy of a classifier `model(input_ids, attention_mask) -> (B, labels)`."""
+    logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).mean()}
