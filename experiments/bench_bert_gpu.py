@@ -5,7 +5,7 @@ tree of depth 11: 12 of 4095 neurons per token); ``base-dense`` is the same mode
 dense feedforward of width 3072. Both are measured in the same run, so every ratio is side by side.
 
 1. **Training**: optimizer steps/s and tokens/s of the MLM objective (sparse prediction at 25% of the
-   positions) with :class:`fffjax.train.loop.Trainer` on random token ids, one device, bf16 compute
+   positions) with :class:`fffjax.train.Trainer` on random token ids, one device, bf16 compute
    (float32 master weights and AdamW), ``--train-batch`` sequences per step. The FFF model runs each
    implementation of ``--train-implementations`` (default ``pallas``: the Pallas forward with the
    conditional backward kernels; ``xla``'s backward is a scatter-add, slow on a GPU). The Trainer
@@ -90,15 +90,15 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
 
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax.train import loop
+    from fffjax import train
     from fffjax.train import sharding as shd
 
     t0 = time.perf_counter()
     config = get_config(config_name)
-    train_config = loop.TrainConfig(steps=10_000, batch_size=args.train_batch, compute_dtype=args.compute_dtype,
+    train_config = train.TrainConfig(steps=10_000, batch_size=args.train_batch, compute_dtype=args.compute_dtype,
                                     data_parallel=1, model_parallel=1, parallelism="dp")
     model = CrammedBertMLM(config, implementation=implementation, rngs=nnx.Rngs(0))
-    trainer = loop.Trainer(model, loop.mlm_objective, train_config,
+    trainer = train.Trainer(model, train.mlm_objective, train_config,
                            mesh=shd.make_mesh(1, 1, devices=jax.devices()[:1]))
     host = random_mlm_batch(np.random.default_rng(0), args.train_batch, config.max_seq_length, config.vocab_size)
     seconds = bench.latency(trainer.step, host, calls=args.steps, warmup=args.warmup, repeats=args.repeats)

@@ -4,7 +4,7 @@ Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.dev
 **fixed per-device batch**, so perfect scaling is ``n x`` the one-device tokens/s:
 
 1. ``pretrain``: optimizer steps of crammed BERT ``--config`` (default ``base``: UltraFastBERT
-   1x11) with :class:`fffjax.train.loop.Trainer` and the MLM objective on random token ids, under
+   1x11) with :class:`fffjax.train.Trainer` and the MLM objective on random token ids, under
    a named configuration of :data:`fffjax.train.sharding.PARALLELISM` on a ``(n / m, m)`` mesh
    (``name@m``), e.g.
 
@@ -77,7 +77,7 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
 
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax import train as loop  # Trainer, TrainConfig, mlm_objective
+    from fffjax import train
     from fffjax.train import sharding as shd
 
     config = get_config(args.config)
@@ -87,11 +87,11 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
         raise ValueError(f"scheme {scheme!r}: model axis {model_axis} does not divide {n} devices")
     mesh = shd.make_mesh(n // model_axis, model_axis, devices=jax.devices()[:n])
     batch = args.per_device_batch * n
-    train_config = loop.TrainConfig(steps=10_000, batch_size=batch, compute_dtype=args.compute_dtype,
+    train_config = train.TrainConfig(steps=10_000, batch_size=batch, compute_dtype=args.compute_dtype,
                                     data_parallel=n // model_axis, model_parallel=model_axis)
     model = CrammedBertMLM(config, implementation=args.implementation, rngs=nnx.Rngs(0))
     rules = shd.apply_parallelism(model, name, mesh)
-    trainer = loop.Trainer(model, loop.mlm_objective, train_config, mesh=mesh, rules=rules)
+    trainer = train.Trainer(model, train.mlm_objective, train_config, mesh=mesh, rules=rules)
     host = random_mlm_batch(np.random.default_rng(0), batch, config.max_seq_length, config.vocab_size)
     # Trainer.step places the host batch, runs the jitted step and fetches the metrics (blocking),
     # as a training loop does.

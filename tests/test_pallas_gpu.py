@@ -66,7 +66,7 @@ def test_v2_bfloat16_grouped_gradients_on_gpu():
     dy = jax.random.normal(jax.random.key(5), (n_tokens, 768), jnp.bfloat16)
 
     def loss(*args):
-        return jnp.sum(pk.fff_v2_hard_trainable(*args, depth=depth).astype(jnp.float32) * dy)
+        return jnp.sum(pk.fff_v2_hard_trainable(*args, depth=depth).astype(jnp.float32) * dy.astype(jnp.float32))
 
     got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w_in, b_in, w_out)
     f32 = [a.astype(jnp.float32) for a in (x, w_in, b_in, w_out, dy)]
