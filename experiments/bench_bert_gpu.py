@@ -88,9 +88,9 @@ def bench_train(args, config_name: str, implementation: str | None) -> dict:
     import numpy as np
     from flax import nnx
 
+    from fffjax import train
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax import train
     from fffjax.train import sharding as shd
 
     t0 = time.perf_counter()

@@ -75,9 +75,9 @@ def bench_pretrain(args, n: int, scheme: str) -> dict:
     import numpy as np
     from flax import nnx
 
+    from fffjax import train
     from fffjax.models.config import get_config
     from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax import train
     from fffjax.train import sharding as shd
 
     config = get_config(args.config)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the offline English corpus and the labelled text sets (datasets.md §2-§3) into data_cache/.
+# Fetch the offline English corpus and the labelled text sets into data_cache/.
 #
 #   bash experiments/fetch_text.sh            # downloads ~80 MB, unpacks, builds the corpus
 #

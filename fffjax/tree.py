@@ -12,8 +12,8 @@ Conventions (both variants, and the published PyTorch code):
 Every function works on Python ints, numpy arrays and traced jax arrays alike.
 """
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_count(value, name: str, minimum: int) -> int:

@@ -13,9 +13,8 @@ half-to-even, so an exactly-zero logit goes **left**; the hard descent uses ``z 
 goes **right**.
 """
 
-from typing import NamedTuple
-
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,6 @@ from jax.experimental import pallas as pl
 from fffjax import tree, v2
 from pallas_kernels import _common as cm
 
-
 ROUTES = ("kernel", "gemm")
 
 

@@ -28,6 +28,8 @@ from fffjax import v2
 from pallas_kernels import _common as cm
 from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
+)
+from pallas_kernels.fff_v2_forward import (
     FffV2ForwardConfig,
     GroupedResiduals,
     block_tokens,

@@ -10,7 +10,6 @@ and falls back on ``NotImplementedError``; :mod:`fffjax.ops.registry` states the
 
 from fffjax.ops.api import attention, fff_v1_hard, fff_v2_hard, gelu, layer_norm
 from fffjax.ops.per_device import rows_per_device
-from fffjax.ops.xla import split_heads
 from fffjax.ops.registry import (
     DENSE_PATH_FRACTION,
     OPS,
@@ -18,6 +17,7 @@ from fffjax.ops.registry import (
     register_implementation,
     set_implementation,
 )
+from fffjax.ops.xla import split_heads
 
 __all__ = [
     "DENSE_PATH_FRACTION",
