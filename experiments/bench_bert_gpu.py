@@ -174,7 +174,8 @@ def kernel_names(attention: str | None, norm: str | None, dtype, gelu: str | Non
 
 
 def bench_forward(args, models: dict, forward: str, config_name: str, implementation: str | None,
-                  inputs: tuple, attention: str | None = None, norm: str | None = None, gelu: str | None = None) -> dict:
+                  inputs: tuple, attention: str | None = None, norm: str | None = None,
+                  gelu: str | None = None) -> dict:
     """One inference row: compile, then the median seconds per batch, each waited for
     (:func:`fffjax.bench.latency`) and in a stream of batches (:func:`fffjax.bench.stream`)."""
     import jax
@@ -191,7 +192,8 @@ def bench_forward(args, models: dict, forward: str, config_name: str, implementa
     return {"bench": "infer", "forward": forward, "config": config_name, "implementation": implementation or "dense",
             **kernel_names(attention, norm, args.compute_dtype, gelu, implementation is None), "batch": batch,
             "seq": seq, "batch_s": seconds,
-            "tokens_per_s": batch * seq / seconds, "stream_batch_s": stream, "stream_tokens_per_s": batch * seq / stream,
+            "tokens_per_s": batch * seq / seconds, "stream_batch_s": stream,
+            "stream_tokens_per_s": batch * seq / stream,
             "compute_dtype": args.compute_dtype, "first_call_s": first_call_s}
 
 
@@ -229,7 +231,8 @@ def with_ratios(rows: list[dict], reference_gelu: str | None = None) -> list[dic
         dense.setdefault(key(r), r["tokens_per_s"])
         if "stream_tokens_per_s" in r:
             stream.setdefault(key(r), r["stream_tokens_per_s"])
-    return [{**r, "vs_dense": ratio(r, "tokens_per_s", dense), "stream_vs_dense": ratio(r, "stream_tokens_per_s", stream)}
+    return [{**r, "vs_dense": ratio(r, "tokens_per_s", dense),
+             "stream_vs_dense": ratio(r, "stream_tokens_per_s", stream)}
             if "tokens_per_s" in r else r for r in rows]
 
 
@@ -263,22 +266,25 @@ def markdown(report: dict) -> str:
                   "encode: the encoder (what replaces the dense feedforward); classifier: encoder + pooled head "
                   "(the fine-tuned model); mlm: full-vocabulary logits (the tied decoder is a dense "
                   "H x V matmul per token, the same in both models)." + (
-                      f" Speed-ups are against the dense twin whose exact GELU runs through `{report['reference_gelu']}`."
+                      " Speed-ups are against the dense twin whose exact GELU runs through "
+                      f"`{report['reference_gelu']}`."
                       if report.get("reference_gelu") else ""), "",
                   "Throughput: `--steps` batches sent back to back, the last one waited for (a stream of batches: "
                   "the host's dispatch overlaps the GPU's work); latency: each batch waited for before the next "
-                  "is sent (then the host's dispatch of a call with these models' ~170 arrays adds to every batch).", "",
-                  "| forward | attention | norm | model | FFF implementation (dense: its GELU) | throughput: ms per batch "
-                  "| tokens/s | speedup vs dense | latency: ms per batch | speedup vs dense |",
+                  "is sent (then the host's dispatch of a call with these models' ~170 arrays adds to every "
+                  "batch).", "",
+                  "| forward | attention | norm | model | FFF implementation (dense: its GELU) "
+                  "| throughput: ms per batch | tokens/s | speedup vs dense | latency: ms per batch "
+                  "| speedup vs dense |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         order = {f: i for i, f in enumerate(FORWARDS)}
         for r in sorted(infer, key=lambda r: (order.get(r["forward"], len(order)), r.get("attention") or "",
                                               r.get("norm") or "")):
             stream_ms = f"{1e3 * r['stream_batch_s']:.2f}" if "stream_batch_s" in r else "–"
             stream_tps = f"{r['stream_tokens_per_s']:,.0f}" if "stream_batch_s" in r else "–"
-            lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r.get('norm', 'xla')} | {r['config']} | "
-                         f"{_implementation(r)} | {stream_ms} | {stream_tps} | {_ratio(r.get('stream_vs_dense'))} | "
-                         f"{1e3 * r['batch_s']:.2f} | {_ratio(r['vs_dense'])} |")
+            lines.append(f"| {r['forward']} | {r.get('attention', 'einsum')} | {r.get('norm', 'xla')} | "
+                         f"{r['config']} | {_implementation(r)} | {stream_ms} | {stream_tps} | "
+                         f"{_ratio(r.get('stream_vs_dense'))} | {1e3 * r['batch_s']:.2f} | {_ratio(r['vs_dense'])} |")
         lines.append("")
     for r in (r for r in rows if r["bench"] == "profile"):
         gelu = f", GELU {r['gelu']}" if "gelu" in r else ""
@@ -423,7 +429,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     ap.add_argument("--forwards", default=",".join(FORWARDS), help=f"comma list of inference forwards: {FORWARDS}")
     ap.add_argument("--attention", default="auto",
-                    help="comma list of attention implementations for inference: xla, cudnn, pallas, auto (see fffjax.ops.registry)")
+                    help="comma list of attention implementations for inference: xla, cudnn, pallas, auto "
+                         "(see fffjax.ops.registry)")
     ap.add_argument("--norm", default="auto",
                     help="comma list of layer-norm implementations for inference: xla, pallas, auto (Pallas on a GPU)")
     ap.add_argument("--gelu", default="auto",

@@ -218,7 +218,8 @@ def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
                                jax.random.uniform(k2, (width,), jnp.float32, -a, a),
                                jax.random.uniform(k3, (width, H), jnp.float32, -b, b),
                                jax.random.uniform(k4, (H,), jnp.float32, -b, b))
-        variants.append(Variant(f"xla_dense_{width}", lambda dp=dense_params[width]: xla_dense(x, *dp).block_until_ready(),
+        variants.append(Variant(f"xla_dense_{width}",
+                                lambda dp=dense_params[width]: xla_dense(x, *dp).block_until_ready(),
                                 group="dense", width=width))
     variants.append(Variant("fff_reference", fff("reference"), group="fff"))
     variants.append(Variant("fff_xla", fff("xla"), group="fff"))
@@ -231,7 +232,8 @@ def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
             layer = torch.nn.Sequential(torch.nn.Linear(H, width), torch.nn.GELU(), torch.nn.Linear(width, H))
             w1, b1, w2, b2 = (torch.from_numpy(np.asarray(t)) for t in dense_params[width])
             with torch.no_grad():
-                layer[0].weight.copy_(w1.T), layer[0].bias.copy_(b1), layer[2].weight.copy_(w2.T), layer[2].bias.copy_(b2)
+                layer[0].weight.copy_(w1.T), layer[0].bias.copy_(b1)
+                layer[2].weight.copy_(w2.T), layer[2].bias.copy_(b2)
 
             def run_dense(layer=layer):
                 with torch.inference_mode():
@@ -252,33 +254,44 @@ def build_variants(tokens: int, seed: int, ablations: bool, torch_mod):
         top4 = jax.jit(lambda *a: xla_dense_top_levels(*a, depth=DEPTH, top=4))
         sort8 = jax.jit(lambda *a: xla_sorted_by_path(*a, depth=DEPTH, top=8))
         p12 = v2.init(k_fff, H, 0, n_trees=12)  # a dense layer of 12 neurons: no routing at all
+        d12 = (p12["w_in"].T, p12["b_in"], p12["w_out"], jnp.zeros(H))
         variants += [
             Variant("ablation_write_floor", lambda: write_floor(x).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_dense_12", lambda d12=(p12["w_in"].T, p12["b_in"], p12["w_out"], jnp.zeros(H)):
-                    xla_dense(x, *d12).block_until_ready(), group="ablation", width=12),
-            Variant("ablation_xla_dense_4096_no_gelu", lambda: xla_dense_no_gelu(x, *dense_params[4096]).block_until_ready(), group="ablation", width=4096),
+            Variant("ablation_xla_dense_12", lambda d12=d12: xla_dense(x, *d12).block_until_ready(),
+                    group="ablation", width=12),
+            Variant("ablation_xla_dense_4096_no_gelu",
+                    lambda: xla_dense_no_gelu(x, *dense_params[4096]).block_until_ready(),
+                    group="ablation", width=4096),
             Variant("ablation_xla_routing_only", lambda: routing(x, w_in, b_in).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_multiply_sum", lambda: orig(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_lax_map_1024", lambda: chunked(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_fori_levels", lambda: fori(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_dense_top_4", lambda: top4(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
-            Variant("ablation_xla_sorted_by_path", lambda: sort8(x, w_in, b_in, w_out).block_until_ready(), group="ablation"),
+            Variant("ablation_xla_multiply_sum", lambda: orig(x, w_in, b_in, w_out).block_until_ready(),
+                    group="ablation"),
+            Variant("ablation_xla_lax_map_1024", lambda: chunked(x, w_in, b_in, w_out).block_until_ready(),
+                    group="ablation"),
+            Variant("ablation_xla_fori_levels", lambda: fori(x, w_in, b_in, w_out).block_until_ready(),
+                    group="ablation"),
+            Variant("ablation_xla_dense_top_4", lambda: top4(x, w_in, b_in, w_out).block_until_ready(),
+                    group="ablation"),
+            Variant("ablation_xla_sorted_by_path", lambda: sort8(x, w_in, b_in, w_out).block_until_ready(),
+                    group="ablation"),
         ]
         checks["ablation_xla_multiply_sum"] = lambda n: orig(x[:n], w_in, b_in, w_out)
-        checks["ablation_xla_lax_map_1024"] = lambda n: jax.jit(lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=n // 2))(x[:n], w_in, b_in, w_out)
+        checks["ablation_xla_lax_map_1024"] = lambda n: jax.jit(
+            lambda *a: xla_lax_map_chunks(*a, depth=DEPTH, chunk=n // 2))(x[:n], w_in, b_in, w_out)
         checks["ablation_xla_fori_levels"] = lambda n: fori(x[:n], w_in, b_in, w_out)
         checks["ablation_xla_dense_top_4"] = lambda n: top4(x[:n], w_in, b_in, w_out)
         checks["ablation_xla_sorted_by_path"] = lambda n: sort8(x[:n], w_in, b_in, w_out)
         if cpu_ffi.available():
+            p7 = v2.init(k_fff, H, 7)
             variants += [
                 Variant("ablation_cpu_ffi_unsorted", fff("cpu_ffi"), group="ablation", env={"FFFJAX_CPU_SORT": "0"}),
                 Variant("ablation_cpu_ffi_1_thread", fff("cpu_ffi"), group="ablation", env={"FFFJAX_CPU_THREADS": "1"}),
-                Variant("ablation_cpu_ffi_depth_7", lambda p7=v2.init(k_fff, H, 7): fff_v2_hard(
+                Variant("ablation_cpu_ffi_depth_7", lambda p7=p7: fff_v2_hard(
                     x, p7["w_in"], p7["b_in"], p7["w_out"], depth=7, implementation="cpu_ffi").block_until_ready(),
                     group="ablation"),
             ]
     for impl in ("xla", "cpu_ffi"):
-        checks[f"fff_{impl}"] = lambda n, impl=impl: fff_v2_hard(x[:n], w_in, b_in, w_out, depth=DEPTH, implementation=impl)
+        checks[f"fff_{impl}"] = lambda n, impl=impl: fff_v2_hard(x[:n], w_in, b_in, w_out, depth=DEPTH,
+                                                                 implementation=impl)
     reference = lambda n: v2.masked_forward(x[:n], w_in, b_in, w_out, depth=DEPTH)  # noqa: E731
     return variants, checks, reference
 
@@ -413,7 +426,8 @@ def analysis_lines(rows: list[dict]) -> list[str]:
         "ablation_xla_lax_map_1024": "the \"xla\" path over blocks of 1024 tokens with `lax.map`",
         "ablation_xla_fori_levels": "the \"xla\" path with a `fori_loop` over levels (multiply-sum)",
         "ablation_xla_dense_top_4": "the \"xla\" path with levels 0-3 (15 shared rows) as one matmul each way",
-        "ablation_xla_sorted_by_path": "the \"xla\" path on tokens sorted by their level-8 node (argsort, permute, unpermute)",
+        "ablation_xla_sorted_by_path": "the \"xla\" path on tokens sorted by their level-8 node "
+                                       "(argsort, permute, unpermute)",
         "ablation_xla_dense_4096_no_gelu": "the dense 4096 layer without its GELU",
     }
     for name, text in notes.items():

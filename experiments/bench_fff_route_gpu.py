@@ -102,8 +102,8 @@ def markdown(report: dict) -> str:
              "| tokens | route | kernel time (ms) | wall, stream (ms) | longest ops (ms) |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         ops = ", ".join(f"{o['op']} {o['ms']:.4f}" for o in r["top_ops"][:5])
-        lines.append(f"| {r['tokens']:,} | {r['route']} | {r['kernel_ms_per_layer']:.4f} | {r['wall_ms_per_layer']:.4f} "
-                     f"| {ops} |")
+        lines.append(f"| {r['tokens']:,} | {r['route']} | {r['kernel_ms_per_layer']:.4f} | "
+                     f"{r['wall_ms_per_layer']:.4f} | {ops} |")
     return "\n".join(lines) + "\n"
 
 

@@ -208,8 +208,8 @@ def autotune_forward(layer: str, dtype, n_tokens: int, candidates):
         row = {"config": cfg.__dict__, "ms": t * 1e3, "rel_err": err}
         if cfg.split_level and jnp.dtype(dtype).itemsize == 2:   # the route kernel alone (16-bit routes in Pallas)
             from pallas_kernels.fff_v2_forward import route_to_subtrees
-            route = jax.jit(lambda x: route_to_subtrees(x, w[0], w[1], split=cfg.split_level, config=cfg,
-                                                        interpret=INTERPRET))
+            route = jax.jit(lambda x, w=w, cfg=cfg: route_to_subtrees(x, w[0], w[1], split=cfg.split_level,
+                                                                      config=cfg, interpret=INTERPRET))
             row["route_ms"] = bench.stream(route, x) * 1e3
         log(f"  {layer} {jnp.dtype(dtype).name} T={n_tokens} {cfg}: {t * 1e3:.3f} ms "
             f"(route {row.get('route_ms', float('nan')):.3f} ms)  rel.err {err:.2e}")
@@ -413,8 +413,9 @@ def markdown(out) -> str:
                     continue
                 impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("pallas"), s))
                 counts = sorted({r["tokens"] for r in rows})
-                lines += [f"### {layer}, {dname}", "", "| impl | " + " | ".join(f"2^{int(math.log2(n))}" for n in counts)
-                          + " |", "|---" * (len(counts) + 1) + "|"]
+                lines += [f"### {layer}, {dname}", "",
+                          "| impl | " + " | ".join(f"2^{int(math.log2(n))}" for n in counts) + " |",
+                          "|---" * (len(counts) + 1) + "|"]
                 for impl in impls:
                     cells = []
                     for n in counts:

@@ -165,7 +165,8 @@ def markdown(report: dict) -> str:
     lines = ["# Scale-out: tokens/s at a fixed per-device batch", "", bench.provenance_line(report), "",
              "Scaling efficiency = tokens/s(n) / (n x tokens/s(1)). Layer rows: compute = the one-device "
              "step at the same per-device tokens; all-to-all = the step's five exchanges timed alone.", "",
-             "| bench | scheme | devices | step (ms) | tokens/s | scaling efficiency | all-to-all (ms) | compute (ms) |",
+             "| bench | scheme | devices | step (ms) | tokens/s | scaling efficiency | all-to-all (ms) "
+             "| compute (ms) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["bench"] == r["bench"] and b["scheme"] == r["scheme"] and b["devices"] == 1),

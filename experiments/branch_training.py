@@ -270,17 +270,18 @@ def write_report(report: dict, stem: str) -> None:
         f"each over its shard) or synced every round ({s0.sync_rounds} rounds; top nodes averaged by a "
         f"coordinator). Equal compute in leaf evaluations (see the script's docstring). Seed {s0.seed}, one run; "
         "hard (deployed) test accuracy in %.", "",
-        "| data set | s | joint | independent | gap (ind - joint) | synced | gap (sync - joint) | shard sizes (independent) |",
+        "| data set | s | joint | independent | gap (ind - joint) | synced | gap (sync - joint) "
+        "| shard sizes (independent) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         joint = next(r for r in rows if r["dataset"] == ds and r["method"] == "joint")["test_hard"]
         for split in sorted({r["split"] for r in rows if r["dataset"] == ds and r["split"] > 0}):
-            get = lambda m: next((r for r in rows if r["dataset"] == ds and r["split"] == split  # noqa: E731
-                                  and r["method"] == m), None)
+            get = lambda m, ds=ds, split=split: next(  # noqa: E731
+                (r for r in rows if r["dataset"] == ds and r["split"] == split and r["method"] == m), None)
             ind, syn = get("independent"), get("sync")
             fmt = lambda r: f"{100 * r['test_hard']:.2f}" if r else "–"  # noqa: E731
-            gap = lambda r: f"{100 * (r['test_hard'] - joint):+.2f}" if r else "–"  # noqa: E731
+            gap = lambda r, joint=joint: f"{100 * (r['test_hard'] - joint):+.2f}" if r else "–"  # noqa: E731
             lines.append(f"| {ds} | {split} | {100 * joint:.2f} | {fmt(ind)} | {gap(ind)} | {fmt(syn)} | {gap(syn)} "
                          f"| {ind['shard_sizes'] if ind else '–'} |")
     joint_steps = s0.epochs * 60000 // s0.batch_size if s0.dataset != "digits" else None
@@ -304,7 +305,8 @@ def write_report(report: dict, stem: str) -> None:
         joint = next(r for r in rows if r["dataset"] == ds and r["method"] == "joint")["test_hard"]
         ax.axhline(100 * joint, color="k", ls="--", label="joint")
         for method, marker in (("independent", "o"), ("sync", "s")):
-            pts = sorted((r["split"], 100 * r["test_hard"]) for r in rows if r["dataset"] == ds and r["method"] == method)
+            pts = sorted((r["split"], 100 * r["test_hard"]) for r in rows
+                         if r["dataset"] == ds and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=method)
         ax.set_title(ds)

@@ -364,7 +364,8 @@ def main(argv=None) -> None:
               f"dense twin; tp = {a.machines}-way tensor-parallel dense FF; tree = {tree_axis}-way "
               "tree-parallel FFF (power-of-two axis). 'Whole model': attention and embeddings "
               f"({other / 1e6:.1f}M params) trained data-parallel in every scheme.", "",
-              "| model | tokens per step | dp dense | tp dense | tree FFF | tree / dp | tree MB sent per device | dp MB sent per device |",
+              "| model | tokens per step | dp dense | tp dense | tree FFF | tree / dp | tree MB sent per device "
+              "| dp MB sent per device |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['tokens_per_step']:,} | {r['dp']:,.0f} | {r['tp']:,.0f} | {r['tree']:,.0f} "

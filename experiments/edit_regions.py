@@ -105,7 +105,8 @@ def aggregate(rows):
 
 def markdown(agg, args, n_leaves):
     f = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
-    lines = ["| method | model | old classes before | old after | forgetting (points) | new class after | all classes after |",
+    lines = ["| method | model | old classes before | old after | forgetting (points) | new class after "
+             "| all classes after |",
              "|---|---|---|---|---|---|---|"]
     for a in agg:
         lines.append(f"| {a['method']} | {a['model']} | {f(a['old_before_mean'], a['old_before_std'])} | "

@@ -104,7 +104,7 @@ def report(argv: list[str] | None = None) -> dict:
                     table[kind if kind == "finetune" else "scratch"].setdefault(task, {})[name] = result
     plot_losses(curves, RESULTS / "mlm_loss.png", title="tiny crammed BERT, MLM loss (CPU, equal steps)",
                 ylabel="MLM cross-entropy", smooth=25)
-    for task, by_model in table["finetune"].items():
+    for _task, by_model in table["finetune"].items():
         if "fff" in by_model and "dense" in by_model:
             by_model["fff_over_dense"] = by_model["fff"]["test_accuracy"] / by_model["dense"]["test_accuracy"]
     head = bench.provenance(__file__, argv)
@@ -117,7 +117,8 @@ def report(argv: list[str] | None = None) -> dict:
              "|---|---|---|---|---|---|---|"]
     for name, row in table["pretrain"].items():
         lines.append(f"| {name} | {row['steps']} | {row['final_train_loss']:.3f} | {row['held_out_loss']:.3f} | "
-                     f"{row['held_out_accuracy']:.3f} | {row['median_step_s']:.3f} | {row['wall_s'] or float('nan'):.0f} |")
+                     f"{row['held_out_accuracy']:.3f} | {row['median_step_s']:.3f} | "
+                     f"{row['wall_s'] or float('nan'):.0f} |")
     lines += ["", "## Fine-tuning (test accuracy, fixed splits)", "",
               "| task | n test | majority class | FFF | dense | FFF / dense | FFF from scratch | dense from scratch |",
               "|---|---|---|---|---|---|---|---|"]

@@ -444,7 +444,7 @@ def _v1_soft_body(x, nw, nb, w1s, b1s, w2s, b2s, *, depth, axis, data_axes, acti
 def fff_v1_tree_parallel(
     x: Float[Array, "*batch din"],
     node_weights: Float[Array, "nodes din"],
-    node_biases: Float[Array, "nodes *one"],
+    node_biases: Float[Array, " nodes *one"],
     w1s: Float[Array, "leaves din width"],
     b1s: Float[Array, "leaves width"],
     w2s: Float[Array, "leaves width dout"],

@@ -157,7 +157,8 @@ def check_arguments(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: 
     tree.check_shape("node_biases", node_biases, (n_nodes,), detail)
     tree.check_shape("b1s", b1s, (n_leaves, width), detail)
     if getattr(w2s, "ndim", None) != 3 or w2s.shape[:2] != (n_leaves, width):
-        raise ValueError(f"w2s must have shape ({n_leaves}, {width}, out), got {tuple(getattr(w2s, 'shape', ()))}{detail}")
+        raise ValueError(f"w2s must have shape ({n_leaves}, {width}, out), "
+                         f"got {tuple(getattr(w2s, 'shape', ()))}{detail}")
     tree.check_shape("b2s", b2s, (n_leaves, w2s.shape[2]), detail)
     return node_biases
 

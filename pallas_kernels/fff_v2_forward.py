@@ -456,7 +456,8 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
         operands = (x, w_in, b_in, w_out)
         if save_residuals:
             p = n_trees * (depth + 1)
-            out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32), jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
+            out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32),
+                          jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
     out = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),

@@ -130,7 +130,8 @@ def _segment_add(out_ref, node, first, last, weights, values, cols, col_ok, tok_
 
 
 def _weight_kernel(perm_ref, nodes_ref, z_ref, dz_ref, x_ref, dy_ref, _w_in0, _b_in0, _w_out0,
-                   dw_in_ref, db_in_ref, dw_out_ref, *, n_tokens, width_in, width_out, levels, block_t, chunk, interpret):
+                   dw_in_ref, db_in_ref, dw_out_ref, *, n_tokens, width_in, width_out, levels, block_t, chunk,
+                   interpret):
     k = pl.program_id(0)
     pos = pl.program_id(1) * block_t + jnp.arange(block_t, dtype=jnp.int32)
     tok_ok = pos < n_tokens
@@ -147,7 +148,7 @@ def _weight_kernel(perm_ref, nodes_ref, z_ref, dz_ref, x_ref, dy_ref, _w_in0, _b
         first = jnp.min(jnp.where(tok_ok, node, jnp.iinfo(jnp.int32).max))
         last = jnp.max(jnp.where(tok_ok, node, -1))
         per_level.append((node, first, last, dz, cm.gelu(z)))
-    for level, (node, first, last, dz, act) in enumerate(per_level):
+    for _level, (node, first, last, dz, _act) in enumerate(per_level):
         def bias_body(j, carry, node=node, dz=dz):
             part = jnp.sum(jnp.where((node == j) & tok_ok, dz, 0.0))
             plgpu_triton.atomic_add(db_in_ref, (j,), part)
@@ -157,12 +158,12 @@ def _weight_kernel(perm_ref, nodes_ref, z_ref, dz_ref, x_ref, dy_ref, _w_in0, _b
     for c in range(n_in):
         cols, ok = cm.chunk_indices(c, c_in, width_in)
         xs = cm.load_rows(x_ref, tok, cols, ok).astype(jnp.float32)
-        for node, first, last, dz, act in per_level:
+        for node, first, last, dz, _act in per_level:
             _segment_add(dw_in_ref, node, first, last, dz, xs, cols, ok, tok_ok, interpret)
     for c in range(n_out):
         cols, ok = cm.chunk_indices(c, c_out, width_out)
         dys = cm.load_rows(dy_ref, tok, cols, ok).astype(jnp.float32)
-        for node, first, last, dz, act in per_level:
+        for node, first, last, _dz, act in per_level:
             _segment_add(dw_out_ref, node, first, last, act, dys, cols, ok, tok_ok, interpret)
 
 
@@ -305,7 +306,8 @@ def grouped_backward(x, w_in, w_out, residuals: GroupedResiduals, dy, *, depth: 
         out_shape=(jax.ShapeDtypeStruct(w_in.shape, f32), jax.ShapeDtypeStruct(w_out.shape, f32),
                    jax.ShapeDtypeStruct((w_in.shape[0],), f32),
                    jax.ShapeDtypeStruct((n_sub * n_cols, width_in), f32),
-                   jax.ShapeDtypeStruct((n_sub * n_cols, width_out), f32), jax.ShapeDtypeStruct((n_sub * n_cols,), f32)),
+                   jax.ShapeDtypeStruct((n_sub * n_cols, width_out), f32),
+                   jax.ShapeDtypeStruct((n_sub * n_cols,), f32)),
         grid=(n_sub, n_chunks), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_weights",
     )(block_start, slots, dz, act, x, dy)
     # Ancestor at level l of subtree s is flat node 2**l - 1 + (s >> (split - l)).

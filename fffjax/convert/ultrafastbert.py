@@ -211,7 +211,8 @@ def import_ultrafastbert(
     if WORD_EMBEDDING_KEY in arrays and DECODER_KEY in arrays:
         emb, dec = arrays[WORD_EMBEDDING_KEY], arrays[DECODER_KEY]
         if emb.shape != dec.shape or not np.array_equal(emb, dec):
-            diff = float(np.abs(emb.astype(np.float32) - dec.astype(np.float32)).max()) if emb.shape == dec.shape else None
+            diff = (float(np.abs(emb.astype(np.float32) - dec.astype(np.float32)).max())
+                    if emb.shape == dec.shape else None)
             raise ValueError(
                 f"state_dict[{WORD_EMBEDDING_KEY!r}] {emb.shape} and state_dict[{DECODER_KEY!r}] {dec.shape} differ "
                 f"(max abs difference {diff}); the model ties them, so they must be equal")
@@ -227,7 +228,8 @@ def import_ultrafastbert(
     missing = [k for k in required if k not in arrays]
     unexpected = [k for k in arrays if k not in required and k not in optional]
     if missing or unexpected:
-        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        parts = (([f"missing keys {missing}"] if missing else [])
+                 + ([f"unexpected keys {unexpected}"] if unexpected else []))
         raise ValueError(
             f"UltraFastBERT {kind} state_dict does not fit the config "
             f"({config.num_layers} layers, ffn {config.ffn!r}): {'; '.join(parts)}")
@@ -239,7 +241,8 @@ def import_ultrafastbert(
             continue
         array = arrays[key]
         if tuple(array.shape) != shapes[key]:
-            raise ValueError(f"state_dict[{key!r}]: expected shape {shapes[key]} for this config, found {tuple(array.shape)}")
+            raise ValueError(f"state_dict[{key!r}]: expected shape {shapes[key]} for this config, "
+                             f"found {tuple(array.shape)}")
         if not np.issubdtype(np.asarray(array).dtype, np.floating) and array.dtype.name != "bfloat16":
             raise ValueError(f"state_dict[{key!r}]: expected a floating dtype, found {array.dtype}")
         stored_eps = _epsilon(array.dtype)

@@ -76,7 +76,8 @@ class ModelConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be an int in [0, vocab_size={self.vocab_size}), got {self.pad_token_id!r}")
+            raise ValueError(f"pad_token_id must be an int in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id!r}")
 
     @property
     def attention_head_width(self) -> int:
@@ -216,7 +217,8 @@ class ModelConfig:
                 raise ValueError(f"arch[{dotted!r}] = {section[key]!r} is not supported (fffjax builds {value!r})")
         sequence_op = attention.get("sequence_op")
         if sequence_op not in (None, "torch-softmax"):
-            raise ValueError(f"arch['attention.sequence_op'] = {sequence_op!r} is not supported (fffjax builds softmax)")
+            raise ValueError(f"arch['attention.sequence_op'] = {sequence_op!r} is not supported "
+                             "(fffjax builds softmax)")
 
         hidden = _int(arch, "hidden_size")
         embedding_dim = embedding.get("embedding_dim", hidden)

@@ -113,7 +113,8 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
     if op in ("fff_v2_hard", "fff_v1_hard"):
         if on_gpu:
             names = ("pallas", "xla")
-            if op == "fff_v2_hard" and (static["depth"] + 1) / tree.v2_nodes_per_tree(static["depth"]) > DENSE_PATH_FRACTION:
+            if (op == "fff_v2_hard"
+                    and (static["depth"] + 1) / tree.v2_nodes_per_tree(static["depth"]) > DENSE_PATH_FRACTION):
                 names = ("reference",) + names
             return names
         return ("cpu_ffi", "xla") if platform == "cpu" else ("xla",)

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         nnx.update(model, state)
     trainer = Trainer(model, classification_objective, config)
     n_eval = (len(test["labels"]) // config.batch_size) * config.batch_size
-    eval_batches = [{k: v[i:i + config.batch_size] for k, v in test.items()} for i in range(0, n_eval, config.batch_size)]
+    eval_batches = [{k: v[i:i + config.batch_size] for k, v in test.items()}
+                    for i in range(0, n_eval, config.batch_size)]
     print(f"finetune {args.config} on {args.task}: {len(train['labels'])} train / {len(test['labels'])} test, "
           f"mesh {dict(trainer.mesh.shape)}, out {out}")
     fit(trainer, batches, out_dir=out, model_config=model_config.to_dict(),

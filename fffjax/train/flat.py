@@ -119,7 +119,8 @@ class FlatTrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.hardening_schedule not in HARDENING_SCHEDULES:
-            raise ValueError(f"hardening_schedule must be one of {HARDENING_SCHEDULES}, got {self.hardening_schedule!r}")
+            raise ValueError(f"hardening_schedule must be one of {HARDENING_SCHEDULES}, "
+                             f"got {self.hardening_schedule!r}")
         if self.hardening < 0 or self.learning_rate <= 0:
             raise ValueError("hardening must be >= 0 and learning_rate > 0")
 

@@ -157,7 +157,8 @@ def _map_rows(fn, grads, usage, *trees):
     except ValueError as error:
         if "usage" in str(error):
             raise
-        raise ValueError(f"usage must have the structure of the gradients (a leaf or None per parameter): {error}") from error
+        raise ValueError(
+            f"usage must have the structure of the gradients (a leaf or None per parameter): {error}") from error
 
 
 def _unzip(tree_of_tuples, n: int, like) -> tuple:
@@ -302,7 +303,8 @@ def local_sgd(
     _check_local_batch_size(local_batch_size)
     if learning_rate < 0 or momentum < 0 or weight_decay < 0:
         raise ValueError(
-            f"learning_rate, momentum and weight_decay must be >= 0, got {learning_rate!r}, {momentum!r}, {weight_decay!r}")
+            f"learning_rate, momentum and weight_decay must be >= 0, got {learning_rate!r}, {momentum!r}, "
+            f"{weight_decay!r}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov=True needs momentum > 0 and dampening == 0")
 

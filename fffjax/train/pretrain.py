@@ -68,7 +68,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="text cache (default data_cache/text)")
-    parser.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run (error if --out holds checkpoints)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="refuse to continue an existing run (error if --out holds checkpoints)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -134,7 +135,8 @@ def eval_batch_list(held_out: np.ndarray, batch_size: int, n_batches: int, vocab
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--sources", nargs="*", default=None,
-                        help=f"corpus sources (default: prose {list(corpus.PROSE_SOURCES)}; all: {list(corpus.SOURCES)})")
+                        help=f"corpus sources (default: prose {list(corpus.PROSE_SOURCES)}; "
+                             f"all: {list(corpus.SOURCES)})")
 
 
 PRETRAIN_DEFAULTS = {"steps": 1000, "batch_size": 32, "learning_rate": 1e-3, "save_every": 100, "eval_every": 100}
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     sources = args.sources if args.sources else data["sources"]
     seq_length = args.seq_length or data["seq_length"] or model_config.max_seq_length
     if seq_length > model_config.max_seq_length:
-        raise ValueError(f"--seq-length: at most the model's max_seq_length {model_config.max_seq_length}, got {seq_length}")
+        raise ValueError(f"--seq-length: at most the model's max_seq_length {model_config.max_seq_length}, "
+                         f"got {seq_length}")
     cache = args.cache or corpus.default_cache()
     out = args.out or Path("runs") / f"pretrain-{Path(str(args.config)).stem}"
     out.mkdir(parents=True, exist_ok=True)
