@@ -298,7 +298,7 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
 
 
 def _fake_text_cache(root):
-    from test_data_pipeline import synthetic_text  # pytest puts tests/ on the import path
+    from _text_helpers import synthetic_text  # pytest puts tests/ on the import path
 
     (root / "corpus").mkdir(parents=True)
     (root / "corpus" / "sotu.txt").write_text(synthetic_text(400))
