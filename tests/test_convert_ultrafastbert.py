@@ -1,10 +1,10 @@
-"""Whole-model UltraFastBERT conversion: parity with a PyTorch crammed BERT written from docs/conventions.md,
-loaded with ``strict=True``, in both directions, plus the HF directory layout and the CLI."""
+"""fffjax.convert.ultrafastbert: whole-model UltraFastBERT conversion, parity with a PyTorch crammed
+BERT written from docs/conventions.md, loaded with ``strict=True``, in both directions (the HF
+directory layout and the CLI: test_convert_hf.py)."""
 
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +13,18 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 import crammed_bert_reference as ref  # noqa: E402
+from _ultrafastbert_helpers import (  # noqa: E402
+    ATOL,
+    TINY,
+    jax_logits,
+    padded_batch,
+    randomise_jax,
+    randomise_torch,
+    torch_logits,
+    torch_mlm,
+)
 
-from fffjax.convert.hf import cmd_export, cmd_import, hf_config, read_hf_dir, write_hf_dir  # noqa: E402
+from fffjax.convert.hf import hf_config  # noqa: E402
 from fffjax.convert.ultrafastbert import (  # noqa: E402
     _expected_shapes,
     export_ultrafastbert,
@@ -22,53 +32,8 @@ from fffjax.convert.ultrafastbert import (  # noqa: E402
     published_keys,
 )
 from fffjax.models import CrammedBertClassifier, CrammedBertMLM, get_config  # noqa: E402
-from fffjax.train.checkpoint import inspect_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
-TINY = get_config("tiny")
-ATOL = 1e-4
-
-
-def _batch(config, seed=0, batch=3, seq=24):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, config.vocab_size, size=(batch, seq))
-    lengths = np.array([seq, seq - 7, 5, 11])[:batch]
-    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-    return np.where(mask == 1, ids, config.pad_token_id), mask
-
-
-def _randomise_jax(model, seed):
-    """Noise on every parameter: LayerNorm scales away from 1, biases away from 0, FFF biases that route."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
-    return model
-
-
-def _randomise_torch(module, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return module
-
-
-def _torch_logits(module, ids, mask):
-    with torch.no_grad():
-        out = module(torch.from_numpy(ids), torch.from_numpy(mask))
-    return out.numpy().reshape(ids.shape[0], -1, out.shape[-1]) if out.ndim == 2 and out.shape[0] == ids.size else out.numpy()
-
-
-def _jax_logits(model, ids, mask):
-    return np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
-
-
-def _torch_mlm(state_dict, config_json):
-    module = ref.ScriptableLMForPreTraining(config_json["arch"]).eval()
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
-    return module
 
 
 # ----------------------------------------------------------------------------- JAX -> torch
@@ -77,10 +42,10 @@ def _torch_mlm(state_dict, config_json):
 @pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
 def test_export_loads_strict_and_matches_logits(name):
     config = get_config(name)
-    model = _randomise_jax(CrammedBertMLM(config, rngs=nnx.Rngs(0)), seed=1)
+    model = randomise_jax(CrammedBertMLM(config, rngs=nnx.Rngs(0)), seed=1)
     model.eval()
     state_dict = export_ultrafastbert(model)
-    module = _torch_mlm(state_dict, json.loads(json.dumps(hf_config(config, "mlm"))))
+    module = torch_mlm(state_dict, json.loads(json.dumps(hf_config(config, "mlm"))))
 
     assert list(state_dict) == list(module.state_dict()) == published_keys(config)
     assert all(v.dtype == np.float32 for v in state_dict.values())
@@ -89,11 +54,11 @@ def test_export_loads_strict_and_matches_logits(name):
     assert state_dict["encoder.embedding.pos_embedding.scale_factor"].shape == (1,)
     np.testing.assert_array_equal(state_dict["decoder.weight"], state_dict["encoder.embedding.word_embedding.weight"])
 
-    ids, mask = _batch(config)
-    expected = _torch_logits(module, ids, mask)
-    np.testing.assert_allclose(_jax_logits(model, ids, mask), expected, atol=ATOL, rtol=0)
+    ids, mask = padded_batch(config)
+    expected = torch_logits(module, ids, mask)
+    np.testing.assert_allclose(jax_logits(model, ids, mask), expected, atol=ATOL, rtol=0)
     # the padding mask matters: the same ids without it give other logits
-    assert np.abs(_jax_logits(model, ids, np.ones_like(mask)) - expected).max() > 1e-3
+    assert np.abs(jax_logits(model, ids, np.ones_like(mask)) - expected).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- torch -> JAX
@@ -103,13 +68,13 @@ def test_export_loads_strict_and_matches_logits(name):
 def test_torch_random_init_imports_with_equal_logits(name):
     config = get_config(name)
     torch.manual_seed(0)
-    module = _randomise_torch(ref.ScriptableLMForPreTraining(config.to_arch()), seed=2).eval()
+    module = randomise_torch(ref.ScriptableLMForPreTraining(config.to_arch()), seed=2).eval()
     arch = json.loads(json.dumps(hf_config(config, "mlm")))["arch"]  # num_labels null, as published
     model = import_ultrafastbert(module.state_dict(), arch)  # torch tensors in, arch dict as config
     model.eval()
     assert model.config == config
-    ids, mask = _batch(config, seed=3)
-    np.testing.assert_allclose(_jax_logits(model, ids, mask), _torch_logits(module, ids, mask), atol=ATOL, rtol=0)
+    ids, mask = padded_batch(config, seed=3)
+    np.testing.assert_allclose(jax_logits(model, ids, mask), torch_logits(module, ids, mask), atol=ATOL, rtol=0)
     # and back: the re-export loads strictly and is the same state dict
     again = export_ultrafastbert(model)
     for key, value in module.state_dict().items():
@@ -118,7 +83,7 @@ def test_torch_random_init_imports_with_equal_logits(name):
 
 def test_import_with_only_the_decoder_key(tmp_path):
     torch.manual_seed(1)
-    module = _randomise_torch(ref.ScriptableLMForPreTraining(TINY.to_arch()), seed=4).eval()
+    module = randomise_torch(ref.ScriptableLMForPreTraining(TINY.to_arch()), seed=4).eval()
     state = {k: v.clone() for k, v in module.state_dict().items() if k != "encoder.embedding.word_embedding.weight"}
     import safetensors.torch
 
@@ -127,8 +92,8 @@ def test_import_with_only_the_decoder_key(tmp_path):
     assert "encoder.embedding.word_embedding.weight" not in loaded
     model = import_ultrafastbert(loaded, TINY)
     model.eval()
-    ids, mask = _batch(TINY, seed=5)
-    np.testing.assert_allclose(_jax_logits(model, ids, mask), _torch_logits(module, ids, mask), atol=ATOL, rtol=0)
+    ids, mask = padded_batch(TINY, seed=5)
+    np.testing.assert_allclose(jax_logits(model, ids, mask), torch_logits(module, ids, mask), atol=ATOL, rtol=0)
     only_embedding = {k: v for k, v in module.state_dict().items() if k != "decoder.weight"}
     np.testing.assert_array_equal(
         export_ultrafastbert(import_ultrafastbert(only_embedding, TINY))["decoder.weight"],
@@ -137,13 +102,13 @@ def test_import_with_only_the_decoder_key(tmp_path):
 
 def test_jax_conditional_and_masked_fff_agree_on_imported_weights():
     torch.manual_seed(2)
-    module = _randomise_torch(ref.ScriptableLMForPreTraining(TINY.to_arch()), seed=6).eval()
-    ids, mask = _batch(TINY, seed=7)
+    module = randomise_torch(ref.ScriptableLMForPreTraining(TINY.to_arch()), seed=6).eval()
+    ids, mask = padded_batch(TINY, seed=7)
     conditional = import_ultrafastbert(module.state_dict(), TINY, implementation="xla")
     masked = import_ultrafastbert(module.state_dict(), TINY, implementation="reference")
     conditional.eval()
     masked.eval()
-    np.testing.assert_allclose(_jax_logits(conditional, ids, mask), _jax_logits(masked, ids, mask), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(jax_logits(conditional, ids, mask), jax_logits(masked, ids, mask), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -152,7 +117,7 @@ def test_jax_conditional_and_masked_fff_agree_on_imported_weights():
 @pytest.mark.parametrize("num_labels", [1, 2, 3])
 def test_classifier_export_and_import(num_labels):
     config = dataclasses.replace(TINY, num_labels=num_labels)
-    model = _randomise_jax(CrammedBertClassifier(config, rngs=nnx.Rngs(num_labels)), seed=num_labels)
+    model = randomise_jax(CrammedBertClassifier(config, rngs=nnx.Rngs(num_labels)), seed=num_labels)
     model.eval()
     state_dict = export_ultrafastbert(model)
     assert list(state_dict)[-4:] == ["pooler.dense.weight", "pooler.dense.bias", "head.weight", "head.bias"]
@@ -162,27 +127,27 @@ def test_classifier_export_and_import(num_labels):
     assert arch["num_labels"] == num_labels
     module = ref.ScriptableLMForSequenceClassification(arch).eval()
     module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-    ids, mask = _batch(config, seed=num_labels)
-    expected = _torch_logits(module, ids, mask)
+    ids, mask = padded_batch(config, seed=num_labels)
+    expected = torch_logits(module, ids, mask)
     assert expected.shape == (3, num_labels)
-    np.testing.assert_allclose(_jax_logits(model, ids, mask), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(jax_logits(model, ids, mask), expected, atol=ATOL, rtol=0)
 
-    _randomise_torch(module, seed=10 + num_labels)
+    randomise_torch(module, seed=10 + num_labels)
     arch["num_labels"] = None  # the published bug's config: the label count comes from head.weight
     back = import_ultrafastbert(module.state_dict(), arch)
     back.eval()
     assert isinstance(back, CrammedBertClassifier) and back.config.num_labels == num_labels
-    np.testing.assert_allclose(_jax_logits(back, ids, mask), _torch_logits(module, ids, mask), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(jax_logits(back, ids, mask), torch_logits(module, ids, mask), atol=ATOL, rtol=0)
 
 
 def test_mlm_weights_start_a_classifier():
-    mlm = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=3)
+    mlm = randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=3)
     state_dict = export_ultrafastbert(mlm)
     clf = import_ultrafastbert(state_dict, dataclasses.replace(TINY, num_labels=3), kind="classifier", seed=1)
     assert isinstance(clf, CrammedBertClassifier)
     mlm.eval()
     clf.eval()
-    ids, mask = _batch(TINY)
+    ids, mask = padded_batch(TINY)
     np.testing.assert_allclose(clf.encode(jnp.asarray(ids), jnp.asarray(mask)),
                                mlm.encode(jnp.asarray(ids), jnp.asarray(mask)), atol=1e-6)
     head = np.asarray(clf.head.kernel[...])
@@ -227,100 +192,6 @@ def test_base_layout_without_materialising():
     unique = sum(int(np.prod(s)) for k, s in shapes.items() if k != "decoder.weight" and "norm_factor" not in k)
     assert unique == 163_671_025
     assert len(published_keys(base, "classifier")) == 166 + 4
-
-
-# ----------------------------------------------------------------------------- HF layout and CLI
-
-
-def _checkpoint(tmp_path, model):
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return save_checkpoint(tmp_path / "ckpt", params, model.config.to_dict())
-
-
-def test_hf_directory_layout(tmp_path):
-    model = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=8)
-    out = write_hf_dir(export_ultrafastbert(model), TINY, tmp_path / "hf", kind="mlm")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    config_json = json.loads((out / "config.json").read_text())
-    assert config_json["model_type"] == "crammedBERT" and config_json["architectures"] == ["ScriptableLMForPreTraining"]
-    assert config_json["arch"]["intermed_type"] == "fff" and config_json["arch"]["num_labels"] is None
-    from safetensors import safe_open
-
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert f.metadata()["format"] == "pt"
-        assert f.get_tensor("encoder.layers.0.attn.self_attention.norm_factor").shape == ()
-    state_dict, _ = read_hf_dir(out)
-    assert list(state_dict) == published_keys(TINY)
-    with pytest.raises(FileExistsError, match="already exists"):
-        write_hf_dir(state_dict, TINY, out, kind="mlm")
-
-
-def test_cli_export_import_inspect_round_trip(tmp_path, capsys):
-    from fffjax.cli import main
-
-    model = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=9)
-    model.eval()
-    ckpt = _checkpoint(tmp_path, model)
-    ids, mask = _batch(TINY, seed=11)
-    expected = _jax_logits(model, ids, mask)
-
-    for fmt, weights in [("safetensors", "model.safetensors"), ("pt", "pytorch_model.bin")]:
-        out = tmp_path / f"hf-{fmt}"
-        assert main(["export", str(ckpt), str(out), "--format", fmt]) == 0
-        assert (out / weights).is_file()
-        state_dict, config_json = read_hf_dir(out)
-        module = _torch_mlm(state_dict, config_json)  # strict load of what the CLI wrote
-        np.testing.assert_allclose(_torch_logits(module, ids, mask), expected, atol=ATOL, rtol=0)
-        back = tmp_path / f"back-{fmt}"
-        assert main(["import", str(out), str(back)]) == 0
-        imported, info = load_checkpoint(back)
-        assert info["config"] == TINY and info["kind"] == "mlm"
-        np.testing.assert_allclose(_jax_logits(imported, ids, mask), expected, atol=1e-6, rtol=0)
-
-    with pytest.raises(FileExistsError, match="already exists"):
-        main(["export", str(ckpt), str(tmp_path / "hf-pt")])
-    with pytest.raises(FileExistsError, match="already exists"):
-        main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt")])
-    assert main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt"), "--overwrite"]) == 0
-
-    capsys.readouterr()
-    assert main(["inspect", str(ckpt), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["config"] == TINY.to_dict() and info["kind"] == "mlm"
-    assert info["parameters"]["total"] == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def test_inspect_reads_a_classifier_checkpoint(tmp_path):
-    config = dataclasses.replace(TINY, num_labels=3)
-    model = CrammedBertClassifier(config, rngs=nnx.Rngs(0))
-    ckpt = _checkpoint(tmp_path, model)
-    info = inspect_checkpoint(ckpt)
-    assert info["kind"] == "classifier" and info["config"]["num_labels"] == 3
-    assert info["parameters"]["head"] == config.head_dim * 3 + 3
-    out = cmd_export(ckpt, tmp_path / "hf")
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["ScriptableLMForSequenceClassification"]
-    back, info = load_checkpoint(cmd_import(out, tmp_path / "back"))
-    assert isinstance(back, CrammedBertClassifier) and info["config"] == config
-
-
-def test_training_run_directory_exports_its_latest_step(tmp_path):
-    from fffjax.train.checkpoint import RunCheckpoints
-
-    model = _randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=12)
-    model.eval()
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with RunCheckpoints(tmp_path / "run" / "checkpoints", save_every=1, async_save=False) as checkpoints:
-        for step in (10, 20):
-            checkpoints.save(step, params=params, opt_state={"count": jnp.zeros(())},
-                             position={"epoch": 0, "index": step, "seed": 0}, config=TINY.to_dict(),
-                             run={"command": "pretrain"}, metrics={"loss": 100.0 / step})
-    info = inspect_checkpoint(tmp_path / "run")
-    assert info["step"] == 20 and info["metrics"] == {"loss": 5.0} and info["path"].endswith("20")
-    out = cmd_export(tmp_path / "run", tmp_path / "hf")
-    state_dict, config_json = read_hf_dir(out)
-    ids, mask = _batch(TINY, seed=13)
-    np.testing.assert_allclose(_torch_logits(_torch_mlm(state_dict, config_json), ids, mask),
-                               _jax_logits(model, ids, mask), atol=ATOL, rtol=0)
 
 
 def test_half_precision_state_dicts_import_as_float32():

@@ -1,11 +1,10 @@
-"""fffjax.ops.registry: the one rule that picks a kernel, the per-device wrapping, the model setter,
-and the transformer ops (layer norm, attention, GELU) through every implementation the CPU runs."""
+"""fffjax.ops.registry: the one rule that picks a kernel, the per-device wrapping, the model setter
+(the transformer ops through every implementation the CPU runs: test_ops_api.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from fffjax import ops
 from fffjax.ops import registry
@@ -87,61 +86,11 @@ def test_per_device_implementations_run_per_device_on_a_data_mesh(monkeypatch):
     assert seen == [(2, 4)]   # traced once, on one device's rows
 
 
-def _norm_inputs(dtype, rows=6, width=24):
-    k = jax.random.split(jax.random.key(0), 4)
-    x = (2.0 * jax.random.normal(k[0], (rows, width)) + 1.0).astype(dtype)
-    residual = jax.random.normal(k[1], (rows, width)).astype(dtype)
-    return x, residual, jax.random.normal(k[2], (width,)), jax.random.normal(k[3], (width,))
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_layer_norm_matches_flax(dtype, implementation):
-    x, residual, scale, bias = _norm_inputs(dtype)
-    norm = nnx.LayerNorm(24, epsilon=1e-12, dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
-    norm.scale[...], norm.bias[...] = scale, bias
-    with jax.numpy_dtype_promotion("standard"):   # flax's statistics promote 16-bit inputs to float32
-        want_fused, want_alone = norm(x + residual), norm(x)
-    y, h = ops.layer_norm(x, scale, bias, residual, eps=1e-12, implementation=implementation)
-    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(x + residual, np.float32))
-    tol = 1e-5 if dtype == F32 else 2e-2
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want_fused, np.float32), atol=tol)
-    assert y.dtype == dtype
-    alone = ops.layer_norm(x, scale, bias, eps=1e-12, implementation=implementation)
-    np.testing.assert_allclose(np.asarray(alone, np.float32), np.asarray(want_alone, np.float32), atol=tol)
-
-
-def test_layer_norm_names_the_bad_argument():
-    x, residual, scale, bias = _norm_inputs(F32)
-    with pytest.raises(ValueError, match=r"scale must have shape \(24,\), got \(10,\)"):
-        ops.layer_norm(x, scale[:10], bias, eps=1e-5)
-    with pytest.raises(ValueError, match="residual must have the shape"):
-        ops.layer_norm(x, scale, bias, residual[:2], eps=1e-5)
-    with pytest.raises(TypeError, match="x must be a floating-point array"):
-        ops.layer_norm(jnp.ones((2, 24), jnp.int32), scale, bias, eps=1e-5)
-
-
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_attention_matches_the_einsum_form(implementation):
-    batch, seq, heads, width = 2, 9, 3, 8
-    qkv = jax.random.normal(jax.random.key(1), (batch, seq, 3 * heads * width))
-    key_bias = jnp.where(jnp.arange(seq) >= 6, -10000.0, 0.0)[None].repeat(batch, 0)
-    q, k, v = ops.split_heads(qkv, heads)
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * 0.3 + key_bias[:, None, None, :]
-    want = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, -1), v).reshape(batch, seq, heads * width)
-    got = ops.attention(qkv, key_bias, num_heads=heads, scale=0.3, implementation=implementation)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    with pytest.raises(ValueError, match=r"key_bias must have shape \(2, 9\)"):
-        ops.attention(qkv, key_bias[:, :4], num_heads=heads, scale=0.3)
-    with pytest.raises(ValueError, match="qkv must have shape .* with heads=5"):
-        ops.attention(qkv, None, num_heads=5, scale=0.3)
-
-
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_gelu_is_exact_and_differentiable(implementation):
-    x = jnp.linspace(-5.0, 5.0, 42).reshape(3, -1)
-    np.testing.assert_allclose(ops.gelu(x, implementation=implementation), jax.nn.gelu(x, approximate=False),
-                               atol=2e-6)
-    got = jax.grad(lambda a: jnp.sum(ops.gelu(a, implementation=implementation) ** 2))(x)
-    want = jax.grad(lambda a: jnp.sum(jax.nn.gelu(a, approximate=False) ** 2))(x)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+def test_gpu_prefers_masked_dense_for_wide_paths(monkeypatch):
+    # On the H200 128x4 (5 of 31 neurons per tree) runs faster masked dense, 1x11 through Pallas (bench_gpu.md).
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "pallas" in registry.available_implementations("fff_v2_hard")
+    f32 = jnp.float32
+    assert registry.candidates("fff_v2_hard", None, f32, {"depth": 4, "n_trees": 128})[:2] == ("reference", "pallas")
+    assert registry.candidates("fff_v2_hard", None, f32, {"depth": 11, "n_trees": 1})[0] == "pallas"
+    assert registry.candidates("fff_v2_hard", "pallas", f32, {"depth": 4, "n_trees": 128}) == ("pallas",)

@@ -1,33 +1,22 @@
-"""Tree-parallel FFF layers on the 8 fake CPU devices: exact against the single-device references.
-
-Also a worker for the two-process test: `python tests/test_parallel.py PORT PROCESS_ID OUT`.
+"""fffjax.parallel: tree-parallel FFF layers on the 8 fake CPU devices, exact against the
+single-device references (the named training configurations that use them: test_train_sharding.py).
 
 Each jitted function is compiled once per mesh and reused for every routing skew (same shapes),
 which keeps the file to about a dozen shard_map compilations.
 """
 
 import functools
-import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _distributed import run_two_processes
+from _mesh_helpers import make_mesh
 from flax import nnx
-from jax.sharding import AxisType
 
 from fffjax import nn, ops, parallel, tree, v1, v2
 
 DEPTH, TREES, H, H_OUT, TOKENS = 3, 2, 8, 6, 45
-
-
-def make_mesh(shape, names, explicit=False):
-    kind = AxisType.Explicit if explicit else AxisType.Auto
-    n = int(np.prod(shape))
-    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape), devices=jax.devices()[:n])
 
 
 def assert_close_per_tensor(got, want):
@@ -80,26 +69,6 @@ def check_v2(mesh, n_trees=TREES, **kwargs):
 @pytest.mark.parametrize("n_model", [2, 4, 8])
 def test_v2_subtree_equals_reference_any_skew(n_model):
     check_v2(make_mesh((n_model,), ("model",)))
-
-
-def test_rows_per_device_splits_rows_and_sums_replicated_gradients():
-    mesh = make_mesh((4, 2), ("data", "model"))
-    x = jax.random.normal(jax.random.key(0), (32, 3))
-    w = jax.random.normal(jax.random.key(1), (3,))
-
-    def loss(x, w):
-        return jnp.sum(ops.rows_per_device(lambda a, v: jnp.sin(a * v), (x,), (w,)) ** 2)
-
-    want = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
-    with jax.set_mesh(mesh):
-        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
-        assert "sdy.manual_computation" in jax.jit(loss).lower(x, w).as_text()
-        # Inside a shard_map that already maps "data" the caller is per device: fn runs as it is.
-        inner = jax.jit(jax.shard_map(lambda a: ops.rows_per_device(lambda b: b * 2, (a,)),
-                                      in_specs=jax.P("data"), out_specs=jax.P("data")))(x)
-    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w_, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(inner, x * 2)
 
 
 @pytest.mark.parametrize("implementation", [None, "xla"])
@@ -287,78 +256,3 @@ def test_crammed_bert_with_tree_parallel_ffn_matches_single_device():
     assert_close_per_tensor(got, want)
     assert_close_per_tensor(grads_got, grads_want)
 
-
-# ----------------------------------------------------------------------------- training configurations
-
-TRAIN_STEPS = 20
-
-
-def tiny_losses(parallelism, data, model_axis, devices=None):
-    """Losses of the first TRAIN_STEPS optimizer steps of the tiny crammed BERT (MLM, random ids)."""
-    from fffjax.models.config import get_config
-    from fffjax.models.crammed_bert import CrammedBertMLM
-    from fffjax.train import TrainConfig, Trainer, mlm_objective
-    from fffjax.train import sharding as shd
-
-    config = get_config("tiny")
-    mesh = shd.make_mesh(data, model_axis, devices=devices or jax.devices()[: data * model_axis])
-    model = CrammedBertMLM(config, implementation="xla", rngs=nnx.Rngs(0))
-    config_train = TrainConfig(steps=TRAIN_STEPS, batch_size=8, learning_rate=1e-3, parallelism=parallelism)
-    trainer = Trainer(model, mlm_objective, config_train, mesh=mesh)
-    assert all(m.mesh is None for _, m in nnx.iter_graph(model) if isinstance(m, nn.UltraFastFF))  # not mutated
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        ids = rng.integers(5, config.vocab_size, size=(8, 32), dtype=np.int32)
-        positions = np.sort(np.stack([rng.choice(32, 8, replace=False) for _ in range(8)]), axis=1).astype(np.int32)
-        batch = {"input_ids": ids, "attention_mask": np.ones((8, 32), np.int32), "mask_positions": positions,
-                 "mask_labels": np.take_along_axis(ids, positions, 1), "mask_weights": np.ones((8, 8), np.float32)}
-        losses.append(trainer.step(batch)["loss"])
-    ffns = [m for _, m in nnx.iter_graph(trainer.model()) if isinstance(m, nn.UltraFastFF)]
-    assert ffns and all((m.mesh is not None) == ("tree" in parallelism) for m in ffns)
-    return np.asarray(losses)
-
-
-@pytest.fixture(scope="module")
-def single_device_losses():
-    return tiny_losses("dp", 1, 1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("parallelism,data,model_axis", [
-    ("dp", 8, 1), ("fsdp", 8, 1), ("tp", 2, 4), ("tree", 2, 4), ("tp+tree", 4, 2), ("fsdp+tree", 2, 4)])
-def test_training_configurations_give_single_device_losses(single_device_losses, parallelism, data, model_axis):
-    losses = tiny_losses(parallelism, data, model_axis)
-    assert losses[-1] < losses[0]  # it trains
-    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
-
-
-def test_parallelism_names_are_checked():
-    from fffjax.train import sharding as shd
-
-    with pytest.raises(ValueError, match="parallelism"):
-        shd.parallelism_rules("zero3")
-
-
-def distributed_worker(port: int, process_id: int, out: str) -> None:
-    """One of two processes (4 CPU devices each): the fsdp+tree configuration on a (2, 4) mesh whose
-    model axis spans both processes, so the tokens' all-to-alls cross the process boundary."""
-    jax.config.update("jax_num_cpu_devices", 4)
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    by_process = [[d for d in jax.devices() if d.process_index == p] for p in (0, 1)]
-    interleaved = [d for pair in zip(*by_process) for d in pair]     # model groups = 2 + 2 devices
-    losses = tiny_losses("fsdp+tree", 2, 4, devices=interleaved)
-    Path(out).write_text(json.dumps({"process": jax.process_index(), "losses": losses.tolist()}))
-    jax.distributed.shutdown()
-
-
-@pytest.mark.slow
-def test_two_processes_tree_parallel_match_one_device(tmp_path, single_device_losses):
-    results, _ = run_two_processes(__file__, tmp_path, timeout=500)
-    assert results[0]["losses"] == results[1]["losses"]
-    np.testing.assert_allclose(results[0]["losses"], single_device_losses, rtol=1e-5)
-
-
-if __name__ == "__main__":
-    distributed_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -1,7 +1,7 @@
 """Multi-process training through `jax.distributed` on loopback: two CPU processes with two devices
 each form a data=2 x model=2 mesh and give the losses of one process driving four devices.
 
-Workers are subprocesses of this file: `python tests/test_multiprocess.py PORT PROCESS_ID OUT`.
+Workers are subprocesses of this file: `python tests/test_train_trainer_multiprocess.py PORT PROCESS_ID OUT`.
 """
 
 import dataclasses

@@ -2,8 +2,9 @@
 uninterrupted run; a damaged latest checkpoint gives an error naming it and the resume falls back
 to the previous good step.
 
-The training runs of the SIGKILL test are subprocesses of this file (`python tests/test_resume.py
-OUT STEPS SLEEP`), one CPU device each, so both compile the same program.
+The training runs of the SIGKILL test are subprocesses of this file
+(`python tests/test_train_checkpoint_resume.py OUT SLEEP`), one CPU device each, so both compile the
+same program.
 """
 
 import dataclasses

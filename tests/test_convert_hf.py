@@ -1,0 +1,121 @@
+"""fffjax.convert.hf: the published Hugging Face directory layout, and the `fffjax export|import|inspect`
+commands on checkpoints and training runs, checked by loading the result into the PyTorch reference."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+
+from _ultrafastbert_helpers import (  # noqa: E402
+    ATOL,
+    TINY,
+    jax_logits,
+    padded_batch,
+    randomise_jax,
+    torch_logits,
+    torch_mlm,
+)
+
+from fffjax.convert.hf import cmd_export, cmd_import, read_hf_dir, write_hf_dir  # noqa: E402
+from fffjax.convert.ultrafastbert import export_ultrafastbert, published_keys  # noqa: E402
+from fffjax.models import CrammedBertClassifier, CrammedBertMLM  # noqa: E402
+from fffjax.train.checkpoint import inspect_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _checkpoint(tmp_path, model):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return save_checkpoint(tmp_path / "ckpt", params, model.config.to_dict())
+
+
+def test_hf_directory_layout(tmp_path):
+    model = randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=8)
+    out = write_hf_dir(export_ultrafastbert(model), TINY, tmp_path / "hf", kind="mlm")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model_type"] == "crammedBERT" and config_json["architectures"] == ["ScriptableLMForPreTraining"]
+    assert config_json["arch"]["intermed_type"] == "fff" and config_json["arch"]["num_labels"] is None
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert f.get_tensor("encoder.layers.0.attn.self_attention.norm_factor").shape == ()
+    state_dict, _ = read_hf_dir(out)
+    assert list(state_dict) == published_keys(TINY)
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_hf_dir(state_dict, TINY, out, kind="mlm")
+
+
+def test_cli_export_import_inspect_round_trip(tmp_path, capsys):
+    from fffjax.cli import main
+
+    model = randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=9)
+    model.eval()
+    ckpt = _checkpoint(tmp_path, model)
+    ids, mask = padded_batch(TINY, seed=11)
+    expected = jax_logits(model, ids, mask)
+
+    for fmt, weights in [("safetensors", "model.safetensors"), ("pt", "pytorch_model.bin")]:
+        out = tmp_path / f"hf-{fmt}"
+        assert main(["export", str(ckpt), str(out), "--format", fmt]) == 0
+        assert (out / weights).is_file()
+        state_dict, config_json = read_hf_dir(out)
+        module = torch_mlm(state_dict, config_json)  # strict load of what the CLI wrote
+        np.testing.assert_allclose(torch_logits(module, ids, mask), expected, atol=ATOL, rtol=0)
+        back = tmp_path / f"back-{fmt}"
+        assert main(["import", str(out), str(back)]) == 0
+        imported, info = load_checkpoint(back)
+        assert info["config"] == TINY and info["kind"] == "mlm"
+        np.testing.assert_allclose(jax_logits(imported, ids, mask), expected, atol=1e-6, rtol=0)
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        main(["export", str(ckpt), str(tmp_path / "hf-pt")])
+    with pytest.raises(FileExistsError, match="already exists"):
+        main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt")])
+    assert main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt"), "--overwrite"]) == 0
+
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"] == TINY.to_dict() and info["kind"] == "mlm"
+    assert info["parameters"]["total"] == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_inspect_reads_a_classifier_checkpoint(tmp_path):
+    config = dataclasses.replace(TINY, num_labels=3)
+    model = CrammedBertClassifier(config, rngs=nnx.Rngs(0))
+    ckpt = _checkpoint(tmp_path, model)
+    info = inspect_checkpoint(ckpt)
+    assert info["kind"] == "classifier" and info["config"]["num_labels"] == 3
+    assert info["parameters"]["head"] == config.head_dim * 3 + 3
+    out = cmd_export(ckpt, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["ScriptableLMForSequenceClassification"]
+    back, info = load_checkpoint(cmd_import(out, tmp_path / "back"))
+    assert isinstance(back, CrammedBertClassifier) and info["config"] == config
+
+
+def test_training_run_directory_exports_its_latest_step(tmp_path):
+    from fffjax.train.checkpoint import RunCheckpoints
+
+    model = randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=12)
+    model.eval()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with RunCheckpoints(tmp_path / "run" / "checkpoints", save_every=1, async_save=False) as checkpoints:
+        for step in (10, 20):
+            checkpoints.save(step, params=params, opt_state={"count": jnp.zeros(())},
+                             position={"epoch": 0, "index": step, "seed": 0}, config=TINY.to_dict(),
+                             run={"command": "pretrain"}, metrics={"loss": 100.0 / step})
+    info = inspect_checkpoint(tmp_path / "run")
+    assert info["step"] == 20 and info["metrics"] == {"loss": 5.0} and info["path"].endswith("20")
+    out = cmd_export(tmp_path / "run", tmp_path / "hf")
+    state_dict, config_json = read_hf_dir(out)
+    ids, mask = padded_batch(TINY, seed=13)
+    np.testing.assert_allclose(torch_logits(torch_mlm(state_dict, config_json), ids, mask),
+                               jax_logits(model, ids, mask), atol=ATOL, rtol=0)

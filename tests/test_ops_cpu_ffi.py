@@ -1,0 +1,115 @@
+"""fffjax.ops.cpu_ffi, the C++ CPU custom calls of ``fff_v2_hard`` and ``fff_v1_hard``: the thread
+split, bfloat16, gradients, declining (so that "xla" answers), compilation caching, the build cache
+folder. The cases it shares with the "xla" implementation are in test_ops_xla.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _cpu_kernel_helpers import assert_close, problem, skip_unless_built, v1_problem
+
+from fffjax import v1, v2
+from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_thread_split(monkeypatch, threads):
+    """The C++ kernel's on-demand split over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+    skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    x, w_in, b_in, w_out = problem(41, 700, 64, 7, 2, 48)
+    actual = fff_v2_hard(x, w_in, b_in, w_out, depth=7, n_trees=2, implementation="cpu_ffi")
+    assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=7, n_trees=2))
+
+
+def test_cpu_prefers_ffi_and_falls_back_to_xla():
+    candidates = registry.candidates("fff_v2_hard", None, jnp.float32, {"depth": 2, "n_trees": 1})
+    assert candidates[-1] == "xla"
+    assert candidates[0] == ("cpu_ffi" if jax.default_backend() == "cpu" else candidates[0])
+    x, w_in, b_in, w_out = problem(31, 9, 20, 2, 1, 20)
+    # An unsupported dtype (or no compiler) makes cpu_ffi decline, so that "xla" answers.
+    with pytest.raises(NotImplementedError):
+        cpu_ffi.registered_fn(x.astype(jnp.int32), w_in, b_in, w_out, depth=2)
+    assert_close(fff_v2_hard(x, w_in, b_in, w_out, depth=2), v2.masked_forward(x, w_in, b_in, w_out, depth=2))
+
+
+def test_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FFFJAX_CACHE_DIR", str(tmp_path))
+    assert cpu_ffi.cache_dir() == tmp_path
+
+
+# --------------------------------------------------------------------------- fff_v1_hard
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_v1_thread_split(monkeypatch, threads):
+    """The v1 kernel split over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+    skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    x, weights = v1_problem(71, 700, 32, 12, 10, 4)
+    actual = fff_v1_hard(x, *weights, depth=4, implementation="cpu_ffi")
+    assert_close(actual, v1.hard_forward_reference(x, *weights, depth=4))
+
+
+def test_cpu_ffi_v1_bfloat16_computes_in_float32():
+    skip_unless_built("cpu_ffi")
+    x, weights = v1_problem(81, 40, 64, 16, 10, 3)
+    actual = fff_v1_hard(x.astype(jnp.bfloat16), *(w.astype(jnp.bfloat16) for w in weights), depth=3,
+                         implementation="cpu_ffi")
+    assert actual.dtype == jnp.bfloat16
+    as_f32 = [a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, *weights)]
+    assert_close(actual, v1.hard_forward_reference(*as_f32, depth=3), rel=2e-2)
+
+
+@pytest.mark.parametrize("leaf_output_bias", [True, False])
+def test_cpu_ffi_v1_gradients_equal_xla(leaf_output_bias):
+    skip_unless_built("cpu_ffi")
+    x, weights = v1_problem(91, 30, 12, 6, 5, 2)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), (30, 5))
+
+    def loss(implementation, *args):
+        y = fff_v1_hard(*args, depth=2, leaf_output_bias=leaf_output_bias, implementation=implementation)
+        return jnp.sum(y * cotangent)
+
+    argnums = tuple(range(7))
+    grads = jax.grad(functools.partial(loss, "cpu_ffi"), argnums=argnums)(x, *weights)
+    expected = jax.grad(functools.partial(loss, "xla"), argnums=argnums)(x, *weights)
+    assert not np.allclose(np.asarray(expected[3]), 0.0)  # w1s gets a gradient
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape
+        assert_close(g, e)
+
+
+def test_v1_other_activations_fall_back_to_xla(monkeypatch):
+    """cpu_ffi compiles only ReLU: under implementation=None, gelu goes to "xla", relu does not."""
+    skip_unless_built("cpu_ffi")
+    assert registry.candidates("fff_v1_hard", None, jnp.float32, {"depth": 3})[0] == "cpu_ffi"
+    x, weights = v1_problem(101, 17, 20, 8, 10, 3)
+    with pytest.raises(NotImplementedError, match="relu"):
+        fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu, implementation="cpu_ffi")
+    calls = []
+    xla_fn = registry._REGISTRY["fff_v1_hard"]["xla"].fn
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["activation"])
+        return xla_fn(*args, **kwargs)
+
+    monkeypatch.setitem(registry._REGISTRY["fff_v1_hard"], "xla", registry.Implementation(fn=spy))
+    actual = fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu)
+    assert calls == [jax.nn.gelu]
+    assert_close(actual, v1.hard_forward_reference(x, *weights, depth=3, activation=jax.nn.gelu))
+    fff_v1_hard(x, *weights, depth=3)  # relu: answered by cpu_ffi
+    assert calls == [jax.nn.gelu]
+
+
+def test_cpu_ffi_v1_no_recompile_across_calls_of_one_shape():
+    skip_unless_built("cpu_ffi")
+    x, weights = v1_problem(111, 16, 24, 8, 10, 2)
+    fff_v1_hard(x, *weights, depth=2, implementation="cpu_ffi").block_until_ready()
+    size = cpu_ffi.fff_v1_hard_cpu._cache_size()
+    for seed in (112, 113):
+        x, weights = v1_problem(seed, 16, 24, 8, 10, 2)
+        fff_v1_hard(x, *weights, depth=2, implementation="cpu_ffi").block_until_ready()
+    assert cpu_ffi.fff_v1_hard_cpu._cache_size() == size

@@ -1,0 +1,40 @@
+"""fffjax.train.loop: `fit` writes the metrics JSONL, the loss plot and the checkpoints of a run."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from _train_helpers import BASE, SEQ, VOCAB, mlm_rows, small_config
+from flax import nnx
+
+from fffjax.data import pipeline
+from fffjax.models import CrammedBertMLM
+from fffjax.train import Trainer, fit, mlm_objective
+from fffjax.train import sharding as shd
+
+
+def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
+    config = dataclasses.replace(BASE, steps=6, save_every=3, eval_every=3)
+    trainer = Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), mlm_objective, config,
+                      mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
+    pipe = pipeline.mlm_pipeline(mlm_rows(), 16, vocab_size=VOCAB)
+    held = [pipeline.mlm_pipeline(mlm_rows(32, seed=1), 16, vocab_size=VOCAB).batch_at(pipeline.initial_position(9))]
+    records = fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(),
+                  eval_batches=lambda: held, progress=False, tokens_per_example=SEQ)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"loss", "accuracy", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])
+    assert "eval_loss" in records[2] and "eval_loss" in records[5] and "eval_loss" not in records[3]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 6
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    from fffjax.train.checkpoint import restore_checkpoint
+
+    params, model_config = restore_checkpoint(tmp_path / "checkpoints" / "6")
+    assert model_config == small_config().to_dict()
+    np.testing.assert_array_equal(np.asarray(params["encoder"]["final_norm"]["scale"]),
+                                  np.asarray(trainer.state["params"]["encoder"]["final_norm"]["scale"]))
+    with pytest.raises(FileExistsError, match="out_dir"):  # no silent overwrite of a finished run
+        fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(), resume=False, progress=False)
