@@ -6,7 +6,6 @@ from flax import nnx
 
 from fffjax import nn
 
-
 IN, WIDTH, OUT = 6, 4, 3
 
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 
-
 WORDS = ("the whale swam under the grey sea while the captain watched from the deck and the crew sang "
          "old songs of home and harbour and the wind rose over the waves").split()
 

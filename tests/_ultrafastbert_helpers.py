@@ -2,15 +2,14 @@
 with a padded batch and each side's logits: the shared pieces of the UltraFastBERT conversion tests.
 Needs torch: import it after ``pytest.importorskip("torch")``."""
 
+import crammed_bert_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
-import crammed_bert_reference as ref
 from fffjax.models import get_config
-
 
 TINY = get_config("tiny")
 ATOL = 1e-4
@@ -37,7 +36,7 @@ def randomise_jax(model, seed):
 def randomise_torch(module, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return module
 
@@ -45,7 +44,11 @@ def randomise_torch(module, seed):
 def torch_logits(module, ids, mask):
     with torch.no_grad():
         out = module(torch.from_numpy(ids), torch.from_numpy(mask))
-    return out.numpy().reshape(ids.shape[0], -1, out.shape[-1]) if out.ndim == 2 and out.shape[0] == ids.size else out.numpy()
+    return (
+        out.numpy().reshape(ids.shape[0], -1, out.shape[-1])
+        if out.ndim == 2 and out.shape[0] == ids.size
+        else out.numpy()
+    )
 
 
 def jax_logits(model, ids, mask):

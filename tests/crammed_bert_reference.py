@@ -12,7 +12,6 @@ tests after ``pytest.importorskip("torch")``.
 import math
 
 import torch
-
 from torch_reference import UltraFastFFReference  # FFF-v2, the published masked form
 
 
@@ -37,7 +36,9 @@ class EmbeddingComponent(torch.nn.Module):
     def __init__(self, arch: dict):
         super().__init__()
         emb = arch["embedding"]
-        self.word_embedding = torch.nn.Embedding(emb["vocab_size"], emb["embedding_dim"], padding_idx=emb["pad_token_id"])
+        self.word_embedding = torch.nn.Embedding(
+            emb["vocab_size"], emb["embedding_dim"], padding_idx=emb["pad_token_id"]
+        )
         self.pos_embedding = SinusoidalPositional(emb["embedding_dim"], emb["max_seq_length"])
         self.dropout = torch.nn.Dropout(emb["dropout_prob"])
         self.norm = torch.nn.LayerNorm(emb["embedding_dim"], eps=arch["norm_eps"])

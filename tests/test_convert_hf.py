@@ -85,7 +85,9 @@ def test_cli_export_import_inspect_round_trip(tmp_path, capsys):
     assert main(["inspect", str(ckpt), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"] == TINY.to_dict() and info["kind"] == "mlm"
-    assert info["parameters"]["total"] == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert info["parameters"]["total"] == sum(
+        int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param))
+    )
 
 
 def test_inspect_reads_a_classifier_checkpoint(tmp_path):

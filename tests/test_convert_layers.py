@@ -3,9 +3,9 @@
 
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 from _convert_helpers import IN, OUT, WIDTH, trained_fff
 
 from fffjax import convert

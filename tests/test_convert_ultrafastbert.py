@@ -171,7 +171,9 @@ def test_import_errors_name_keys_and_shapes():
     with pytest.raises(ValueError, match=r"linear_in.weight'\]: expected shape \(255, 64\).*found \(127, 64\)"):
         import_ultrafastbert(wrong, TINY)
     with pytest.raises(ValueError, match="norm_factor.*1/sqrt"):
-        import_ultrafastbert({**state_dict, "encoder.layers.0.attn.self_attention.norm_factor": np.array(0.5, np.float32)}, TINY)
+        import_ultrafastbert(
+            {**state_dict, "encoder.layers.0.attn.self_attention.norm_factor": np.array(0.5, np.float32)}, TINY
+        )
     untied = {**state_dict, "decoder.weight": state_dict["decoder.weight"] + 1.0}
     with pytest.raises(ValueError, match="must be equal"):
         import_ultrafastbert(untied, TINY)

@@ -12,7 +12,9 @@ def test_spam_loader_on_a_fake_package(tmp_path):
     for group, n in (("easy-ham-1", 12), ("spam-1", 8)):
         (root / group).mkdir(parents=True)
         for i in range(n):
-            body = f"Subject: {'WIN MONEY' if 'spam' in group else 'meeting'} {i}\nFrom: a@b.c\n\nHello <br/> there {i}\n"
+            body = (
+                f"Subject: {'WIN MONEY' if 'spam' in group else 'meeting'} {i}\nFrom: a@b.c\n\nHello <br/> there {i}\n"
+            )
             (root / group / f"{i:05d}.json").write_text(json.dumps({"id": f"{i:05d}", "group": group, "text": body}))
     data = labelled.load_spam(tmp_path)
     assert len(data.test_texts) == 4 and len(data.train_texts) == 16

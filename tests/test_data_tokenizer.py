@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 from _text_helpers import synthetic_text
 
-from fffjax.data.tokenizer import (CLS_ID, FIRST_WORD_ID, PAD_ID, SEP_ID, encode_padded, encode_stream,
-                                   load_tokenizer, train_wordpiece)
+from fffjax.data.tokenizer import (
+    CLS_ID,
+    FIRST_WORD_ID,
+    PAD_ID,
+    SEP_ID,
+    encode_padded,
+    encode_stream,
+    load_tokenizer,
+    train_wordpiece,
+)
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,9 @@ def test_kernels_import_only_jax_and_the_pure_core():
 def test_models_never_import_a_backend():
     for name, deps in _graph().items():
         if name.startswith(("fffjax.models", "fffjax.nn", "fffjax.train")):
-            backends = {d for d in deps if d.startswith("pallas_kernels") or d in ("fffjax.ops.cpu_ffi", "fffjax.ops.pallas")}
+            backends = {
+                d for d in deps if d.startswith("pallas_kernels") or d in ("fffjax.ops.cpu_ffi", "fffjax.ops.pallas")
+            }
             assert not backends, f"{name} imports {sorted(backends)}"
 
 

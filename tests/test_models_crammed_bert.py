@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fffjax.ops import set_implementation
 from fffjax.models import (
     CrammedBertClassifier,
     CrammedBertMLM,
@@ -20,6 +19,7 @@ from fffjax.models import (
     mlm_logits_at,
     sinusoidal_positions,
 )
+from fffjax.ops import set_implementation
 
 TINY = get_config("tiny")
 
@@ -60,8 +60,8 @@ def test_mlm_shapes_init_and_parameter_count(tiny_mlm):
     ffn = tiny_mlm.encoder.layers[0].ffn
     assert ffn.w_in[...].shape == (TINY.fff_nodes, TINY.hidden_size)
     assert 0.015 < float(jnp.std(ffn.w_in[...])) < 0.025 and float(jnp.abs(ffn.b_in[...]).max()) == 0.0
-    h, n, v, l = TINY.hidden_size, TINY.fff_nodes, TINY.vocab_size, TINY.num_layers
-    expected = v * h + 1 + 2 * h + l * (4 * h + 3 * h * h + h * h + 2 * n * h + n) + 2 * h
+    h, n, v, layers = TINY.hidden_size, TINY.fff_nodes, TINY.vocab_size, TINY.num_layers
+    expected = v * h + 1 + 2 * h + layers * (4 * h + 3 * h * h + h * h + 2 * n * h + n) + 2 * h
     assert count_parameters(tiny_mlm) == expected
 
 

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-from _argument_helpers import (DEPTH, H, H_OUT, IN, K, NOT_AN_INT, OUT, V1_WEIGHTS, V2_WEIGHTS, WIDTH, X_V1, X_V2,
-                               zeros)
+from _argument_helpers import DEPTH, H_OUT, IN, NOT_AN_INT, OUT, V1_WEIGHTS, V2_WEIGHTS, WIDTH, X_V1, X_V2, H, K, zeros
 from flax import nnx
 
 from fffjax import convert, nn

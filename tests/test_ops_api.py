@@ -5,8 +5,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _argument_helpers import (DEPTH, H, H_OUT, IN, K, N, N_LEAVES, N_NODES, NOT_AN_INT, OUT, V1_WEIGHTS, V2_WEIGHTS,
-                               WIDTH, X_V1, X_V2, zeros)
+from _argument_helpers import (
+    DEPTH,
+    H_OUT,
+    IN,
+    N_LEAVES,
+    N_NODES,
+    NOT_AN_INT,
+    OUT,
+    V1_WEIGHTS,
+    V2_WEIGHTS,
+    WIDTH,
+    X_V1,
+    X_V2,
+    H,
+    K,
+    N,
+    zeros,
+)
 from flax import nnx
 
 from fffjax import ops

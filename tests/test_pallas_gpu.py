@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from _pallas_helpers import assert_bf16_gradients_close, assert_close, tie_free_tokens, v1_inputs, v2_inputs
 from flax import nnx
 
 import fffjax
@@ -10,7 +11,6 @@ import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import GROUPED_CONFIG, FffV2ForwardConfig, default_config
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from _pallas_helpers import assert_bf16_gradients_close, assert_close, tie_free_tokens, v1_inputs, v2_inputs
 
 pytestmark = pytest.mark.gpu
 

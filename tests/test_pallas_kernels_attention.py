@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _pallas_helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.attention import MAX_SEQ, AttentionConfig, attention, attention_reference, split_heads
-from _pallas_helpers import assert_close
 
 
 def _inputs(seed, batch, seq, heads, head_width, dtype, padded=True):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from _pallas_helpers import assert_close, pow2_chunk_for, v1_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,15 +11,21 @@ import fffjax
 import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v1_forward import FffV1ForwardConfig
-from _pallas_helpers import assert_close, pow2_chunk_for, v1_inputs
 
 
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
-       width=st.sampled_from([64, 96]), leaf_width=st.sampled_from([1, 8, 24, 256]), width_out=st.sampled_from([10, 64]),
-       depth=st.integers(0, 6), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       activation=st.sampled_from([jax.nn.relu, v2.gelu]), output_bias=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    n_tokens=st.integers(1, 40).filter(lambda t: t % 16),
+    width=st.sampled_from([64, 96]),
+    leaf_width=st.sampled_from([1, 8, 24, 256]),
+    width_out=st.sampled_from([10, 64]),
+    depth=st.integers(0, 6),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    activation=st.sampled_from([jax.nn.relu, v2.gelu]),
+    output_bias=st.booleans(),
+)
 def test_forward_matches_reference(seed, n_tokens, width, leaf_width, width_out, depth, dtype, activation,
                                    output_bias):
     x, params = v1_inputs(seed, n_tokens, width, leaf_width, width_out, depth, dtype)

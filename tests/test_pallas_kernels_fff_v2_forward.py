@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _pallas_helpers import assert_close, pow2_chunk_for, tie_free_tokens, v2_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +12,6 @@ import fffjax
 import pallas_kernels as pk
 from fffjax import v2
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, descend_table, fff_v2_forward, subtree_table
-from _pallas_helpers import assert_close, pow2_chunk_for, tie_free_tokens, v2_inputs
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -58,7 +58,9 @@ def test_grouped_forward_matches_reference(seed, n_tokens, width, depth, split, 
     y, (slots, block_sub, table) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=config,
                                                   save_residuals=True)
     assert_close(y, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
-    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in.astype(jnp.float32)
+    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in.astype(
+        jnp.float32
+    )
     path = np.asarray(v2.path_from_logits(logits, depth=depth, n_trees=1))[:, 0, :]
     # The saved table: each slot's logits at its block's columns, and the path read off it.
     split, seen = config.split_level, []
@@ -99,7 +101,9 @@ def test_route_kernel_and_gemm_route_agree(dtype):
     subs = [np.asarray(route_to_subtrees(x, w_in, b_in, split=7, interpret=True,
                                          config=FffV2ForwardConfig(route_block_t=32, route_chunk=32, route=route)))
             for route in ("kernel", "gemm")]
-    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in.astype(jnp.float32)
+    logits = jnp.matmul(x.astype(jnp.float32), w_in.astype(jnp.float32).T, precision="highest") + b_in.astype(
+        jnp.float32
+    )
     want = np.asarray(v2.path_from_logits(logits, depth=11, n_trees=1))[:, 0, 7] - 127
     for sub in subs:
         np.testing.assert_array_equal(sub[keep], want[keep])

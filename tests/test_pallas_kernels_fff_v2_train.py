@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from _pallas_helpers import assert_bf16_gradients_close, assert_close, pow2_chunk_for, v2_inputs
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +12,6 @@ import fffjax
 import pallas_kernels as pk
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
-from _pallas_helpers import assert_bf16_gradients_close, assert_close, pow2_chunk_for, v2_inputs
 
 NAMES = ("dx", "d_w_in", "d_b_in", "d_w_out")
 

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _pallas_helpers import assert_close
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.layer_norm import LayerNormConfig, layer_norm, layer_norm_reference
-from _pallas_helpers import assert_close
 
 
 def _inputs(seed, shape, dtype):
@@ -27,7 +27,9 @@ def _inputs(seed, shape, dtype):
 def test_layer_norm_matches_reference(seed, rows, width, dtype, fused, block_rows):
     x, residual, scale, bias = _inputs(seed, (rows, width), dtype)
     residual = residual if fused else None
-    got = layer_norm(x, scale, bias, residual, eps=1e-12, interpret=True, config=LayerNormConfig(block_rows=block_rows, num_warps=4))
+    got = layer_norm(
+        x, scale, bias, residual, eps=1e-12, interpret=True, config=LayerNormConfig(block_rows=block_rows, num_warps=4)
+    )
     want = layer_norm_reference(x, scale, bias, residual, eps=1e-12)
     got, want = (got, want) if fused else ((got,), (want,))
     for g, w, name in zip(got, want, ("y", "h")):

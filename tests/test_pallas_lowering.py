@@ -14,8 +14,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 import pallas_kernels as pk
 from fffjax import ops, tree, v2
 from fffjax.ops import pallas as ops_pallas
-from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
 from pallas_kernels.attention import AttentionConfig, attention
+from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
 from pallas_kernels.gelu import GeluConfig, gelu
 from pallas_kernels.layer_norm import LayerNormConfig, layer_norm
 
@@ -111,13 +111,28 @@ def test_backend_rule_violation_is_caught_by_lowering():
         _lower_for_h200(fn, S((16, 768), jnp.float32))
 
 
-@pytest.mark.parametrize("shape,num_heads,dtype,with_bias,config", [
-    ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig()),
-    ((3, 40, 72), 1, jnp.float32, False, AttentionConfig(block_q=16)),
-    ((2, 512, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8)),
-    ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8, heads_per_program=4, num_stages=2)),
-    ((3, 40, 216), 3, jnp.float32, False, AttentionConfig(block_q=16, num_warps=4, heads_per_program=3, num_stages=1)),
-])
+@pytest.mark.parametrize(
+    "shape,num_heads,dtype,with_bias,config",
+    [
+        ((256, 128, 2304), 12, jnp.bfloat16, True, AttentionConfig()),
+        ((3, 40, 72), 1, jnp.float32, False, AttentionConfig(block_q=16)),
+        ((2, 512, 2304), 12, jnp.bfloat16, True, AttentionConfig(block_q=128, num_warps=8)),
+        (
+            (256, 128, 2304),
+            12,
+            jnp.bfloat16,
+            True,
+            AttentionConfig(block_q=128, num_warps=8, heads_per_program=4, num_stages=2),
+        ),
+        (
+            (3, 40, 216),
+            3,
+            jnp.float32,
+            False,
+            AttentionConfig(block_q=16, num_warps=4, heads_per_program=3, num_stages=1),
+        ),
+    ],
+)
 def test_attention_lowers_for_h200(shape, num_heads, dtype, with_bias, config, monkeypatch):
     fn = functools.partial(attention, num_heads=num_heads, scale=0.125, config=config)
     args = (S(shape, dtype), S(shape[:2], dtype) if with_bias else None)

@@ -122,7 +122,9 @@ def test_hardening_lowers_node_entropy():
     assert ent[1] < ent[0]
 
 
-@pytest.mark.parametrize("spec", [C.ModelSpec("fff", 6, 4, depth=2, width=3), C.ModelSpec("fff2", 6, 4, depth=2, n_trees=2)])
+@pytest.mark.parametrize(
+    "spec", [C.ModelSpec("fff", 6, 4, depth=2, width=3), C.ModelSpec("fff2", 6, 4, depth=2, n_trees=2)]
+)
 def test_to_module_reproduces_hard_predictions(spec):
     params = C.init_params(spec, jax.random.key(5))
     x, _ = blobs()

@@ -19,7 +19,9 @@ def _fake_text_cache(root):
         for i in range(n):
             words = "win money now" if "spam" in group else "the whale meeting notes"
             text = f"Subject: {words} {i}\nFrom: a@b.c\n\n{words} " * 3
-            (spam_root / group / f"{i:05d}.json").write_text(json.dumps({"id": f"{i:05d}", "group": group, "text": text}))
+            (spam_root / group / f"{i:05d}.json").write_text(
+                json.dumps({"id": f"{i:05d}", "group": group, "text": text})
+            )
 
 
 @pytest.mark.slow
@@ -42,13 +44,17 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
         return module.run(parser.parse_args(argv))
 
     out = tmp_path / "pretrain"
-    assert invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    assert (
+        invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    )
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_loss" in records[-1]
     assert (out / "loss.png").exists() and (out / "tokenizer.json").exists()
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     # running it again resumes at the last step: nothing to train, the log is unchanged
-    assert invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    assert (
+        invoke(pretrain, ["--config", str(run_config), "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    )
     assert read_metrics(out / "metrics.jsonl") == records
 
     ft = tmp_path / "finetune"

@@ -26,7 +26,7 @@ def test_children_and_parents_are_inverse():
 def test_levels_and_offsets():
     nodes = np.arange(2**10 - 1)
     levels = tree.level_of(nodes)
-    assert all(tree.level_of(int(n)) == int(l) for n, l in zip(nodes, levels))
+    assert all(tree.level_of(int(n)) == int(lv) for n, lv in zip(nodes, levels))
     for level in range(10):
         assert levels[tree.level_offset(level)] == level
         assert tree.level_of(tree.level_offset(level) - 1) == level - 1 if level else True
