@@ -72,12 +72,13 @@ def split_list(text: str) -> list[str]:
 
 def random_mlm_batch(rng, batch: int, seq: int, vocab: int) -> dict:
     """An MLM batch (:func:`fffjax.data.mlm.mask_tokens`) of uniformly random word-piece ids."""
-    import numpy as np
 
     from fffjax.data.mlm import mask_tokens
-    from fffjax.data.tokenizer import FIRST_WORD_ID
+    from fffjax.data.tokenizer import WORDPIECE_SPECIALS
 
-    return mask_tokens(rng.integers(FIRST_WORD_ID, vocab, size=(batch, seq), dtype=np.int32), rng, vocab_size=vocab)
+    words = WORDPIECE_SPECIALS.word_ids(vocab)
+    return mask_tokens(words[rng.integers(0, len(words), size=(batch, seq))], rng, vocab_size=vocab,
+                       specials=WORDPIECE_SPECIALS)
 
 
 def bench_train(args, config_name: str, implementation: str | None) -> dict:

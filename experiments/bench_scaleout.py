@@ -59,12 +59,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def random_mlm_batch(rng, batch: int, seq: int, vocab: int) -> dict:
     """An MLM batch (:func:`fffjax.data.mlm.mask_tokens`) of uniformly random word-piece ids."""
-    import numpy as np
 
     from fffjax.data.mlm import mask_tokens
-    from fffjax.data.tokenizer import FIRST_WORD_ID
+    from fffjax.data.tokenizer import WORDPIECE_SPECIALS
 
-    return mask_tokens(rng.integers(FIRST_WORD_ID, vocab, size=(batch, seq), dtype=np.int32), rng, vocab_size=vocab)
+    words = WORDPIECE_SPECIALS.word_ids(vocab)
+    return mask_tokens(words[rng.integers(0, len(words), size=(batch, seq))], rng, vocab_size=vocab,
+                       specials=WORDPIECE_SPECIALS)
 
 
 def bench_pretrain(args, n: int, scheme: str) -> dict:

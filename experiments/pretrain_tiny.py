@@ -62,7 +62,7 @@ def finetune(name: str, task: str, *, scratch: bool = False) -> float:
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text()).get("wall_s", float("nan"))
     out.mkdir(parents=True, exist_ok=True)
-    source = (["--tokenizer", str(RUNS / f"pretrain-{name}" / "tokenizer.json")] if scratch
+    source = (["--tokenizer", str(RUNS / f"pretrain-{name}" / "tokenizer")] if scratch
               else ["--init", str(RUNS / f"pretrain-{name}")])
     seconds = command(["finetune", "--config", str(CONFIGS / FINETUNE[name]), "--task", task, *source,
                        "--out", str(out)], out / "log.txt")

@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fffjax.convert.cmd_export", "write a checkpoint's model in the published UltraFastBERT HF layout"),
     "import": ("fffjax.convert.cmd_import", "read a published-layout UltraFastBERT directory into a checkpoint"),
     "inspect": ("fffjax.convert.cmd_inspect", "show a checkpoint's config, parameter counts, step and metrics"),
+    "fill-mask": ("fffjax.cmd_fill_mask", "the most likely tokens at each mask token of a text"),
+    "embed": ("fffjax.cmd_embed", "mean-pooled sentence embeddings of a text file into a .npy file"),
+    "predict": ("fffjax.cmd_predict", "the labels a fine-tuned classifier gives the texts of a file"),
     "bench": ("fffjax.bench_cli", "list the benchmark scripts of experiments/, or run one: fffjax bench NAME [ARGS]"),
 }
 

@@ -9,3 +9,30 @@ WORDS = ("the whale swam under the grey sea while the captain watched from the d
 def synthetic_text(n_lines: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     return "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) + "." for _ in range(n_lines)) + "\n"
+
+
+CRAMMING_SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                     "cls_token": "<cls>", "sep_token": "<sep>", "mask_token": "<mask>"}
+
+
+def cramming_style_tokenizer_folder(files, folder, *, vocab_size: int, seed: int = 0):
+    """A tokenizer folder built the way the published UltraFastBERT tokenizers were: a BERT-normalised
+    WordPiece with the specials `<pad> <unk> <cls> <sep> <mask> <s> </s>` in an arbitrary order (a
+    Python set's; here a seeded shuffle), `<cls> $A <sep>` added around a text, saved by transformers'
+    `PreTrainedTokenizerFast.save_pretrained`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(np.random.default_rng(seed).permutation(list(CRAMMING_SPECIALS.values())))
+    backend = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.train([str(f) for f in files], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                     show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<cls> $A <sep>", pair="<cls>:0 $A:0 <sep>:0 $B:1 <sep>:1",
+        special_tokens=[("<cls>", backend.token_to_id("<cls>")), ("<sep>", backend.token_to_id("<sep>"))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **CRAMMING_SPECIALS)
+    wrapped.save_pretrained(str(folder))
+    return folder

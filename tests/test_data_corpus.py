@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from fffjax.data import corpus, fetch, labelled
-from fffjax.data.tokenizer import load_tokenizer
 
 
 def test_build_corpus_from_fake_raw_packages(tmp_path):
@@ -40,8 +39,6 @@ def test_missing_data_names_the_fetch_command(tmp_path):
         labelled.load_spam(tmp_path)
     with pytest.raises(FileNotFoundError, match="experiments/fetch_text.sh"):
         labelled.load_amazon(tmp_path)
-    with pytest.raises(FileNotFoundError, match="experiments/fetch_text.sh"):
-        load_tokenizer(tmp_path / "none.json")
     (tmp_path / "raw").mkdir()
     with pytest.raises(ValueError, match="sources"):
         corpus.build_corpus(tmp_path, ["nope"])

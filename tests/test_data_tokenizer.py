@@ -1,19 +1,13 @@
-"""fffjax.data.tokenizer: WordPiece training on a tiny synthetic file, special tokens, encoding."""
+"""fffjax.data.tokenizer: WordPiece training, special ids read from files (the fffjax layout and a
+cramming-style folder with its specials in a shuffled order), encoding, transformers compatibility."""
+
+import json
 
 import numpy as np
 import pytest
-from _text_helpers import synthetic_text
+from _text_helpers import cramming_style_tokenizer_folder, synthetic_text
 
-from fffjax.data.tokenizer import (
-    CLS_ID,
-    FIRST_WORD_ID,
-    PAD_ID,
-    SEP_ID,
-    encode_padded,
-    encode_stream,
-    load_tokenizer,
-    train_wordpiece,
-)
+from fffjax.data.tokenizer import WORDPIECE_SPECIALS, SpecialTokens, Tokenizer, train_wordpiece
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +21,70 @@ def text_file(tmp_path_factory):
 def tokenizer(text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tok.json"
     train_wordpiece([text_file], 120, min_frequency=1, out=out)
-    return load_tokenizer(out)
+    return Tokenizer.from_pretrained(out)
 
 
-def test_tokenizer_specials_and_round_trip(tokenizer):
-    assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
-    assert 30 < tokenizer.get_vocab_size() <= 120
-    ids = tokenizer.encode("The Whale swam", add_special_tokens=False).ids
-    assert tokenizer.decode(ids) == "the whale swam"  # lower-cased WordPiece
-    assert min(ids) >= FIRST_WORD_ID
+@pytest.fixture(scope="module")
+def cramming_folder(text_file, tmp_path_factory):
+    return cramming_style_tokenizer_folder([text_file], tmp_path_factory.mktemp("cramming"), vocab_size=120, seed=3)
+
+
+def test_trained_tokenizer_specials_and_round_trip(tokenizer):
+    assert tokenizer.specials == WORDPIECE_SPECIALS
+    assert 30 < tokenizer.vocab_size <= 120
+    ids = tokenizer.encode("The Whale swam")
+    assert ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
+    assert tokenizer.decode(ids) == "the whale swam"  # lower-cased WordPiece, specials skipped
+    assert min(ids[1:-1]) >= len(WORDPIECE_SPECIALS.ids)
 
 
 def test_encode_stream_and_padded(tokenizer):
-    stream = encode_stream(tokenizer, ["the whale", "the sea"], batch_size=1)
+    stream = tokenizer.encode_stream(["the whale", "the sea"], batch_size=1)
     assert stream.dtype == np.int32
-    assert list(stream == SEP_ID).count(True) == 2 and stream[-1] == SEP_ID
-    ids, mask = encode_padded(tokenizer, ["the whale", "the whale swam under the grey sea " * 5], 8)
-    assert ids.shape == (2, 8) and ids[0, 0] == CLS_ID and ids[0, 3] == SEP_ID and ids[0, 4] == PAD_ID
+    assert list(stream == tokenizer.sep_id).count(True) == 2 and stream[-1] == tokenizer.sep_id
+    ids, mask = tokenizer.encode_padded(["the whale", "the whale swam under the grey sea " * 5], 8)
+    assert ids.shape == (2, 8) and ids[0, 0] == tokenizer.cls_id and ids[0, 3] == tokenizer.sep_id
+    assert ids[0, 4] == tokenizer.pad_id
     np.testing.assert_array_equal(mask[0], [1, 1, 1, 1, 0, 0, 0, 0])
-    assert ids[1, -1] == SEP_ID and mask[1].all()  # truncated, still ends with [SEP]
+    assert ids[1, -1] == tokenizer.sep_id and mask[1].all()  # truncated, still ends with the sep token
+    with pytest.raises(ValueError, match="seq_length"):
+        tokenizer.encode_padded(["the whale"], 2)
+
+
+def test_cramming_folder_specials_come_from_the_files(cramming_folder):
+    tokenizer = Tokenizer.from_pretrained(cramming_folder)
+    config = json.loads((cramming_folder / "tokenizer_config.json").read_text())
+    for role in ("pad", "unk", "cls", "sep", "mask"):
+        assert tokenizer.tokens[role] == f"<{role}>"
+        assert getattr(tokenizer.specials, role) == tokenizer.token_to_id(config[f"{role}_token"])
+    assert len(tokenizer.specials.ids) == 7  # <s> and </s> are special too
+    assert tokenizer.specials != WORDPIECE_SPECIALS  # the shuffled order puts them elsewhere
+    ids, mask = tokenizer.encode_padded([f"the whale {tokenizer.mask_token} the sea"], 12)
+    assert tokenizer.mask_id in ids[0] and (ids[0, mask[0] == 0] == tokenizer.pad_id).all()
+
+
+def test_save_pretrained_matches_transformers(cramming_folder, tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    texts = ["the whale swam", "old songs of home and harbour, the wind rose"]
+    for source in (Tokenizer.from_pretrained(cramming_folder), tokenizer):
+        folder = source.save_pretrained(tmp_path / source.tokens["mask"].strip("<>[]"))
+        again = Tokenizer.from_pretrained(folder)
+        assert again.specials == source.specials and again.tokens == source.tokens
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        assert hf.mask_token_id == source.mask_id and hf.pad_token_id == source.pad_id
+        ours, _ = source.encode_padded(texts, 16)
+        theirs = hf(texts, padding="max_length", max_length=16, truncation=True, return_tensors="np")
+        np.testing.assert_array_equal(ours, theirs["input_ids"])
+
+
+def test_missing_roles_and_files_are_named(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        Tokenizer.from_pretrained(tmp_path / "none")
+    folder = tokenizer.save_pretrained(tmp_path / "tok")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["mask_token"] = "<not-a-token>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mask token '<not-a-token>'"):
+        Tokenizer.from_pretrained(folder)
+    with pytest.raises(ValueError, match="ids"):
+        SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=9, ids=(0, 1, 2, 3))

@@ -28,6 +28,7 @@ def make_run(out: Path, *, sleep: float = 0.0):
     from flax import nnx
 
     from fffjax.data import pipeline
+    from fffjax.data.tokenizer import WORDPIECE_SPECIALS
     from fffjax.models import CrammedBertMLM, get_config
     from fffjax.train import TrainConfig, Trainer, mlm_objective
     from fffjax.train import sharding as shd
@@ -39,7 +40,8 @@ def make_run(out: Path, *, sleep: float = 0.0):
     trainer = Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), mlm_objective, train,
                       mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
     rows = np.random.default_rng(0).integers(5, VOCAB, size=(40, SEQ)).astype(np.int32)
-    pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB)  # 5 batches per epoch: crosses epochs
+    # 5 batches per epoch: crosses epochs
+    pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
 
     class Slowed:
         def next(self, position):

@@ -10,6 +10,7 @@ from _train_helpers import BASE, SEQ, VOCAB, mlm_rows, small_config
 from flax import nnx
 
 from fffjax.data import pipeline
+from fffjax.data.tokenizer import WORDPIECE_SPECIALS
 from fffjax.models import CrammedBertMLM
 from fffjax.train import Trainer, fit, mlm_objective
 from fffjax.train import sharding as shd
@@ -19,8 +20,12 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     config = dataclasses.replace(BASE, steps=6, save_every=3, eval_every=3)
     trainer = Trainer(CrammedBertMLM(small_config(), rngs=nnx.Rngs(0)), mlm_objective, config,
                       mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
-    pipe = pipeline.mlm_pipeline(mlm_rows(), 16, vocab_size=VOCAB)
-    held = [pipeline.mlm_pipeline(mlm_rows(32, seed=1), 16, vocab_size=VOCAB).batch_at(pipeline.initial_position(9))]
+    pipe = pipeline.mlm_pipeline(mlm_rows(), 16, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
+    held = [
+        pipeline.mlm_pipeline(mlm_rows(32, seed=1), 16, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS).batch_at(
+            pipeline.initial_position(9)
+        )
+    ]
     records = fit(trainer, pipe, out_dir=tmp_path, model_config=small_config().to_dict(),
                   eval_batches=lambda: held, progress=False, tokens_per_example=SEQ)
     assert [r["step"] for r in records] == list(range(1, 7))

@@ -6,6 +6,7 @@ from _train_helpers import VOCAB, mlm_rows, small_config
 from flax import nnx
 
 from fffjax.data import pipeline
+from fffjax.data.tokenizer import WORDPIECE_SPECIALS
 from fffjax.models import CrammedBertMLM
 from fffjax.train import mlm_objective
 from fffjax.train.objectives import gather_positions, mlm_loss
@@ -26,8 +27,12 @@ def test_mlm_loss_matches_numpy():
 def test_sparse_decode_equals_gathered_full_logits():
     model = CrammedBertMLM(small_config(), rngs=nnx.Rngs(0))
     model.eval()
-    batch = {k: jnp.asarray(v) for k, v in pipeline.mlm_pipeline(mlm_rows(), 8, vocab_size=VOCAB).batch_at(
-        pipeline.initial_position(0)).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in pipeline.mlm_pipeline(mlm_rows(), 8, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
+        .batch_at(pipeline.initial_position(0))
+        .items()
+    }
     sparse, _ = mlm_objective(model, batch)
     full = gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
     dense_loss, _ = mlm_loss(full, batch["mask_labels"], batch["mask_weights"])

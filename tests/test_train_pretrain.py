@@ -28,6 +28,8 @@ def _fake_text_cache(root):
 def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
     import argparse
 
+    from fffjax.models import CrammedBertClassifier, CrammedBertMLM
+    from fffjax.pretrained import from_pretrained
     from fffjax.train import finetune, pretrain
 
     cache = tmp_path / "text"
@@ -49,7 +51,7 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
     )
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_loss" in records[-1]
-    assert (out / "loss.png").exists() and (out / "tokenizer.json").exists()
+    assert (out / "loss.png").exists() and (out / "tokenizer" / "tokenizer.json").exists()
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     # running it again resumes at the last step: nothing to train, the log is unchanged
     assert (
@@ -63,3 +65,9 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
     result = json.loads((ft / "result.json").read_text())
     assert result["n_test"] == 8 and 0.0 <= result["test_accuracy"] <= 1.0
     assert [r["step"] for r in read_metrics(ft / "metrics.jsonl")] == [1, 2, 3]
+    # both runs load for inference with their tokenizer, in eval mode
+    mlm, tokenizer = from_pretrained(out)
+    classifier, ft_tokenizer = from_pretrained(ft)
+    assert isinstance(mlm, CrammedBertMLM) and isinstance(classifier, CrammedBertClassifier)
+    assert classifier.encoder.embedding.dropout.deterministic and mlm.encoder.embedding.dropout.deterministic
+    assert ft_tokenizer.specials == tokenizer.specials and tokenizer.mask_id == 4

@@ -12,6 +12,7 @@ from _train_helpers import BASE, SEQ, VOCAB, mlm_rows, small_config
 from flax import nnx
 
 from fffjax.data import pipeline
+from fffjax.data.tokenizer import WORDPIECE_SPECIALS
 from fffjax.models import CrammedBertClassifier, CrammedBertMLM
 from fffjax.train import TrainConfig, Trainer, classification_objective, mlm_objective
 from fffjax.train import sharding as shd
@@ -20,7 +21,7 @@ from fffjax.train import sharding as shd
 def run_losses(config: TrainConfig, mesh, *, ffn: str = "fff", steps: int | None = None) -> list[float]:
     model = CrammedBertMLM(small_config(ffn), rngs=nnx.Rngs(params=0, dropout=1))
     trainer = Trainer(model, mlm_objective, config, mesh=mesh)
-    pipe = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB)
+    pipe = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
     position = pipeline.initial_position(config.seed)
     losses = []
     for _ in range(steps or config.steps):
@@ -55,7 +56,7 @@ def test_pallas_kernels_run_per_device_on_the_data_axis(ffn):
         for op in ("layer_norm", "attention", "gelu"):
             set_implementation(model, op, "pallas")
         trainer = Trainer(model, mlm_objective, dataclasses.replace(BASE, steps=4), mesh=mesh)
-        pipe = pipeline.mlm_pipeline(mlm_rows(), BASE.batch_size, vocab_size=VOCAB)
+        pipe = pipeline.mlm_pipeline(mlm_rows(), BASE.batch_size, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
         batch, out = pipe.next(pipeline.initial_position(0))[0], []
         for _ in range(4):
             out.append(trainer.step(batch)["loss"])
@@ -117,7 +118,7 @@ def test_bf16_compute_runs_every_matmul_in_bf16(ffn):
     config = dataclasses.replace(BASE, compute_dtype="bfloat16")
     model = CrammedBertMLM(small_config(ffn), rngs=nnx.Rngs(0))
     trainer = Trainer(model, mlm_objective, config, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
-    batch, _ = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB).next(
+    batch, _ = pipeline.mlm_pipeline(mlm_rows(), config.batch_size, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS).next(
         pipeline.initial_position(0))
     text = jax.jit(lambda p, b: trainer._loss(p, b, 0, 0, 0)[0]).lower(
         trainer.state["params"], trainer.place_batch(batch)).as_text()

@@ -21,6 +21,7 @@ def losses_on(devices) -> list[float]:
     from flax import nnx
 
     from fffjax.data import pipeline
+    from fffjax.data.tokenizer import WORDPIECE_SPECIALS
     from fffjax.models import CrammedBertMLM, get_config
     from fffjax.train import TrainConfig, Trainer, mlm_objective
     from fffjax.train import sharding as shd
@@ -31,7 +32,7 @@ def losses_on(devices) -> list[float]:
     trainer = Trainer(CrammedBertMLM(config, rngs=nnx.Rngs(0)), mlm_objective, train,
                       mesh=shd.make_mesh(2, 2, devices))
     rows = np.random.default_rng(0).integers(5, VOCAB, size=(64, SEQ)).astype(np.int32)
-    pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB)
+    pipe = pipeline.mlm_pipeline(rows, BATCH, vocab_size=VOCAB, specials=WORDPIECE_SPECIALS)
     position = pipeline.initial_position(0)
     out = []
     for _ in range(STEPS):

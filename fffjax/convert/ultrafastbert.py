@@ -193,7 +193,7 @@ def import_ultrafastbert(
         seed: seeds the dropout streams (and a fresh classification head).
 
     Returns:
-        The model, in train mode (call ``.eval()`` for inference).
+        The model, in eval mode like every loader (call ``.train()`` to fine-tune it).
 
     Raises:
         ValueError: naming missing or unexpected keys, or a key whose shape does not fit ``config``

@@ -13,7 +13,7 @@ the same expected rate, static shapes and no cross-sequence coupling.
 import numpy as np
 from jaxtyping import Float, Int
 
-from fffjax.data.tokenizer import FIRST_WORD_ID, MASK_ID, PAD_ID
+from fffjax.data.tokenizer import SpecialTokens
 
 MLM_RATE = 0.25
 MASK_FRACTION = 0.8
@@ -32,15 +32,16 @@ def mask_tokens(
     rng: np.random.Generator,
     *,
     vocab_size: int,
+    specials: SpecialTokens,
     rate: float = MLM_RATE,
 ) -> dict[str, np.ndarray]:
     """Selects and corrupts MLM positions.
 
     Args:
-        input_ids: `(batch, seq)` int token ids; ids below `FIRST_WORD_ID` (`[PAD]`, `[CLS]`,
-            `[SEP]`, ...) are never selected.
+        input_ids: `(batch, seq)` int token ids; special ids (pad, cls, sep, ...) are never selected.
         rng: numpy generator (the caller derives it from the pipeline position).
-        vocab_size: random replacements are drawn from `[FIRST_WORD_ID, vocab_size)`.
+        vocab_size: random replacements are drawn uniformly from the non-special ids below it.
+        specials: the tokenizer's special ids (`Tokenizer.specials`); masked positions get `specials.mask`.
         rate: fraction of positions to predict.
 
     Returns:
@@ -51,11 +52,12 @@ def mask_tokens(
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (batch, seq), got {input_ids.shape}")
-    if vocab_size <= FIRST_WORD_ID:
-        raise ValueError(f"vocab_size: expected more than {FIRST_WORD_ID}, got {vocab_size}")
+    words = specials.word_ids(vocab_size)
+    if len(words) == 0:
+        raise ValueError(f"vocab_size: expected more than the {len(specials.ids)} special ids, got {vocab_size}")
     batch, seq = input_ids.shape
     k = n_masked_positions(seq, rate)
-    eligible = input_ids >= FIRST_WORD_ID
+    eligible = ~np.isin(input_ids, specials.ids)
     scores = rng.random((batch, seq))
     scores[~eligible] = 2.0  # ineligible positions sort last
     positions = np.argsort(scores, axis=1, kind="stable")[:, :k].astype(np.int32)
@@ -64,15 +66,15 @@ def mask_tokens(
     weights = eligible[rows, positions].astype(np.float32)
 
     draw = rng.random((batch, k))
-    random_ids = rng.integers(FIRST_WORD_ID, vocab_size, size=(batch, k), dtype=np.int32)
-    replacement = np.where(draw < MASK_FRACTION, MASK_ID,
+    random_ids = words[rng.integers(0, len(words), size=(batch, k))]
+    replacement = np.where(draw < MASK_FRACTION, specials.mask,
                            np.where(draw < MASK_FRACTION + RANDOM_FRACTION, random_ids, labels))
     replacement = np.where(weights > 0, replacement, labels)
     corrupted = input_ids.astype(np.int32).copy()
     corrupted[rows, positions] = replacement
     return {
         "input_ids": corrupted,
-        "attention_mask": (input_ids != PAD_ID).astype(np.int32),
+        "attention_mask": (input_ids != specials.pad).astype(np.int32),
         "mask_positions": positions,
         "mask_labels": labels,
         "mask_weights": weights,

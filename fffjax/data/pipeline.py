@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Int
 
 from fffjax.data import mlm
-from fffjax.data.tokenizer import CLS_ID
+from fffjax.data.tokenizer import SpecialTokens
 
 Position = dict[str, np.ndarray]
 Transform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
@@ -27,8 +27,8 @@ def initial_position(seed: int) -> Position:
             "seed": np.asarray(seed, np.int64)}
 
 
-def pack_sequences(stream: Int[np.ndarray, " tokens"], seq_length: int) -> Int[np.ndarray, "n seq"]:
-    """Cuts a token stream into rows `[CLS] + (seq_length - 1) tokens` (the tail is dropped)."""
+def pack_sequences(stream: Int[np.ndarray, " tokens"], seq_length: int, *, cls_id: int) -> Int[np.ndarray, "n seq"]:
+    """Cuts a token stream into rows `cls_id + (seq_length - 1) tokens` (the tail is dropped)."""
     if seq_length < 2:
         raise ValueError(f"seq_length: expected at least 2, got {seq_length}")
     body = seq_length - 1
@@ -36,7 +36,7 @@ def pack_sequences(stream: Int[np.ndarray, " tokens"], seq_length: int) -> Int[n
     if n == 0:
         raise ValueError(f"stream: {len(stream)} tokens cannot fill one sequence of {seq_length}")
     rows = np.asarray(stream[: n * body], np.int32).reshape(n, body)
-    return np.concatenate([np.full((n, 1), CLS_ID, np.int32), rows], axis=1)
+    return np.concatenate([np.full((n, 1), cls_id, np.int32), rows], axis=1)
 
 
 def split_holdout(rows: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +100,11 @@ class BatchPipeline:
         return self.batch_at(position), self.advance(position)
 
 
-def mlm_pipeline(rows: Int[np.ndarray, "n seq"], batch_size: int, *, vocab_size: int,
+def mlm_pipeline(rows: Int[np.ndarray, "n seq"], batch_size: int, *, vocab_size: int, specials: SpecialTokens,
                  rate: float = mlm.MLM_RATE) -> BatchPipeline:
     """A pipeline of MLM batches (see `fffjax.data.mlm.mask_tokens`) over packed rows."""
 
     def transform(batch, rng):
-        return mlm.mask_tokens(batch["input_ids"], rng, vocab_size=vocab_size, rate=rate)
+        return mlm.mask_tokens(batch["input_ids"], rng, vocab_size=vocab_size, specials=specials, rate=rate)
 
     return BatchPipeline({"input_ids": rows}, batch_size, transform)

@@ -406,8 +406,9 @@ def model_from_params(
     list indices may be ints or strings, leaves numpy or jax arrays), without a random init.
 
     The parameter tree is built abstractly (``nnx.eval_shape``), so a ``base`` model costs no
-    initialisation. The dropout streams are seeded with ``seed``. Raises ``ValueError`` naming a
-    missing parameter or one whose shape does not fit ``config``.
+    initialisation. The dropout streams are seeded with ``seed``. The model comes back in eval mode,
+    as from every loader (call ``.train()`` to fine-tune it). Raises ``ValueError`` naming a missing
+    parameter or one whose shape does not fit ``config``.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
@@ -437,7 +438,9 @@ def model_from_params(
     other_pure = jax.tree.map(fill_other, nnx.to_pure_dict(other_state))
     nnx.replace_by_pure_dict(param_state, params_pure)
     nnx.replace_by_pure_dict(other_state, other_pure)
-    return nnx.merge(graphdef, param_state, other_state)
+    model = nnx.merge(graphdef, param_state, other_state)
+    model.eval()
+    return model
 
 
 def model_kind(params) -> str:

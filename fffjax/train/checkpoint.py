@@ -307,6 +307,12 @@ def _run_record(step_dir: Path) -> dict[str, Any]:
     return {"path": str(step_dir), "step": step, "run": run, "metrics": extra.get(METRICS)}
 
 
+def run_record(checkpoint: str | Path) -> dict[str, Any]:
+    """``{"path", "step", "run", "metrics"}`` of a checkpoint or the latest step of a run, without
+    reading an array (``run`` is the run information the trainer recorded, ``{}`` if none)."""
+    return _run_record(resolve_checkpoint(checkpoint))
+
+
 def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelConfig:
     """The crammed-BERT `ModelConfig` a checkpoint's config item describes.
 
@@ -349,7 +355,6 @@ def load_checkpoint(checkpoint: str | Path, *, implementation: str | None = None
     params, _ = restore_checkpoint(step_dir)
     kind = model_kind(params)
     model = model_from_params(config, params, kind=kind, implementation=implementation)
-    model.eval()
     record = _run_record(step_dir)
     return model, {"path": record["path"], "kind": kind, "config": config, "step": record["step"],
                    "metrics": record["metrics"]}

@@ -9,8 +9,10 @@
 flags given on the command line override the file. The corpus must have been fetched
 (``bash experiments/fetch_text.sh``); the WordPiece tokenizer (vocabulary = the model's
 ``vocab_size``) is trained on first use and cached beside the corpus, and so are the packed token
-rows. The run folder gets ``metrics.jsonl``, ``loss.png``, ``checkpoints/<step>/`` (resumable: run
-the same command again to continue) and ``tokenizer.json``.
+rows; ``--tokenizer`` uses a given one instead (a tokenizer folder such as a published model's, or a
+``tokenizer.json``), with its own special ids. The run folder gets ``metrics.jsonl``, ``loss.png``,
+``checkpoints/<step>/`` (resumable: run the same command again to continue) and ``tokenizer/``
+(the tokenizer files, as transformers writes them).
 """
 
 import argparse
@@ -18,14 +20,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fffjax.data import corpus, pipeline
-from fffjax.data.tokenizer import encode_stream, load_tokenizer, train_wordpiece
+from fffjax.data.tokenizer import Tokenizer, train_wordpiece
 
 HELP = "MLM-pretrain crammed BERT (FFF or dense twin) on the offline corpus, resumable"
 
@@ -97,7 +98,7 @@ def _tag(*parts: Any) -> str:
 def prepare_tokenizer(cache: Path, sources: list[str], vocab_size: int) -> Path:
     """The cached tokenizer for (sources, vocab_size), trained on first use."""
     files = corpus.corpus_files(cache, sources)
-    path = cache / "tokenizers" / f"wp{vocab_size}-{_tag(sorted(sources))}.json"
+    path = cache / "tokenizers" / f"wordpiece{vocab_size}-{_tag(sorted(sources))}.json"
     if not path.is_file():
         tmp = path.with_suffix(f".tmp{os.getpid()}.json")
         train_wordpiece(files, vocab_size, out=tmp)
@@ -105,14 +106,13 @@ def prepare_tokenizer(cache: Path, sources: list[str], vocab_size: int) -> Path:
     return path
 
 
-def prepare_rows(cache: Path, sources: list[str], tokenizer_path: Path, seq_length: int) -> np.ndarray:
-    """Packed `(n, seq_length)` MLM rows of the corpus, cached as `.npy`."""
-    path = cache / "tokens" / f"{tokenizer_path.stem}-{_tag(sorted(sources))}-s{seq_length}.npy"
+def prepare_rows(cache: Path, sources: list[str], tokenizer: Tokenizer, seq_length: int) -> np.ndarray:
+    """Packed `(n, seq_length)` MLM rows of the corpus, cached as `.npy` (keyed by the tokenizer's contents)."""
+    path = cache / "tokens" / f"{_tag(tokenizer.backend.to_str())}-{_tag(sorted(sources))}-s{seq_length}.npy"
     if path.is_file():
         return np.load(path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    stream = encode_stream(tokenizer, corpus.read_paragraphs(corpus.corpus_files(cache, sources)))
-    rows = pipeline.pack_sequences(stream, seq_length)
+    stream = tokenizer.encode_stream(corpus.read_paragraphs(corpus.corpus_files(cache, sources)))
+    rows = pipeline.pack_sequences(stream, seq_length, cls_id=tokenizer.cls_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, rows)
@@ -120,10 +120,10 @@ def prepare_rows(cache: Path, sources: list[str], tokenizer_path: Path, seq_leng
     return rows
 
 
-def eval_batch_list(held_out: np.ndarray, batch_size: int, n_batches: int, vocab_size: int) -> list[dict]:
+def eval_batch_list(held_out: np.ndarray, batch_size: int, n_batches: int, tokenizer: Tokenizer) -> list[dict]:
     """Fixed held-out MLM batches (masking seeded once, the same for every evaluation and model)."""
     n = min(n_batches, len(held_out) // batch_size)
-    fixed = pipeline.mlm_pipeline(held_out, batch_size, vocab_size=vocab_size)
+    fixed = pipeline.mlm_pipeline(held_out, batch_size, vocab_size=tokenizer.vocab_size, specials=tokenizer.specials)
     position = pipeline.initial_position(12345)
     batches = []
     for _ in range(n):
@@ -137,6 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", nargs="*", default=None,
                         help=f"corpus sources (default: prose {list(corpus.PROSE_SOURCES)}; "
                              f"all: {list(corpus.SOURCES)})")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="use this tokenizer (folder or tokenizer.json) instead of training one on the corpus")
 
 
 PRETRAIN_DEFAULTS = {"steps": 1000, "batch_size": 32, "learning_rate": 1e-3, "save_every": 100, "eval_every": 100}
@@ -161,13 +163,17 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"pretrain-{Path(str(args.config)).stem}"
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer_path = prepare_tokenizer(cache, sources, model_config.vocab_size)
-    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
-    rows = prepare_rows(cache, sources, tokenizer_path, seq_length)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or prepare_tokenizer(cache, sources, model_config.vocab_size))
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"--tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                         f"{model_config.vocab_size}")
+    model_config = dataclasses.replace(model_config, pad_token_id=tokenizer.pad_id)
+    tokenizer.save_pretrained(out / "tokenizer")
+    rows = prepare_rows(cache, sources, tokenizer, seq_length)
     train_rows, held_out = pipeline.split_holdout(rows, data["holdout"], seed=0)
-    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
-    batches = pipeline.mlm_pipeline(train_rows, config.batch_size, vocab_size=vocab)
-    eval_batches = eval_batch_list(held_out, config.batch_size, data["eval_batches"], vocab)
+    vocab = tokenizer.vocab_size
+    batches = pipeline.mlm_pipeline(train_rows, config.batch_size, vocab_size=vocab, specials=tokenizer.specials)
+    eval_batches = eval_batch_list(held_out, config.batch_size, data["eval_batches"], tokenizer)
 
     model = CrammedBertMLM(model_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     trainer = Trainer(model, mlm_objective, config)
@@ -175,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
           f"{seq_length} tokens ({len(held_out):,} held out), vocab {vocab}, mesh {dict(trainer.mesh.shape)}, "
           f"out {out}")
     records = fit(trainer, batches, out_dir=out, model_config=model_config.to_dict(),
-                  run_info={"command": "pretrain", "tokenizer": str(out / "tokenizer.json"), "sources": sources,
+                  run_info={"command": "pretrain", "tokenizer": str((out / "tokenizer").absolute()), "sources": sources,
                             "seq_length": seq_length, "config_arg": str(args.config)},
                   eval_batches=lambda: eval_batches, resume=not args.no_resume, progress=not args.no_progress,
                   tokens_per_example=seq_length, plot_title=f"MLM pretraining, {args.config}")
