@@ -1,5 +1,7 @@
 """Synthetic English text for the tokenizer and the text-pipeline tests (no network, no data files)."""
 
+import json
+
 import numpy as np
 
 WORDS = ("the whale swam under the grey sea while the captain watched from the deck and the crew sang "
@@ -36,3 +38,18 @@ def cramming_style_tokenizer_folder(files, folder, *, vocab_size: int, seed: int
     wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **CRAMMING_SPECIALS)
     wrapped.save_pretrained(str(folder))
     return folder
+
+
+def fake_text_cache(root):
+    """A text cache with a tiny `sotu` corpus file and a small SpamAssassin tree (24 ham, 16 spam)."""
+    (root / "corpus").mkdir(parents=True)
+    (root / "corpus" / "sotu.txt").write_text(synthetic_text(400))
+    spam_root = root / "raw/spam-assassin/package/data"
+    for group, n in (("easy-ham-1", 24), ("spam-1", 16)):
+        (spam_root / group).mkdir(parents=True)
+        for i in range(n):
+            words = "win money now" if "spam" in group else "the whale meeting notes"
+            text = f"Subject: {words} {i}\nFrom: a@b.c\n\n{words} " * 3
+            (spam_root / group / f"{i:05d}.json").write_text(
+                json.dumps({"id": f"{i:05d}", "group": group, "text": text})
+            )

@@ -4,24 +4,10 @@
 import json
 
 import pytest
-from _text_helpers import synthetic_text
+from _text_helpers import fake_text_cache
 from _train_helpers import SEQ, small_config
 
 from fffjax.train.metrics import read_metrics
-
-
-def _fake_text_cache(root):
-    (root / "corpus").mkdir(parents=True)
-    (root / "corpus" / "sotu.txt").write_text(synthetic_text(400))
-    spam_root = root / "raw/spam-assassin/package/data"
-    for group, n in (("easy-ham-1", 24), ("spam-1", 16)):
-        (spam_root / group).mkdir(parents=True)
-        for i in range(n):
-            words = "win money now" if "spam" in group else "the whale meeting notes"
-            text = f"Subject: {words} {i}\nFrom: a@b.c\n\n{words} " * 3
-            (spam_root / group / f"{i:05d}.json").write_text(
-                json.dumps({"id": f"{i:05d}", "group": group, "text": text})
-            )
 
 
 @pytest.mark.slow
@@ -33,7 +19,7 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
     from fffjax.train import finetune, pretrain
 
     cache = tmp_path / "text"
-    _fake_text_cache(cache)
+    fake_text_cache(cache)
     run_config = tmp_path / "run.json"
     run_config.write_text(json.dumps({
         "model": small_config().to_dict(),
