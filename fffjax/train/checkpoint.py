@@ -17,7 +17,8 @@ crash never leaves a half-written checkpoint under its final name. A complete bu
 truncated or corrupted file; silent bit flips are caught by `tree_digest`, a CRC-32 of the arrays
 stored in the `run` item and checked on restore in single-process runs) fails to restore with a
 `CheckpointCorruptError` naming the directory; `RunCheckpoints.restore_latest` then warns and falls
-back to the next older step.
+back to the next older step. The digest is computed only for a step that is saved, in the background
+part of the save (see `RunCheckpoints.save`), so training does not wait for it.
 
 Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, or the latest step
 of a run), `load_params` reads its parameters as host arrays with its config and run record,
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -149,6 +151,38 @@ def _jsonable(tree: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(tree, default=lambda x: np.asarray(x).tolist()))
 
 
+def _snapshot(tree):
+    """A copy of every array of `tree` on its own device (numpy leaves copied on the host): values that
+    outlive the next train step, which donates the state's buffers."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else np.array(x, copy=True),
+                        tree)
+
+
+@dataclasses.dataclass
+class _RunRecordSave(ocp.args.CheckpointArgs):
+    """The `run` item: `record` (JSON) and the arrays whose `tree_digest` it gets under "digest"
+    (`None`: no digest, when the arrays are not all addressable by this process)."""
+
+    record: dict[str, Any]
+    arrays: Any
+
+
+class _RunRecordHandler(ocp.handlers.JsonCheckpointHandler):
+    """Writes the `run` item as orbax's JSON handler does, with the digest of the arrays saved beside it
+    computed in the save's commit thread: in an async save, after `save` has returned and while
+    training goes on. It restores as a plain JSON item (`ocp.args.JsonRestore`)."""
+
+    async def async_save(self, directory, item=None, args=None):
+        if not isinstance(args, _RunRecordSave):
+            return await super().async_save(directory, item, args)
+
+        async def write_with_digest():
+            digest = None if args.arrays is None else tree_digest(args.arrays)
+            await self._save_fn({**args.record, "digest": digest}, directory)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write_with_digest(), name="run_digest")]
+
+
 class RunCheckpoints:
     """An orbax `CheckpointManager` for one training run.
 
@@ -170,24 +204,32 @@ class RunCheckpoints:
             save_decision_policy=policies.FixedIntervalPolicy(interval=save_every),
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        run_handler = _RunRecordHandler()
+        registry.add(RUN, _RunRecordSave, run_handler)
+        registry.add(RUN, ocp.args.JsonRestore, run_handler)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     def save(self, step: int, *, params, opt_state, position: Mapping[str, Any], config: Mapping[str, Any],
              run: Mapping[str, Any], metrics: Mapping[str, Any], force: bool = False) -> bool:
         """Saves when the interval policy (or `force`) says so; returns whether it did.
 
-        The digest (a host copy and CRC of the parameters and optimizer state) is computed only
-        for a step that is saved.
+        Nothing is copied for a step that is not saved. For a saved step the call blocks while
+        orbax copies the arrays to the host; the digest (`tree_digest`: a host copy and CRC-32 of
+        the parameters and optimizer state) is computed in the save's commit thread from a device
+        copy of the arrays (the next train step donates theirs), and the `run` item holding it is
+        written before the step is renamed to its final name.
         """
         if not force and not self.manager.should_save(int(step)):
             return False
+        state = {PARAMS: params, OPT_STATE: opt_state}
+        addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params),
             OPT_STATE: ocp.args.StandardSave(opt_state),
             CONFIG: ocp.args.JsonSave(_jsonable(config)),
             DATA: ocp.args.JsonSave(_jsonable(position)),
-            RUN: ocp.args.JsonSave(_jsonable({**run, "step": int(step),
-                                              "digest": tree_digest({PARAMS: params, OPT_STATE: opt_state})})),
+            RUN: _RunRecordSave(_jsonable({**run, "step": int(step)}), _snapshot(state) if addressable else None),
             METRICS: ocp.args.JsonSave(_jsonable(metrics)),
         })
         return bool(self.manager.save(int(step), args=args, force=force))
