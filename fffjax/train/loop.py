@@ -31,12 +31,21 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Trains `trainer` for `config.steps` steps on `pipeline`, with checkpoints and metrics.
 
-    Writes `<out_dir>/metrics.jsonl` (one record per step: loss, accuracy, grad_norm, lr,
-    seconds, tokens_per_s; eval_* every `eval_every` steps and at the end), checkpoints under
-    `<out_dir>/checkpoints/` (see `fffjax.train.checkpoint.RunCheckpoints`) and `<out_dir>/loss.png`.
-    With `resume`, restarts from the latest readable checkpoint (parameters, optimizer, data
-    position, step) and drops metric records of later steps, so the continued log equals an
-    uninterrupted one.
+    Writes `<out_dir>/metrics.jsonl`, checkpoints under `<out_dir>/checkpoints/` (see
+    `fffjax.train.checkpoint.RunCheckpoints`) and `<out_dir>/loss.png`. One metrics record per step:
+    the objective's metrics (loss, accuracy, grad_norm), `lr`, eval_* every `eval_every` steps and
+    at the end, and where the time went:
+
+    - `step_s`: wall seconds of `trainer.step` (its metrics are fetched, so the step is done);
+      `tokens_per_s` is the batch's tokens over `step_s`;
+    - `checkpoint_s`: seconds in `RunCheckpoints.save` (near zero on steps it does not save);
+    - `wall_s`: seconds since the previous record was timed (data, step, evaluation, checkpoint,
+      logging); `wall_tokens_per_s` is the batch's tokens over `wall_s`, the loop's throughput.
+
+    A step's record is written after its checkpoint is saved. With `resume`, restarts from the
+    latest readable checkpoint (parameters, optimizer, data position, step), drops metric records of
+    later steps and restores the checkpoint's own record if a crash lost it, so the continued log
+    equals an uninterrupted one.
 
     Args:
         trainer: a `Trainer` (its state is replaced on resume).
@@ -60,6 +69,9 @@ def fit(
     lead = jax.process_index() == 0
     log = MetricsLog(out_dir / "metrics.jsonl")
     schedule = triangle_schedule(config.learning_rate, config.steps, config.peak_fraction)
+    # one device call for the whole table: a call of `schedule` per step would dispatch and wait
+    learning_rates = np.asarray(jax.jit(jax.vmap(schedule))(np.arange(config.steps)))
+    tokens = config.batch_size * tokens_per_example
     run = {"train": config.to_dict(), **(run_info or {})}
     position = initial_position(config.seed)
     start = 0
@@ -77,22 +89,29 @@ def fit(
                 print(f"resumed from {checkpoints.step_dir(start)}")
         if lead:
             log.truncate_after(start)
+            if restored is not None and restored["metrics"] and log.last_step() < start:
+                log.write(restored["metrics"])  # a crash between the save and the log line lost it
         bar = tqdm(total=config.steps, initial=start, disable=not (progress and lead), desc="train", unit="step")
+        timed = time.perf_counter()
         for step in range(start, config.steps):
             batch, position = pipeline.next(position)
             began = time.perf_counter()
             record = {"step": step + 1, **trainer.step(batch)}
-            seconds = time.perf_counter() - began
-            record.update(lr=float(schedule(step)), seconds=seconds,
-                          tokens_per_s=tokens_per_second(config.batch_size * tokens_per_example, seconds))
+            step_s = time.perf_counter() - began
+            record.update(lr=float(learning_rates[step]), step_s=step_s, tokens_per_s=tokens_per_second(tokens, step_s))
             last = step + 1 == config.steps
             if eval_batches is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 record.update({f"eval_{k}": v for k, v in trainer.evaluate(eval_batches()).items()})
-            if lead:
-                log.write(record)
+            began = time.perf_counter()
             checkpoints.save(step + 1, params=trainer.state["params"], opt_state=trainer.state["opt_state"],
                              position=position, config=model_config, run=run, metrics=record, force=last)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            now = time.perf_counter()
+            record.update(checkpoint_s=now - began, wall_s=now - timed,
+                          wall_tokens_per_s=tokens_per_second(tokens, now - timed))
+            timed = now
+            if lead:
+                log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             bar.update(1)
         bar.close()
     records = log.read() if log.path.exists() else []

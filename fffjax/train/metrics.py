@@ -23,6 +23,11 @@ class MetricsLog:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
+    def last_step(self) -> int:
+        """The step of the last record (0 when there is none)."""
+        records = self.read() if self.path.exists() else []
+        return int(records[-1].get("step", 0)) if records else 0
+
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(record)) + "\n")
