@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from _text_helpers import fake_text_cache
 from _train_helpers import SEQ, small_config
@@ -57,3 +58,42 @@ def test_pretrain_and_finetune_commands_end_to_end(tmp_path):
     assert isinstance(mlm, CrammedBertMLM) and isinstance(classifier, CrammedBertClassifier)
     assert classifier.encoder.embedding.dropout.deterministic and mlm.encoder.embedding.dropout.deterministic
     assert ft_tokenizer.specials == tokenizer.specials and tokenizer.mask_id == 4
+
+
+def test_random_token_rows_are_packed_rows_of_word_pieces():
+    from fffjax.data.tokenizer import WORDPIECE_SPECIALS
+    from fffjax.train.pretrain import random_token_rows
+
+    rows = random_token_rows(64, 16, 40, seed=3)
+    assert rows.shape == (64, 16) and rows.dtype == np.int32
+    assert (rows[:, 0] == WORDPIECE_SPECIALS.cls).all()
+    body = rows[:, 1:]
+    assert not np.isin(body, WORDPIECE_SPECIALS.ids).any() and body.max() < 40
+    assert set(np.unique(body)) == set(range(len(WORDPIECE_SPECIALS.ids), 40))  # every word piece drawn
+    np.testing.assert_array_equal(rows, random_token_rows(64, 16, 40, seed=3))
+    with pytest.raises(ValueError, match="vocab_size"):
+        random_token_rows(4, 16, 5)
+
+
+def test_pretrain_random_tokens_needs_no_corpus_or_tokenizer(tmp_path, monkeypatch):
+    import argparse
+
+    from fffjax.train import pretrain
+
+    monkeypatch.setenv("FFFJAX_DATA", str(tmp_path / "no-data"))
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    out = tmp_path / "run"
+    argv = ["--config", "tiny", "--random-tokens", "--steps", "3", "--batch-size", "8", "--seq-length", "32",
+            "--save-every", "2", "--out", str(out), "--no-progress"]
+    assert pretrain.run(parser.parse_args(argv)) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and not any("eval_loss" in r for r in records)
+    assert all(r["tokens_per_s"] > 0 and r["wall_tokens_per_s"] > 0 for r in records)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    assert not (out / "tokenizer").exists() and not (tmp_path / "no-data").exists()
+    from fffjax.train.checkpoint import load_params
+
+    assert load_params(out)[2]["run"]["data"] == "random-tokens"
+    with pytest.raises(ValueError, match="--random-tokens"):
+        pretrain.run(parser.parse_args([*argv, "--tokenizer", str(tmp_path)]))

@@ -2,6 +2,7 @@
 
     fffjax pretrain --config tiny --steps 600 --out runs/pretrain-tiny
     fffjax pretrain --config experiments/configs/pretrain_tiny.json
+    fffjax pretrain --config base --random-tokens --bf16 --steps 600   # throughput, no corpus needed
 
 ``--config`` is a model preset (``tiny``, ``tiny-dense``, ``base``, ``base-dense``), a model JSON
 (``ModelConfig`` or a published ``config.json``), or a run JSON ``{"model": NAME_OR_DICT,
@@ -13,6 +14,10 @@ rows; ``--tokenizer`` uses a given one instead (a tokenizer folder such as a pub
 ``tokenizer.json``), with its own special ids. The run folder gets ``metrics.jsonl``, ``loss.png``,
 ``checkpoints/<step>/`` (resumable: run the same command again to continue) and ``tokenizer/``
 (the tokenizer files, as transformers writes them).
+
+``--random-tokens`` trains on rows of uniformly random word pieces instead (the model's vocabulary,
+special ids as ``train_wordpiece`` lays them out), with no corpus, no tokenizer and no held-out
+evaluation: for measuring training throughput on a machine without the corpus.
 """
 
 import argparse
@@ -24,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jaxtyping import Int
 
 from fffjax.data import corpus, pipeline
-from fffjax.data.tokenizer import Tokenizer, train_wordpiece
+from fffjax.data.tokenizer import WORDPIECE_SPECIALS, SpecialTokens, Tokenizer, train_wordpiece
 
 HELP = "MLM-pretrain crammed BERT (FFF or dense twin) on the offline corpus, resumable"
 
@@ -120,6 +126,21 @@ def prepare_rows(cache: Path, sources: list[str], tokenizer: Tokenizer, seq_leng
     return rows
 
 
+RANDOM_ROWS = 8192  # rows of random word pieces that --random-tokens cycles through
+
+
+def random_token_rows(n: int, seq_length: int, vocab_size: int, *, specials: SpecialTokens = WORDPIECE_SPECIALS,
+                      seed: int = 0) -> Int[np.ndarray, "n seq_length"]:
+    """`(n, seq_length)` int32 rows laid out as packed corpus rows (`pipeline.pack_sequences`): the
+    `specials.cls` id, then word pieces drawn uniformly from the ids below `vocab_size` that are not special."""
+    words = specials.word_ids(vocab_size)
+    if seq_length < 2 or len(words) == 0:
+        raise ValueError(f"seq_length, vocab_size: expected at least 2 and more than the {len(specials.ids)} "
+                         f"special ids, got {seq_length}, {vocab_size}")
+    body = words[np.random.default_rng(seed).integers(0, len(words), size=(n, seq_length - 1))]
+    return np.concatenate([np.full((n, 1), specials.cls, np.int32), body], axis=1)
+
+
 def eval_batch_list(held_out: np.ndarray, batch_size: int, n_batches: int, tokenizer: Tokenizer) -> list[dict]:
     """Fixed held-out MLM batches (masking seeded once, the same for every evaluation and model)."""
     n = min(n_batches, len(held_out) // batch_size)
@@ -139,6 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"all: {list(corpus.SOURCES)})")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="use this tokenizer (folder or tokenizer.json) instead of training one on the corpus")
+    parser.add_argument("--random-tokens", action="store_true",
+                        help="train on uniformly random word pieces (no corpus, tokenizer or held-out evaluation): "
+                             "for measuring throughput")
 
 
 PRETRAIN_DEFAULTS = {"steps": 1000, "batch_size": 32, "learning_rate": 1e-3, "save_every": 100, "eval_every": 100}
@@ -159,32 +183,45 @@ def run(args: argparse.Namespace) -> int:
     if seq_length > model_config.max_seq_length:
         raise ValueError(f"--seq-length: at most the model's max_seq_length {model_config.max_seq_length}, "
                          f"got {seq_length}")
-    cache = args.cache or corpus.default_cache()
+    random_tokens = args.random_tokens
+    if random_tokens and (args.tokenizer or args.sources):
+        raise ValueError("--random-tokens: trains without a corpus or tokenizer; drop --tokenizer and --sources")
     out = args.out or Path("runs") / f"pretrain-{Path(str(args.config)).stem}"
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or prepare_tokenizer(cache, sources, model_config.vocab_size))
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"--tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
-                         f"{model_config.vocab_size}")
-    model_config = dataclasses.replace(model_config, pad_token_id=tokenizer.pad_id)
-    tokenizer.save_pretrained(out / "tokenizer")
-    rows = prepare_rows(cache, sources, tokenizer, seq_length)
-    train_rows, held_out = pipeline.split_holdout(rows, data["holdout"], seed=0)
-    vocab = tokenizer.vocab_size
-    batches = pipeline.mlm_pipeline(train_rows, config.batch_size, vocab_size=vocab, specials=tokenizer.specials)
-    eval_batches = eval_batch_list(held_out, config.batch_size, data["eval_batches"], tokenizer)
+    if random_tokens:
+        specials, vocab = WORDPIECE_SPECIALS, model_config.vocab_size
+        train_rows = random_token_rows(max(RANDOM_ROWS, config.batch_size), seq_length, vocab, seed=config.seed)
+        eval_batches = held_out = None
+        data_info = {"data": "random-tokens"}
+    else:
+        cache = args.cache or corpus.default_cache()
+        tokenizer = Tokenizer.from_pretrained(
+            args.tokenizer or prepare_tokenizer(cache, sources, model_config.vocab_size))
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"--tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                             f"{model_config.vocab_size}")
+        tokenizer.save_pretrained(out / "tokenizer")
+        specials, vocab = tokenizer.specials, tokenizer.vocab_size
+        rows = prepare_rows(cache, sources, tokenizer, seq_length)
+        train_rows, held_out = pipeline.split_holdout(rows, data["holdout"], seed=0)
+        eval_batches = eval_batch_list(held_out, config.batch_size, data["eval_batches"], tokenizer)
+        data_info = {"tokenizer": str((out / "tokenizer").absolute()), "sources": sources}
+    model_config = dataclasses.replace(model_config, pad_token_id=specials.pad)
+    batches = pipeline.mlm_pipeline(train_rows, config.batch_size, vocab_size=vocab, specials=specials)
 
     model = CrammedBertMLM(model_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     trainer = Trainer(model, mlm_objective, config)
-    print(f"pretrain {args.config}: {count_parameters(model):,} parameters, {len(train_rows):,} train rows of "
-          f"{seq_length} tokens ({len(held_out):,} held out), vocab {vocab}, mesh {dict(trainer.mesh.shape)}, "
-          f"out {out}")
+    held = "no held-out evaluation" if held_out is None else f"{len(held_out):,} held out"
+    print(f"pretrain {args.config}: {count_parameters(model):,} parameters, {len(train_rows):,} "
+          f"{'random ' if random_tokens else ''}train rows of {seq_length} tokens ({held}), vocab {vocab}, "
+          f"mesh {dict(trainer.mesh.shape)}, out {out}")
     records = fit(trainer, batches, out_dir=out, model_config=model_config.to_dict(),
-                  run_info={"command": "pretrain", "tokenizer": str((out / "tokenizer").absolute()), "sources": sources,
-                            "seq_length": seq_length, "config_arg": str(args.config)},
-                  eval_batches=lambda: eval_batches, resume=not args.no_resume, progress=not args.no_progress,
-                  tokens_per_example=seq_length, plot_title=f"MLM pretraining, {args.config}")
+                  run_info={"command": "pretrain", **data_info, "seq_length": seq_length,
+                            "config_arg": str(args.config)},
+                  eval_batches=None if eval_batches is None else lambda: eval_batches, resume=not args.no_resume,
+                  progress=not args.no_progress, tokens_per_example=seq_length,
+                  plot_title=f"MLM pretraining, {args.config}")
     final = records[-1] if records else {}
     summary = {k: final[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in final}
     (out / "summary.json").write_text(json.dumps(
