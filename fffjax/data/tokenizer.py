@@ -61,7 +61,8 @@ class SpecialTokens:
 
     def word_ids(self, vocab_size: int) -> Int[np.ndarray, " words"]:
         """`(vocab_size - n_special,)` int32: every id that is not special (MLM replacements)."""
-        return np.setdiff1d(np.arange(vocab_size, dtype=np.int32), np.asarray(self.ids, np.int32))
+        # np.delete, not np.setdiff1d: MLM masking calls this per batch, and setdiff1d sorts the vocabulary
+        return np.delete(np.arange(vocab_size, dtype=np.int32), [i for i in self.ids if 0 <= i < vocab_size])
 
 
 # The layout `train_wordpiece` produces; synthetic-token benchmarks use it too.
