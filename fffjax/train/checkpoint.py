@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -152,10 +151,13 @@ def _jsonable(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _snapshot(tree):
-    """A copy of every array of `tree` on its own device (numpy leaves copied on the host): values that
-    outlive the next train step, which donates the state's buffers."""
-    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else np.array(x, copy=True),
-                        tree)
+    """A copy of every array of `tree` that outlives the next train step (which donates the state's
+    buffers): jax arrays copied on their devices in one `device_put` (no compilation), others on the host."""
+    leaves, treedef = jax.tree.flatten(tree)
+    on_device = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
+    copies = iter(jax.device_put(on_device, [leaf.sharding for leaf in on_device], may_alias=False))
+    return jax.tree.unflatten(treedef, [next(copies) if isinstance(leaf, jax.Array) else np.array(leaf, copy=True)
+                                        for leaf in leaves])
 
 
 @dataclasses.dataclass
