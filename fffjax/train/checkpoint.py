@@ -30,6 +30,7 @@ checkpoint (config, parameter counts, step, metrics) without reading an array. `
 import dataclasses
 import json
 import shutil
+import threading
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -160,13 +161,20 @@ def _snapshot(tree):
                                         for leaf in leaves])
 
 
+# How long the digest waits for the save call to return before it starts anyway.
+DIGEST_START_TIMEOUT_S = 60.0
+
+
 @dataclasses.dataclass
 class _RunRecordSave(ocp.args.CheckpointArgs):
     """The `run` item: `record` (JSON) and the arrays whose `tree_digest` it gets under "digest"
-    (`None`: no digest, when the arrays are not all addressable by this process)."""
+    (`None`: no digest, when the arrays are not all addressable by this process). The digest starts
+    once `saved` is set: after orbax's blocking copy of the arrays to the host, which it would
+    otherwise share the device-to-host link with."""
 
     record: dict[str, Any]
     arrays: Any
+    saved: threading.Event
 
 
 class _RunRecordHandler(ocp.handlers.JsonCheckpointHandler):
@@ -179,6 +187,7 @@ class _RunRecordHandler(ocp.handlers.JsonCheckpointHandler):
             return await super().async_save(directory, item, args)
 
         async def write_with_digest():
+            args.saved.wait(DIGEST_START_TIMEOUT_S)
             digest = None if args.arrays is None else tree_digest(args.arrays)
             await self._save_fn({**args.record, "digest": digest}, directory)
 
@@ -200,11 +209,13 @@ class RunCheckpoints:
             raise ValueError(f"save_every, keep: expected positive ints, got {save_every}, {keep}")
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._async_save = async_save
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.LatestN(n=keep),
             save_decision_policy=policies.FixedIntervalPolicy(interval=save_every),
             enable_async_checkpointing=async_save,
+            enable_background_delete=async_save,
         )
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         run_handler = _RunRecordHandler()
@@ -217,24 +228,31 @@ class RunCheckpoints:
         """Saves when the interval policy (or `force`) says so; returns whether it did.
 
         Nothing is copied for a step that is not saved. For a saved step the call blocks while
-        orbax copies the arrays to the host; the digest (`tree_digest`: a host copy and CRC-32 of
-        the parameters and optimizer state) is computed in the save's commit thread from a device
-        copy of the arrays (the next train step donates theirs), and the `run` item holding it is
-        written before the step is renamed to its final name.
+        orbax copies the arrays to the host. The digest (`tree_digest`: a host copy and CRC-32 of
+        the parameters and optimizer state) runs in the save's commit thread once the call has
+        returned, on a device copy of the arrays (the next train step donates theirs); the `run`
+        item holding it is written before the step gets its final name.
         """
         if not force and not self.manager.should_save(int(step)):
             return False
         state = {PARAMS: params, OPT_STATE: opt_state}
         addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+        saved = threading.Event()
+        if not self._async_save:
+            saved.set()  # a synchronous save returns only after the digest
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params),
             OPT_STATE: ocp.args.StandardSave(opt_state),
             CONFIG: ocp.args.JsonSave(_jsonable(config)),
             DATA: ocp.args.JsonSave(_jsonable(position)),
-            RUN: _RunRecordSave(_jsonable({**run, "step": int(step)}), _snapshot(state) if addressable else None),
+            RUN: _RunRecordSave(_jsonable({**run, "step": int(step)}), _snapshot(state) if addressable else None,
+                                saved),
             METRICS: ocp.args.JsonSave(_jsonable(metrics)),
         })
-        return bool(self.manager.save(int(step), args=args, force=force))
+        try:
+            return bool(self.manager.save(int(step), args=args, force=force))
+        finally:
+            saved.set()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
