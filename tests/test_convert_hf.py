@@ -38,9 +38,10 @@ def _checkpoint(tmp_path, model):
 def test_hf_directory_layout(tmp_path):
     model = randomise_jax(CrammedBertMLM(TINY, rngs=nnx.Rngs(0)), seed=8)
     out = write_hf_dir(export_ultrafastbert(model), TINY, tmp_path / "hf", kind="mlm")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_crammed_bert.py"]
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["model_type"] == "crammedBERT" and config_json["architectures"] == ["ScriptableLMForPreTraining"]
+    assert config_json["auto_map"]["AutoModelForMaskedLM"] == "modeling_crammed_bert.CrammedBertForMaskedLM"
     assert config_json["arch"]["intermed_type"] == "fff" and config_json["arch"]["num_labels"] is None
     from safetensors import safe_open
 
@@ -62,7 +63,8 @@ def test_cli_export_import_inspect_round_trip(tmp_path, capsys):
     ids, mask = padded_batch(TINY, seed=11)
     expected = jax_logits(model, ids, mask)
 
-    for fmt, weights in [("safetensors", "model.safetensors"), ("pt", "pytorch_model.bin")]:
+    formats = [("hf", "model.safetensors"), ("safetensors", "model.safetensors"), ("pt", "pytorch_model.bin")]
+    for fmt, weights in formats:
         out = tmp_path / f"hf-{fmt}"
         assert main(["export", str(ckpt), str(out), "--format", fmt]) == 0
         assert (out / weights).is_file()
@@ -121,3 +123,20 @@ def test_training_run_directory_exports_its_latest_step(tmp_path):
     ids, mask = padded_batch(TINY, seed=13)
     np.testing.assert_allclose(torch_logits(torch_mlm(state_dict, config_json), ids, mask),
                                jax_logits(model, ids, mask), atol=ATOL, rtol=0)
+
+
+def test_export_writes_the_tokenizer_it_is_given(tmp_path):
+    from _text_helpers import cramming_style_tokenizer_folder, synthetic_text
+
+    from fffjax.cli import main
+    from fffjax.data.tokenizer import Tokenizer
+
+    (tmp_path / "text.txt").write_text(synthetic_text(100))
+    tokenizer_dir = cramming_style_tokenizer_folder([tmp_path / "text.txt"], tmp_path / "tok", vocab_size=80, seed=2)
+    ckpt = _checkpoint(tmp_path, CrammedBertMLM(TINY, rngs=nnx.Rngs(0)))
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]) == 0
+    written = Tokenizer.from_pretrained(tmp_path / "hf")
+    assert written.specials == Tokenizer.from_pretrained(tokenizer_dir).specials
+    small = dataclasses.replace(TINY, vocab_size=written.vocab_size - 1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        write_hf_dir({}, small, tmp_path / "small", kind="mlm", tokenizer=written)

@@ -10,6 +10,16 @@ A model directory as published (``pbelcak/UltraFastBERT-1x11-long``)::
 The published ``crammed_bert.py`` (its ``crammedBertConfig`` and ``ScriptableLM*`` classes,
 registered with the transformers Auto classes) loads such a directory with ``from_pretrained``.
 
+Every folder fffjax exports is that layout and also loads in transformers without cramming:
+``config.json`` adds an ``auto_map`` naming the classes of ``modeling_crammed_bert.py``
+(:mod:`fffjax.convert.modeling_crammed_bert`, copied beside the weights), so
+``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` / ``AutoModel``
+``.from_pretrained(folder, trust_remote_code=True)`` build the model with only torch and
+transformers installed, and the tokenizer files written beside it (``tokenizer.json``,
+``tokenizer_config.json``, ``special_tokens_map.json``) load with ``AutoTokenizer``. The format
+only picks the weights file: ``hf`` (the default) and ``safetensors`` write ``model.safetensors``,
+``pt`` writes ``pytorch_model.bin``; transformers and the published code read either.
+
 fffjax checkpoints (:mod:`fffjax.train.checkpoint`, which reads and writes them) are orbax
 directories with a ``params`` item (the model's ``nnx.Param`` state as a pure dict) and a
 ``config`` item (``ModelConfig.to_dict()``); a training run's ``<run>/checkpoints/<step>/`` has the
@@ -27,11 +37,20 @@ from flax import nnx
 
 from fffjax.convert.io import KEY_ORDER_METADATA, load
 from fffjax.convert.ultrafastbert import export_ultrafastbert, import_ultrafastbert
+from fffjax.data.tokenizer import Tokenizer
 from fffjax.models.config import ModelConfig
 from fffjax.train.checkpoint import load_checkpoint, save_checkpoint
 
-FORMATS = {"safetensors": "model.safetensors", "pt": "pytorch_model.bin"}
+FORMATS = {"hf": "model.safetensors", "safetensors": "model.safetensors", "pt": "pytorch_model.bin"}
 ARCHITECTURES = {"mlm": "ScriptableLMForPreTraining", "classifier": "ScriptableLMForSequenceClassification"}
+MODELING_FILE = Path(__file__).with_name("modeling_crammed_bert.py")
+# The transformers Auto classes -> the classes of MODELING_FILE that implement them.
+AUTO_MAP = {auto: f"{MODELING_FILE.stem}.{cls}" for auto, cls in [
+    ("AutoConfig", "CrammedBertConfig"),
+    ("AutoModel", "CrammedBertModel"),
+    ("AutoModelForMaskedLM", "CrammedBertForMaskedLM"),
+    ("AutoModelForSequenceClassification", "CrammedBertForSequenceClassification"),
+]}
 # The transformers release recorded in the published config.json (docs/conventions.md).
 TRANSFORMERS_VERSION = "4.49.0"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
@@ -41,7 +60,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "pytorch_m
 
 
 def hf_config(config: ModelConfig, kind: str) -> dict[str, Any]:
-    """The published ``config.json`` contents for ``config``."""
+    """The published ``config.json`` contents for ``config``, with the ``auto_map`` of
+    ``modeling_crammed_bert.py`` (which the published code ignores)."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"kind must be one of {sorted(ARCHITECTURES)}, got {kind!r}")
     arch = config.to_arch()
@@ -50,6 +70,7 @@ def hf_config(config: ModelConfig, kind: str) -> dict[str, Any]:
     return {
         "arch": arch,
         "architectures": [ARCHITECTURES[kind]],
+        "auto_map": dict(AUTO_MAP),
         "model_type": "crammedBERT",
         "torch_dtype": "float32",
         "transformers_version": TRANSFORMERS_VERSION,
@@ -69,12 +90,18 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig, out_dir, *, kind: str,
-                 fmt: str = "safetensors", overwrite: bool = False) -> Path:
-    """Write ``config.json`` and the weights file into ``out_dir`` (atomically: a temporary sibling
-    directory renamed into place). An existing ``out_dir`` is refused unless ``overwrite``.
+                 fmt: str = "hf", tokenizer: Tokenizer | None = None, overwrite: bool = False) -> Path:
+    """Write ``config.json``, the weights file, ``modeling_crammed_bert.py`` and, given a ``tokenizer``,
+    its files into ``out_dir`` (atomically: a temporary sibling directory renamed into place).
+
+    ``fmt`` picks the weights file (``FORMATS``). An existing ``out_dir`` is refused unless
+    ``overwrite``; a tokenizer with more tokens than the model's ``vocab_size`` is refused.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
+                         f"{config.vocab_size}")
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"OUT {out} already exists (pass --overwrite / overwrite=True to replace it)")
@@ -82,9 +109,12 @@ def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig, out_dir
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config(config, kind), indent=2) + "\n")
+        shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         # np.array(order="C"), not np.ascontiguousarray: the latter turns the 0-d norm_factor into (1,).
         arrays = {k: np.array(v, dtype=np.float32, order="C") for k, v in state_dict.items()}
-        if fmt == "safetensors":
+        if FORMATS[fmt].endswith(".safetensors"):
             import safetensors.numpy
 
             safetensors.numpy.save_file(arrays, str(tmp / FORMATS[fmt]), metadata={
@@ -128,11 +158,14 @@ def read_hf_dir(src_dir) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 # ----------------------------------------------------------------------------- commands
 
 
-def cmd_export(checkpoint, out_dir, fmt: str = "safetensors", overwrite: bool = False) -> Path:
-    """``fffjax export CHECKPOINT OUT_DIR``: write the published HF layout of a checkpoint's model."""
+def cmd_export(checkpoint, out_dir, fmt: str = "hf", overwrite: bool = False, *,
+               tokenizer: Tokenizer | None = None) -> Path:
+    """``fffjax export CHECKPOINT OUT_DIR``: a checkpoint's model as a folder in the published HF layout
+    that also loads in transformers (see the module docstring), with ``tokenizer``'s files if given
+    (the command passes the tokenizer stored with the checkpoint)."""
     model, info = load_checkpoint(checkpoint)
     return write_hf_dir(export_ultrafastbert(model), info["config"], out_dir, kind=info["kind"], fmt=fmt,
-                        overwrite=overwrite)
+                        tokenizer=tokenizer, overwrite=overwrite)
 
 
 def cmd_import(src_dir, out, overwrite: bool = False) -> Path:
