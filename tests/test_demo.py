@@ -74,8 +74,8 @@ def test_inspect_reads_the_demo_checkpoint_and_export_refuses_it(tiny_run, capsy
     assert cli.main(["inspect", str(result.checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "fffjax.nn.FFF" in out and "fff" in out and "ff" in out
-    with pytest.raises(ValueError, match="does not hold a crammed-BERT model"):
-        cli.main(["export", str(result.checkpoint), str(tmp_path / "hf")])
+    with pytest.raises(ValueError, match="holds the FFF-v1 and FF models of `fffjax demo`, not a crammed-BERT model"):
+        cli.main(["export", str(result.checkpoint.parent), str(tmp_path / "hf")])
 
 
 @pytest.mark.torch
