@@ -1,6 +1,10 @@
 """The `fffjax` command: `--version`, and user errors as one `fffjax: error:` line with status 2
 (tracebacks only with `--debug`; a bug keeps its traceback)."""
 
+import importlib.metadata
+import tomllib
+from pathlib import Path
+
 import jax.numpy as jnp
 import pytest
 
@@ -8,12 +12,31 @@ import fffjax
 from fffjax import cli
 from fffjax.train.checkpoint import PARAMS, save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"fffjax {fffjax.__version__}\n"
+
+
+def test_the_version_has_one_source():
+    """pyproject reads the version from `fffjax.__version__`; the installed metadata agrees with it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fffjax.__version__"}
+    assert importlib.metadata.version("fffjax") == fffjax.__version__
+
+
+def test_license_metadata():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the fffjax authors\n")
+    for upstream in ("pbelcak/fastfeedforward", "pbelcak/UltraFastBERT", "JonasGeiping/cramming"):
+        assert upstream in text
 
 
 def _user_error(capsys, argv) -> str:
