@@ -19,10 +19,13 @@ stored in the `run` item and checked on restore in single-process runs) fails to
 `CheckpointCorruptError` naming the directory; `RunCheckpoints.restore_latest` then warns and falls
 back to the next older step.
 
-Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, or the latest step
-of a run), `load_params` reads its parameters as host arrays with its config and run record,
-`load_checkpoint` rebuilds the crammed-BERT model it holds, and `inspect_checkpoint` describes any
-checkpoint (config, parameter counts, step, metrics) without reading an array. `fffjax export`,
+Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, the one in an
+`fffjax demo` output folder, or the latest step of a run), `load_params` reads its parameters as
+host arrays with its config and run record, `load_checkpoint` rebuilds the crammed-BERT model it
+holds, and `inspect_checkpoint` describes any checkpoint (config, parameter counts, step, metrics)
+without reading an array. They read only the `params` and `config` items (and the run record as
+plain JSON), raise `FileNotFoundError` saying what a path is when it is no checkpoint, and
+`CheckpointCorruptError` naming the checkpoint when an item cannot be read. `fffjax export`,
 `fffjax inspect` and `fffjax finetune` read checkpoints through these functions.
 """
 
