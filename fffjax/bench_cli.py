@@ -53,9 +53,5 @@ def run(args: argparse.Namespace) -> int:
         for name, (_, description) in available.items():
             print(f"  {name:{width}}  {description}")
         return 0
-    try:
-        name = resolve(args.name, available)
-    except ValueError as error:
-        print(f"fffjax bench: {error}", file=sys.stderr)
-        return 2
+    name = resolve(args.name, available)  # an unknown name: `fffjax: error: ...`, status 2 (fffjax.cli)
     return subprocess.run([sys.executable, str(available[name][0]), *args.args], check=False).returncode

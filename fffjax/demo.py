@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments; returns the exit status."""
     for name, low in (("epochs", 1), ("leaf_width", 1), ("hardening_epochs", 0), ("depth", 0)):
         if getattr(args, name) < low:
-            raise SystemExit(f"fffjax demo: --{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     result = run_demo(DemoConfig(
         out=args.out, seed=args.seed, epochs=args.epochs, hardening_epochs=args.hardening_epochs,
         depth=args.depth, leaf_width=args.leaf_width))

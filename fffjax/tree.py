@@ -48,11 +48,72 @@ def check_inputs(x, width: int, width_name: str) -> None:
         raise ValueError(f"x must have shape (..., {width}) to match {width_name}, got {tuple(x.shape)}")
 
 
-def check_shape(name: str, a, expected: tuple, detail: str = "") -> None:
+def check_shape(name: str, a, expected: tuple, detail: str = "", *, explain_count=None) -> None:
     """Refuse array ``a`` (argument ``name``) unless its shape is ``expected`` (``detail`` is appended
-    to the message, e.g. which depth the shape follows from)."""
+    to the message, e.g. which depth the shape follows from).
+
+    ``explain_count(n) -> str`` (:func:`explain_v2_rows`, :func:`explain_v1_count`) takes the place of
+    ``detail`` when the leading axis, a node or leaf count, is what differs: it says which depth or
+    tree count ``n`` is.
+    """
     if tuple(a.shape) != tuple(expected):
+        if explain_count is not None and a.ndim == len(expected) and a.shape[0] != expected[0]:
+            detail = f": {explain_count(a.shape[0])}"
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(a.shape)}{detail}")
+
+
+def _depth_of(count: int, sizes) -> int | None:
+    """The depth ``d >= 0`` with ``sizes(d) == count``, or None (``sizes`` grows with ``d``)."""
+    depth = 0
+    while sizes(depth) < count:
+        depth += 1
+    return depth if sizes(depth) == count else None
+
+
+def _plural(count: int, noun: str, nouns: str | None = None) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {nouns or noun + 's'}"
+
+
+def explain_v2_rows(rows: int, *, depth: int, n_trees: int, unit: tuple[str, str] = ("row", "rows")) -> str:
+    """Why ``rows`` node rows (``unit``: what is counted, singular and plural) do not fit ``depth``
+    and ``n_trees``, in words: the depth or tree count they are, and the count ``depth`` and
+    ``n_trees`` expect.
+
+    Appended to a shape error, so that a depth-3 tree passed with ``depth=4`` is refused as such:
+    ``15 rows is a depth-3 tree (2**(depth+1)-1 = 15 nodes per tree x n_trees=1); depth=4 expects 31``.
+    """
+    per_tree = v2_nodes_per_tree(depth)
+    readings, disagree = [], []
+    if rows > 0 and rows % n_trees == 0:
+        found = _depth_of(rows // n_trees, v2_nodes_per_tree)
+        if found is not None and found != depth:
+            trees = "a depth-{0} tree" if n_trees == 1 else f"{n_trees} depth-{{0}} trees"
+            readings.append(trees.format(found) + f" (2**(depth+1)-1 = {_plural(rows // n_trees, 'node')} per tree "
+                            f"x n_trees={n_trees})")
+            disagree.append(f"depth={depth}")
+    if rows > 0 and rows % per_tree == 0 and rows // per_tree != n_trees:
+        readings.append(f"{_plural(rows // per_tree, 'tree')} of depth {depth} ({_plural(per_tree, 'node')} each)")
+        disagree.append(f"n_trees={n_trees}")
+    if not readings:
+        readings.append(f"not {_plural(n_trees, 'whole tree')} of any depth (2**(depth+1)-1 nodes per tree)")
+        disagree = [f"depth={depth}", f"n_trees={n_trees}"]
+    expect = "expects" if len(disagree) == 1 else "expect"
+    return f"{_plural(rows, *unit)} is {' or '.join(readings)}; {', '.join(disagree)} {expect} {n_trees * per_tree}"
+
+
+def explain_v1_count(count: int, *, depth: int, leaves: bool) -> str:
+    """Why ``count`` FFF-v1 routing nodes (``leaves``: leaves) do not fit ``depth``, in words: the depth
+    they are, and the count ``depth`` expects (``4 leaves is a depth-2 tree (2**depth = 4 leaves);
+    depth=3 expects 8``)."""
+    sizes = (lambda d: 2**d) if leaves else (lambda d: 2**d - 1)
+    formula, noun = ("2**depth", ("leaf", "leaves")) if leaves else ("2**depth - 1", ("node", "nodes"))
+    found = _depth_of(count, sizes) if count > 0 else None
+    if found is None:
+        reading = f"not {formula} {noun[1]} for any depth"
+    else:
+        reading = f"a depth-{found} tree ({formula} = {_plural(count, *noun)})"
+    counted = _plural(count, *noun) if leaves else _plural(count, "node row")
+    return f"{counted} is {reading}; depth={depth} expects {sizes(depth)}"
 
 
 def num_nodes(levels: int) -> int:

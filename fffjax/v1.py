@@ -145,21 +145,26 @@ def check_arguments(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: 
     tree.check_depth(depth)
     n_nodes, n_leaves = tree.v1_sizes(depth)
     detail = f" (depth={depth})"
-    if getattr(w1s, "ndim", None) != 3 or w1s.shape[0] != n_leaves:
+    nodes = functools.partial(tree.explain_v1_count, depth=depth, leaves=False)
+    leaves = functools.partial(tree.explain_v1_count, depth=depth, leaves=True)
+    if getattr(w1s, "ndim", None) != 3:
         raise ValueError(f"w1s must have shape ({n_leaves}, in, width), got {tuple(getattr(w1s, 'shape', ()))}{detail}")
+    if w1s.shape[0] != n_leaves:
+        raise ValueError(f"w1s must have shape ({n_leaves}, in, width), got {tuple(w1s.shape)}: {leaves(w1s.shape[0])}")
     din, width = w1s.shape[1], w1s.shape[2]
     if x is not None:
         tree.check_inputs(x, din, "w1s.shape[1]")
-    tree.check_shape("node_weights", node_weights, (n_nodes, din), detail)
+    tree.check_shape("node_weights", node_weights, (n_nodes, din), detail, explain_count=nodes)
     if node_biases.ndim == 2:
-        tree.check_shape("node_biases", node_biases, (n_nodes, 1), detail)
+        tree.check_shape("node_biases", node_biases, (n_nodes, 1), detail, explain_count=nodes)
         node_biases = node_biases[:, 0]
-    tree.check_shape("node_biases", node_biases, (n_nodes,), detail)
-    tree.check_shape("b1s", b1s, (n_leaves, width), detail)
+    tree.check_shape("node_biases", node_biases, (n_nodes,), detail, explain_count=nodes)
+    tree.check_shape("b1s", b1s, (n_leaves, width), detail, explain_count=leaves)
     if getattr(w2s, "ndim", None) != 3 or w2s.shape[:2] != (n_leaves, width):
-        raise ValueError(f"w2s must have shape ({n_leaves}, {width}, out), "
-                         f"got {tuple(getattr(w2s, 'shape', ()))}{detail}")
-    tree.check_shape("b2s", b2s, (n_leaves, w2s.shape[2]), detail)
+        shape = tuple(getattr(w2s, "shape", ()))
+        why = f": {leaves(shape[0])}" if len(shape) == 3 and shape[0] != n_leaves else detail
+        raise ValueError(f"w2s must have shape ({n_leaves}, {width}, out), got {shape}{why}")
+    tree.check_shape("b2s", b2s, (n_leaves, w2s.shape[2]), detail, explain_count=leaves)
     return node_biases
 
 

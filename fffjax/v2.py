@@ -66,14 +66,21 @@ def check_arguments(x, w_in, b_in, w_out, *, depth: int, n_trees: int) -> None:
     tree.check_n_trees(n_trees)
     n = n_trees * tree.v2_nodes_per_tree(depth)
     detail = f" (depth={depth}, n_trees={n_trees}: K * (2**(depth+1) - 1) = {n} node rows)"
+
+    def explain(unit):
+        return functools.partial(tree.explain_v2_rows, depth=depth, n_trees=n_trees, unit=unit)
+
     if getattr(w_in, "ndim", None) != 2:
         raise ValueError(f"w_in must have shape ({n}, H), got {tuple(getattr(w_in, 'shape', ()))}{detail}")
-    tree.check_shape("w_in", w_in, (n, w_in.shape[1]), detail)
+    tree.check_shape("w_in", w_in, (n, w_in.shape[1]), detail, explain_count=explain(("row", "rows")))
     if x is not None:
         tree.check_inputs(x, w_in.shape[1], "w_in.shape[1]")
-    tree.check_shape("b_in", b_in, (n,), detail)
-    if getattr(w_out, "ndim", None) != 2 or w_out.shape[0] != n:
+    tree.check_shape("b_in", b_in, (n,), detail, explain_count=explain(("entry", "entries")))
+    if getattr(w_out, "ndim", None) != 2:
         raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(getattr(w_out, 'shape', ()))}{detail}")
+    if w_out.shape[0] != n:
+        raise ValueError(f"w_out must have shape ({n}, H_out), got {tuple(w_out.shape)}: "
+                         + explain(("row", "rows"))(w_out.shape[0]))
 
 
 def path_from_logits(

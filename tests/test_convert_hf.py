@@ -77,10 +77,12 @@ def test_cli_export_import_inspect_round_trip(tmp_path, capsys):
         assert info["config"] == TINY and info["kind"] == "mlm"
         np.testing.assert_allclose(jax_logits(imported, ids, mask), expected, atol=1e-6, rtol=0)
 
-    with pytest.raises(FileExistsError, match="already exists"):
-        main(["export", str(ckpt), str(tmp_path / "hf-pt")])
-    with pytest.raises(FileExistsError, match="already exists"):
-        main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt")])
+    capsys.readouterr()
+    assert main(["export", str(ckpt), str(tmp_path / "hf-pt")]) == 2  # a user error: one line on stderr
+    err = capsys.readouterr().err
+    assert err.startswith("fffjax: error: ") and "already exists" in err
+    assert main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt")]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "hf-pt"), str(tmp_path / "back-pt"), "--overwrite"]) == 0
 
     capsys.readouterr()

@@ -70,12 +70,20 @@ def test_export_holds_the_checkpointed_parameters(tiny_run):
 
 def test_inspect_reads_the_demo_checkpoint_and_export_refuses_it(tiny_run, capsys, tmp_path):
     _, result, _ = tiny_run
-    capsys.readouterr()
-    assert cli.main(["inspect", str(result.checkpoint)]) == 0
-    out = capsys.readouterr().out
-    assert "fffjax.nn.FFF" in out and "fff" in out and "ff" in out
-    with pytest.raises(ValueError, match="does not hold a crammed-BERT model"):
-        cli.main(["export", str(result.checkpoint), str(tmp_path / "hf")])
+    for path in (result.checkpoint, result.checkpoint.parent):  # the checkpoint, or the demo's --out folder
+        capsys.readouterr()
+        assert cli.main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert f"checkpoint  {result.checkpoint}" in out and "fffjax.nn.FFF" in out
+        assert " fff " in out and " ff " in out  # parameter counts of both models
+        assert cli.main(["export", str(path), str(tmp_path / "hf")]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "Traceback" not in captured.err
+        assert captured.err.count("\n") == 1 and captured.err.startswith(
+            f"fffjax: error: checkpoint {result.checkpoint} holds the FFF-v1 and FF models of `fffjax demo`, "
+            "not a crammed-BERT model (the only kind `fffjax export` writes")
+        assert str(result.checkpoint.parent / "fff.safetensors") in captured.err  # the demo's own export
+        assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.torch
@@ -94,9 +102,9 @@ def test_cli_lists_demo_and_rejects_bad_options(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     assert "demo" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--depth must be >= 0"):
-        cli.main(["demo", "--depth", "-1"])
-    with pytest.raises(SystemExit, match="--leaf-width must be >= 1"):
-        cli.main(["demo", "--leaf-width", "0"])
+    assert cli.main(["demo", "--depth", "-1"]) == 2
+    assert capsys.readouterr().err == "fffjax: error: --depth must be >= 0, got -1\n"
+    assert cli.main(["demo", "--leaf-width", "0"]) == 2
+    assert capsys.readouterr().err == "fffjax: error: --leaf-width must be >= 1, got 0\n"
     with pytest.raises(SystemExit):  # argparse: missing command
         cli.main([])

@@ -1,5 +1,7 @@
 """Checkpoints: exact round trips, config, atomic writes, the run digest, reading any checkpoint."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 
 from fffjax.nn import FFF
 from fffjax.train import checkpoint
+from fffjax.train.checkpoint import PARAMS
 
 
 def _params():
@@ -127,6 +130,60 @@ def test_cli_inspect_and_export_of_a_checkpoint_without_crammed_bert(tmp_path, c
     path, _, _ = _flat_checkpoint(tmp_path)
     assert main(["inspect", str(path)]) == 0
     assert "fffjax.nn.FFF" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=f"checkpoint {path} does not hold a crammed-BERT model"):
-        main(["export", str(path), str(tmp_path / "hf")])
+    assert main(["export", str(path), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.startswith(f"fffjax: error: checkpoint {path} does not hold a crammed-BERT model")
     assert not (tmp_path / "hf").exists()
+
+
+def test_resolve_checkpoint_finds_demo_folders_and_run_steps(tmp_path):
+    demo_out = tmp_path / "demo"
+    checkpoint.save_checkpoint(demo_out / "checkpoint", _params(), {"v": 1})
+    assert checkpoint.resolve_checkpoint(demo_out) == demo_out / "checkpoint"
+    for step in (2, 10):
+        checkpoint.save_checkpoint(tmp_path / "run" / "checkpoints" / str(step), _params(), {"step": step})
+    (tmp_path / "run" / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # a save in progress
+    assert checkpoint.resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "10"
+    assert checkpoint.resolve_checkpoint(tmp_path / "run" / "checkpoints" / "2").name == "2"
+
+
+def test_resolve_checkpoint_says_what_a_path_is_instead(tmp_path):
+    cases = {"missing": "does not exist", "file.json": "is a file", "hf": "is a Hugging Face folder",
+             "run": "has no complete step checkpoint", "empty": "is neither an fffjax checkpoint"}
+    (tmp_path / "file.json").write_text("{}")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for name, message in cases.items():
+        with pytest.raises(FileNotFoundError, match=message):
+            checkpoint.resolve_checkpoint(tmp_path / name)
+
+
+def test_reading_a_damaged_checkpoint_names_it(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", _params(), {"v": 1})
+    (path / "config" / "metadata").write_text("{truncated")
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"checkpoint {path} is unreadable"):
+        checkpoint.read_config(path)
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt2", _params(), {"v": 1})
+    chunks = [f for f in (path / PARAMS).rglob("*") if f.is_file() and f.parent.name == "d"]  # tensorstore's data
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"\0" * 3)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"checkpoint {path} is unreadable"):
+        checkpoint.restore_checkpoint(path)
+
+
+def test_reading_a_training_step_reads_only_params_and_config(tmp_path, caplog):
+    """Loading a step of a run reads its params and config items and no other (no orbax warnings about
+    opt_state, data, run or metrics items it has no handler for)."""
+    params = _params()
+    with checkpoint.RunCheckpoints(tmp_path / "checkpoints", save_every=1, async_save=False) as run:
+        run.save(1, params=params, opt_state={"mu": jnp.zeros((3, 4))}, position={"epoch": 0, "index": 1, "seed": 0},
+                 config={"v": 1}, run={"command": "test"}, metrics={"loss": 1.0})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        restored, config, record = checkpoint.load_params(tmp_path)
+        info = checkpoint.inspect_checkpoint(tmp_path)
+    assert config == {"v": 1} and record["step"] == 1 and info["parameters"]["total"] == 3 * 4 + 5 + 2
+    np.testing.assert_array_equal(restored["layer"]["b"], np.arange(5))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -15,6 +15,27 @@ def test_sizes():
         tree.v1_sizes(-1)
 
 
+def test_explain_v2_rows_names_the_depth_or_tree_count_the_rows_are():
+    assert tree.explain_v2_rows(15, depth=4, n_trees=1) == (
+        "15 rows is a depth-3 tree (2**(depth+1)-1 = 15 nodes per tree x n_trees=1); depth=4 expects 31")
+    assert tree.explain_v2_rows(14, depth=2, n_trees=1) == (
+        "14 rows is 2 trees of depth 2 (7 nodes each); n_trees=1 expects 7")
+    assert tree.explain_v2_rows(21, depth=0, n_trees=3) == (  # either reading fits: both are given
+        "21 rows is 3 depth-2 trees (2**(depth+1)-1 = 7 nodes per tree x n_trees=3) or 21 trees of depth 0 "
+        "(1 node each); depth=0, n_trees=3 expect 3")
+    assert tree.explain_v2_rows(10, depth=2, n_trees=1, unit=("entry", "entries")) == (
+        "10 entries is not 1 whole tree of any depth (2**(depth+1)-1 nodes per tree); depth=2, n_trees=1 expect 7")
+
+
+def test_explain_v1_count_names_the_depth_the_count_is():
+    assert tree.explain_v1_count(4, depth=3, leaves=True) == (
+        "4 leaves is a depth-2 tree (2**depth = 4 leaves); depth=3 expects 8")
+    assert tree.explain_v1_count(1, depth=2, leaves=False) == (
+        "1 node row is a depth-1 tree (2**depth - 1 = 1 node); depth=2 expects 3")
+    assert tree.explain_v1_count(5, depth=3, leaves=True) == (
+        "5 leaves is not 2**depth leaves for any depth; depth=3 expects 8")
+
+
 def test_children_and_parents_are_inverse():
     nodes = np.arange(100)
     for right in (0, 1):

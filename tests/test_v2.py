@@ -282,3 +282,17 @@ def test_routing_margin_is_the_smallest_logit_on_the_paths():
     # A token put exactly on a root's boundary has margin 0.
     x0 = x.at[0].set(-p["b_in"][0] * p["w_in"][0] / jnp.sum(p["w_in"][0] ** 2))
     assert float(v2.routing_margin(x0, p["w_in"], p["b_in"], depth=depth, n_trees=n_trees)[0]) < 1e-6
+
+
+def test_weights_of_another_depth_or_tree_count_are_refused_as_such():
+    """Depth-3 weights passed with depth=4 (the issue's example) are named a depth-3 tree, not only a wrong shape."""
+    w_in, b_in, w_out = np.zeros((15, 8), np.float32), np.zeros((15,), np.float32), np.zeros((15, 8), np.float32)
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError) as error:
+        fff_v2_hard(x, w_in, b_in, w_out, depth=4)
+    assert str(error.value) == ("w_in must have shape (31, 8), got (15, 8): 15 rows is a depth-3 tree "
+                                "(2**(depth+1)-1 = 15 nodes per tree x n_trees=1); depth=4 expects 31")
+    with pytest.raises(ValueError, match=r"15 rows is 1 tree of depth 3 \(15 nodes each\); n_trees=2 expects 30$"):
+        v2.check_arguments(x, w_in, b_in, w_out, depth=3, n_trees=2)
+    with pytest.raises(ValueError, match=r"b_in must have shape \(15,\), got \(7,\): 7 entries is a depth-2 tree"):
+        v2.check_arguments(x, w_in, b_in[:7], w_out, depth=3, n_trees=1)

@@ -20,13 +20,17 @@ stored in the `run` item and checked on restore in single-process runs) fails to
 back to the next older step. The digest is computed only for a step that is saved, in the background
 part of the save (see `RunCheckpoints.save`), so training does not wait for it.
 
-Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, or the latest step
-of a run), `load_params` reads its parameters as host arrays with its config and run record,
-`load_checkpoint` rebuilds the crammed-BERT model it holds, and `inspect_checkpoint` describes any
-checkpoint (config, parameter counts, step, metrics) without reading an array. `fffjax export`,
+Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, the one in an
+`fffjax demo` output folder, or the latest step of a run), `load_params` reads its parameters as
+host arrays with its config and run record, `load_checkpoint` rebuilds the crammed-BERT model it
+holds, and `inspect_checkpoint` describes any checkpoint (config, parameter counts, step, metrics)
+without reading an array. They read only the `params` and `config` items (and the run record as
+plain JSON), raise `FileNotFoundError` saying what a path is when it is no checkpoint, and
+`CheckpointCorruptError` naming the checkpoint when an item cannot be read. `fffjax export`,
 `fffjax inspect` and `fffjax finetune` read checkpoints through these functions.
 """
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -56,7 +60,6 @@ class CheckpointCorruptError(RuntimeError):
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    # Named handlers so that metadata() can describe the params item without a target.
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
         PARAMS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}))
 
@@ -94,12 +97,41 @@ def save_checkpoint(path: str | Path, params: Any, config: dict, *, overwrite: b
     return path
 
 
+@contextlib.contextmanager
+def _unreadable_as_corrupt(path: Path):
+    """Turns any failure to read the checkpoint at ``path`` into a `CheckpointCorruptError` naming it
+    (orbax and tensorstore raise many types for damaged files)."""
+    try:
+        yield
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise CheckpointCorruptError(
+            f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line})") from error
+
+
 def read_config(path: str | Path) -> dict:
-    """The JSON config of the checkpoint at ``path``, without reading any array."""
-    with _checkpointer() as checkpointer:
-        restored = checkpointer.restore(
-            Path(path).absolute(), args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-    return dict(restored[CONFIG])
+    """The JSON config of the checkpoint at ``path``, without reading any array.
+
+    Raises:
+        CheckpointCorruptError: when the config item is missing or unreadable.
+    """
+    path = Path(path).absolute()
+    with _unreadable_as_corrupt(path):
+        items = _read_json_items(path, (CONFIG,))
+        if CONFIG not in items:
+            raise FileNotFoundError(f"no {CONFIG} item")
+    return dict(items[CONFIG])
+
+
+def _params_metadata(path: Path) -> Any:
+    """The tree of array metadata (shape, dtype) of the checkpoint's ``params`` item.
+
+    The item is read through its own handler, not the composite one: that one warns about every
+    other item of a training step (``opt_state``, ``data``, ...) it has no handler for.
+    """
+    with _unreadable_as_corrupt(path), contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+        tree = handler.metadata(path / PARAMS)
+    return getattr(tree, "tree", tree)
 
 
 def restore_checkpoint(path: str | Path, target: Any | None = None) -> tuple[Any, dict]:
@@ -113,19 +145,22 @@ def restore_checkpoint(path: str | Path, target: Any | None = None) -> tuple[Any
 
     Returns:
         ``(params, config)``.
+
+    Raises:
+        FileNotFoundError: when ``path`` holds no ``params/``.
+        CheckpointCorruptError: naming ``path`` when its items cannot be read.
     """
     path = Path(path).absolute()
     if not (path / PARAMS).is_dir():
         raise FileNotFoundError(f"path {path} is not a checkpoint written by save_checkpoint (no {PARAMS}/)")
-    with _checkpointer() as checkpointer:
-        if target is None:
-            tree = checkpointer.metadata(path).item_metadata[PARAMS].tree
-            abstract = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype), tree)
-        else:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = checkpointer.restore(path, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(abstract), CONFIG: ocp.args.JsonRestore()}))
-    return restored[PARAMS], dict(restored[CONFIG])
+    config = read_config(path)
+    if target is None:
+        abstract = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype), _params_metadata(path))
+    else:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    with _unreadable_as_corrupt(path), contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+        params = handler.restore(path / PARAMS, args=ocp.args.StandardRestore(abstract))
+    return params, config
 
 
 # --------------------------------------------------------------------------- integrity
@@ -334,16 +369,32 @@ class RunCheckpoints:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory (holding ``params/``) that ``path`` names: itself, or the latest step
-    of a training run (``path/<step>/`` or ``path/checkpoints/<step>/``)."""
+    """The checkpoint directory (holding ``params/``) that ``path`` names: itself, the checkpoint of
+    an `fffjax demo` output folder (``path/checkpoint/``), or the latest step of a training run
+    (``path/<step>/`` or ``path/checkpoints/<step>/``).
+
+    Raises:
+        FileNotFoundError: a one-line message saying what ``path`` is instead (missing, a file, a
+            Hugging Face folder, a run without steps, ...).
+    """
     path = Path(path).absolute()
-    if (path / PARAMS).is_dir():
-        return path
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / PARAMS).is_dir():
+            return candidate
     for root in (path / "checkpoints", path):
         if root.is_dir():
             steps = [p for p in root.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()]
             if steps:
                 return max(steps, key=lambda p: int(p.name))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a file; an fffjax checkpoint is a directory holding {PARAMS}/")
+    if (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a Hugging Face folder, not an fffjax checkpoint; "
+                                f"`fffjax import {path} OUT` reads a published-layout folder into one")
+    if (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"run directory {path} has no complete step checkpoint in checkpoints/ yet")
     raise FileNotFoundError(
         f"checkpoint {path} is neither an fffjax checkpoint (no {PARAMS}/) nor a run directory with step checkpoints")
 
@@ -380,7 +431,8 @@ def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelCon
 
     Accepts a `ModelConfig` dict, a published ``config.json`` dict (with an ``arch`` block), or a
     run JSON's ``{"model": {...}}``. Raises ``ValueError`` naming the checkpoint ``path`` for any
-    other config (for example `fffjax demo`'s, which holds FFF-v1 and FF parameter dicts).
+    other config; for `fffjax demo`'s (FFF-v1 and FF parameter dicts, their ``specs`` in the config)
+    the message says so and where the demo's own export of its FFF-v1 is.
     """
     if isinstance(config.get("model"), Mapping):
         config = config["model"]
@@ -389,6 +441,12 @@ def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelCon
         return ModelConfig.from_dict({k: v for k, v in config.items() if k in names})
     if "arch" in config:
         return ModelConfig.from_arch(config)
+    if config.get("model") == "fffjax.nn.FFF" and "specs" in config:
+        raise ValueError(
+            f"checkpoint {path} holds the FFF-v1 and FF models of `fffjax demo`, not a crammed-BERT model (the only "
+            "kind `fffjax export` writes and `fffjax finetune --init` reads); `fffjax demo` exports its FFF-v1 "
+            f"itself, to fastfeedforward's layout: {Path(path).parent / 'fff.safetensors'} "
+            "(in Python: fffjax.convert.export_fastfeedforward)")
     described = f" (its config names model {config['model']!r})" if "model" in config else ""
     raise ValueError(f"checkpoint {path} does not hold a crammed-BERT model{described}: its config has neither "
                      "vocab_size nor an arch block; `fffjax inspect` describes any checkpoint")
@@ -431,9 +489,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     ``parameters`` counts the total and each top-level group (``encoder.*`` one level deeper).
     """
     step_dir = resolve_checkpoint(checkpoint)
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(step_dir / PARAMS).item_metadata
-    tree = getattr(tree, "tree", tree)
+    tree = _params_metadata(step_dir)
     counts: dict[str, int] = {}
 
     def walk(node, prefix):
