@@ -191,24 +191,29 @@ void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t
   }
 }
 
-int thread_count(int64_t tokens) {
-  // FFFJAX_CPU_THREADS=n asks for n threads (each still gets at least 64 tokens).
+// Threads for `items` units of work, each thread taking at least `per_thread` of them: below that,
+// starting a thread costs more than it saves (tens of microseconds; on a busy machine a new thread
+// may wait milliseconds for a core). FFFJAX_CPU_THREADS=n asks for n threads (each still gets at
+// least `forced_min` items).
+int thread_count(int64_t items, int64_t per_thread, int64_t forced_min) {
   if (const char* env = std::getenv("FFFJAX_CPU_THREADS")) {
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), tokens / 64)));
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), items / forced_min)));
   }
-  // Below 2 * 2048 tokens one thread is the answer (see below): skip the core count, whose lookup
-  // (/sys reads, a syscall) costs microseconds, as much as a small call's work.
-  if (tokens < 2 * 2048) return 1;
+  // One thread: skip the core count, whose lookup (/sys reads, a syscall) costs microseconds, as
+  // much as a small call's work.
+  if (items < 2 * per_thread) return 1;
   int n = static_cast<int>(std::thread::hardware_concurrency());
 #if defined(__linux__)
   cpu_set_t allowed;  // honour taskset / cgroup CPU affinity
   if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) n = CPU_COUNT(&allowed);
 #endif
   n = std::max(1, n);
-  // Below ~2048 tokens per thread, starting threads costs more than it saves (on a busy machine a
-  // new thread may wait milliseconds for a core).
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, tokens / 2048)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, items / per_thread)));
 }
+
+// FFF-v2 tokens per thread: a 1x11 layer over H = 768 takes ~2 us a token on one thread, so 512
+// tokens (~1 ms) repay a second thread; the 128 tokens of one sequence do not.
+constexpr int64_t kTokensPerThread = 512;
 
 // Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
 // threads (the caller's included): on a shared machine a descheduled thread does not hold the
@@ -249,7 +254,7 @@ bool order_by_node(const int32_t* node, int64_t tokens, int64_t level, std::vect
 void run(const Problem& p) {
   const int64_t levels = p.levels();
   const int64_t top = std::max<int64_t>(0, levels - kSortedLevels);
-  const int threads = thread_count(p.tokens);
+  const int threads = thread_count(p.tokens, kTokensPerThread, 64);
   // FFFJAX_CPU_SORT=0 walks every level in token order (for measuring what the sort buys).
   const char* sort_env = std::getenv("FFFJAX_CPU_SORT");
   const bool sort = !(sort_env && std::atoi(sort_env) == 0);
@@ -509,9 +514,9 @@ void v1_samples(const ProblemV1& p, int64_t begin, int64_t end, float* hidden) {
 }
 
 void run_v1(const ProblemV1& p) {
-  // A v1 sample costs about as much as a v2 token (a few hundred to a few thousand multiply-adds),
-  // so thread_count's 2048 samples per thread applies: the digits demo's 450 run on one thread.
-  const int threads = thread_count(p.samples);
+  // A v1 sample at the package's sizes costs a few hundred to a few thousand multiply-adds: 2048
+  // samples per thread (the digits demo's 450 run on one thread).
+  const int threads = thread_count(p.samples, 2048, 64);
   parallel_for(threads, p.samples, kBlock, [&](int64_t b, int64_t e) {
     std::vector<float> hidden(kGroupV1 * p.width);
     v1_samples(p, b, e, hidden.data());
