@@ -601,7 +601,14 @@ inline void row_block(const float* const* a, const float* b, int64_t ldb, int64_
   }
   for (int64_t i = 0; i < k; ++i) {
     v16 bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = load16(b + i * ldb + c0 + 16 * j);
+    for (int j = 0; j < NV; ++j) {
+      bv[j] = load16(b + i * ldb + c0 + 16 * j);
+#if defined(__AVX512F__)
+      // Keep the vector in a register: left alone, GCC folds the load into each of the R FMAs that
+      // use it, and the loads, not the FMAs, then bound the loop.
+      asm("" : "+v"(bv[j]));
+#endif
+    }
     for (int r = 0; r < R; ++r) {
       const float s = a[r][i];
       for (int j = 0; j < NV; ++j) acc[r][j] += s * bv[j];
@@ -639,27 +646,41 @@ struct AttentionProblem {
   float scale;
 };
 
-// Scratch of one thread: K transposed (d, seq16), V (seq, d16) and the probabilities of a block of
-// query rows (kQueryRows, seq16), zero beyond seq and d.
+// Scratch of one thread: K transposed (d, seq16), V (seq, d16), the key bias of the current sequence
+// (seq16, -inf beyond seq) and the probabilities and context of a block of query rows; zero beyond
+// seq and d.
 struct AttentionScratch {
-  std::vector<float> kt, v, probs, ctx;
+  std::vector<float> kt, v, bias, probs, ctx;
   AttentionScratch(const AttentionProblem& p)
-      : kt(p.d * round16(p.seq)), v(p.seq * round16(p.d)), probs(kQueryRows * round16(p.seq)),
+      : kt(p.d * round16(p.seq)), v(p.seq * round16(p.d)),
+        bias(round16(p.seq), -std::numeric_limits<float>::infinity()), probs(kQueryRows * round16(p.seq)),
         ctx(kQueryRows * round16(p.d)) {}
 };
 
-// Softmax of one row of scores in place: s = score * scale + key_bias over the seq keys, then
-// exp(s - max) / sum; the padding lanes beyond seq become 0. Compiled without fused multiply-adds:
-// XLA rounds score * scale before adding the bias, and beside a bias of -10000 (a padded key) one
-// rounding less moves s by up to 1e-3, which a fully padded sequence's softmax would show.
-__attribute__((optimize("fp-contract=off"))) void softmax_row(float* row, const float* key_bias, int64_t seq, float scale) {
-  const int64_t seq16 = round16(seq);
-  float max = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < seq; ++t) {
-    row[t] = row[t] * scale + key_bias[t];
-    max = std::max(max, row[t]);
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// row = row * scale + bias over seq16 lanes, both steps rounded as XLA rounds them: compiled without
+// fused multiply-adds, since beside a bias of -10000 (a padded key) one rounding less moves the sum
+// by up to 1e-3, which a fully padded sequence's softmax would show. Returns the largest sum.
+__attribute__((optimize("fp-contract=off"))) float scale_and_bias(float* row, const float* bias, int64_t seq16,
+                                                                   float scale) {
+  v16 max = v16{} - std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < seq16; t += 16) {
+    const v16 s = load16(row + t) * scale + load16(bias + t);
+    store16(row + t, s);
+    max = s > max ? s : max;
   }
-  for (int64_t t = seq; t < seq16; ++t) row[t] = -std::numeric_limits<float>::infinity();
+  return hmax(max);
+}
+
+// Softmax of one row of seq16 scores in place: s = score * scale + bias (bias -inf in the padding
+// lanes, which become 0), then exp(s - max) / sum.
+void softmax_row(float* row, const float* bias, int64_t seq16, float scale) {
+  const float max = scale_and_bias(row, bias, seq16, scale);
   v16 sum = v16{};
   for (int64_t t = 0; t < seq16; t += 16) {
     const v16 e = exp16(load16(row + t) - max);
@@ -676,13 +697,20 @@ void attention_head(const AttentionProblem& p, int64_t b, int64_t n, AttentionSc
   const int64_t seq = p.seq, d = p.d, seq16 = round16(seq), d16 = round16(d);
   const int64_t row_stride = 3 * p.heads * d;
   const float* base = p.qkv + b * seq * row_stride + 3 * d * n;
+  constexpr int64_t kAhead = 8;  // rows 9 KB apart (base): the hardware prefetchers do not follow
   for (int64_t t = 0; t < seq; ++t) {
+    if (t + kAhead < seq) {
+      const char* next = reinterpret_cast<const char*>(base + (t + kAhead) * row_stride + d);
+      for (int64_t byte = 0; byte < int64_t{2} * d * int64_t{sizeof(float)}; byte += 64) {
+        __builtin_prefetch(next + byte);
+      }
+    }
     const float* k = base + t * row_stride + d;
     const float* v = k + d;
     for (int64_t i = 0; i < d; ++i) s.kt[i * seq16 + t] = k[i];
     std::memcpy(s.v.data() + t * d16, v, d * sizeof(float));
   }
-  const float* bias = p.key_bias + b * seq;
+  std::memcpy(s.bias.data(), p.key_bias + b * seq, seq * sizeof(float));
   for (int64_t q0 = 0; q0 < seq; q0 += kQueryRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kQueryRows, seq - q0));
     const float* qs[kQueryRows];
@@ -696,7 +724,7 @@ void attention_head(const AttentionProblem& p, int64_t b, int64_t n, AttentionSc
       ctx_rows[r] = s.ctx.data() + r * d16;
     }
     row_product<kQueryRows>(qs, s.kt.data(), seq16, d, seq16, prob_rows);
-    for (int r = 0; r < rows; ++r) softmax_row(prob_rows[r], bias, seq, p.scale);
+    for (int r = 0; r < rows; ++r) softmax_row(prob_rows[r], s.bias.data(), seq16, p.scale);
     row_product<kQueryRows>(ps, s.v.data(), d16, seq, d16, ctx_rows);
     for (int r = 0; r < rows; ++r) {
       std::memcpy(p.out + ((b * seq + q0 + r) * p.heads + n) * d, ctx_rows[r], d * sizeof(float));
