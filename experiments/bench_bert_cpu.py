@@ -24,9 +24,13 @@ classifier head (pooler and head). Their sum is set beside the whole forward.
 The script waits (up to ``--wait-s``) until the 1-minute load average is below ``--max-load`` before it
 measures, and records the load averages before and after.
 
-Run (about 10 minutes on 2 cores; writes ``experiments/results/bert_cpu.{json,md,png}``)::
+Run (about 6 minutes on 2 cores; writes ``experiments/results/bert_cpu.{json,md,png}``)::
 
     python experiments/bench_bert_cpu.py
+
+Redraw the md and png from the json::
+
+    python experiments/bench_bert_cpu.py --from-json experiments/results/bert_cpu.json
 
 Smoke run (the tiny pair, seconds)::
 
@@ -34,6 +38,7 @@ Smoke run (the tiny pair, seconds)::
 """
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -266,13 +271,30 @@ def ratios(rows: list[dict], fff: str, dense: str) -> list[dict]:
     return out
 
 
+def parts_summary(part_rows: list[dict], fff: str, dense: str) -> str:
+    """One paragraph: how much faster the feedforward got, and what share of the FFF model's time the
+    parts both models share take (which bounds the speed-up of the whole)."""
+    ms = {(r["model"], r["part"]): r["ms"] for r in part_rows}
+    total = sum(v for (model, _), v in ms.items() if model == fff)
+    ffn_fff, ffn_dense = ms[fff, "feedforward"], ms[dense, "feedforward"]
+    shared = total - ffn_fff
+    projections = ms[fff, "qkv projection"] + ms[fff, "output projection"]
+    bound = (shared + ffn_dense) / shared
+    return (f"The FFF feedforward takes {ffn_fff:.1f} ms against the dense one's {ffn_dense:.1f} ms "
+            f"({ffn_dense / ffn_fff:.0f}x less). What both models share takes {shared:.0f} of the FFF model's "
+            f"{total:.0f} ms ({100 * shared / total:.0f}%): the attention projections {projections:.0f} ms "
+            f"({100 * projections / total:.0f}%, dense matmuls at the rate of the dense feedforward's), attention "
+            f"{ms[fff, 'attention']:.0f} ms, norms {ms[fff, 'norms + residual']:.0f} ms. With a feedforward that "
+            f"cost nothing, these parts would allow {bound:.2f}x.")
+
+
 def markdown(report: dict) -> str:
     fff, dense = report["config"], report["dense_config"]
     machine = report["machine"]
     lines = [f"# UltraFastBERT `{fff}` vs `{dense}` on the CPU, end to end", "",
              bench.provenance_line(report) + f" {machine['cpu_model']}, {machine['cores']} cores; "
-             f"1-minute load average {report['load_before'][0]:.2f} before, {report['load_after'][0]:.2f} after; "
-             f"XLA_FLAGS `{report['xla_flags'] or '(none)'}`.", "",
+             f"1-minute load average {report['load_before'][0]:.2f} before, {report['load_after'][0]:.2f} after "
+             f"(this run's own busy cores included); XLA_FLAGS `{report['xla_flags'] or '(none)'}`.", "",
              f"float32, random weights, eval mode, {report['seq']} tokens per sequence; the FFF layers through "
              "`cpu_ffi` (the C++ kernel). *encode*: `model.encode`; *classifier*: encoder + pooled head. Each a jitted "
              "function of the model's state (weights as arguments). Wall-clock ms per call (one call per sample, "
@@ -316,7 +338,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| **sum of parts** | | **{totals[fff]:.1f}** | | **{totals[dense]:.1f}** | |")
         if fff in whole and dense in whole:
             lines.append(f"| whole classifier (table above) | | {whole[fff]:.1f} | | {whole[dense]:.1f} | |")
-        lines.append("")
+        lines += ["", parts_summary(part_rows, fff, dense), ""]
     if report.get("attention_check"):
         lines += ["Attention implementations agree (largest difference from the first, 2 sequences, one half "
                   "padded): " + "; ".join(f"{model} {a}: encoder {d['encode_max_abs_diff']:.1e}, "
@@ -364,8 +386,9 @@ def plot(report: dict):
     return fig
 
 
-def write(report: dict, out: Path, *, png: bool = True) -> None:
-    bench.write_results(out, NAME, report=report, markdown=markdown(report), figure=plot(report) if png else None)
+def write(report: dict, out: Path, *, png: bool = True, with_json: bool = True) -> None:
+    bench.write_results(out, NAME, report=report if with_json else None, markdown=markdown(report),
+                        figure=plot(report) if png else None)
 
 
 # ----------------------------------------------------------------------------- main
@@ -427,7 +450,11 @@ def main(argv=None) -> None:
     ap.add_argument("--max-load", type=float, default=0.7, help="wait until the 1-minute load average is below this")
     ap.add_argument("--wait-s", type=float, default=1200.0, help="longest wait for a quiet machine")
     ap.add_argument("--out", default=str(RESULTS), help=f"folder of {NAME}.json/.md/.png")
+    ap.add_argument("--from-json", default=None, metavar="JSON", help=f"redraw {NAME}.md and .png from a json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        write(json.loads(Path(args.from_json).read_text()), Path(args.out), with_json=False)
+        return
     args.dense_config = args.dense_config or f"{args.config}-dense"
     run(args, argv)
     bench.log(f"done: {Path(args.out) / NAME}.{{json,md,png}}")
