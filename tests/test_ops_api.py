@@ -169,7 +169,7 @@ def test_layer_norm_names_the_bad_argument():
         ops.layer_norm(jnp.ones((2, 24), jnp.int32), scale, bias, eps=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas", "cpu_ffi"])
 def test_attention_matches_the_einsum_form(implementation):
     batch, seq, heads, width = 2, 9, 3, 8
     qkv = jax.random.normal(jax.random.key(1), (batch, seq, 3 * heads * width))

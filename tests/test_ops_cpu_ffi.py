@@ -1,6 +1,6 @@
-"""fffjax.ops.cpu_ffi, the C++ CPU custom calls of ``fff_v2_hard`` and ``fff_v1_hard``: the thread
-split, bfloat16, gradients, declining (so that "xla" answers), compilation caching, the build cache
-folder. The cases it shares with the "xla" implementation are in test_ops_xla.py."""
+"""fffjax.ops.cpu_ffi, the C++ CPU custom calls of ``fff_v2_hard``, ``fff_v1_hard`` and ``attention``: the
+thread split, bfloat16, gradients, declining (so that "xla" answers), compilation caching, the build
+cache folder. The cases it shares with the "xla" implementation are in test_ops_xla.py."""
 
 import functools
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from _cpu_kernel_helpers import assert_close, problem, skip_unless_built, v1_problem
 
-from fffjax import v1, v2
-from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry
+from fffjax import ops, v1, v2
+from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry, xla
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
@@ -113,3 +113,84 @@ def test_cpu_ffi_v1_no_recompile_across_calls_of_one_shape():
         x, weights = v1_problem(seed, 16, 24, 8, 10, 2)
         fff_v1_hard(x, *weights, depth=2, implementation="cpu_ffi").block_until_ready()
     assert cpu_ffi.fff_v1_hard_cpu._cache_size() == size
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_problem(seed: int, batch: int, seq: int, heads: int, width: int):
+    """A fused projection ``(batch, seq, 3 * heads * width)`` and a key bias with -10000 at padding: the
+    last sequence fully padded (a uniform softmax), the others with random padding."""
+    k = jax.random.split(jax.random.key(seed), 2)
+    qkv = 2.0 * jax.random.normal(k[0], (batch, seq, 3 * heads * width))
+    padded = jax.random.uniform(k[1], (batch, seq)) < 0.3
+    padded = padded.at[-1].set(True) if batch > 1 else padded
+    return qkv, jnp.where(padded, -10000.0, 0.0)
+
+
+# Shapes that reach every path of the kernel: query blocks of 4 with a short last block, key and value
+# widths not a multiple of 16 (zero-padded lanes), 1 to 4 vectors per column block, several blocks.
+ATTENTION_SHAPES = [(2, 9, 3, 8), (1, 1, 1, 4), (3, 37, 2, 20), (2, 130, 2, 72), (2, 128, 12, 64)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_cpu_ffi_attention_matches_xla(shape):
+    skip_unless_built("cpu_ffi")
+    batch, seq, heads, width = shape
+    qkv, key_bias = attention_problem(sum(shape), *shape)
+    scale = width ** -0.5
+    for bias in (key_bias, None):
+        actual = ops.attention(qkv, bias, num_heads=heads, scale=scale, implementation="cpu_ffi")
+        expected = xla.attention(qkv, bias, num_heads=heads, scale=scale)
+        assert actual.shape == (batch, seq, heads * width)
+        if bias is None or batch == 1:
+            assert_close(actual, expected)
+            continue
+        assert_close(actual[:-1], expected[:-1])
+        # The fully padded sequence: every score sits beside -10000, where a float32 step is 1e-3, so
+        # the two kernels' summation orders may round a score a step apart.
+        assert_close(actual[-1], expected[-1], rel=5e-3)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_attention_thread_split(monkeypatch, threads):
+    """The split of (sequence, head) pairs over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+    skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    qkv, key_bias = attention_problem(7, 5, 33, 3, 16)
+    actual = ops.attention(qkv, key_bias, num_heads=3, scale=0.25, implementation="cpu_ffi")
+    assert_close(actual, xla.attention(qkv, key_bias, num_heads=3, scale=0.25))
+
+
+def test_cpu_ffi_attention_bfloat16_computes_in_float32():
+    skip_unless_built("cpu_ffi")
+    qkv, key_bias = attention_problem(11, 2, 20, 2, 16)
+    qkv16 = qkv.astype(jnp.bfloat16)
+    actual = ops.attention(qkv16, key_bias, num_heads=2, scale=0.25, implementation="cpu_ffi")
+    assert actual.dtype == jnp.bfloat16
+    expected = xla.attention(qkv16.astype(jnp.float32), key_bias, num_heads=2, scale=0.25)
+    assert_close(actual, expected, rel=1e-2)
+
+
+def test_cpu_ffi_attention_gradients_equal_xla():
+    skip_unless_built("cpu_ffi")
+    qkv, key_bias = attention_problem(13, 2, 11, 2, 8)
+    cotangent = jax.random.normal(jax.random.key(14), (2, 11, 16))
+
+    def loss(implementation, qkv, key_bias):
+        out = ops.attention(qkv, key_bias, num_heads=2, scale=0.3, implementation=implementation)
+        return jnp.sum(out * cotangent)
+
+    grads = jax.grad(functools.partial(loss, "cpu_ffi"), argnums=(0, 1))(qkv, key_bias)
+    expected = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(qkv, key_bias)
+    assert not np.allclose(np.asarray(expected[0]), 0.0)
+    for g, e in zip(grads, expected):
+        assert_close(g, e)
+
+
+def test_cpu_ffi_attention_declines_what_it_does_not_compute():
+    """Integer inputs (or no compiler, or another backend) make it raise NotImplementedError, the
+    registry's signal to fall back; the CPU's default for attention stays "xla"."""
+    with pytest.raises(NotImplementedError):
+        cpu_ffi.registered_fn_attention(jnp.zeros((1, 4, 6), jnp.int32), None, num_heads=2, scale=1.0)
+    assert registry.candidates("attention", None, jnp.float32, {}) == ("xla",)

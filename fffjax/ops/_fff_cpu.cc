@@ -1,4 +1,4 @@
-// FFF-v2 and FFF-v1 hard forwards on the CPU as XLA FFI custom calls (float32).
+// FFF-v2 and FFF-v1 hard forwards and attention on the CPU as XLA FFI custom calls (float32).
 //
 // FFF-v2 (FffV2HardF32):
 // Per token and tree: walk the D+1 levels, one dot product with the node's w_in row per level
@@ -20,6 +20,14 @@
 // or 8 columns packs several rows per vector instead), kGroupV1 samples interleaved so that their
 // independent FMA chains hide each other's latency. At the digits demo's size (450 samples, 64 in,
 // depth 3, width 8, 10 out) the call costs ~5 us plus ~100 cycles per sample.
+//
+// Attention (AttentionF32): crammed BERT's bidirectional attention read from the fused projection
+// qkv (B, S, 3H) as it is (head n's q, k, v at columns 3dn + [0, d), [d, 2d), [2d, 3d)), an additive
+// bias per key, float32 softmax; context (B, S, H). One (sequence, head) pair at a time, pairs split
+// over threads: K transposed and V copied into zero-padded scratch, then blocks of kQueryRows query
+// rows: scores against every key (a register-blocked product with K^T), softmax, the weighted sum of V
+// rows (the same product with V). XLA's form instead copies q, k, v and the probabilities into
+// head-major layouts around two batched matmuls.
 //
 // Built by fffjax/ops/cpu_ffi.py with the machine's g++ (-O3 -march=native) at first use.
 
@@ -191,24 +199,29 @@ void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t
   }
 }
 
-int thread_count(int64_t tokens) {
-  // FFFJAX_CPU_THREADS=n asks for n threads (each still gets at least 64 tokens).
+// Threads for `items` units of work, each thread taking at least `per_thread` of them: below that,
+// starting a thread costs more than it saves (tens of microseconds; on a busy machine a new thread
+// may wait milliseconds for a core). FFFJAX_CPU_THREADS=n asks for n threads (each still gets at
+// least `forced_min` items).
+int thread_count(int64_t items, int64_t per_thread, int64_t forced_min) {
   if (const char* env = std::getenv("FFFJAX_CPU_THREADS")) {
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), tokens / 64)));
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoi(env), items / forced_min)));
   }
-  // Below 2 * 2048 tokens one thread is the answer (see below): skip the core count, whose lookup
-  // (/sys reads, a syscall) costs microseconds, as much as a small call's work.
-  if (tokens < 2 * 2048) return 1;
+  // One thread: skip the core count, whose lookup (/sys reads, a syscall) costs microseconds, as
+  // much as a small call's work.
+  if (items < 2 * per_thread) return 1;
   int n = static_cast<int>(std::thread::hardware_concurrency());
 #if defined(__linux__)
   cpu_set_t allowed;  // honour taskset / cgroup CPU affinity
   if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) n = CPU_COUNT(&allowed);
 #endif
   n = std::max(1, n);
-  // Below ~2048 tokens per thread, starting threads costs more than it saves (on a busy machine a
-  // new thread may wait milliseconds for a core).
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, tokens / 2048)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, items / per_thread)));
 }
+
+// FFF-v2 tokens per thread: a 1x11 layer over H = 768 takes ~2 us a token on one thread, so 512
+// tokens (~1 ms) repay a second thread; the 128 tokens of one sequence do not.
+constexpr int64_t kTokensPerThread = 512;
 
 // Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
 // threads (the caller's included): on a shared machine a descheduled thread does not hold the
@@ -249,7 +262,7 @@ bool order_by_node(const int32_t* node, int64_t tokens, int64_t level, std::vect
 void run(const Problem& p) {
   const int64_t levels = p.levels();
   const int64_t top = std::max<int64_t>(0, levels - kSortedLevels);
-  const int threads = thread_count(p.tokens);
+  const int threads = thread_count(p.tokens, kTokensPerThread, 64);
   // FFFJAX_CPU_SORT=0 walks every level in token order (for measuring what the sort buys).
   const char* sort_env = std::getenv("FFFJAX_CPU_SORT");
   const bool sort = !(sort_env && std::atoi(sort_env) == 0);
@@ -509,9 +522,9 @@ void v1_samples(const ProblemV1& p, int64_t begin, int64_t end, float* hidden) {
 }
 
 void run_v1(const ProblemV1& p) {
-  // A v1 sample costs about as much as a v2 token (a few hundred to a few thousand multiply-adds),
-  // so thread_count's 2048 samples per thread applies: the digits demo's 450 run on one thread.
-  const int threads = thread_count(p.samples);
+  // A v1 sample at the package's sizes costs a few hundred to a few thousand multiply-adds: 2048
+  // samples per thread (the digits demo's 450 run on one thread).
+  const int threads = thread_count(p.samples, 2048, 64);
   parallel_for(threads, p.samples, kBlock, [&](int64_t b, int64_t e) {
     std::vector<float> hidden(kGroupV1 * p.width);
     v1_samples(p, b, e, hidden.data());
@@ -549,6 +562,206 @@ ffi::Error FffV1HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> node_wei
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------- attention
+
+// exp(x) for x <= 88 (0 below -87.3): 2^n * exp(r) with n = round(x / ln 2) and
+// r = x - n ln 2 (ln 2 in two parts) in [-ln2/2, ln2/2], exp(r) by Cephes' degree-6 polynomial (about
+// 1 ulp in float32).
+inline v16 exp16(v16 x) {
+  typedef int32_t v16i __attribute__((vector_size(64)));
+  const v16 small = x < -87.3f ? v16{} + 1.0f : v16{};  // lanes whose exp underflows to 0
+  x = x < -87.3f ? v16{} - 87.3f : x;
+  x = x > 88.0f ? v16{} + 88.0f : x;
+  const v16 shifter = v16{} + 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
+  const v16 t = x * 1.44269504088896341f + shifter;
+  const v16 n = t - shifter;
+  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 poly = v16{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return small != 0.0f ? v16{} : poly * scale;
+}
+
+// out[r][c] (+)= sum_i a[r][i] * b[i * ldb + c] for R rows and columns c in [c0, c0 + 16 * NV): the
+// R x NV accumulators stay in registers while the k rows of b stream past (each loaded vector of b
+// serves R rows, each broadcast element of a row serves NV vectors).
+template <int R, int NV>
+inline void row_block(const float* const* a, const float* b, int64_t ldb, int64_t k, int64_t c0,
+                      float* const* out) {
+  v16 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    v16 bv[NV];
+    for (int j = 0; j < NV; ++j) {
+      bv[j] = load16(b + i * ldb + c0 + 16 * j);
+#if defined(__AVX512F__)
+      // Keep the vector in a register: left alone, GCC folds the load into each of the R FMAs that
+      // use it, and the loads, not the FMAs, then bound the loop.
+      asm("" : "+v"(bv[j]));
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = a[r][i];
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * bv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NV; ++j) store16(out[r] + c0 + 16 * j, acc[r][j]);
+  }
+}
+
+// The (R rows x width) product of row_block over all columns, width a multiple of 16, 64 at a time.
+template <int R>
+inline void row_product(const float* const* a, const float* b, int64_t ldb, int64_t k, int64_t width,
+                        float* const* out) {
+  int64_t c = 0;
+  for (; c + 64 <= width; c += 64) row_block<R, 4>(a, b, ldb, k, c, out);
+  switch ((width - c) / 16) {
+    case 3: row_block<R, 3>(a, b, ldb, k, c, out); break;
+    case 2: row_block<R, 2>(a, b, ldb, k, c, out); break;
+    case 1: row_block<R, 1>(a, b, ldb, k, c, out); break;
+    default: break;
+  }
+}
+
+// Query rows per block: 4 rows x 4 vectors = 16 accumulators of the 32 AVX-512 registers.
+constexpr int kQueryRows = 4;
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+struct AttentionProblem {
+  const float* qkv;       // (batch, seq, 3 * heads * d), head n's q, k, v at columns 3dn + [0, d), [d, 2d), [2d, 3d)
+  const float* key_bias;  // (batch, seq)
+  float* out;             // (batch, seq, heads * d)
+  int64_t batch, seq, heads, d;
+  float scale;
+};
+
+// Scratch of one thread: K transposed (d, seq16), V (seq, d16), the key bias of the current sequence
+// (seq16, -inf beyond seq) and the probabilities and context of a block of query rows; zero beyond
+// seq and d.
+struct AttentionScratch {
+  std::vector<float> kt, v, bias, probs, ctx;
+  AttentionScratch(const AttentionProblem& p)
+      : kt(p.d * round16(p.seq)), v(p.seq * round16(p.d)),
+        bias(round16(p.seq), -std::numeric_limits<float>::infinity()), probs(kQueryRows * round16(p.seq)),
+        ctx(kQueryRows * round16(p.d)) {}
+};
+
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// row = row * scale + bias over seq16 lanes, both steps rounded as XLA rounds them: compiled without
+// fused multiply-adds, since beside a bias of -10000 (a padded key) one rounding less moves the sum
+// by up to 1e-3, which a fully padded sequence's softmax would show. Returns the largest sum.
+__attribute__((optimize("fp-contract=off"))) float scale_and_bias(float* row, const float* bias, int64_t seq16,
+                                                                   float scale) {
+  v16 max = v16{} - std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < seq16; t += 16) {
+    const v16 s = load16(row + t) * scale + load16(bias + t);
+    store16(row + t, s);
+    max = s > max ? s : max;
+  }
+  return hmax(max);
+}
+
+// Softmax of one row of seq16 scores in place: s = score * scale + bias (bias -inf in the padding
+// lanes, which become 0), then exp(s - max) / sum.
+void softmax_row(float* row, const float* bias, int64_t seq16, float scale) {
+  const float max = scale_and_bias(row, bias, seq16, scale);
+  v16 sum = v16{};
+  for (int64_t t = 0; t < seq16; t += 16) {
+    const v16 e = exp16(load16(row + t) - max);
+    store16(row + t, e);
+    sum += e;
+  }
+  const float inv = 1.0f / hsum(sum);
+  for (int64_t t = 0; t < seq16; t += 16) store16(row + t, load16(row + t) * inv);
+}
+
+// Attention of one (sequence b, head n): K and V gathered into the scratch, then kQueryRows query
+// rows at a time: scores against every key, softmax, the weighted sum of V rows.
+void attention_head(const AttentionProblem& p, int64_t b, int64_t n, AttentionScratch& s) {
+  const int64_t seq = p.seq, d = p.d, seq16 = round16(seq), d16 = round16(d);
+  const int64_t row_stride = 3 * p.heads * d;
+  const float* base = p.qkv + b * seq * row_stride + 3 * d * n;
+  constexpr int64_t kAhead = 8;  // rows 9 KB apart (base): the hardware prefetchers do not follow
+  for (int64_t t = 0; t < seq; ++t) {
+    if (t + kAhead < seq) {
+      const char* next = reinterpret_cast<const char*>(base + (t + kAhead) * row_stride + d);
+      for (int64_t byte = 0; byte < int64_t{2} * d * int64_t{sizeof(float)}; byte += 64) {
+        __builtin_prefetch(next + byte);
+      }
+    }
+    const float* k = base + t * row_stride + d;
+    const float* v = k + d;
+    for (int64_t i = 0; i < d; ++i) s.kt[i * seq16 + t] = k[i];
+    std::memcpy(s.v.data() + t * d16, v, d * sizeof(float));
+  }
+  std::memcpy(s.bias.data(), p.key_bias + b * seq, seq * sizeof(float));
+  for (int64_t q0 = 0; q0 < seq; q0 += kQueryRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kQueryRows, seq - q0));
+    const float* qs[kQueryRows];
+    const float* ps[kQueryRows];
+    float* prob_rows[kQueryRows];
+    float* ctx_rows[kQueryRows];
+    for (int r = 0; r < kQueryRows; ++r) {
+      qs[r] = base + (q0 + std::min(r, rows - 1)) * row_stride;  // a short block repeats its last row
+      prob_rows[r] = s.probs.data() + r * seq16;
+      ps[r] = prob_rows[r];
+      ctx_rows[r] = s.ctx.data() + r * d16;
+    }
+    row_product<kQueryRows>(qs, s.kt.data(), seq16, d, seq16, prob_rows);
+    for (int r = 0; r < rows; ++r) softmax_row(prob_rows[r], s.bias.data(), seq16, p.scale);
+    row_product<kQueryRows>(ps, s.v.data(), d16, seq, d16, ctx_rows);
+    for (int r = 0; r < rows; ++r) {
+      std::memcpy(p.out + ((b * seq + q0 + r) * p.heads + n) * d, ctx_rows[r], d * sizeof(float));
+    }
+  }
+}
+
+// Multiply-adds per thread below which a second thread does not pay (about 0.1 ms of work).
+constexpr int64_t kAttentionWorkPerThread = int64_t{1} << 22;
+
+void run_attention(const AttentionProblem& p) {
+  const int64_t units = p.batch * p.heads;
+  const int64_t work_per_unit = 2 * p.seq * p.seq * p.d;
+  const int threads = units == 0 ? 1 : thread_count(units * work_per_unit, kAttentionWorkPerThread, work_per_unit);
+  parallel_for(threads, units, 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch scratch(p);
+    for (int64_t u = begin; u < end; ++u) attention_head(p, u / p.heads, u % p.heads, scratch);
+  });
+}
+
+ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> key_bias,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t num_heads, float scale) {
+  if (qkv.dimensions().size() != 3 || key_bias.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("fffjax_attention: qkv must be 3-D and key_bias 2-D");
+  }
+  const int64_t batch = qkv.dimensions()[0], seq = qkv.dimensions()[1], three_h = qkv.dimensions()[2];
+  if (num_heads < 1 || three_h % (3 * num_heads) != 0) {
+    return ffi::Error::InvalidArgument("fffjax_attention: 3 * num_heads must divide qkv's last axis");
+  }
+  if (key_bias.dimensions()[0] != batch || key_bias.dimensions()[1] != seq) {
+    return ffi::Error::InvalidArgument("fffjax_attention: key_bias must have shape (batch, seq)");
+  }
+  run_attention(AttentionProblem{qkv.typed_data(), key_bias.typed_data(), out->typed_data(), batch, seq,
+                                 num_heads, three_h / (3 * num_heads), scale});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV2HardF32, FffV2HardImpl,
@@ -573,3 +786,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV1HardF32, FffV1HardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("depth")
                                   .Attr<int64_t>("leaf_output_bias"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionF32, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<float>("scale"));

@@ -1,6 +1,7 @@
-"""FFF-v2 and FFF-v1 hard forwards as C++ XLA FFI custom calls on the CPU (``implementation="cpu_ffi"``).
+"""FFF-v2 and FFF-v1 hard forwards and attention as C++ XLA FFI custom calls on the CPU
+(``implementation="cpu_ffi"``).
 
-The kernel (``_fff_cpu.cc``) is compiled at first use with the machine's ``g++ -O3 -march=native``
+The kernels (``_fff_cpu.cc``) are compiled at first use with the machine's ``g++ -O3 -march=native``
 into a cache directory (``$FFFJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fffjax``, else
 ``~/.cache/fffjax``), keyed by a hash of the source, the compiler, the flags and the CPU, and
 loaded with ctypes. When no compiler is found or the build fails, :func:`available` is ``False``
@@ -9,11 +10,13 @@ and the registry falls back to ``"xla"``.
 FFF-v2 semantics are those of :func:`fffjax.v2.conditional_forward`: strict ``> 0`` routing, exact
 erf GELU, K trees, any width. FFF-v1 semantics are those of :func:`fffjax.v1.hard_forward`: ``>= 0``
 routing, the leaf's two-layer MLP; only ``activation=jax.nn.relu`` is compiled (any other raises
-``NotImplementedError``, so the registry falls back to ``"xla"``). bf16/f16 inputs are computed in
-float32 and cast back. Gradients come from ``custom_vjp`` functions whose backward is the differentiable
-jnp gather path (:func:`fffjax.v2.conditional_forward` / :func:`fffjax.v1.hard_forward`).
+``NotImplementedError``, so the registry falls back to ``"xla"``). Attention is that of
+:func:`fffjax.ops.xla.attention` (crammed BERT's fused, per-head interleaved QKV projection, an additive
+bias per key, float32 softmax), read from the fused projection as it is, with no transposed copies of
+q, k and v. bf16/f16 inputs are computed in float32 and cast back. Gradients come from ``custom_vjp``
+functions whose backward is the differentiable jnp path (:func:`fffjax.v2.conditional_forward` /
+:func:`fffjax.v1.hard_forward` / :func:`fffjax.ops.xla.attention`).
 """
-
 import ctypes
 import functools
 import hashlib
@@ -30,12 +33,14 @@ import numpy as np
 
 from fffjax import v1, v2
 from fffjax._typing import Array, Float
+from fffjax.ops import xla
 from fffjax.ops._vjp import with_reference_vjp
 from fffjax.ops._vma import vary_like
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
 _TARGET_V1 = "fffjax_v1_hard_f32"
+_TARGET_ATTENTION = "fffjax_attention_f32"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 _build_error: str | None = None
 
@@ -85,7 +90,7 @@ def _compile(compiler: str) -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Compile (or find cached), load and register the kernel; ``False`` when that is impossible."""
+    """Compile (or find cached), load and register the kernels; ``False`` when that is impossible."""
     global _build_error
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None or platform.system() != "Linux":
@@ -95,6 +100,7 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FffV2HardF32), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_V1, jax.ffi.pycapsule(lib.FffV1HardF32), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_ATTENTION, jax.ffi.pycapsule(lib.AttentionF32), platform="cpu")
     except (OSError, subprocess.CalledProcessError) as err:
         _build_error = getattr(err, "stderr", None) or str(err)
         return False
@@ -205,3 +211,50 @@ def registered_fn_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth:
     _require_usable(x)
     return fff_v1_hard_cpu(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth=depth,
                            leaf_output_bias=bool(leaf_output_bias))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_f32(qkv, key_bias, *, num_heads: int, scale: float):
+    """The attention FFI target on float32 copies of ``qkv (B, S, 3H)`` and ``key_bias (B, S)`` (zeros
+    for None): ``(B, S, H)`` in ``qkv.dtype``."""
+    f32 = jnp.float32
+    batch, seq, three_h = qkv.shape
+    bias = jnp.zeros((batch, seq), f32) if key_bias is None else key_bias.astype(f32)
+    call = jax.ffi.ffi_call(_TARGET_ATTENTION, jax.ShapeDtypeStruct((batch, seq, three_h // 3), f32),
+                            vmap_method="sequential")
+    out = call(qkv.astype(f32), bias, num_heads=np.int64(num_heads), scale=np.float32(scale))
+    return vary_like(out.astype(qkv.dtype), qkv, *(() if key_bias is None else (key_bias,)))
+
+
+_attention_forward = with_reference_vjp(_attention_f32, xla.attention)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "scale"))
+def attention_cpu(
+    qkv: Float[Array, "batch seq three_hidden"],
+    key_bias: Float[Array, "batch seq"] | None = None,
+    *,
+    num_heads: int,
+    scale: float,
+) -> Float[Array, "batch seq hidden"]:
+    """:func:`fffjax.ops.xla.attention` through the C++ kernel (CPU only; differentiable through jnp).
+
+    Args:
+        qkv: ``(B, S, 3H)``, head ``n``'s query, key and value at columns ``3dn + [0, d)``, ``[d, 2d)``,
+            ``[2d, 3d)`` (``d = H / num_heads``).
+        key_bias: ``(B, S)`` additive bias per key, or None.
+        num_heads: heads; scale: multiplies the scores.
+
+    Returns:
+        ``context (B, S, H)`` in the dtype of ``qkv``, head ``n`` at columns ``dn + [0, d)``.
+    """
+    return _attention_forward((("num_heads", num_heads), ("scale", scale)), qkv, key_bias)
+
+
+def registered_fn_attention(qkv, key_bias=None, *, num_heads: int, scale: float):
+    """Registry entry for ``attention``: raises ``NotImplementedError`` off the CPU, for other dtypes or
+    when the kernel did not build."""
+    _require_usable(qkv)
+    return attention_cpu(qkv, key_bias, num_heads=int(num_heads), scale=float(scale))

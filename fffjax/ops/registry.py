@@ -6,7 +6,7 @@ Ops (:data:`OPS`) and their implementations:
 ``fff_v2_hard``  ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
 ``fff_v1_hard``  ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
 ``layer_norm``   ``"xla"``, ``"pallas"`` (one pass, residual add fused)
-``attention``    ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` (reads the fused QKV projection)
+``attention``    ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV projection)
 ``gelu``         ``"xla"`` (``jax.nn.gelu``), ``"pallas"`` (elementwise kernels)
 =============== ==================================================================================
 
@@ -66,7 +66,8 @@ def _builtin() -> dict[str, dict[str, Implementation]]:
                         "reference": Implementation(fn=xla.fff_v1_hard_masked),
                         "cpu_ffi": Implementation(fn=cpu_ffi.registered_fn_v1, per_device=True)},
         "layer_norm": {"xla": Implementation(fn=xla.layer_norm)},
-        "attention": {"xla": Implementation(fn=xla.attention), "cudnn": Implementation(fn=xla.attention_cudnn)},
+        "attention": {"xla": Implementation(fn=xla.attention), "cudnn": Implementation(fn=xla.attention_cudnn),
+                      "cpu_ffi": Implementation(fn=cpu_ffi.registered_fn_attention, per_device=True)},
         "gelu": {"xla": Implementation(fn=xla.gelu)},
     }
     if pallas is not None:
