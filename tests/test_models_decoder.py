@@ -1,56 +1,22 @@
 """fffjax.models.decoder: the config (checks, JSON, presets), the causal LM's forward (causality,
 padding, the four feedforwards, dropout) and its key/value cache against the full forward."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _decoder_helpers import SMALL, fff_margins, forward, make, small
 from flax import nnx
 
-from fffjax import ops, v2
+from fffjax import ops
 from fffjax.models import DECODER_CONFIGS, CausalLM, DecoderConfig, causal_lm_from_params, get_decoder_config
-from fffjax.nn import UltraFastFF
 
-SMALL = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, max_seq_length=48, ffn="fff",
-                      fff_depth=3, fff_trees=2, dropout=0.0, init_std=0.5)
-
-
-def small(ffn: str = "fff", **changes) -> DecoderConfig:
-    return dataclasses.replace(SMALL, ffn=ffn, **changes)
-
-
-def make(config: DecoderConfig, seed: int = 0) -> CausalLM:
-    model = CausalLM(config, rngs=nnx.Rngs(seed))
-    model.eval()
-    return model
-
-
-def token_ids(shape, seed: int = 1) -> jax.Array:
-    return jax.random.randint(jax.random.key(seed), shape, 1, SMALL.vocab_size)
-
-
-forward = nnx.jit(lambda model, ids, mask=None: model(ids, mask))
 prefill = nnx.jit(lambda model, ids, mask, length: model.prefill(ids, mask, length), static_argnums=3)
 decode_step = nnx.jit(lambda model, tokens, cache: model.decode_step(tokens, cache))
 
 
-def fff_margins(model: CausalLM, input_ids, attention_mask=None) -> np.ndarray:
-    """The smallest FFF routing margin of every token over all layers, ``(B, S)`` (inf without FFF)."""
-    seen = []
-    forward = UltraFastFF.__call__
-
-    def spy(layer, x):
-        flat = x.reshape(-1, x.shape[-1])
-        margin = v2.routing_margin(flat, layer.w_in[...], layer.b_in[...], depth=layer.depth, n_trees=layer.n_trees)
-        seen.append(np.asarray(margin).reshape(x.shape[:-1]))
-        return forward(layer, x)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(UltraFastFF, "__call__", spy)
-        model(input_ids, attention_mask)
-    return np.min(seen, axis=0) if seen else np.full(input_ids.shape, np.inf)
+def token_ids(shape, seed: int = 1) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), shape, 1, SMALL.vocab_size)
 
 
 # --------------------------------------------------------------------------------------------- config
