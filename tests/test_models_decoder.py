@@ -9,7 +9,15 @@ from _decoder_helpers import SMALL, fff_margins, forward, make, small
 from flax import nnx
 
 from fffjax import ops
-from fffjax.models import DECODER_CONFIGS, CausalLM, DecoderConfig, causal_lm_from_params, get_decoder_config
+from fffjax.models import (
+    DECODER_CONFIGS,
+    CausalLM,
+    DecoderConfig,
+    cast_parameters,
+    causal_lm_from_params,
+    get_decoder_config,
+)
+from fffjax.train import TrainConfig, Trainer, causal_lm_objective
 
 prefill = nnx.jit(lambda model, ids, mask, length: model.prefill(ids, mask, length), static_argnums=3)
 decode_step = nnx.jit(lambda model, tokens, cache: model.decode_step(tokens, cache))
@@ -200,6 +208,19 @@ def test_left_padded_prefill_continues_each_row_at_its_own_position():
     np.testing.assert_allclose(logits[1], full[1, 8], atol=1e-4)
 
 
+def test_a_bfloat16_model_keeps_a_bfloat16_cache_and_float32_logits():
+    model = CausalLM(small("fff"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cast_parameters(model, jnp.bfloat16)
+    model.eval()
+    ids = token_ids((2, 5))
+    logits, cache = prefill(model, ids, None, 8)
+    assert logits.dtype == jnp.float32 and cache.keys[0].dtype == jnp.bfloat16
+    logits, cache = decode_step(model, ids[:, 0], cache)
+    assert logits.dtype == jnp.float32 and cache.values[1].dtype == jnp.bfloat16
+    full = forward(model, jnp.concatenate([ids, ids[:, :1]], axis=1))[:, -1]
+    np.testing.assert_allclose(logits, full, atol=0.1 * float(jnp.abs(full).max()))
+
+
 def test_from_params_rebuilds_the_model_in_eval_mode():
     model = make(small("fff"))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -209,3 +230,24 @@ def test_from_params_rebuilds_the_model_in_eval_mode():
     assert rebuilt.embedding.dropout.deterministic
     with pytest.raises(ValueError, match=r"params\['layers.0.ffn.b_in'\]: expected shape \(14,\), found \(30,\)"):
         causal_lm_from_params(small("fff", fff_depth=2), params)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_trains_alike_under_fsdp_and_tree_parallelism_and_close_in_bfloat16():
+    rows = np.random.default_rng(0).integers(1, SMALL.vocab_size, (16, 12)).astype(np.int32)
+    batch = {"input_ids": rows, "attention_mask": np.ones_like(rows)}
+    config = small("fff", init_std=0.02, dropout=0.1)
+    losses = {}
+    for parallelism, model_parallel, dtype in (("dp", 1, "float32"), ("fsdp", 1, "float32"),
+                                               ("fsdp+tree", 2, "float32"), ("dp", 1, "bfloat16")):
+        train = TrainConfig(steps=3, batch_size=16, parallelism=parallelism, model_parallel=model_parallel,
+                            compute_dtype=dtype, train_mode=True)
+        trainer = Trainer(CausalLM(config, rngs=nnx.Rngs(0)), causal_lm_objective, train)
+        losses[parallelism, dtype] = [trainer.step(batch)["loss"] for _ in range(3)]
+    reference = losses["dp", "float32"]
+    assert reference[-1] < reference[0]
+    np.testing.assert_allclose(losses["fsdp", "float32"], reference, rtol=1e-5)
+    np.testing.assert_allclose(losses["fsdp+tree", "float32"], reference, rtol=1e-5)
+    np.testing.assert_allclose(losses["dp", "bfloat16"], reference, rtol=1e-2)
