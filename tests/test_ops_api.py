@@ -185,6 +185,45 @@ def test_attention_matches_the_einsum_form(implementation):
         ops.attention(qkv, None, num_heads=5, scale=0.3)
 
 
+def test_causal_attention_matches_the_masked_einsum_form():
+    batch, seq, heads, width = 2, 7, 2, 4
+    qkv = jax.random.normal(jax.random.key(2), (batch, seq, 3 * heads * width))
+    key_bias = jnp.where(jnp.arange(seq) < 2, -10000.0, 0.0)[None].repeat(batch, 0)   # left padding
+    q, k, v = ops.split_heads(qkv, heads)
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * 0.5 + key_bias[:, None, None, :]
+    scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -jnp.inf)
+    want = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, -1), v).reshape(batch, seq, heads * width)
+    got = ops.attention(qkv, key_bias, num_heads=heads, scale=0.5, causal=True)
+    np.testing.assert_allclose(got[:, 2:], want[:, 2:], atol=1e-5)   # rows whose keys are all padding: any mean
+    assert np.all(np.isfinite(np.asarray(got)))
+    bidirectional = ops.attention(qkv, key_bias, num_heads=heads, scale=0.5)
+    assert not np.allclose(bidirectional[:, 2:-1], got[:, 2:-1], atol=1e-3)
+    np.testing.assert_allclose(bidirectional[:, -1], got[:, -1], atol=1e-5)   # the last query sees every key
+    with pytest.raises(NotImplementedError, match="bidirectional"):
+        ops.attention(qkv, key_bias, num_heads=heads, scale=0.5, causal=True, implementation="pallas")
+
+
+def test_cached_attention_matches_the_einsum_form_and_the_causal_rows():
+    batch, seq, heads, width = 2, 6, 2, 4
+    qkv = jax.random.normal(jax.random.key(3), (batch, seq, 3 * heads * width))
+    q, k, v = ops.split_heads(qkv, heads)
+    causal = ops.attention(qkv, None, num_heads=heads, scale=0.5, causal=True)
+    slots = 9   # a cache longer than the keys written: the empty slots are masked
+    k_cache = jnp.zeros((batch, slots, heads, width)).at[:, :seq].set(k)
+    v_cache = jnp.zeros((batch, slots, heads, width)).at[:, :seq].set(v)
+    for t in range(seq):   # query t sees the slots 0..t, as the causal form's row t
+        key_bias = jnp.where(jnp.arange(slots) <= t, 0.0, -10000.0)[None].repeat(batch, 0)
+        got = ops.cached_attention(q[:, t:t + 1], k_cache, v_cache, key_bias, scale=0.5)
+        assert got.shape == (batch, 1, heads * width)
+        np.testing.assert_allclose(got[:, 0], causal[:, t], atol=1e-5)
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 9, 2, 4\)"):
+        ops.cached_attention(q, k_cache, v_cache[:, :4], scale=0.5)
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(2, 9\)"):
+        ops.cached_attention(q, k_cache, v_cache, key_bias[:, :4], scale=0.5)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        ops.cached_attention(q, k_cache.astype(BF16), v_cache, scale=0.5)
+
+
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_gelu_is_exact_and_differentiable(implementation):
     x = jnp.linspace(-5.0, 5.0, 42).reshape(3, -1)

@@ -1,5 +1,7 @@
-"""fffjax.train.objectives: the MLM loss against numpy, and the sparse decode of the MLM objective."""
+"""fffjax.train.objectives: the MLM loss against numpy, the sparse decode of the MLM objective, and the
+next-token loss of the causal LM objective with padding and a loss mask."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from _train_helpers import VOCAB, mlm_rows, small_config
@@ -7,8 +9,8 @@ from flax import nnx
 
 from fffjax.data import pipeline
 from fffjax.data.tokenizer import WORDPIECE_SPECIALS
-from fffjax.models import CrammedBertMLM
-from fffjax.train import mlm_objective
+from fffjax.models import CausalLM, CrammedBertMLM, DecoderConfig
+from fffjax.train import causal_lm_objective, mlm_objective
 from fffjax.train.objectives import gather_positions, mlm_loss
 
 
@@ -37,3 +39,29 @@ def test_sparse_decode_equals_gathered_full_logits():
     full = gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
     dense_loss, _ = mlm_loss(full, batch["mask_labels"], batch["mask_weights"])
     np.testing.assert_allclose(float(sparse), float(dense_loss), rtol=1e-6)
+
+
+def test_causal_lm_objective_predicts_the_next_real_token():
+    config = DecoderConfig(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, max_seq_length=12,
+                           ffn="fff", fff_depth=2, dropout=0.0)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    model.eval()
+    ids = np.asarray(mlm_rows(2)[:, :7])
+    loss, metrics = causal_lm_objective(model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids)})
+    log_probs = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids)), -1))
+    nll = -np.take_along_axis(log_probs[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), nll.mean(), rtol=1e-5)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+    # left padding of row 0 by 3 slots: no pair with a pad counts, so the loss is unchanged
+    padded = np.zeros((2, 10), np.int32)
+    padded[0, 3:], padded[1, :7] = ids[0], ids[1]
+    mask = (np.arange(10) >= 3).astype(np.int32)[None].repeat(2, 0)
+    mask[1] = np.arange(10) < 7
+    padded_loss, _ = causal_lm_objective(model, {"input_ids": jnp.asarray(padded), "attention_mask": jnp.asarray(mask)})
+    np.testing.assert_allclose(float(padded_loss), nll.mean(), rtol=1e-5)
+    # a loss mask keeps only row 1's last two targets
+    loss_mask = np.zeros((2, 7), np.int32)
+    loss_mask[1, 5:] = 1
+    masked, _ = causal_lm_objective(model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
+                                            "loss_mask": jnp.asarray(loss_mask)})
+    np.testing.assert_allclose(float(masked), nll[1, 4:].mean(), rtol=1e-5)

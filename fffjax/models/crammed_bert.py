@@ -413,7 +413,17 @@ def model_from_params(
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
     cls = MODEL_KINDS[kind]
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, implementation=implementation, rngs=nnx.Rngs(seed)))
+    return module_from_params(
+        lambda rngs: cls(config, dtype=dtype, implementation=implementation, rngs=rngs), params, seed=seed)
+
+
+def module_from_params(build, params, *, seed: int = 0) -> nnx.Module:
+    """``build(rngs)``'s module holding ``params`` (as :func:`model_from_params` describes), in eval mode.
+
+    ``build`` runs abstractly (``nnx.eval_shape``): no random init. Dropout streams get fresh keys
+    from ``seed``. Raises ``ValueError`` naming a missing parameter or one of the wrong shape.
+    """
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
     graphdef, param_state, other_state = nnx.split(abstract, nnx.Param, ...)
 
     def fill_param(path, spec):

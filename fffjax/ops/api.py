@@ -134,21 +134,25 @@ def attention(
     *,
     num_heads: int,
     scale: float,
+    causal: bool = False,
     implementation: str | None = None,
 ):
-    """Bidirectional multi-head attention from crammed BERT's fused, per-head interleaved projection.
+    """Multi-head self-attention from crammed BERT's fused, per-head interleaved projection.
 
     ``context = softmax(q k^T * scale + key_bias) v`` per sequence and head (float32 softmax), where
     head ``n``'s query, key and value are columns ``3dn + [0, d)``, ``[d, 2d)``, ``[2d, 3d)`` of ``qkv``
-    (``d = H / num_heads``; :func:`fffjax.ops.xla.split_heads`).
+    (``d = H / num_heads``; :func:`fffjax.ops.xla.split_heads`). Bidirectional by default; ``causal``
+    lets position ``i`` see keys ``j <= i`` only (a decoder).
 
     Args:
         qkv: ``(B, S, 3H)`` floating.
         key_bias: ``(B, S)`` additive bias per key (e.g. -10000 at padding) or None.
         num_heads: heads; ``3 * num_heads`` divides the last axis of ``qkv``.
         scale: multiplies the scores.
+        causal: mask every key after the query's position.
         implementation: ``"xla"``, ``"cudnn"``, ``"pallas"`` or ``None`` (on a GPU for 16-bit inputs
-            Pallas up to its maximum sequence length, then cuDNN; XLA otherwise).
+            Pallas up to its maximum sequence length, then cuDNN; XLA otherwise; the Pallas kernel is
+            bidirectional only, so a causal call falls back to cuDNN).
 
     Returns:
         ``context (B, S, H)`` in the dtype of ``qkv``, head ``n`` at columns ``dn + [0, d)``.
@@ -160,7 +164,49 @@ def attention(
     _check_floating("qkv", qkv)
     if key_bias is not None:
         tree.check_shape("key_bias", key_bias, qkv.shape[:2], " (batch, seq)")
-    return dispatch("attention", implementation, (qkv, key_bias), num_heads=num_heads, scale=float(scale))
+    return dispatch("attention", implementation, (qkv, key_bias), num_heads=num_heads, scale=float(scale),
+                    causal=bool(causal))
+
+
+def cached_attention(
+    q,
+    k,
+    v,
+    key_bias = None,
+    *,
+    scale: float,
+    implementation: str | None = None,
+):
+    """Queries over a key/value cache: ``softmax(q k^T * scale + key_bias) v`` per head (float32 softmax).
+
+    The decode step of a causal decoder: the new tokens' queries against every slot of the cache,
+    where ``key_bias`` masks the slots that hold no visible token (empty, padding, or later than the
+    query). Every query of a row sees the same keys, so a decode step passes one query per row.
+
+    Args:
+        q: ``(B, Q, heads, d)`` floating queries.
+        k, v: ``(B, T, heads, d)`` keys and values in the dtype of ``q``.
+        key_bias: ``(B, T)`` additive bias per key (e.g. -10000 at empty slots) or None.
+        scale: multiplies the scores.
+        implementation: ``"xla"`` or ``None`` (XLA everywhere).
+
+    Returns:
+        ``context (B, Q, heads * d)`` in the dtype of ``q``, head ``n`` at columns ``dn + [0, d)``.
+    """
+    _check_floating("q", q)
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"q must have shape (batch, queries, heads, d), got {tuple(getattr(q, 'shape', ()))}")
+    if getattr(k, "ndim", None) != 4:
+        raise ValueError(f"k must have shape (batch, slots, heads, d), got {tuple(getattr(k, 'shape', ()))}")
+    batch, _, heads, width = q.shape
+    cache_shape = (batch, k.shape[1], heads, width)
+    for name, a in (("k", k), ("v", v)):
+        tree.check_shape(name, a, cache_shape, " (batch, slots, heads, d) of q's batch, heads and d")
+        if a.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {a.dtype}")
+    if key_bias is not None:
+        tree.check_shape("key_bias", key_bias, cache_shape[:2], " (batch, slots)")
+    return dispatch("cached_attention", implementation, (q, k, v, key_bias), scale=float(scale))
 
 
 def gelu(x, *, implementation: str | None = None):

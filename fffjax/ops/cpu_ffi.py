@@ -253,8 +253,10 @@ def attention_cpu(
     return _attention_forward((("num_heads", num_heads), ("scale", scale)), qkv, key_bias)
 
 
-def registered_fn_attention(qkv, key_bias=None, *, num_heads: int, scale: float):
-    """Registry entry for ``attention``: raises ``NotImplementedError`` off the CPU, for other dtypes or
-    when the kernel did not build."""
+def registered_fn_attention(qkv, key_bias=None, *, num_heads: int, scale: float, causal: bool = False):
+    """Registry entry for ``attention``: raises ``NotImplementedError`` off the CPU, for other dtypes,
+    for a causal mask (the kernel is bidirectional) or when the kernel did not build."""
+    if causal:
+        raise NotImplementedError("the cpu_ffi attention kernel is bidirectional; use 'xla' for causal")
     _require_usable(qkv)
     return attention_cpu(qkv, key_bias, num_heads=int(num_heads), scale=float(scale))

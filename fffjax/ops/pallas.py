@@ -89,10 +89,12 @@ _attention_differentiable = with_reference_vjp(
         qkv, key_bias, num_heads=num_heads, scale=scale))
 
 
-def attention(qkv, key_bias=None, *, num_heads: int, scale: float):
-    """Attention read straight from the fused projection, up to
+def attention(qkv, key_bias=None, *, num_heads: int, scale: float, causal: bool = False):
+    """Bidirectional attention read straight from the fused projection, up to
     :data:`pallas_kernels.attention.MAX_SEQ` tokens, with the reference's VJP."""
     _check_dtype(qkv)
+    if causal:
+        raise NotImplementedError("the Pallas attention kernel is bidirectional; use 'cudnn' or 'xla' for causal")
     if qkv.shape[1] > attention_kernel.MAX_SEQ:
         raise NotImplementedError(f"the Pallas attention kernel takes sequences of at most "
                                   f"{attention_kernel.MAX_SEQ} tokens, got {qkv.shape[1]}; use 'cudnn' or 'xla'")

@@ -2,13 +2,15 @@
 
 Ops (:data:`OPS`) and their implementations:
 
-=============== ==================================================================================
-``fff_v2_hard``  ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
-``fff_v1_hard``  ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
-``layer_norm``   ``"xla"``, ``"pallas"`` (one pass, residual add fused)
-``attention``    ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV projection)
-``gelu``         ``"xla"`` (``jax.nn.gelu``), ``"pallas"`` (elementwise kernels)
-=============== ==================================================================================
+==================== =============================================================================
+``fff_v2_hard``       ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
+``fff_v1_hard``       ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
+``layer_norm``        ``"xla"``, ``"pallas"`` (one pass, residual add fused)
+``attention``         ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV
+                      projection; bidirectional only)
+``cached_attention``  ``"xla"`` (queries over a decoder's key/value cache)
+``gelu``              ``"xla"`` (``jax.nn.gelu``), ``"pallas"`` (elementwise kernels)
+==================== =============================================================================
 
 **The rule.** ``implementation="name"`` runs exactly that implementation; whatever it raises
 propagates. ``implementation=None`` tries the platform's preference (:func:`preference`) in order:
@@ -40,7 +42,7 @@ try:   # Pallas-Triton ships with jax; a build without it simply has no "pallas"
 except ImportError:
     pallas = None
 
-OPS = ("fff_v2_hard", "fff_v1_hard", "layer_norm", "attention", "gelu")
+OPS = ("fff_v2_hard", "fff_v1_hard", "layer_norm", "attention", "cached_attention", "gelu")
 GPU_PLATFORMS = ("gpu", "cuda")
 
 # On a GPU, an FFF-v2 layer whose path holds more than this fraction of its neurons runs faster as
@@ -68,11 +70,13 @@ def _builtin() -> dict[str, dict[str, Implementation]]:
         "layer_norm": {"xla": Implementation(fn=xla.layer_norm)},
         "attention": {"xla": Implementation(fn=xla.attention), "cudnn": Implementation(fn=xla.attention_cudnn),
                       "cpu_ffi": Implementation(fn=cpu_ffi.registered_fn_attention, per_device=True)},
+        "cached_attention": {"xla": Implementation(fn=xla.cached_attention)},
         "gelu": {"xla": Implementation(fn=xla.gelu)},
     }
     if pallas is not None:
         for op in OPS:
-            table[op]["pallas"] = Implementation(fn=getattr(pallas, op), per_device=True)
+            if hasattr(pallas, op):
+                table[op]["pallas"] = Implementation(fn=getattr(pallas, op), per_device=True)
     return table
 
 

@@ -2,13 +2,14 @@
 
 * ``"xla"`` for every op: FFF-v2 by per-level row gathers (:func:`fffjax.v2.conditional_forward`),
   FFF-v1 by the row-gather descent (:func:`fffjax.v1.hard_forward`), the two-pass layer norm,
-  ``jax.nn.dot_product_attention`` and ``jax.nn.gelu``. All are differentiable and partitioned by
-  GSPMD under a mesh.
+  ``jax.nn.dot_product_attention`` (bidirectional, causal, or over a key/value cache) and
+  ``jax.nn.gelu``. All are differentiable and partitioned by GSPMD under a mesh.
 * ``"reference"`` for the FFF ops: the published masked dense computation (every neuron, then a
   path mask), the form the other implementations are tested against; on a GPU it is also the
   fastest for shallow trees (see :data:`fffjax.ops.registry.DENSE_PATH_FRACTION`).
 * ``"cudnn"`` for attention: cuDNN's fused attention through ``jax.nn.dot_product_attention``
   (GPU only).
+* ``"xla"`` for ``cached_attention``, the decode step of a causal decoder over its key/value cache.
 
 Every function takes the op's row arguments first, then its replicated ones, as the registry
 calls them (:mod:`fffjax.ops.registry`).
@@ -63,29 +64,49 @@ def split_heads(qkv: Float[Array, "batch seq three_hidden"], num_heads: int) -> 
     return per_head[..., 0, :], per_head[..., 1, :], per_head[..., 2, :]
 
 
-def _dot_product_attention(qkv, key_bias, *, num_heads: int, scale: float, implementation: str):
+def _dot_product_attention(qkv, key_bias, *, num_heads: int, scale: float, causal: bool, implementation: str):
     batch, seq, three_h = qkv.shape
     q, k, v = split_heads(qkv, num_heads)
     bias = None
     if key_bias is not None:   # cuDNN takes the bias materialised as (B, 1, S, S)
         bias = jnp.broadcast_to(key_bias[:, None, None, :], (batch, 1, seq, seq)).astype(qkv.dtype)
     with jax.numpy_dtype_promotion("standard"):   # jax's attention promotes 16-bit scores to float32 inside
-        context = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+        context = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
+                                               implementation=implementation)
     return context.reshape(batch, seq, three_h // 3)
 
 
-def attention(qkv, key_bias=None, *, num_heads: int, scale: float) -> Array:
+def attention(qkv, key_bias=None, *, num_heads: int, scale: float, causal: bool = False) -> Array:
     """``softmax(q k^T * scale + key_bias) v`` per head by XLA (float32 softmax), from the fused
     projection ``qkv (B, S, 3H)`` (:func:`split_heads`) and an additive ``key_bias (B, S)`` or None;
-    ``context (B, S, H)``, head ``n`` at columns ``dn + [0, d)``."""
-    return _dot_product_attention(qkv, key_bias, num_heads=num_heads, scale=scale, implementation="xla")
+    ``causal`` masks the keys after each query. ``context (B, S, H)``, head ``n`` at columns ``dn + [0, d)``."""
+    return _dot_product_attention(qkv, key_bias, num_heads=num_heads, scale=scale, causal=causal,
+                                  implementation="xla")
 
 
-def attention_cudnn(qkv, key_bias=None, *, num_heads: int, scale: float) -> Array:
+def attention_cudnn(qkv, key_bias=None, *, num_heads: int, scale: float, causal: bool = False) -> Array:
     """:func:`attention` through cuDNN's fused flash attention (GPU, 16-bit inputs)."""
     if jax.default_backend() != "gpu":
         raise NotImplementedError("implementation='cudnn' needs a CUDA GPU")
-    return _dot_product_attention(qkv, key_bias, num_heads=num_heads, scale=scale, implementation="cudnn")
+    return _dot_product_attention(qkv, key_bias, num_heads=num_heads, scale=scale, causal=causal,
+                                  implementation="cudnn")
+
+
+def cached_attention(
+    q: Float[Array, "batch queries heads width"],
+    k: Float[Array, "batch slots heads width"],
+    v: Float[Array, "batch slots heads width"],
+    key_bias: Float[Array, "batch slots"] | None = None,
+    *,
+    scale: float,
+) -> Float[Array, "batch queries heads_width"]:
+    """``softmax(q k^T * scale + key_bias) v`` per head by XLA (float32 softmax): queries over a
+    key/value cache, every query of a row seeing the same keys; ``context (B, Q, heads * d)``."""
+    batch, queries, heads, width = q.shape
+    bias = None if key_bias is None else key_bias[:, None, None, :].astype(q.dtype)
+    with jax.numpy_dtype_promotion("standard"):
+        context = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
+    return context.reshape(batch, queries, heads * width)
 
 
 def gelu(x: Array) -> Array:

@@ -1,7 +1,7 @@
 """Training: the UltraFastBERT trainer, its checkpoints, and the FFF-v1 local optimizers.
 
 One concept per module: `config` (`TrainConfig`), `optim` (the optax recipe), `objectives`
-(MLM, classification), `trainer` (`Trainer`: sharded step, evaluation), `sharding` (mesh,
+(MLM, causal LM, classification), `trainer` (`Trainer`: sharded step, evaluation), `sharding` (mesh,
 partition rules), `metrics` (JSONL log, plots), `loop` (`fit`), `checkpoint` (save, resume,
 integrity, loading for inference), `local_optim` (FFF-v1 `local_adam` / `local_sgd`), `flat` (the
 flat-feature trainer of FFF-v1, FFF-v2 and FF classifiers, vmapped over seeds), and the
@@ -32,7 +32,7 @@ from fffjax.train.local_optim import (
     v1_usage,
 )
 from fffjax.train.loop import fit
-from fffjax.train.objectives import classification_objective, mlm_objective
+from fffjax.train.objectives import causal_lm_objective, classification_objective, mlm_objective
 from fffjax.train.trainer import Trainer
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "RunCheckpoints",
     "TrainConfig",
     "Trainer",
+    "causal_lm_objective",
     "classification_objective",
     "fff_usage",
     "fit",

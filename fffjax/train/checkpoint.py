@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 
 from fffjax.models.config import ModelConfig
 from fffjax.models.crammed_bert import model_from_params, model_kind
+from fffjax.models.decoder import MODEL_NAME as DECODER_MODEL_NAME
 
 PARAMS, CONFIG, OPT_STATE, DATA, RUN, METRICS = "params", "config", "opt_state", "data", "run", "metrics"
 JSON_ITEMS = (CONFIG, DATA, RUN, METRICS)
@@ -436,6 +437,9 @@ def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelCon
     """
     if isinstance(config.get("model"), Mapping):
         config = config["model"]
+    if config.get("model") == DECODER_MODEL_NAME:
+        raise ValueError(f"checkpoint {path} holds a causal language model, not crammed BERT; load it with "
+                         "fffjax.generate.load_causal_lm")
     if "vocab_size" in config:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig.from_dict({k: v for k, v in config.items() if k in names})

@@ -1,8 +1,8 @@
 """Training objectives of the UltraFastBERT trainer: `(model, batch) -> (loss, metrics)`.
 
 `mlm_objective` is sparse-prediction masked language modelling (the loss only at the masked
-positions); `classification_objective` is sequence classification. Both return their accuracy as
-a metric, computed from the same logits as the loss.
+positions); `causal_lm_objective` is next-token prediction; `classification_objective` is sequence
+classification. Each returns its accuracy as a metric, computed from the same logits as the loss.
 """
 
 from collections.abc import Callable
@@ -51,6 +51,22 @@ def mlm_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, di
     else:
         logits = gather_positions(model(batch["input_ids"], batch["attention_mask"]), batch["mask_positions"])
     return mlm_loss(logits, batch["mask_labels"], batch["mask_weights"])
+
+
+def causal_lm_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Next-token cross-entropy of a causal LM `model(input_ids, attention_mask) -> (B, S, V)` logits.
+
+    Position `i` predicts token `i + 1`. A pair counts when both tokens are real (`attention_mask` 1,
+    so left or right padding is never predicted nor predicts) and, when the batch has a `loss_mask
+    (B, S)`, its target's `loss_mask` is 1 (e.g. 0 on the prompt of an instruction). The loss is the
+    mean over counted pairs, as `mlm_loss`, with their accuracy.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids, attention_mask)[:, :-1]
+    weights = (attention_mask[:, :-1] * attention_mask[:, 1:]).astype(jnp.float32)
+    if "loss_mask" in batch:
+        weights = weights * batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return mlm_loss(logits, input_ids[:, 1:], weights)
 
 
 def classification_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
