@@ -19,6 +19,26 @@ from fffjax import tree
 FFN_TYPES = ("fff", "dense")
 
 
+def check_transformer_fields(config) -> None:
+    """The checks every transformer config of fffjax shares (encoder and decoder): heads divide an even
+    ``hidden_size``, ``dropout`` in [0, 1), positive ``norm_eps`` and ``init_std``, ``pad_token_id`` a
+    valid id. Raises ``ValueError`` naming the field."""
+    if config.hidden_size % config.num_heads:
+        raise ValueError(
+            f"hidden_size ({config.hidden_size}) must be divisible by num_heads ({config.num_heads})")
+    if config.hidden_size % 2:
+        raise ValueError(f"hidden_size must be even (interleaved sin/cos positions), got {config.hidden_size}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if not config.norm_eps > 0:
+        raise ValueError(f"norm_eps must be > 0, got {config.norm_eps!r}")
+    if not config.init_std > 0:
+        raise ValueError(f"init_std must be > 0, got {config.init_std!r}")
+    if not isinstance(config.pad_token_id, int) or not 0 <= config.pad_token_id < config.vocab_size:
+        raise ValueError(f"pad_token_id must be an int in [0, vocab_size={config.vocab_size}), "
+                         f"got {config.pad_token_id!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and regularisation of a crammed-BERT encoder with an FFF-v2 or dense feedforward.
@@ -64,20 +84,7 @@ class ModelConfig:
         tree.check_depth(self.fff_depth, "fff_depth")
         if self.ffn not in FFN_TYPES:
             raise ValueError(f"ffn must be one of {FFN_TYPES}, got {self.ffn!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.hidden_size % 2:
-            raise ValueError(f"hidden_size must be even (interleaved sin/cos positions), got {self.hidden_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
-        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be an int in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_token_id!r}")
+        check_transformer_fields(self)
 
     @property
     def attention_head_width(self) -> int:

@@ -248,7 +248,7 @@ class Encoder(nnx.Module):
         self.final_norm = _layer_norm(config, dtype, rngs)
 
     def __call__(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
-        input_ids = _check_inputs(input_ids, attention_mask, self.config)
+        input_ids = check_token_inputs(input_ids, attention_mask, self.config.max_seq_length)
         key_bias = None if attention_mask is None else additive_mask(attention_mask, self.dtype)
         h, update = self.embedding(input_ids), None
         for layer in self.layers:
@@ -256,7 +256,9 @@ class Encoder(nnx.Module):
         return self.final_norm(update, h)[0]
 
 
-def _check_inputs(input_ids, attention_mask, config: ModelConfig):
+def check_token_inputs(input_ids, attention_mask, max_seq_length: int | None) -> Int[Array, "batch seq"]:
+    """``input_ids`` as a jax array after checking it is ``(batch, seq)`` integer ids, that
+    ``attention_mask`` (or None) has its shape and that ``seq`` fits ``max_seq_length`` (None: any)."""
     if not hasattr(input_ids, "shape") or len(input_ids.shape) != 2:
         raise ValueError(f"input_ids must have shape (batch, seq), got {getattr(input_ids, 'shape', type(input_ids))}")
     input_ids = jnp.asarray(input_ids)
@@ -266,8 +268,8 @@ def _check_inputs(input_ids, attention_mask, config: ModelConfig):
         raise ValueError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} "
             f"(1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
-    if input_ids.shape[1] > config.max_seq_length:
-        raise ValueError(f"input_ids has {input_ids.shape[1]} positions; max_seq_length is {config.max_seq_length}")
+    if max_seq_length is not None and input_ids.shape[1] > max_seq_length:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions; max_seq_length is {max_seq_length}")
     return input_ids
 
 

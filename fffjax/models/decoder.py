@@ -52,8 +52,15 @@ from flax import nnx
 
 from fffjax import ops, tree
 from fffjax._typing import Array, Float, Int
-from fffjax.models.config import ModelConfig
-from fffjax.models.crammed_bert import DenseFF, LayerNorm, SelfAttention, additive_mask, module_from_params
+from fffjax.models.config import ModelConfig, check_transformer_fields
+from fffjax.models.crammed_bert import (
+    DenseFF,
+    LayerNorm,
+    SelfAttention,
+    additive_mask,
+    check_token_inputs,
+    module_from_params,
+)
 from fffjax.nn import UltraFastFF
 
 FFN_KINDS = ("dense", "fff", "narrow", "none")
@@ -103,20 +110,7 @@ class DecoderConfig:
             tree.check_count(self.dense_width, "dense_width", 1)
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.hidden_size % 2:   # the encoder's blocks, which the decoder shares, hold it so
-            raise ValueError(f"hidden_size must be even, got {self.hidden_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
-        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be an int in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_token_id!r}")
+        check_transformer_fields(self)
 
     @property
     def attention_head_width(self) -> int:
@@ -400,10 +394,7 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
         """Final-normed hidden states ``(B, S, H)`` in the compute dtype."""
-        input_ids = _check_inputs(input_ids, attention_mask)
-        if input_ids.shape[1] > self.config.max_seq_length:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions; max_seq_length is "
-                             f"{self.config.max_seq_length}")
+        input_ids = check_token_inputs(input_ids, attention_mask, self.config.max_seq_length)
         if attention_mask is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
             key_bias = None
@@ -438,7 +429,7 @@ class CausalLM(nnx.Module):
 
         Left padding keeps every row's last token in slot ``P - 1`` and wastes no slot after it.
         """
-        input_ids = _check_inputs(input_ids, attention_mask)
+        input_ids = check_token_inputs(input_ids, attention_mask, None)
         prompt = input_ids.shape[1]
         if prompt > cache_length:
             raise ValueError(f"cache_length must be at least the prompt length {prompt}, got {cache_length}")
@@ -470,19 +461,6 @@ class CausalLM(nnx.Module):
         cache = KVCache(keys=tuple(k for k, _ in kept), values=tuple(v for _, v in kept), valid=valid,
                         positions=cache.positions + 1, length=cache.length + 1)
         return self.logits(hidden[:, 0]), cache
-
-
-def _check_inputs(input_ids, attention_mask):
-    if not hasattr(input_ids, "shape") or len(input_ids.shape) != 2:
-        raise ValueError(f"input_ids must have shape (batch, seq), got {getattr(input_ids, 'shape', type(input_ids))}")
-    input_ids = jnp.asarray(input_ids)
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
-            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} "
-            f"(1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
-    return input_ids
 
 
 def causal_lm_from_params(
