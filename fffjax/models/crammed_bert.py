@@ -205,6 +205,12 @@ class DenseFF(nnx.Module):
 def _make_ffn(config: ModelConfig, *, dtype, implementation, rngs: nnx.Rngs):
     if config.ffn == "dense":
         return DenseFF(config, dtype=dtype, rngs=rngs)
+    return fff_feedforward(config, implementation=implementation, rngs=rngs)
+
+
+def fff_feedforward(config, *, implementation, rngs: nnx.Rngs) -> UltraFastFF:
+    """The FFF-v2 feedforward of a transformer config (``hidden_size``, ``fff_depth``, ``fff_trees``,
+    ``init_std``): the published "crammed" init, rescaled to ``init_std``."""
     ffn = UltraFastFF(config.hidden_size, config.fff_depth, n_trees=config.fff_trees, init="crammed",
                       implementation=implementation, rngs=rngs)
     if config.init_std != 0.02:  # the "crammed" scheme draws N(0, 0.02)

@@ -59,9 +59,9 @@ from fffjax.models.crammed_bert import (
     SelfAttention,
     additive_mask,
     check_token_inputs,
+    fff_feedforward,
     module_from_params,
 )
-from fffjax.nn import UltraFastFF
 
 FFN_KINDS = ("dense", "fff", "narrow", "none")
 MODEL_NAME = "causal_lm"   # the "model" entry of a decoder's config dict: what a checkpoint holds
@@ -318,12 +318,7 @@ def _make_ffn(config: DecoderConfig, *, dtype, implementation, rngs: nnx.Rngs):
         return None
     if config.ffn in ("dense", "narrow"):
         return DenseFF(config.block_config(), dtype=dtype, rngs=rngs)
-    ffn = UltraFastFF(config.hidden_size, config.fff_depth, n_trees=config.fff_trees, init="crammed",
-                      implementation=implementation, rngs=rngs)
-    if config.init_std != 0.02:  # the "crammed" scheme draws N(0, 0.02)
-        for p in (ffn.w_in, ffn.w_out):
-            p[...] = p[...] * (config.init_std / 0.02)
-    return ffn
+    return fff_feedforward(config, implementation=implementation, rngs=rngs)
 
 
 # attend(attention module, normed input) -> (attention output, what the caller keeps of that layer)
