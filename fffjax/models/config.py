@@ -39,8 +39,28 @@ def check_transformer_fields(config) -> None:
                          f"got {config.pad_token_id!r}")
 
 
+class TransformerShape:
+    """What the encoder's and the decoder's configs derive from ``hidden_size``, ``num_heads``,
+    ``fff_depth`` and ``fff_trees``."""
+
+    @property
+    def attention_head_width(self) -> int:
+        """Width of one attention head, H / num_heads (64 for base)."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def norm_factor(self) -> float:
+        """Attention score scale ``1 / sqrt(head width)`` (the published ``norm_factor`` buffer)."""
+        return 1.0 / math.sqrt(self.attention_head_width)
+
+    @property
+    def fff_nodes(self) -> int:
+        """Neurons of all FFF trees, ``K * (2**(D+1) - 1)`` (4095 for base)."""
+        return self.fff_trees * tree.v2_nodes_per_tree(self.fff_depth)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(TransformerShape):
     """Shape and regularisation of a crammed-BERT encoder with an FFF-v2 or dense feedforward.
 
     Attributes:
@@ -85,21 +105,6 @@ class ModelConfig:
         if self.ffn not in FFN_TYPES:
             raise ValueError(f"ffn must be one of {FFN_TYPES}, got {self.ffn!r}")
         check_transformer_fields(self)
-
-    @property
-    def attention_head_width(self) -> int:
-        """Width of one attention head, H / num_heads (64 for base)."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def norm_factor(self) -> float:
-        """Attention score scale ``1 / sqrt(head width)`` (the published ``norm_factor`` buffer)."""
-        return 1.0 / math.sqrt(self.attention_head_width)
-
-    @property
-    def fff_nodes(self) -> int:
-        """Neurons of all FFF trees, ``K * (2**(D+1) - 1)`` (4095 for base)."""
-        return self.fff_trees * (2 ** (self.fff_depth + 1) - 1)
 
     # ------------------------------------------------------------------ JSON
 

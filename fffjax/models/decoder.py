@@ -41,7 +41,6 @@ next slot. :mod:`fffjax.generate` jits both, samples and streams.
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -52,7 +51,7 @@ from flax import nnx
 
 from fffjax import ops, tree
 from fffjax._typing import Array, Float, Int
-from fffjax.models.config import ModelConfig, check_transformer_fields
+from fffjax.models.config import ModelConfig, TransformerShape, check_transformer_fields
 from fffjax.models.crammed_bert import (
     DenseFF,
     LayerNorm,
@@ -68,7 +67,7 @@ MODEL_NAME = "causal_lm"   # the "model" entry of a decoder's config dict: what 
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DecoderConfig:
+class DecoderConfig(TransformerShape):
     """Shape and regularisation of a :class:`CausalLM`.
 
     Attributes:
@@ -111,21 +110,6 @@ class DecoderConfig:
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         check_transformer_fields(self)
-
-    @property
-    def attention_head_width(self) -> int:
-        """Width of one attention head, H / num_heads."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def norm_factor(self) -> float:
-        """Attention score scale ``1 / sqrt(head width)``."""
-        return 1.0 / math.sqrt(self.attention_head_width)
-
-    @property
-    def fff_nodes(self) -> int:
-        """Neurons of all FFF trees, ``K * (2**(D+1) - 1)``."""
-        return self.fff_trees * tree.v2_nodes_per_tree(self.fff_depth)
 
     @property
     def active_neurons(self) -> int:
