@@ -12,7 +12,10 @@
 2. **``Trainer.step`` alone**: a Trainer of the same model and train config (built as the command
    builds them), holding the loop's last checkpoint, on batches of the same random-token pipeline
    made beforehand; :func:`fffjax.bench.latency` of ``--alone-steps`` steps after 3 warm-up steps,
-   the median of ``--repeats`` repeats. Each step fetches its metrics, as in the loop.
+   the median of ``--repeats`` repeats; each step fetches its metrics before the next is sent. Beside it,
+   ``Trainer.launch`` of the same steps sent back to back (:func:`fffjax.bench.stream`, metrics never
+   fetched): the device's own pace. The loop fetches a step's metrics after launching the next one, so
+   it can beat ``Trainer.step`` alone and approach the back-to-back pace.
 
 The ratio loop / alone is the fraction of the step's throughput that the loop keeps (target >= 0.95).
 Writes ``pretrain_throughput.json`` (command, date, device, versions) and ``.md`` to ``--out``
@@ -88,8 +91,10 @@ def command_setup(argv: list[str]) -> dict:
             "batches": batches}
 
 
-def time_step_alone(setup: dict, run_dir: Path, *, steps: int, repeats: int) -> float:
-    """Seconds per ``Trainer.step`` of the command's model and batches, from the run's last checkpoint."""
+def time_step_alone(setup: dict, run_dir: Path, *, steps: int, repeats: int) -> tuple[float, float]:
+    """Seconds per ``Trainer.step`` of the command's model and batches, from the run's last checkpoint,
+    and seconds per step of ``Trainer.launch`` sent back to back (metrics never fetched: the device's
+    pace, a ceiling for any loop)."""
     import numpy as np
     from flax import nnx
 
@@ -111,10 +116,13 @@ def time_step_alone(setup: dict, run_dir: Path, *, steps: int, repeats: int) -> 
         batch, position = setup["batches"].next(position)
         host_batches.append(batch)
     cycle = itertools.cycle(host_batches)
-    return bench.latency(lambda: trainer.step(next(cycle)), calls=steps, warmup=3, repeats=repeats)
+    alone = bench.latency(lambda: trainer.step(next(cycle)), calls=steps, warmup=3, repeats=repeats)
+    queued = bench.stream(lambda: trainer.launch(next(cycle)), calls=steps, warmup=3, repeats=repeats)
+    return alone, queued
 
 
-def summarize(records: list[dict], run_s: float, alone_s: float, tokens_per_step: int, args) -> dict:
+def summarize(records: list[dict], run_s: float, alone_s: float, queued_s: float, tokens_per_step: int,
+              args) -> dict:
     """The report's figures from the loop's metrics records and the step-alone time."""
     timed = records[args.skip:]
     saves = [r for r in timed if r["step"] % args.save_every == 0 or r["step"] == args.steps]
@@ -125,13 +133,15 @@ def summarize(records: list[dict], run_s: float, alone_s: float, tokens_per_step
         "wall": 1e3 * wall / len(timed),
         "step": 1e3 * sum(r["step_s"] for r in timed) / len(timed),
         "checkpoint": 1e3 * sum(r["checkpoint_s"] for r in timed) / len(timed),
-        "other (data, metrics)": 1e3 * sum(r["wall_s"] - r["step_s"] - r["checkpoint_s"] for r in timed) / len(timed),
+        "evaluation": 1e3 * sum(r["eval_s"] for r in timed) / len(timed),
     }
     return {
         "tokens_per_step": tokens_per_step, "timed_steps": [timed[0]["step"], timed[-1]["step"]],
         "loop_tokens_per_s": loop_tokens_per_s, "step_alone_tokens_per_s": alone_tokens_per_s,
         "ratio": loop_tokens_per_s / alone_tokens_per_s, "target": TARGET,
-        "step_alone_ms": 1e3 * alone_s, "loop_ms_per_step": per_step_ms,
+        "step_alone_ms": 1e3 * alone_s, "launch_back_to_back_ms": 1e3 * queued_s,
+        "launch_back_to_back_tokens_per_s": tokens_per_step / queued_s,
+        "ratio_to_back_to_back": loop_tokens_per_s * queued_s / tokens_per_step, "loop_ms_per_step": per_step_ms,
         "loop_step_ms_median": 1e3 * statistics.median(r["step_s"] for r in timed),
         "saves": [{"step": r["step"], "checkpoint_ms": 1e3 * r["checkpoint_s"]} for r in saves],
         "checkpoint_ms_per_save": 1e3 * statistics.mean(r["checkpoint_s"] for r in saves) if saves else None,
@@ -150,9 +160,12 @@ def markdown(report: dict) -> str:
         f"{r['tokens_per_step']:,} tokens per step).", "",
         "| | tokens/s | ms per step |", "|---|---|---|",
         f"| `Trainer.step` alone | {r['step_alone_tokens_per_s']:,.0f} | {r['step_alone_ms']:.2f} |",
+        f"| `Trainer.launch` back to back (metrics never fetched) | {r['launch_back_to_back_tokens_per_s']:,.0f} | "
+        f"{r['launch_back_to_back_ms']:.2f} |",
         f"| `fffjax pretrain` loop | {r['loop_tokens_per_s']:,.0f} | {ms['wall']:.2f} |",
         "",
-        f"**Ratio loop / step alone: {r['ratio']:.3f}** ({verdict} the target {r['target']}).", "",
+        f"**Ratio loop / step alone: {r['ratio']:.3f}** ({verdict} the target {r['target']}); loop / back to back: "
+        f"{r['ratio_to_back_to_back']:.3f}.", "",
         "Where the loop's time per step goes (mean over the timed steps, ms): "
         + ", ".join(f"{name} {value:.3f}" for name, value in ms.items())
         + f"; median step {r['loop_step_ms_median']:.2f}.", "",
@@ -189,7 +202,7 @@ def main(argv=None) -> None:
         records, run_s = run_loop(loop_argv)
         bench.log(f"Trainer.step alone: {args.alone_steps} steps x {args.repeats}")
         setup = command_setup(loop_argv)
-        alone_s = time_step_alone(setup, run_dir, steps=args.alone_steps, repeats=args.repeats)
+        alone_s, queued_s = time_step_alone(setup, run_dir, steps=args.alone_steps, repeats=args.repeats)
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -197,7 +210,7 @@ def main(argv=None) -> None:
               "pretrain_command": "fffjax pretrain " + shlex.join(pretrain_argv(args, Path("RUN"))),
               "steps": args.steps, "save_every": args.save_every, "skip": args.skip,
               "alone_steps": args.alone_steps, "repeats": args.repeats,
-              "result": summarize(records, run_s, alone_s, setup["tokens_per_step"], args)}
+              "result": summarize(records, run_s, alone_s, queued_s, setup["tokens_per_step"], args)}
     written = bench.write_results(args.out, args.name, report=report, markdown=markdown(report))
     print(markdown(report))
     bench.log(f"wrote {', '.join(map(str, written))}")

@@ -104,6 +104,37 @@ def test_run_checkpoints_digest_only_the_steps_they_save(tmp_path, monkeypatch):
     np.testing.assert_array_equal(params_back["w"], np.asarray(params["w"]))
 
 
+def test_background_save_keeps_the_saved_state_when_its_buffers_are_donated(tmp_path):
+    """A background save writes the arrays as they were at `save`, though the caller's next (donating)
+    update consumes their buffers before the thread copies them; a repeated step is not saved again."""
+    update = jax.jit(lambda tree: jax.tree.map(lambda x: x + 1.0, tree), donate_argnums=0)
+    state = {"w": jnp.arange(12.0).reshape(3, 4)}
+    expected = np.asarray(state["w"]).copy()
+    with checkpoint.RunCheckpoints(tmp_path / "checkpoints", save_every=2) as run:
+        assert run.save(2, params=state, opt_state={"mu": jnp.zeros(2)}, position={"epoch": 0, "index": 0, "seed": 0},
+                        config={}, run={}, metrics={"loss": 1.0})
+        for _ in range(3):
+            state = update(state)
+        assert not run.should_save(2) and not run.save(2, params=state, opt_state={"mu": jnp.zeros(2)},
+                                                        position={"epoch": 0, "index": 0, "seed": 0},
+                                                        config={}, run={}, metrics={}, force=True)
+    np.testing.assert_array_equal(checkpoint.load_params(tmp_path / "checkpoints" / "2")[0]["w"], expected)
+
+
+def test_a_failed_background_save_raises_from_the_next_call(tmp_path, monkeypatch):
+    with checkpoint.RunCheckpoints(tmp_path / "checkpoints", save_every=1) as run:
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(run.manager, "save", broken)
+        assert run.save(1, params=_params(), opt_state={"mu": jnp.zeros(2)},
+                        position={"epoch": 0, "index": 0, "seed": 0},
+                        config={}, run={}, metrics={})   # returns before the thread fails
+        with pytest.raises(OSError, match="disk full"):
+            run.wait()
+        monkeypatch.undo()
+
+
 def _flat_checkpoint(tmp_path):
     """A checkpoint shaped like `fffjax demo`'s: FFF-v1 and FF parameter dicts, no crammed-BERT config."""
     from fffjax import v1

@@ -6,7 +6,7 @@ A checkpoint is a directory of orbax items. Two writers share one layout:
   e.g. `nnx.to_pure_dict(nnx.state(model, nnx.Param))` or a `fffjax.v1` parameter dict) and
   `config` (a JSON-serialisable dict: what is needed to rebuild the model).
 - `RunCheckpoints` writes a training run's steps `<run>/checkpoints/<step>/` (an orbax
-  `CheckpointManager`: async saves, `LatestN` preservation, `FixedIntervalPolicy` save interval)
+  `CheckpointManager`: async saves, `LatestN` preservation, a save every `save_every` steps)
   with the same `params` and `config` (the `ModelConfig` dict) plus `opt_state` (the optax state,
   restored with its NamedTuple types and shardings), `data` (the input-pipeline position
   `{"epoch", "index", "seed"}`), `run` (the step, the `TrainConfig` dict, anything the caller adds
@@ -30,6 +30,7 @@ plain JSON), raise `FileNotFoundError` saying what a path is when it is no check
 `fffjax inspect` and `fffjax finetune` read checkpoints through these functions.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -235,9 +236,13 @@ class RunCheckpoints:
 
     Args:
         directory: where step directories go (created).
-        save_every: save when `step % save_every == 0` (plus `force=True` saves).
+        save_every: save when `step % save_every == 0` (plus `force=True` saves); a step at or
+            before the latest saved one is never saved again.
         keep: how many of the latest steps to keep.
-        async_save: write in a background thread (call `wait` or `close` before reading).
+        async_save: write in the background (call `wait` or `close` before reading). In a
+            single-process run the whole save, orbax's copy of the arrays to the host included, runs
+            in a background thread on a device copy of the state; with several processes orbax's
+            own async save is used (its cross-process barriers stay on the calling thread).
     """
 
     def __init__(self, directory: Path | str, *, save_every: int, keep: int = 3, async_save: bool = True):
@@ -246,10 +251,10 @@ class RunCheckpoints:
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._async_save = async_save
+        self.save_every = save_every
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.LatestN(n=keep),
-            save_decision_policy=policies.FixedIntervalPolicy(interval=save_every),
             enable_async_checkpointing=async_save,
             enable_background_delete=async_save,
         )
@@ -258,37 +263,67 @@ class RunCheckpoints:
         registry.add(RUN, _RunRecordSave, run_handler)
         registry.add(RUN, ocp.args.JsonRestore, run_handler)
         self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        self._saver = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fffjax-checkpoint")
+                       if async_save and jax.process_count() == 1 else None)
+        self._pending: concurrent.futures.Future | None = None
+        self._pending_step: int | None = None
 
     def save(self, step: int, *, params, opt_state, position: Mapping[str, Any], config: Mapping[str, Any],
              run: Mapping[str, Any], metrics: Mapping[str, Any], force: bool = False) -> bool:
-        """Saves when the interval policy (or `force`) says so; returns whether it did.
+        """Saves when the interval policy (or `force`) says so; returns whether it does.
 
-        Nothing is copied for a step that is not saved. For a saved step the call blocks while
-        orbax copies the arrays to the host. The digest (`tree_digest`: a host copy and CRC-32 of
-        the parameters and optimizer state) runs in the save's commit thread once the call has
-        returned, on a device copy of the arrays (the next train step donates theirs); the `run`
-        item holding it is written before the step gets its final name.
+        Nothing is copied for a step that is not saved. For a saved step, in a single-process async
+        run, the call copies the parameters and optimizer state on their devices (the next train step
+        donates their buffers), waits for the previous save's thread, and returns: orbax's copy to the
+        host, the files and the digest (`tree_digest`, a CRC-32 of the arrays) are written in the
+        background. With several processes the call blocks while orbax copies the arrays to the host,
+        and the digest is skipped when the arrays are not all addressable here. The `run` item holding
+        the digest is written before the step gets its final name. A failed background save raises
+        from the next `save`, `wait` or `close`.
         """
-        if not force and not self.manager.should_save(int(step)):
+        step = int(step)
+        if not self.should_save(step, force=force):
             return False
+        self._finish_pending()
         state = {PARAMS: params, OPT_STATE: opt_state}
         addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+        snapshot = _snapshot(state) if addressable else None
+        if self._saver is not None and snapshot is not None:
+            state = snapshot
         saved = threading.Event()
         if not self._async_save:
             saved.set()  # a synchronous save returns only after the digest
         args = ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(params),
-            OPT_STATE: ocp.args.StandardSave(opt_state),
+            PARAMS: ocp.args.StandardSave(state[PARAMS]),
+            OPT_STATE: ocp.args.StandardSave(state[OPT_STATE]),
             CONFIG: ocp.args.JsonSave(_jsonable(config)),
             DATA: ocp.args.JsonSave(_jsonable(position)),
-            RUN: _RunRecordSave(_jsonable({**run, "step": int(step)}), _snapshot(state) if addressable else None,
-                                saved),
+            RUN: _RunRecordSave(_jsonable({**run, "step": int(step)}), snapshot, saved),
             METRICS: ocp.args.JsonSave(_jsonable(metrics)),
         })
-        try:
-            return bool(self.manager.save(int(step), args=args, force=force))
-        finally:
-            saved.set()
+
+        def write() -> bool:
+            try:
+                return bool(self.manager.save(step, args=args, force=True))  # decided above
+            finally:
+                saved.set()
+
+        if self._saver is not None and snapshot is not None:
+            self._pending, self._pending_step = self._saver.submit(write), step
+            return True
+        return write()
+
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save(step, force=force)` saves: a multiple of `save_every` (or `force`) after the
+        latest saved step."""
+        latest = self._pending_step if self._pending is not None else self.manager.latest_step()
+        return (force or int(step) % self.save_every == 0) and (latest is None or int(step) > latest)
+
+    def _finish_pending(self) -> None:
+        """Waits for the background save thread (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -353,11 +388,17 @@ class RunCheckpoints:
         return None
 
     def wait(self) -> None:
+        """Blocks until every save has been written (re-raising a background save's error)."""
+        self._finish_pending()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._saver is not None:
+                self._saver.shutdown(wait=True)
+            self.manager.close()
 
     def __enter__(self) -> "RunCheckpoints":
         return self

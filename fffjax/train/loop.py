@@ -36,11 +36,18 @@ def fit(
     the objective's metrics (loss, accuracy, grad_norm), `lr`, eval_* every `eval_every` steps and
     at the end, and where the time went:
 
-    - `step_s`: wall seconds of `trainer.step` (its metrics are fetched, so the step is done);
-      `tokens_per_s` is the batch's tokens over `step_s`;
-    - `checkpoint_s`: seconds in `RunCheckpoints.save` (near zero on steps it does not save);
-    - `wall_s`: seconds since the previous record was timed (data, step, evaluation, checkpoint,
-      logging); `wall_tokens_per_s` is the batch's tokens over `wall_s`, the loop's throughput.
+    - `step_s`: wall seconds from the previous record's metrics to this step's (the step itself;
+      the next batch is made and the previous record written while it runs); `tokens_per_s` is the
+      batch's tokens over `step_s`;
+    - `eval_s` and `checkpoint_s`: seconds the loop waits for evaluation and for
+      `RunCheckpoints.save` (zero on steps without them; a save copies the state on the device and
+      writes it in the background);
+    - `wall_s`: their sum, the loop's time for the step; `wall_tokens_per_s` is the batch's tokens
+      over `wall_s`, the loop's throughput.
+
+    The metrics of a step are fetched after the next step is launched, so the device always has a
+    step queued; steps that evaluate or save, and the last one, are fetched at once (the evaluation
+    and the checkpoint need their state).
 
     A step's record is written after its checkpoint is saved. With `resume`, restarts from the
     latest readable checkpoint (parameters, optimizer, data position, step), drops metric records of
@@ -92,27 +99,55 @@ def fit(
             if restored is not None and restored["metrics"] and log.last_step() < start:
                 log.write(restored["metrics"])  # a crash between the save and the log line lost it
         bar = tqdm(total=config.steps, initial=start, disable=not (progress and lead), desc="train", unit="step")
-        timed = time.perf_counter()
-        for step in range(start, config.steps):
-            batch, position = pipeline.next(position)
-            began = time.perf_counter()
-            record = {"step": step + 1, **trainer.step(batch)}
-            step_s = time.perf_counter() - began
-            record.update(lr=float(learning_rates[step]), step_s=step_s, tokens_per_s=tokens_per_second(tokens, step_s))
-            last = step + 1 == config.steps
-            if eval_batches is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                record.update({f"eval_{k}": v for k, v in trainer.evaluate(eval_batches()).items()})
-            began = time.perf_counter()
-            checkpoints.save(step + 1, params=trainer.state["params"], opt_state=trainer.state["opt_state"],
-                             position=position, config=model_config, run=run, metrics=record, force=last)
+        timed = time.perf_counter()   # when the previous record's metrics were in hand
+        upcoming = pipeline.next(position) if start < config.steps else None
+        unfetched = None   # (record, device metrics) of the step launched before this one
+
+        def measured(record, metrics):
+            """`record` with the step's metrics, `lr` and the time since the previous record."""
+            nonlocal timed
+            record.update(trainer.fetch_metrics(metrics), lr=float(learning_rates[record["step"] - 1]))
             now = time.perf_counter()
-            record.update(checkpoint_s=now - began, wall_s=now - timed,
-                          wall_tokens_per_s=tokens_per_second(tokens, now - timed))
+            record.update(step_s=now - timed, tokens_per_s=tokens_per_second(tokens, now - timed))
             timed = now
+            return record
+
+        def write(record, *, eval_s=0.0, checkpoint_s=0.0):
+            wall_s = record["step_s"] + eval_s + checkpoint_s
+            record.update(eval_s=eval_s, checkpoint_s=checkpoint_s, wall_s=wall_s,
+                          wall_tokens_per_s=tokens_per_second(tokens, wall_s))
             if lead:
                 log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             bar.update(1)
+
+        for step in range(start, config.steps):
+            batch, position = upcoming   # `position`: where the batch after this one starts
+            metrics = trainer.launch(batch)
+            if step + 1 < config.steps:
+                upcoming = pipeline.next(position)   # on the host while the step runs on the device
+            if unfetched is not None:
+                write(measured(*unfetched))   # the previous step, while this one runs
+                unfetched = None
+            record = {"step": step + 1}
+            last = step + 1 == config.steps
+            evaluate = eval_batches is not None and (
+                last or bool(config.eval_every and (step + 1) % config.eval_every == 0))
+            if not (last or evaluate or checkpoints.should_save(step + 1)):
+                unfetched = (record, metrics)   # fetched after the next step is launched
+                continue
+            measured(record, metrics)   # evaluation and checkpoints need this step's state and metrics
+            eval_s = 0.0
+            if evaluate:
+                began = time.perf_counter()
+                record.update({f"eval_{k}": v for k, v in trainer.evaluate(eval_batches()).items()})
+                eval_s = time.perf_counter() - began
+            began = time.perf_counter()
+            checkpoints.save(step + 1, params=trainer.state["params"], opt_state=trainer.state["opt_state"],
+                             position=position, config=model_config, run=run, metrics=record, force=last)
+            checkpoint_s = time.perf_counter() - began
+            timed = time.perf_counter()
+            write(record, eval_s=eval_s, checkpoint_s=checkpoint_s)
         bar.close()
     records = log.read() if log.path.exists() else []
     if lead and records:

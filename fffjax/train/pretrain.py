@@ -97,14 +97,31 @@ def train_config_from(args: argparse.Namespace, overrides: dict[str, Any], defau
     return TrainConfig.from_dict(fields)
 
 
-def _tag(*parts: Any) -> str:
+def run_settings(args: argparse.Namespace, loaded: tuple[Any, dict[str, Any], dict[str, Any]],
+                 defaults: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], list[str], int]:
+    """``(model config, TrainConfig, data settings, sources, seq_length)`` of a training command.
+
+    ``loaded`` is what the command's ``load_run_config`` read from ``--config``; flags override it.
+    """
+    model_config, train_overrides, data = loaded
+    config = train_config_from(args, train_overrides, defaults)
+    sources = args.sources if args.sources else data["sources"]
+    seq_length = args.seq_length or data["seq_length"] or model_config.max_seq_length
+    if seq_length > model_config.max_seq_length:
+        raise ValueError(f"--seq-length: at most the model's max_seq_length {model_config.max_seq_length}, "
+                         f"got {seq_length}")
+    return model_config, config, data, sources, seq_length
+
+
+def cache_tag(*parts: Any) -> str:
+    """A short content hash naming a cached file."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def prepare_tokenizer(cache: Path, sources: list[str], vocab_size: int) -> Path:
     """The cached tokenizer for (sources, vocab_size), trained on first use."""
     files = corpus.corpus_files(cache, sources)
-    path = cache / "tokenizers" / f"wordpiece{vocab_size}-{_tag(sorted(sources))}.json"
+    path = cache / "tokenizers" / f"wordpiece{vocab_size}-{cache_tag(sorted(sources))}.json"
     if not path.is_file():
         tmp = path.with_suffix(f".tmp{os.getpid()}.json")
         train_wordpiece(files, vocab_size, out=tmp)
@@ -114,7 +131,7 @@ def prepare_tokenizer(cache: Path, sources: list[str], vocab_size: int) -> Path:
 
 def prepare_rows(cache: Path, sources: list[str], tokenizer: Tokenizer, seq_length: int) -> np.ndarray:
     """Packed `(n, seq_length)` MLM rows of the corpus, cached as `.npy` (keyed by the tokenizer's contents)."""
-    path = cache / "tokens" / f"{_tag(tokenizer.backend.to_str())}-{_tag(sorted(sources))}-s{seq_length}.npy"
+    path = cache / "tokens" / f"{cache_tag(tokenizer.backend.to_str())}-{cache_tag(sorted(sources))}-s{seq_length}.npy"
     if path.is_file():
         return np.load(path)
     stream = tokenizer.encode_stream(corpus.read_paragraphs(corpus.corpus_files(cache, sources)))
@@ -176,13 +193,8 @@ def run(args: argparse.Namespace) -> int:
     from fffjax.train.objectives import mlm_objective
     from fffjax.train.trainer import Trainer
 
-    model_config, train_overrides, data = load_run_config(args.config)
-    config = train_config_from(args, train_overrides, PRETRAIN_DEFAULTS)
-    sources = args.sources if args.sources else data["sources"]
-    seq_length = args.seq_length or data["seq_length"] or model_config.max_seq_length
-    if seq_length > model_config.max_seq_length:
-        raise ValueError(f"--seq-length: at most the model's max_seq_length {model_config.max_seq_length}, "
-                         f"got {seq_length}")
+    model_config, config, data, sources, seq_length = run_settings(
+        args, load_run_config(args.config), PRETRAIN_DEFAULTS)
     random_tokens = args.random_tokens
     if random_tokens and (args.tokenizer or args.sources):
         raise ValueError("--random-tokens: trains without a corpus or tokenizer; drop --tokenizer and --sources")

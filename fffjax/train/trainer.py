@@ -255,12 +255,23 @@ class Trainer:
         """Host batch (the same global batch on every process) -> global arrays split on `data`."""
         return shd.to_global(dict(batch), self._batch_shardings(batch))
 
-    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """One optimizer step on a global host batch; returns host float metrics."""
+    def launch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+        """Dispatches one optimizer step on a global host batch and returns its metrics as device
+        arrays without waiting for them: the host can prepare the next batch while the step runs
+        (`fetch_metrics` waits)."""
         placed = self.place_batch(batch)
         with jax.set_mesh(self.mesh):   # the model's kernels run per device on it (parallel.rows_per_device)
             self.state, metrics = _jit_train_step(self._program, self.state, placed, self._seed)
-        return {k: float(v) for k, v in shd.to_host(metrics).items()}
+        return metrics
+
+    @staticmethod
+    def fetch_metrics(metrics: Mapping[str, Array]) -> dict[str, float]:
+        """Device metrics of `launch` -> host floats (waits for the step)."""
+        return {k: float(v) for k, v in shd.to_host(dict(metrics)).items()}
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """One optimizer step on a global host batch; returns host float metrics."""
+        return self.fetch_metrics(self.launch(batch))
 
     def evaluate(self, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
         """Mean objective metrics (dropout off) over host batches."""
