@@ -385,6 +385,13 @@ def markdown(report: dict) -> str:
         alone = b["feedforward_alone"]
         if alone.get("fff") is not None:
             lines.append(f"| feedforward timed alone (x layers) | {alone['fff']:.3f} | | {alone['dense']:.3f} | |")
+        free = step["dense"] / b["step_without_feedforward"]
+        lines += ["", f"With a feedforward that cost nothing the step would be **{free:.2f}x** the "
+                  f"dense twin's (dense step / step without feedforward); the FFF step is "
+                  f"{step['dense'] / step['fff']:.2f}x."]
+        if min(b["parts"][m]["rest"] for m in ("fff", "dense")) < 0:
+            lines.append("*rest* is negative here: the attention core timed alone runs slower than inside the whole "
+                         "step, so read its row as an upper bound.")
     lines += ["", "## Batch-1 weight-read floor", "",
               "Bytes a batch-1 decode step reads per token (each weight it uses once; the static cache whole); "
               "ideal = dense bytes / FFF bytes; GB/s = bytes / measured step time.", ""]
