@@ -27,7 +27,7 @@ default stop token of :func:`generate_text` and :func:`stream_text`.
 """
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -115,6 +115,29 @@ def _decode(program, leaves, cache: KVCache, tokens, finished, stop, sampling, k
     return chosen, finished | stop[chosen], cache
 
 
+def jitted_steps(model: CausalLM) -> tuple[Callable, Callable]:
+    """``(prefill, decode)``: the jitted programs :func:`generate_stream` runs, bound to ``model``.
+
+    The model is split into its static structure (a static argument, one compile per structure) and
+    its arrays, which go in as arguments of every call (never compiled in as constants)::
+
+        tokens, finished, cache = prefill(input_ids, attention_mask, stop, sampling, key,
+                                          cache_length=T, greedy=True)
+        tokens, finished, cache = decode(cache, tokens, finished, stop, sampling, key, pad_id, greedy=True)
+
+    ``input_ids, attention_mask (B, P)`` int32 (left-padded), ``stop (V,)`` bool (the stop ids),
+    ``sampling`` the ``(temperature, top_k, top_p)`` scalars, ``key`` a PRNG key, ``pad_id`` an int32
+    scalar; ``decode`` donates ``cache`` (pass the one it returned last). The model's arrays are read
+    when this is called: a later change of its weights is not seen.
+    """
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a CausalLM, got {type(model).__name__}")
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    program = (graphdef, treedef)
+    return functools.partial(_prefill, program, leaves), functools.partial(_decode, program, leaves)
+
+
 # ------------------------------------------------------------------------------------- token ids API
 
 
@@ -196,19 +219,17 @@ def generate_stream(
 def _stream(model: CausalLM, rows, *, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id):
     prompt_slots = bucket_length(max(len(row) for row in rows))
     input_ids, attention_mask = left_pad(rows, prompt_slots, pad_id)
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    program = (graphdef, treedef)
+    prefill, decode = jitted_steps(model)
     stop = np.zeros((model.config.vocab_size,), bool)
     stop[stop_tokens] = True
     stop = jnp.asarray(stop)
     sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     key, pad, greedy = jax.random.key(seed), jnp.int32(pad_id), temperature == 0
-    tokens, finished, cache = _prefill(program, leaves, input_ids, attention_mask, stop, sampling, key,
-                                       cache_length=bucket_length(prompt_slots + max_new_tokens), greedy=greedy)
+    tokens, finished, cache = prefill(input_ids, attention_mask, stop, sampling, key,
+                                      cache_length=bucket_length(prompt_slots + max_new_tokens), greedy=greedy)
     for step in range(max_new_tokens):
         if step + 1 < max_new_tokens:   # dispatched before this step's tokens reach the host
-            following = _decode(program, leaves, cache, tokens, finished, stop, sampling, key, pad, greedy=greedy)
+            following = decode(cache, tokens, finished, stop, sampling, key, pad, greedy=greedy)
         host_tokens, host_finished = jax.device_get((tokens, finished))
         yield host_tokens
         if host_finished.all() or step + 1 == max_new_tokens:

@@ -1,0 +1,27 @@
+"""experiments/bench_decoder.py: a smoke run of the tiny presets on the CPU writes a sane report."""
+
+import json
+
+from fffjax import cli
+
+
+def test_bench_decoder_runs_the_tiny_presets_on_the_cpu_and_writes_its_tables(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")   # the script's subprocess, also on a GPU machine
+    argv = ["bench", "bench_decoder", "--device", "cpu", "--config", "tiny", "--batches", "1,2", "--prefill", "2x16",
+            "--breakdown-batches", "1", "--prompt-length", "8", "--rounds", "1", "--min-rounds", "1", "--calls", "2",
+            "--warmup", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0, capfd.readouterr().err[-3000:]
+    report = json.loads((tmp_path / "decoder_speed_cpu.json").read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["implementations"]["fff_v2_hard"] == ["cpu_ffi"]
+    assert [(r["batch"], r["ratio"] > 0) for r in report["decode_ratios"]] == [(1, True), (2, True)]
+    assert {(r["model"], r["tokens"]) for r in report["prefill"]} == {("fff", 16), ("dense", 16)}
+    (parts,) = report["breakdown"]
+    assert set(parts["parts"]["fff"]) == {"feedforward", "attention core", "vocabulary", "rest"}
+    floor = report["weight_floor"]["tiny"]
+    # tiny: H 64, 2 layers; the dense FFN reads 2 * 4H * H values a layer, FFF 1x11 12 nodes of 2H + 1
+    assert floor["dense_bytes"]["feedforward"] == 4 * 2 * 2 * 4 * 64 * 64
+    assert floor["fff_bytes"]["feedforward"] == 4 * 2 * 12 * (2 * 64 + 1)
+    assert floor["ideal_speedup"] > 1
+    assert "| tiny | 1 |" in (tmp_path / "decoder_speed_cpu.md").read_text()
+    assert (tmp_path / "decoder_speed_cpu.png").stat().st_size > 0
