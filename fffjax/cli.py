@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                             "checkpoint, export to PyTorch and check it there"),
     "pretrain": ("fffjax.train.pretrain", "MLM-pretrain crammed BERT (FFF or dense twin) on the offline corpus, "
                                           "resumable"),
+    "train-lm": ("fffjax.train.lm", "train the causal decoder (FFF or a baseline) on the offline corpus, resumable"),
     "finetune": ("fffjax.train.finetune", "fine-tune a crammed-BERT classifier on amazon reviews or spam"),
     "export": ("fffjax.convert.cmd_export", "write a checkpoint's model in the published UltraFastBERT HF layout"),
     "import": ("fffjax.convert.cmd_import", "read a published-layout UltraFastBERT directory into a checkpoint"),

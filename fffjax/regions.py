@@ -1,4 +1,4 @@
-"""Inspect the regions an FFF-v1 tree carves out of its input space, and edit single regions.
+"""Inspect the regions an FFF tree carves out of its input space, and edit single regions.
 
 All functions take the :mod:`fffjax.v1` parameter dict (or ``FFF.params()``) and ``depth``::
 
@@ -10,6 +10,15 @@ All functions take the :mod:`fffjax.v1` parameter dict (or ``FFF.params()``) and
     fffjax.train.flat.train(spec, config, x_new, y_new, params=params, grad_mask=mask)
 
 Regions are those of the hard (deployed) descent: right when ``z >= 0``.
+
+For FFF-v2 (:mod:`fffjax.v2`, K trees of single-neuron nodes) the same question is asked of each
+level: how many nodes no token reaches (dead subtrees) and how evenly tokens spread::
+
+    visits = v2_node_visits(x, w_in, b_in, depth=11, n_trees=1)   # tokens through each node row
+    usage = v2_tree_usage(visits, depth=11, n_trees=1)
+    usage.dead_fraction, usage.visit_entropy                       # per level, (depth + 1,)
+
+FFF-v2 routes right when ``z > 0`` (:func:`fffjax.v2.path_from_logits`).
 """
 
 from typing import NamedTuple
@@ -18,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fffjax import tree, v1
+from fffjax import tree, v1, v2
 from fffjax._typing import Array, Float, Int
 
 LEAF_PARAMS = ("w1s", "b1s", "w2s", "b2s")
@@ -187,3 +196,58 @@ def leaf_gradient_mask(
         else:
             mask[name] = jnp.zeros(value.shape, jnp.float32)
     return mask
+
+
+class TreeUsage(NamedTuple):
+    """Result of :func:`v2_tree_usage`: how an FFF-v2 layer's tokens spread over its nodes.
+
+    Attributes:
+        visits: ``(K * N,)`` tokens through each node row.
+        dead_fraction: ``(depth + 1,)`` share of each level's nodes (over all trees) that no token
+            reaches; a dead node's subtree is dead too.
+        visit_entropy: ``(depth + 1,)`` bits: entropy of the tokens' distribution over a level's
+            ``2**level`` nodes, averaged over the trees; ``level`` bits when every node of the
+            level gets the same share, 0 when all tokens take one path.
+        tokens: tokens counted.
+    """
+
+    visits: np.ndarray
+    dead_fraction: np.ndarray
+    visit_entropy: np.ndarray
+    tokens: int
+
+
+def v2_node_visits(
+    x: Inputs,
+    w_in: Float[Array, "nodes din"] | Float[np.ndarray, "nodes din"],
+    b_in: Float[Array, " nodes"] | Float[np.ndarray, " nodes"],
+    *,
+    depth: int,
+    n_trees: int,
+) -> Int[np.ndarray, " nodes"]:
+    """``(K * N,)`` how many of the ``(batch, din)`` tokens ``x`` pass through each node row."""
+    v2.check_arguments(x, w_in, b_in, w_in, depth=depth, n_trees=n_trees)
+    z = jnp.asarray(x, jnp.float32) @ jnp.asarray(w_in, jnp.float32).T + jnp.asarray(b_in, jnp.float32)
+    path = v2.path_from_logits(z, depth=depth, n_trees=n_trees)
+    return np.bincount(np.asarray(path).ravel(), minlength=w_in.shape[0])
+
+
+def v2_tree_usage(visits: Int[np.ndarray, " nodes"], *, depth: int, n_trees: int) -> TreeUsage:
+    """Dead-node share and visit entropy per level from :func:`v2_node_visits` counts (which may
+    be summed over batches first)."""
+    per_tree = tree.v2_nodes_per_tree(depth)
+    visits = np.asarray(visits)
+    if visits.shape != (n_trees * per_tree,):
+        raise ValueError(f"visits must have shape ({n_trees * per_tree},) for depth={depth}, n_trees={n_trees}, "
+                         f"got {visits.shape}")
+    by_tree = visits.reshape(n_trees, per_tree)
+    tokens = int(by_tree[0, 0])
+    dead, entropy = [], []
+    for level in range(depth + 1):
+        counts = by_tree[:, 2 ** level - 1: 2 ** (level + 1) - 1].astype(np.float64)
+        dead.append(float(np.mean(counts == 0)))
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bits = -np.where(share > 0, share * np.log2(share), 0.0).sum(axis=1)
+        entropy.append(float(bits.mean()))
+    return TreeUsage(visits=visits, dead_fraction=np.asarray(dead), visit_entropy=np.asarray(entropy), tokens=tokens)

@@ -56,3 +56,26 @@ def test_pipeline_visits_every_row_once_per_epoch():
         pipeline.BatchPipeline({"x": rows}, 41)
     with pytest.raises(ValueError, match="equally long"):
         pipeline.BatchPipeline({"x": rows, "y": rows[:3]}, 4)
+
+
+def test_held_out_documents_hold_out_the_closing_paragraphs_of_each_document():
+    book = [f"b{i}" for i in range(20)]
+    speeches = [f"s{i}" for i in range(5)]
+    train, held = pipeline.held_out_documents([book, speeches], 0.1)
+    assert held == ["b18", "b19", "s4"]                   # 10% of 20, and at least one of 5
+    assert train == book[:18] + speeches[:4]
+    assert pipeline.held_out_documents([book], 0.0) == (book, [])
+    assert pipeline.held_out_documents([["only"]], 0.5) == (["only"], [])   # a document keeps a paragraph
+    with pytest.raises(ValueError, match=r"fraction: expected in \[0, 1\), got 1.0"):
+        pipeline.held_out_documents([book], 1.0)
+
+
+def test_causal_lm_pipeline_gives_whole_rows_with_a_full_attention_mask():
+    rows = np.arange(40, dtype=np.int32).reshape(10, 4)
+    batches = pipeline.causal_lm_pipeline(rows, 5)
+    position = pipeline.initial_position(3)
+    first, position = batches.next(position)
+    assert first["input_ids"].shape == (5, 4) and np.all(first["attention_mask"] == 1)
+    second, _ = batches.next(position)
+    covered = np.concatenate([first["input_ids"], second["input_ids"]])
+    np.testing.assert_array_equal(covered[np.argsort(covered[:, 0])], rows)   # one epoch: every row once, whole

@@ -98,3 +98,49 @@ def test_leaf_only_training_keeps_other_regions_exact():
     np.testing.assert_array_equal(C.predict_logits(spec, edited, x[others]), before)
     assert not np.allclose(edited["w2s"][3], params["w2s"][3])
     np.testing.assert_array_equal(edited["node_weights"], params["node_weights"])
+
+
+def _walk_v2(x, w_in, b_in, depth, n_trees):
+    """Each token's node rows, walked one token, tree and level at a time."""
+    per_tree = 2 ** (depth + 1) - 1
+    visits = np.zeros(n_trees * per_tree, np.int64)
+    for token in np.asarray(x, np.float64):
+        for k in range(n_trees):
+            node = 0
+            for _ in range(depth + 1):
+                row = k * per_tree + node
+                visits[row] += 1
+                node = 2 * node + 1 + int(token @ w_in[row] + b_in[row] > 0)
+    return visits
+
+
+def test_v2_node_visits_match_a_token_by_token_walk():
+    rng = np.random.default_rng(0)
+    depth, n_trees = 3, 2
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    w_in = rng.standard_normal((n_trees * 15, 6)).astype(np.float32)
+    b_in = rng.standard_normal(n_trees * 15).astype(np.float32)
+    visits = regions.v2_node_visits(x, w_in, b_in, depth=depth, n_trees=n_trees)
+    np.testing.assert_array_equal(visits, _walk_v2(x, w_in, b_in, depth, n_trees))
+    usage = regions.v2_tree_usage(visits, depth=depth, n_trees=n_trees)
+    assert usage.tokens == 50 and usage.dead_fraction[0] == 0.0
+
+
+def test_v2_tree_usage_of_a_collapsed_and_of_a_balanced_tree():
+    depth = 3
+    always_left = np.zeros(15, np.int64)
+    always_left[[0, 1, 3, 7]] = 8                       # every token takes the leftmost path
+    collapsed = regions.v2_tree_usage(always_left, depth=depth, n_trees=1)
+    np.testing.assert_allclose(collapsed.dead_fraction, [0.0, 0.5, 0.75, 0.875])
+    np.testing.assert_allclose(collapsed.visit_entropy, 0.0)
+    balanced = np.concatenate([np.full(2 ** level, 8 // 2 ** level) for level in range(depth + 1)])
+    even = regions.v2_tree_usage(balanced, depth=depth, n_trees=1)
+    np.testing.assert_allclose(even.dead_fraction, 0.0)
+    np.testing.assert_allclose(even.visit_entropy, [0.0, 1.0, 2.0, 3.0])
+    both = regions.v2_tree_usage(np.concatenate([always_left, balanced]), depth=depth, n_trees=2)
+    np.testing.assert_allclose(both.visit_entropy, [0.0, 0.5, 1.0, 1.5])
+
+
+def test_v2_tree_usage_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"visits must have shape \(30,\)"):
+        regions.v2_tree_usage(np.zeros(15, np.int64), depth=3, n_trees=2)

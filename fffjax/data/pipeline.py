@@ -9,7 +9,7 @@ So restoring a position reproduces every later batch bit for bit, on any number 
 each process builds the same global batch and keeps only its shard (`fffjax.train.sharding`).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from jaxtyping import Int
@@ -108,3 +108,33 @@ def mlm_pipeline(rows: Int[np.ndarray, "n seq"], batch_size: int, *, vocab_size:
         return mlm.mask_tokens(batch["input_ids"], rng, vocab_size=vocab_size, specials=specials, rate=rate)
 
     return BatchPipeline({"input_ids": rows}, batch_size, transform)
+
+
+def causal_lm_pipeline(rows: Int[np.ndarray, "n seq"], batch_size: int) -> BatchPipeline:
+    """A pipeline of next-token batches over packed rows: ``input_ids`` and an all-ones
+    ``attention_mask`` (packed rows hold no padding); `fffjax.train.objectives.causal_lm_objective`
+    predicts each token from the ones before it."""
+
+    def transform(batch, rng):
+        return {"input_ids": batch["input_ids"], "attention_mask": np.ones_like(batch["input_ids"])}
+
+    return BatchPipeline({"input_ids": rows}, batch_size, transform)
+
+
+def held_out_documents(documents: Sequence[Sequence[str]], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) paragraphs: the last ``fraction`` of each document's paragraphs, a contiguous
+    block, is held out whole, so no held-out passage is split or shares a row with training text.
+
+    Args:
+        documents: one list of paragraphs per document (a corpus source: a book, a collection).
+        fraction: in [0, 1): the share of each document's paragraphs held out (at least one
+            paragraph when positive).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction: expected in [0, 1), got {fraction}")
+    train, held = [], []
+    for paragraphs in documents:
+        n_held = min(len(paragraphs) - 1, max(1, round(fraction * len(paragraphs)))) if fraction else 0
+        train.extend(paragraphs[: len(paragraphs) - n_held])
+        held.extend(paragraphs[len(paragraphs) - n_held:])
+    return train, held
