@@ -22,8 +22,10 @@ def blobs(n_per_class=40, n_classes=4, dim=6, seed=0):
 def test_spec_and_config_validation():
     with pytest.raises(ValueError, match="kind must be"):
         C.ModelSpec("mlp", 4, 2)
-    with pytest.raises(ValueError, match="width must be positive"):
+    with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
         C.ModelSpec("ff", 4, 2, width=0)
+    with pytest.raises(ValueError, match="depth must be an int >= 0, got -1"):
+        C.ModelSpec("fff", 4, 2, depth=-1)
     with pytest.raises(ValueError, match="region_leak"):
         C.ModelSpec("fff", 4, 2, depth=1, region_leak=1.5)
     with pytest.raises(ValueError, match="hard_epochs"):

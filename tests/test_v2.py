@@ -285,7 +285,7 @@ def test_routing_margin_is_the_smallest_logit_on_the_paths():
 
 
 def test_weights_of_another_depth_or_tree_count_are_refused_as_such():
-    """Depth-3 weights passed with depth=4 (the issue's example) are named a depth-3 tree, not only a wrong shape."""
+    """Depth-3 weights passed with depth=4 are named a depth-3 tree, not only a wrong shape."""
     w_in, b_in, w_out = np.zeros((15, 8), np.float32), np.zeros((15,), np.float32), np.zeros((15, 8), np.float32)
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(ValueError) as error:

@@ -64,11 +64,10 @@ class ModelSpec:
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
-        for name in ("in_features", "out_features", "width", "n_trees"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.depth < 0:
-            raise ValueError(f"depth must be >= 0, got {self.depth}")
+        for name in ("in_features", "out_features", "width"):
+            tree.check_count(getattr(self, name), name, 1)
+        tree.check_depth(self.depth)
+        tree.check_n_trees(self.n_trees)
         if not 0.0 <= self.region_leak <= 1.0:
             raise ValueError(f"region_leak must be in [0, 1], got {self.region_leak}")
 

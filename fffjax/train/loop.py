@@ -155,9 +155,5 @@ def fit(
         evals = [r for r in records if "eval_loss" in r]
         if evals:
             curves["held-out"] = ([r["step"] for r in evals], [r["eval_loss"] for r in evals])
-        try:
-            plot_losses(curves, out_dir / "loss.png", title=plot_title,
-                        smooth=max(1, min(20, len(records) // 20)))
-        except ImportError:
-            print("matplotlib is not installed (extra `dev`): no loss.png")
+        plot_losses(curves, out_dir / "loss.png", title=plot_title, smooth=max(1, min(20, len(records) // 20)))
     return records
