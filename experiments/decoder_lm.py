@@ -1,5 +1,7 @@
-"""FFF in a causal decoder against every baseline, at equal training tokens: validation perplexity,
-its curve, dead nodes and node-visit entropy per tree level, and samples.
+"""FFF in a causal decoder against every baseline at equal training tokens: perplexity, dead nodes, samples.
+
+Measures the validation perplexity and its curve, the dead nodes and node-visit entropy per tree
+level, and samples text of each variant.
 
 Three phases, each resumable (a finished run is skipped)::
 
@@ -109,6 +111,8 @@ def train(args) -> None:
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     sweep = {**bench.provenance(__file__), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "bf16": args.bf16, "parallel": args.parallel, "variants": list(args.variants), "seeds": list(args.seeds)}
+    record = args.runs / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record.write_text(json.dumps(sweep, indent=1, default=str))   # a sweep cut short keeps its record
     start = time.perf_counter()
     done = 0
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -121,8 +125,7 @@ def train(args) -> None:
                       + ("already done" if result.get("skipped") else
                          f"{result['seconds']:.0f} s, validation perplexity {ppl:.2f}"))
     sweep["wall_s"] = time.perf_counter() - start
-    name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (args.runs / name).write_text(json.dumps(sweep, indent=1, default=str))
+    record.write_text(json.dumps(sweep, indent=1, default=str))
 
 
 # ---------------------------------------------------------------------------------------------- analyse
@@ -285,7 +288,9 @@ def markdown(rows: dict, variants: dict, sweeps: list[dict]) -> str:
     lines = ["# FFF in a causal decoder: validation perplexity at equal training tokens", ""]
     lines += [bench.provenance_line(s) + f" {len(s['variants'])} variants x seeds {s['seeds']}, {s['steps']} steps "
               f"of {s['batch_size']} rows, peak learning rate {s['lr']}, bf16 compute: {s['bf16']}, "
-              f"{s['parallel']} runs at a time, {s['wall_s'] / 60:.1f} min." for s in sweeps]
+              f"{s['parallel']} runs at a time"
+              + (f", {s['wall_s'] / 60:.1f} min." if "wall_s" in s else " (cut short: the runs it finished are shown).")
+              for s in sweeps]
     some = next(iter(rows.values()))
     lines += ["", f"Every run: {some['steps']} steps, {some['tokens'] / 1e6:.1f}M training tokens "
               f"({some['epochs']:.2f} epochs of the corpus's training rows); validation: the held-out closing "
