@@ -48,6 +48,33 @@ DECODER_KEY = "decoder.weight"
 HEAD_PATHS = ("pooler", "head")
 
 
+def layer_entries(torch_prefix: str, path: tuple, ffn: str) -> list[Entry]:
+    """The entries of one pre-LN layer of crammed BERT's blocks in torch's order (``norm1``, ``norm2``,
+    ``attn``, ``ffn``), ``ffn`` ``"fff"`` or a dense kind (``"dense"``, ``"narrow"``), or ``"none"``
+    (neither ``norm2`` nor ``ffn``)."""
+    t, ours = torch_prefix, path
+    entries = norm_entries(f"{t}.norm1", (*ours, "norm1"))
+    if ffn != "none":
+        entries += norm_entries(f"{t}.norm2", (*ours, "norm2"))
+    entries += [
+        (f"{t}.attn.self_attention.norm_factor", NORM_FACTOR, False),
+        (f"{t}.attn.self_attention.query_key_value.weight", (*ours, "attn", "query_key_value", "kernel"), True),
+        (f"{t}.attn.dense.weight", (*ours, "attn", "dense", "kernel"), True),
+    ]
+    if ffn == "fff":
+        entries += [
+            (f"{t}.ffn.linear_in.weight", (*ours, "ffn", "w_in"), False),
+            (f"{t}.ffn.linear_in.bias", (*ours, "ffn", "b_in"), False),
+            (f"{t}.ffn.linear_out.weight", (*ours, "ffn", "w_out"), True),
+        ]
+    elif ffn != "none":
+        entries += [
+            (f"{t}.ffn.dense_in.weight", (*ours, "ffn", "dense_in", "kernel"), True),
+            (f"{t}.ffn.dense_out.weight", (*ours, "ffn", "dense_out", "kernel"), True),
+        ]
+    return entries
+
+
 def key_map(config: ModelConfig, kind: str = "mlm") -> list[Entry]:
     """``[(torch key, our parameter path or None for norm_factor, transposed?)]`` in the published order.
 
@@ -62,24 +89,7 @@ def key_map(config: ModelConfig, kind: str = "mlm") -> list[Entry]:
         *norm_entries("encoder.embedding.norm", (*emb, "norm")),
     ]
     for i in range(config.num_layers):
-        t, ours = f"encoder.layers.{i}", ("encoder", "layers", i)
-        entries += norm_entries(f"{t}.norm1", (*ours, "norm1")) + norm_entries(f"{t}.norm2", (*ours, "norm2"))
-        entries += [
-            (f"{t}.attn.self_attention.norm_factor", NORM_FACTOR, False),
-            (f"{t}.attn.self_attention.query_key_value.weight", (*ours, "attn", "query_key_value", "kernel"), True),
-            (f"{t}.attn.dense.weight", (*ours, "attn", "dense", "kernel"), True),
-        ]
-        if config.ffn == "fff":
-            entries += [
-                (f"{t}.ffn.linear_in.weight", (*ours, "ffn", "w_in"), False),
-                (f"{t}.ffn.linear_in.bias", (*ours, "ffn", "b_in"), False),
-                (f"{t}.ffn.linear_out.weight", (*ours, "ffn", "w_out"), True),
-            ]
-        else:
-            entries += [
-                (f"{t}.ffn.dense_in.weight", (*ours, "ffn", "dense_in", "kernel"), True),
-                (f"{t}.ffn.dense_out.weight", (*ours, "ffn", "dense_out", "kernel"), True),
-            ]
+        entries += layer_entries(f"encoder.layers.{i}", ("encoder", "layers", i), config.ffn)
     entries += norm_entries("encoder.final_norm", ("encoder", "final_norm"))
     if kind == "mlm":
         entries.append((DECODER_KEY, (*emb, "word_embedding", "embedding"), False))
