@@ -7,7 +7,7 @@ HELP = "continue a prompt with a causal LM checkpoint, streaming the tokens to t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="fffjax checkpoint or run folder of a causal LM")
+    parser.add_argument("model", help="fffjax checkpoint, run folder or `fffjax export` folder of a causal LM")
     parser.add_argument("prompt", help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to add (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")

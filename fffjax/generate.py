@@ -36,9 +36,12 @@ import numpy as np
 from flax import nnx
 
 from fffjax._typing import Array, Float, Int
+from fffjax.convert.decoder import import_decoder
+from fffjax.convert.hf import DECODER_MODEL_TYPE, is_decoder_config, read_hf_dir
 from fffjax.data.tokenizer import Tokenizer
 from fffjax.models.crammed_bert import cast_parameters
 from fffjax.models.decoder import MODEL_NAME, CausalLM, DecoderConfig, KVCache, causal_lm_from_params
+from fffjax.pretrained import is_hf_folder
 from fffjax.train.checkpoint import load_params
 
 MIN_BUCKET = 16   # the shortest prompt bucket: shorter prompts share one compiled prefill
@@ -310,14 +313,22 @@ def generate_text(model: CausalLM, tokenizer: Tokenizer, prompts: str | Sequence
 
 
 def load_causal_lm(path: str | Path, *, dtype=jnp.float32, implementation: str | None = None) -> CausalLM:
-    """The :class:`CausalLM` of an fffjax checkpoint (``save_checkpoint(path, params, config.to_dict())``)
-    or of a training run's latest step, in eval mode; ``dtype`` is the compute and parameter dtype."""
-    params, config, record = load_params(path)
-    if config.get("model") != MODEL_NAME:
-        raise ValueError(f"checkpoint {record['path']} does not hold a causal LM: its config names model "
-                         f"{config.get('model')!r}, not {MODEL_NAME!r}")
-    model = causal_lm_from_params(DecoderConfig.from_dict(config), params, dtype=dtype,
-                                  implementation=implementation)
+    """The :class:`CausalLM` of an fffjax checkpoint (``save_checkpoint(path, params, config.to_dict())``),
+    of a training run's latest step or of an ``fffjax export`` folder of one, in eval mode; ``dtype`` is
+    the compute and parameter dtype."""
+    if is_hf_folder(path):
+        state_dict, config_json = read_hf_dir(path)
+        if not is_decoder_config(config_json):
+            raise ValueError(f"path {path} does not hold a causal LM: its config.json's model_type is "
+                             f"{config_json.get('model_type')!r}, not {DECODER_MODEL_TYPE!r}")
+        model = import_decoder(state_dict, config_json, dtype=dtype, implementation=implementation)
+    else:
+        params, config, record = load_params(path)
+        if config.get("model") != MODEL_NAME:
+            raise ValueError(f"checkpoint {record['path']} does not hold a causal LM: its config names model "
+                             f"{config.get('model')!r}, not {MODEL_NAME!r}")
+        model = causal_lm_from_params(DecoderConfig.from_dict(config), params, dtype=dtype,
+                                      implementation=implementation)
     if dtype != jnp.float32:
         model = cast_parameters(model, dtype)
     return model

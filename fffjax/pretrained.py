@@ -10,7 +10,9 @@
 
 The model always comes back in eval mode (dropout off; call ``.train()`` to fine-tune). The
 tokenizer is looked up beside the weights: in the folder itself, then in the run folder that holds
-the checkpoint (``<run>/tokenizer/``, or the tokenizer the run recorded).
+the checkpoint (``<run>/tokenizer/``, or the tokenizer the run recorded). A causal decoder's
+checkpoint or exported folder is refused with a pointer to ``fffjax.generate.load_causal_lm``, which
+loads it; :func:`find_tokenizer` finds its tokenizer the same way.
 """
 
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from fffjax.convert.hf import read_hf_dir
+from fffjax.convert.hf import is_decoder_config, is_hf_config, read_hf_dir
 from fffjax.convert.ultrafastbert import import_ultrafastbert
 from fffjax.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from fffjax.models.crammed_bert import cast_parameters, model_from_params, model_kind
@@ -28,13 +30,14 @@ RUN_TOKENIZER_DIR = "tokenizer"  # where pretrain and finetune save the tokenize
 
 
 def is_hf_folder(path: Path | str) -> bool:
-    """Whether ``path`` is a folder in the published layout (a ``config.json`` with an ``arch`` block)."""
+    """Whether ``path`` is a folder in the published layout (a ``config.json`` with an ``arch`` block)
+    or an exported causal decoder's."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return isinstance(json.loads(config.read_text()).get("arch"), dict)
-    except (json.JSONDecodeError, AttributeError):
+        return is_hf_config(json.loads(config.read_text()))
+    except json.JSONDecodeError:
         return False
 
 
@@ -50,12 +53,18 @@ def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, 
 
     Returns:
         A `CrammedBertMLM` or `CrammedBertClassifier` in eval mode.
+
+    Raises:
+        ValueError: when ``path`` holds a causal decoder (``fffjax.generate.load_causal_lm`` loads it).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path {path} does not exist")
     if is_hf_folder(path):
         state_dict, config_json = read_hf_dir(path)
+        if is_decoder_config(config_json):
+            raise ValueError(f"path {path} holds a causal language model, not crammed BERT; load it with "
+                             "fffjax.generate.load_causal_lm")
         model = import_ultrafastbert(state_dict, config_json, kind=kind, dtype=dtype, implementation=implementation)
     else:
         params, config, record = load_params(path)

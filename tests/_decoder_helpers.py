@@ -59,3 +59,22 @@ def check_cached_tokens(model: CausalLM, prompts, generated) -> int:
             assert int(np.argmax(logits[i - 1])) == sequence[0, i], f"token {i} of {sequence[0].tolist()}"
             checked += 1
     return checked
+
+
+def torch_modeling_package():
+    """The package of the modeling files that every export carries (``modeling_crammed_bert.py`` and
+    ``modeling_fff_decoder.py``, which imports the former relatively), loaded as transformers loads an
+    exported folder: a package of its own, outside fffjax (and so outside the test run's jaxtyping
+    import hook). Needs torch and transformers."""
+    import importlib
+    import sys
+    import types
+
+    from fffjax.convert.hf import DECODER_MODELING_FILE
+
+    name = "fffjax_exported_modeling"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(DECODER_MODELING_FILE.parent)]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.{DECODER_MODELING_FILE.stem}")

@@ -40,6 +40,16 @@ def cramming_style_tokenizer_folder(files, folder, *, vocab_size: int, seed: int
     return folder
 
 
+def cramming_style_tokenizer(root, *, vocab_size: int, seed: int = 0):
+    """A :func:`cramming_style_tokenizer_folder` trained on 300 lines of synthetic text in ``root``, read
+    back as fffjax's ``Tokenizer``."""
+    from fffjax.data.tokenizer import Tokenizer
+
+    (root / "text.txt").write_text(synthetic_text(300))
+    return Tokenizer.from_pretrained(
+        cramming_style_tokenizer_folder([root / "text.txt"], root / "tok", vocab_size=vocab_size, seed=seed))
+
+
 def fake_text_cache(root):
     """A text cache with a tiny `sotu` corpus file and a small SpamAssassin tree (24 ham, 16 spam)."""
     (root / "corpus").mkdir(parents=True)

@@ -142,3 +142,40 @@ def test_export_writes_the_tokenizer_it_is_given(tmp_path):
     small = dataclasses.replace(TINY, vocab_size=written.vocab_size - 1)
     with pytest.raises(ValueError, match="vocab_size"):
         write_hf_dir({}, small, tmp_path / "small", kind="mlm", tokenizer=written)
+
+
+def test_decoder_checkpoint_exports_and_imports_as_a_decoder_folder(tmp_path):
+    from _decoder_helpers import make, small
+
+    from fffjax.cli import main
+    from fffjax.convert.decoder import decoder_keys, export_decoder
+    from fffjax.generate import load_causal_lm
+    from fffjax.pretrained import find_tokenizer, load_model
+
+    config = small("narrow")
+    model = make(config, seed=14)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ckpt = save_checkpoint(tmp_path / "ckpt", params, config.to_dict())
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(out), "--format", "pt"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "modeling_crammed_bert.py", "modeling_fff_decoder.py",
+        "pytorch_model.bin"]
+    state_dict, config_json = read_hf_dir(out)
+    assert config_json["model_type"] == "fff_decoder" and config_json["ffn"] == "narrow"
+    assert list(state_dict) == decoder_keys(config)
+    jax.tree.map(np.testing.assert_array_equal, state_dict, export_decoder(model))
+
+    assert main(["import", str(out), str(tmp_path / "back")]) == 0
+    assert inspect_checkpoint(tmp_path / "back")["kind"] == "causal_lm"
+    for loaded in (load_causal_lm(tmp_path / "back"), load_causal_lm(out)):
+        assert loaded.config == config
+        jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), params)
+
+    assert find_tokenizer(out) is None  # a decoder folder, though it holds no tokenizer
+    with pytest.raises(ValueError, match="holds a causal language model, not crammed BERT"):
+        load_model(out)
+    encoder = write_hf_dir(export_ultrafastbert(CrammedBertMLM(TINY, rngs=nnx.Rngs(0))), TINY, tmp_path / "mlm",
+                           kind="mlm")
+    with pytest.raises(ValueError, match="does not hold a causal LM: its config.json's model_type is 'crammedBERT'"):
+        load_causal_lm(encoder)

@@ -7,8 +7,6 @@ pipeline agreeing with fffjax."""
 import dataclasses
 import importlib.util
 import json
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
@@ -19,14 +17,14 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _text_helpers import cramming_style_tokenizer_folder, synthetic_text  # noqa: E402
+from _export_helpers import run_without_fffjax  # noqa: E402
+from _text_helpers import cramming_style_tokenizer  # noqa: E402
 from _ultrafastbert_helpers import ATOL, TINY, jax_logits, padded_batch, randomise_jax  # noqa: E402
 from torch_reference import UltraFastFFReference  # noqa: E402
 
 from fffjax.cli import main  # noqa: E402
 from fffjax.convert.hf import AUTO_MAP, MODELING_FILE, hf_config, read_hf_dir, write_hf_dir  # noqa: E402
 from fffjax.convert.ultrafastbert import export_ultrafastbert, published_keys  # noqa: E402
-from fffjax.data.tokenizer import Tokenizer  # noqa: E402
 from fffjax.models import CrammedBertClassifier, CrammedBertMLM, get_config  # noqa: E402
 from fffjax.pretrained import load_model  # noqa: E402
 from fffjax.train.checkpoint import save_checkpoint  # noqa: E402
@@ -165,9 +163,7 @@ FRESH_PROCESS = textwrap.dedent("""
 
 
 def test_export_loads_in_transformers_without_fffjax(tmp_path):
-    (tmp_path / "text.txt").write_text(synthetic_text(300))
-    tokenizer = Tokenizer.from_pretrained(
-        cramming_style_tokenizer_folder([tmp_path / "text.txt"], tmp_path / "tok", vocab_size=120, seed=5))
+    tokenizer = cramming_style_tokenizer(tmp_path, vocab_size=120, seed=5)
     folders, models = {}, {}
     for name in ("tiny", "tiny-dense"):
         config = dataclasses.replace(get_config(name), vocab_size=tokenizer.vocab_size,
@@ -191,11 +187,7 @@ def test_export_loads_in_transformers_without_fffjax(tmp_path):
     (tmp_path / "folders.json").write_text(json.dumps(folders))
     (tmp_path / "texts.json").write_text(json.dumps(TEXTS))
 
-    cache = tmp_path / "hf_modules"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_MODULES_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, str(tmp_path), str(cache)], cwd=tmp_path, env=env,
-                   check=True, timeout=300)
+    run_without_fffjax(FRESH_PROCESS, tmp_path)
 
     report = json.loads((tmp_path / "report.json").read_text())
     for name, kind in folders.items():

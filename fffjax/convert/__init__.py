@@ -1,9 +1,10 @@
-"""PyTorch interop: FFF layers to and from ``fastfeedforward`` / UltraFastBERT state dicts, and file I/O.
+"""PyTorch interop: FFF layers, UltraFastBERT and the causal decoder to and from PyTorch state dicts, and file I/O.
 
 Torch, safetensors and fastfeedforward are optional (the ``torch`` extra) and imported only
 inside the functions that need them.
 """
 
+from fffjax.convert.decoder import export_decoder, import_decoder
 from fffjax.convert.io import load, save, to_numpy, to_numpy_dict
 from fffjax.convert.layers import (
     export_fastfeedforward,
@@ -14,9 +15,11 @@ from fffjax.convert.layers import (
 from fffjax.convert.ultrafastbert import export_ultrafastbert, import_ultrafastbert
 
 __all__ = [
+    "export_decoder",
     "export_fastfeedforward",
     "export_ultrafast_ff",
     "export_ultrafastbert",
+    "import_decoder",
     "import_fastfeedforward",
     "import_ultrafast_ff",
     "import_ultrafastbert",

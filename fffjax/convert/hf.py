@@ -20,6 +20,20 @@ transformers installed, and the tokenizer files written beside it (``tokenizer.j
 only picks the weights file: ``hf`` (the default) and ``safetensors`` write ``model.safetensors``,
 ``pt`` writes ``pytorch_model.bin``; transformers and the published code read either.
 
+A causal decoder (:class:`fffjax.models.CausalLM`) exports the same way, to a folder of its own kind
+(:mod:`fffjax.convert.decoder` gives the state dict)::
+
+    config.json                 the DecoderConfig fields, "model_type": "fff_decoder", "architectures":
+                                ["FffDecoderForCausalLM"], "tie_word_embeddings": true, "auto_map", "dtype"
+    generation_config.json      {"pad_token_id", "use_cache": false}: transformers' generate runs without a cache
+    model.safetensors           (or pytorch_model.bin) the state dict
+    modeling_fff_decoder.py     the torch/transformers decoder, and modeling_crammed_bert.py, whose blocks it imports
+    tokenizer files
+
+which ``AutoModelForCausalLM`` / ``AutoModel`` ``.from_pretrained(folder, trust_remote_code=True)``
+load. ``fffjax export`` picks the kind from the checkpoint's config (``"model": "causal_lm"`` for a
+decoder), ``fffjax import`` from ``config.json``.
+
 fffjax checkpoints (:mod:`fffjax.train.checkpoint`, which reads and writes them) are orbax
 directories with a ``params`` item (the model's ``nnx.Param`` state as a pure dict) and a
 ``config`` item (``ModelConfig.to_dict()``); a training run's ``<run>/checkpoints/<step>/`` has the
@@ -35,14 +49,18 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from fffjax.convert.decoder import decoder_config, export_decoder, import_decoder
 from fffjax.convert.io import KEY_ORDER_METADATA, load
 from fffjax.convert.ultrafastbert import export_ultrafastbert, import_ultrafastbert
 from fffjax.data.tokenizer import Tokenizer
 from fffjax.models.config import ModelConfig
-from fffjax.train.checkpoint import load_checkpoint, save_checkpoint
+from fffjax.models.decoder import MODEL_NAME as DECODER_KIND
+from fffjax.models.decoder import DecoderConfig, causal_lm_from_params
+from fffjax.train.checkpoint import load_checkpoint, load_params, read_config, resolve_checkpoint, save_checkpoint
 
 FORMATS = {"hf": "model.safetensors", "safetensors": "model.safetensors", "pt": "pytorch_model.bin"}
-ARCHITECTURES = {"mlm": "ScriptableLMForPreTraining", "classifier": "ScriptableLMForSequenceClassification"}
+ARCHITECTURES = {"mlm": "ScriptableLMForPreTraining", "classifier": "ScriptableLMForSequenceClassification",
+                 DECODER_KIND: "FffDecoderForCausalLM"}
 MODELING_FILE = Path(__file__).with_name("modeling_crammed_bert.py")
 # The transformers Auto classes -> the classes of MODELING_FILE that implement them.
 AUTO_MAP = {auto: f"{MODELING_FILE.stem}.{cls}" for auto, cls in [
@@ -51,6 +69,13 @@ AUTO_MAP = {auto: f"{MODELING_FILE.stem}.{cls}" for auto, cls in [
     ("AutoModelForMaskedLM", "CrammedBertForMaskedLM"),
     ("AutoModelForSequenceClassification", "CrammedBertForSequenceClassification"),
 ]}
+DECODER_MODELING_FILE = Path(__file__).with_name("modeling_fff_decoder.py")
+DECODER_AUTO_MAP = {auto: f"{DECODER_MODELING_FILE.stem}.{cls}" for auto, cls in [
+    ("AutoConfig", "FffDecoderConfig"),
+    ("AutoModel", "FffDecoderModel"),
+    ("AutoModelForCausalLM", "FffDecoderForCausalLM"),
+]}
+DECODER_MODEL_TYPE = "fff_decoder"  # config.json's "model_type" of a decoder folder
 # The transformers release recorded in the published config.json (docs/conventions.md).
 TRANSFORMERS_VERSION = "4.49.0"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
@@ -59,11 +84,33 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "pytorch_m
 # ----------------------------------------------------------------------------- HF directories
 
 
-def hf_config(config: ModelConfig, kind: str) -> dict[str, Any]:
-    """The published ``config.json`` contents for ``config``, with the ``auto_map`` of
-    ``modeling_crammed_bert.py`` (which the published code ignores)."""
+def is_decoder_config(config_json: Any) -> bool:
+    """Whether a ``config.json`` dict is a decoder folder's (its ``model_type``)."""
+    return isinstance(config_json, dict) and config_json.get("model_type") == DECODER_MODEL_TYPE
+
+
+def is_hf_config(config_json: Any) -> bool:
+    """Whether a ``config.json`` dict is one of the folders fffjax reads: the published layout's (an
+    ``arch`` block) or a decoder's."""
+    return is_decoder_config(config_json) or (isinstance(config_json, dict)
+                                              and isinstance(config_json.get("arch"), dict))
+
+
+def _modeling_files(kind: str) -> tuple[Path, ...]:
+    """The modeling files a folder of ``kind`` carries: the decoder's imports the encoder's blocks."""
+    return (DECODER_MODELING_FILE, MODELING_FILE) if kind == DECODER_KIND else (MODELING_FILE,)
+
+
+def hf_config(config: ModelConfig | DecoderConfig, kind: str) -> dict[str, Any]:
+    """The ``config.json`` contents for ``config``: for ``kind`` "mlm" or "classifier" the published
+    one, with the ``auto_map`` of ``modeling_crammed_bert.py`` (which the published code ignores); for
+    "causal_lm" the decoder's (see the module docstring)."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"kind must be one of {sorted(ARCHITECTURES)}, got {kind!r}")
+    if kind == DECODER_KIND:
+        fields = {k: v for k, v in decoder_config(config).to_dict().items() if k != "model"}
+        return {**fields, "architectures": [ARCHITECTURES[kind]], "auto_map": dict(DECODER_AUTO_MAP),
+                "dtype": "float32", "model_type": DECODER_MODEL_TYPE, "tie_word_embeddings": True}
     arch = config.to_arch()
     if kind == "mlm":
         arch["num_labels"] = None  # as published: the pretraining model has no label count
@@ -89,10 +136,11 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         tmp.rename(out)
 
 
-def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig, out_dir, *, kind: str,
+def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig | DecoderConfig, out_dir, *, kind: str,
                  fmt: str = "hf", tokenizer: Tokenizer | None = None, overwrite: bool = False) -> Path:
-    """Write ``config.json``, the weights file, ``modeling_crammed_bert.py`` and, given a ``tokenizer``,
-    its files into ``out_dir`` (atomically: a temporary sibling directory renamed into place).
+    """Write ``config.json``, the weights file, the modeling files of ``kind`` (``modeling_crammed_bert.py``;
+    for "causal_lm" also ``modeling_fff_decoder.py`` and ``generation_config.json``) and, given a
+    ``tokenizer``, its files into ``out_dir`` (atomically: a temporary sibling directory renamed into place).
 
     ``fmt`` picks the weights file (``FORMATS``). An existing ``out_dir`` is refused unless
     ``overwrite``; a tokenizer with more tokens than the model's ``vocab_size`` is refused.
@@ -109,7 +157,11 @@ def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig, out_dir
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config(config, kind), indent=2) + "\n")
-        shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
+        for modeling_file in _modeling_files(kind):
+            shutil.copyfile(modeling_file, tmp / modeling_file.name)
+        if kind == DECODER_KIND:  # transformers' generate must run without a cache, which the decoder keeps none of
+            generation = {"pad_token_id": config.pad_token_id, "use_cache": False}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # np.array(order="C"), not np.ascontiguousarray: the latter turns the 0-d norm_factor into (1,).
@@ -131,7 +183,7 @@ def write_hf_dir(state_dict: dict[str, np.ndarray], config: ModelConfig, out_dir
 
 
 def read_hf_dir(src_dir) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(state_dict, config.json dict)`` of a published-layout directory.
+    """``(state_dict, config.json dict)`` of a published-layout directory or an exported decoder's.
 
     Weights: ``model.safetensors``, else ``pytorch_model.bin`` / ``*.pt`` read with
     ``torch.load(weights_only=True)`` (nothing but tensors is unpickled).
@@ -143,8 +195,9 @@ def read_hf_dir(src_dir) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if not config_path.is_file():
         raise FileNotFoundError(f"DIR {src} has no config.json")
     config_json = json.loads(config_path.read_text())
-    if not isinstance(config_json, dict) or not isinstance(config_json.get("arch"), dict):
-        raise ValueError(f"{config_path} has no 'arch' block (is it a crammed-BERT / UltraFastBERT config?)")
+    if not is_hf_config(config_json):
+        raise ValueError(f"{config_path} has no 'arch' block (is it a crammed-BERT / UltraFastBERT config?) "
+                         f"and is not a decoder's (model_type {DECODER_MODEL_TYPE!r})")
     candidates = [src / name for name in WEIGHT_FILES] + sorted(src.glob("*.pt")) + sorted(src.glob("*.pth"))
     weights = next((p for p in candidates if p.is_file()), None)
     if weights is None:
@@ -161,19 +214,30 @@ def read_hf_dir(src_dir) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def cmd_export(checkpoint, out_dir, fmt: str = "hf", overwrite: bool = False, *,
                tokenizer: Tokenizer | None = None) -> Path:
     """``fffjax export CHECKPOINT OUT_DIR``: a checkpoint's model as a folder in the published HF layout
-    that also loads in transformers (see the module docstring), with ``tokenizer``'s files if given
-    (the command passes the tokenizer stored with the checkpoint)."""
-    model, info = load_checkpoint(checkpoint)
-    return write_hf_dir(export_ultrafastbert(model), info["config"], out_dir, kind=info["kind"], fmt=fmt,
-                        tokenizer=tokenizer, overwrite=overwrite)
+    that also loads in transformers (see the module docstring), or a causal decoder's as a decoder
+    folder, with ``tokenizer``'s files if given (the command passes the tokenizer stored with the
+    checkpoint)."""
+    step_dir = resolve_checkpoint(checkpoint)
+    if read_config(step_dir).get("model") == DECODER_KIND:
+        params, stored, _ = load_params(step_dir)
+        config = DecoderConfig.from_dict(stored)
+        state_dict, kind = export_decoder(causal_lm_from_params(config, params)), DECODER_KIND
+    else:
+        model, info = load_checkpoint(step_dir)
+        state_dict, config, kind = export_ultrafastbert(model), info["config"], info["kind"]
+    return write_hf_dir(state_dict, config, out_dir, kind=kind, fmt=fmt, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def cmd_import(src_dir, out, overwrite: bool = False) -> Path:
-    """``fffjax import DIR OUT``: a published-layout directory into an fffjax orbax checkpoint."""
+    """``fffjax import DIR OUT``: a published-layout directory (or an exported decoder's) into an fffjax
+    orbax checkpoint."""
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"OUT {out} already exists (pass --overwrite / overwrite=True to replace it)")
     state_dict, config_json = read_hf_dir(src_dir)
-    model = import_ultrafastbert(state_dict, config_json["arch"])
+    if is_decoder_config(config_json):
+        model = import_decoder(state_dict, config_json)
+    else:
+        model = import_ultrafastbert(state_dict, config_json["arch"])
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return save_checkpoint(out, params, model.config.to_dict(), overwrite=overwrite)

@@ -217,6 +217,25 @@ class TransformerLayer(nn.Module):
         return h + self.dropout(self.ffn(self.norm2(h)))
 
 
+def init_block_weights(module: nn.Module, std: float) -> None:
+    """Crammed BERT's init of one module of the blocks: linears and embeddings normal(``std``) with zero
+    biases and a zero pad row, layer norms one and zero, ``norm_factor`` ``1/sqrt(head width)``."""
+    if isinstance(module, nn.Linear):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        if not getattr(module.weight, "_is_hf_initialized", False):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, SelfAttention):
+        init.constant_(module.norm_factor, 1.0 / math.sqrt(module.head_width))
+
+
 class CrammedBertPreTrainedModel(PreTrainedModel):
     """Weight initialisation as crammed BERT's: every linear and the embedding normal(``init.std``)
     with zero biases and a zero pad row, layer norms one and zero, ``scale_factor`` ``1/sqrt(H)``."""
@@ -231,23 +250,19 @@ class CrammedBertPreTrainedModel(PreTrainedModel):
         self.arch = config.arch
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.arch["init"]["std"]
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                init.normal_(module.weight, mean=0.0, std=std)
-                if module.padding_idx is not None:
-                    init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, ScaledSinusoidal):
+        if isinstance(module, ScaledSinusoidal):
             init.constant_(module.scale_factor, 1.0 / math.sqrt(module.hidden_size))
-        elif isinstance(module, SelfAttention):
-            init.constant_(module.norm_factor, 1.0 / math.sqrt(module.head_width))
+        else:
+            init_block_weights(module, self.arch["init"]["std"])
+
+
+def check_token_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raises ``ValueError`` unless ``input_ids`` is ``(B, S)`` and ``attention_mask`` None or of its shape."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} "
+                         f"(1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
 
 
 def _key_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -257,7 +272,17 @@ def _key_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.
     return ((1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_BIAS).to(dtype)
 
 
-class CrammedBertModel(CrammedBertPreTrainedModel):
+class WordEmbeddingAccess:
+    """transformers' input-embedding accessors for a model whose input embedding is ``embedding.word_embedding``."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding.word_embedding = value
+
+
+class CrammedBertModel(WordEmbeddingAccess, CrammedBertPreTrainedModel):
     """The encoder (the published ``ScriptableLM``): embedding, layers, final layer norm.
 
     ``forward(input_ids (B, S), attention_mask (B, S) or None, token_type_ids=None)`` returns
@@ -272,19 +297,9 @@ class CrammedBertModel(CrammedBertPreTrainedModel):
         self.final_norm = nn.LayerNorm(self.arch["hidden_size"], eps=self.arch["norm_eps"])
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embedding.word_embedding
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embedding.word_embedding = value
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> BaseModelOutput:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} "
-                             f"(1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+        check_token_inputs(input_ids, attention_mask)
         h = self.embedding(input_ids)
         key_bias = _key_bias(attention_mask, h.dtype)
         for layer in self.layers:

@@ -29,20 +29,53 @@ import numpy as np
 from flax import nnx
 
 from fffjax.convert.io import to_numpy_dict
+from fffjax.convert.keymap import (
+    NORM_FACTOR,
+    Entry,
+    check_keys,
+    expected_shapes,
+    export_params,
+    merge_tied,
+    norm_entries,
+    params_from_arrays,
+    set_path,
+)
 from fffjax.models.config import ModelConfig
 from fffjax.models.crammed_bert import MODEL_KINDS, CrammedBertClassifier, CrammedBertMLM, model_from_params
 
 WORD_EMBEDDING_KEY = "encoder.embedding.word_embedding.weight"
 DECODER_KEY = "decoder.weight"
-NORM_FACTOR = None  # marks the norm_factor buffers, which are constants here, not parameters
 HEAD_PATHS = ("pooler", "head")
 
 
-def _norm(torch_prefix: str, path: tuple) -> list:
-    return [(f"{torch_prefix}.weight", (*path, "scale"), False), (f"{torch_prefix}.bias", (*path, "bias"), False)]
+def layer_entries(torch_prefix: str, path: tuple, ffn: str) -> list[Entry]:
+    """The entries of one pre-LN layer of crammed BERT's blocks in torch's order (``norm1``, ``norm2``,
+    ``attn``, ``ffn``), ``ffn`` ``"fff"`` or a dense kind (``"dense"``, ``"narrow"``), or ``"none"``
+    (neither ``norm2`` nor ``ffn``)."""
+    t, ours = torch_prefix, path
+    entries = norm_entries(f"{t}.norm1", (*ours, "norm1"))
+    if ffn != "none":
+        entries += norm_entries(f"{t}.norm2", (*ours, "norm2"))
+    entries += [
+        (f"{t}.attn.self_attention.norm_factor", NORM_FACTOR, False),
+        (f"{t}.attn.self_attention.query_key_value.weight", (*ours, "attn", "query_key_value", "kernel"), True),
+        (f"{t}.attn.dense.weight", (*ours, "attn", "dense", "kernel"), True),
+    ]
+    if ffn == "fff":
+        entries += [
+            (f"{t}.ffn.linear_in.weight", (*ours, "ffn", "w_in"), False),
+            (f"{t}.ffn.linear_in.bias", (*ours, "ffn", "b_in"), False),
+            (f"{t}.ffn.linear_out.weight", (*ours, "ffn", "w_out"), True),
+        ]
+    elif ffn != "none":
+        entries += [
+            (f"{t}.ffn.dense_in.weight", (*ours, "ffn", "dense_in", "kernel"), True),
+            (f"{t}.ffn.dense_out.weight", (*ours, "ffn", "dense_out", "kernel"), True),
+        ]
+    return entries
 
 
-def key_map(config: ModelConfig, kind: str = "mlm") -> list[tuple[str, tuple | None, bool]]:
+def key_map(config: ModelConfig, kind: str = "mlm") -> list[Entry]:
     """``[(torch key, our parameter path or None for norm_factor, transposed?)]`` in the published order.
 
     The MLM map ends with ``decoder.weight``, which maps to the word embedding (tied).
@@ -53,28 +86,11 @@ def key_map(config: ModelConfig, kind: str = "mlm") -> list[tuple[str, tuple | N
     entries = [
         (WORD_EMBEDDING_KEY, (*emb, "word_embedding", "embedding"), False),
         ("encoder.embedding.pos_embedding.scale_factor", (*emb, "pos_embedding", "scale_factor"), False),
-        *_norm("encoder.embedding.norm", (*emb, "norm")),
+        *norm_entries("encoder.embedding.norm", (*emb, "norm")),
     ]
     for i in range(config.num_layers):
-        t, ours = f"encoder.layers.{i}", ("encoder", "layers", i)
-        entries += _norm(f"{t}.norm1", (*ours, "norm1")) + _norm(f"{t}.norm2", (*ours, "norm2"))
-        entries += [
-            (f"{t}.attn.self_attention.norm_factor", NORM_FACTOR, False),
-            (f"{t}.attn.self_attention.query_key_value.weight", (*ours, "attn", "query_key_value", "kernel"), True),
-            (f"{t}.attn.dense.weight", (*ours, "attn", "dense", "kernel"), True),
-        ]
-        if config.ffn == "fff":
-            entries += [
-                (f"{t}.ffn.linear_in.weight", (*ours, "ffn", "w_in"), False),
-                (f"{t}.ffn.linear_in.bias", (*ours, "ffn", "b_in"), False),
-                (f"{t}.ffn.linear_out.weight", (*ours, "ffn", "w_out"), True),
-            ]
-        else:
-            entries += [
-                (f"{t}.ffn.dense_in.weight", (*ours, "ffn", "dense_in", "kernel"), True),
-                (f"{t}.ffn.dense_out.weight", (*ours, "ffn", "dense_out", "kernel"), True),
-            ]
-    entries += _norm("encoder.final_norm", ("encoder", "final_norm"))
+        entries += layer_entries(f"encoder.layers.{i}", ("encoder", "layers", i), config.ffn)
+    entries += norm_entries("encoder.final_norm", ("encoder", "final_norm"))
     if kind == "mlm":
         entries.append((DECODER_KEY, (*emb, "word_embedding", "embedding"), False))
     else:
@@ -90,18 +106,6 @@ def key_map(config: ModelConfig, kind: str = "mlm") -> list[tuple[str, tuple | N
 def published_keys(config: ModelConfig, kind: str = "mlm") -> list[str]:
     """The state_dict keys of the published model for ``config``, in order."""
     return [key for key, _, _ in key_map(config, kind)]
-
-
-def _get(tree: Any, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _kind_of(model) -> str:
@@ -121,35 +125,12 @@ def export_ultrafastbert(model) -> dict[str, np.ndarray]:
     Loads with ``load_state_dict(strict=True)`` into the published classes.
     """
     kind = _kind_of(model)
-    config = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    out = {}
-    for key, path, transposed in key_map(config, kind):
-        if path is NORM_FACTOR:
-            out[key] = np.array(config.norm_factor, np.float32)
-            continue
-        array = np.array(_get(params, path), np.float32)  # a writable copy (torch.from_numpy warns otherwise)
-        out[key] = np.ascontiguousarray(array.T) if transposed else array
-    return out
+    return export_params(params, key_map(model.config, kind), model.config)
 
 
 def _expected_shapes(config: ModelConfig, kind: str) -> dict[str, tuple]:
-    cls = MODEL_KINDS[kind]
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))), nnx.Param))
-    shapes = {}
-    for key, path, transposed in key_map(config, kind):
-        if path is NORM_FACTOR:
-            shapes[key] = ()
-        else:
-            shape = tuple(_get(abstract, path).shape)
-            shapes[key] = shape[::-1] if transposed else shape
-    return shapes
-
-
-def _epsilon(dtype) -> float:
-    import ml_dtypes
-
-    return float(ml_dtypes.finfo(dtype).eps)
+    return expected_shapes(lambda: MODEL_KINDS[kind](config, rngs=nnx.Rngs(0)), key_map(config, kind))
 
 
 def _resolve_config(config, arrays: Mapping[str, np.ndarray]) -> ModelConfig:
@@ -207,59 +188,24 @@ def import_ultrafastbert(
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {sorted(MODEL_KINDS)} or None, got {kind!r}")
 
-    arrays = dict(arrays)
-    if WORD_EMBEDDING_KEY in arrays and DECODER_KEY in arrays:
-        emb, dec = arrays[WORD_EMBEDDING_KEY], arrays[DECODER_KEY]
-        if emb.shape != dec.shape or not np.array_equal(emb, dec):
-            diff = (float(np.abs(emb.astype(np.float32) - dec.astype(np.float32)).max())
-                    if emb.shape == dec.shape else None)
-            raise ValueError(
-                f"state_dict[{WORD_EMBEDDING_KEY!r}] {emb.shape} and state_dict[{DECODER_KEY!r}] {dec.shape} differ "
-                f"(max abs difference {diff}); the model ties them, so they must be equal")
-        del arrays[DECODER_KEY]
-    elif DECODER_KEY in arrays:  # the published loader's space-saving form keeps only the decoder
-        arrays[WORD_EMBEDDING_KEY] = arrays.pop(DECODER_KEY)
+    # The published loader's space-saving form keeps only the decoder.
+    arrays = merge_tied(arrays, WORD_EMBEDDING_KEY, DECODER_KEY)
 
     entries = [e for e in key_map(config, kind) if e[0] != DECODER_KEY]
     fresh_head = kind == "classifier" and not has_head
     required = [key for key, path, _ in entries
                 if path is not NORM_FACTOR and not (fresh_head and path[0] in HEAD_PATHS)]
     optional = {key for key, path, _ in entries if path is NORM_FACTOR}
-    missing = [k for k in required if k not in arrays]
-    unexpected = [k for k in arrays if k not in required and k not in optional]
-    if missing or unexpected:
-        parts = (([f"missing keys {missing}"] if missing else [])
-                 + ([f"unexpected keys {unexpected}"] if unexpected else []))
-        raise ValueError(
-            f"UltraFastBERT {kind} state_dict does not fit the config "
-            f"({config.num_layers} layers, ffn {config.ffn!r}): {'; '.join(parts)}")
+    check_keys(arrays, required, optional, f"UltraFastBERT {kind} state_dict does not fit the config "
+                                           f"({config.num_layers} layers, ffn {config.ffn!r})")
 
     shapes = _expected_shapes(config, kind)
-    params: dict = {}
-    for key, path, transposed in entries:
-        if key not in arrays:
-            continue
-        array = arrays[key]
-        if tuple(array.shape) != shapes[key]:
-            raise ValueError(f"state_dict[{key!r}]: expected shape {shapes[key]} for this config, "
-                             f"found {tuple(array.shape)}")
-        if not np.issubdtype(np.asarray(array).dtype, np.floating) and array.dtype.name != "bfloat16":
-            raise ValueError(f"state_dict[{key!r}]: expected a floating dtype, found {array.dtype}")
-        stored_eps = _epsilon(array.dtype)
-        array = np.asarray(array).astype(np.float32)
-        if path is NORM_FACTOR:
-            # A half-precision file holds the scale rounded to its own precision.
-            if not np.isclose(float(array), config.norm_factor, rtol=max(1e-6, stored_eps), atol=0):
-                raise ValueError(
-                    f"state_dict[{key!r}] = {float(array)} but this config's attention scale is "
-                    f"1/sqrt({config.attention_head_width}) = {config.norm_factor}")
-            continue
-        _set(params, path, array.T if transposed else array)
+    params = params_from_arrays(arrays, entries, shapes, config)
     if fresh_head:
         rng = np.random.default_rng(seed)
         for key, path, transposed in entries:
             if path is not NORM_FACTOR and path[0] in HEAD_PATHS:
                 shape = shapes[key][::-1] if transposed else shapes[key]
                 init = rng.normal(0.0, config.init_std, shape) if path[-1] == "kernel" else np.zeros(shape)
-                _set(params, path, init.astype(np.float32))
+                set_path(params, path, init.astype(np.float32))
     return model_from_params(config, params, kind=kind, dtype=dtype, implementation=implementation, seed=seed)
