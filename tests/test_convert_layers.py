@@ -153,12 +153,14 @@ def test_import_fastfeedforward_usage_mode_rules(fff_state):
 @pytest.mark.parametrize(
     "edit,kwargs,patterns",
     [
-        (lambda s: s, dict(depth=2), ["'linear_in.weight'", r"\(7, 8\)", r"\(15, 8\)"]),
-        (lambda s: s, dict(depth=3, n_trees=2), ["'linear_in.weight'", r"\(30, 8\)", r"\(15, 8\)"]),
+        (lambda s: s, dict(depth=2), ["'linear_in.weight'", r"\(7, 8\)", r"\(15, 8\)",
+                                      r"15 rows is a depth-3 tree .*; depth=2 expects 7"]),
+        (lambda s: s, dict(depth=3, n_trees=2), ["'linear_in.weight'", r"\(30, 8\)", r"\(15, 8\)",
+                                                 r"1 tree of depth 3 .*; n_trees=2 expects 30"]),
         (lambda s: {**s, "linear_in.bias": np.zeros(14, np.float32)}, dict(depth=3),
          ["'linear_in.bias'", r"\(15,\)", r"\(14,\)"]),
         (lambda s: {**s, "linear_out.weight": np.zeros((5, 14), np.float32)}, dict(depth=3),
-         ["'linear_out.weight'", r"\(5, 15\)", r"\(5, 14\)"]),
+         ["'linear_out.weight'", r"\(5, 15\)", r"\(5, 14\)", r"14 rows is not 1 whole tree of any depth"]),
         (lambda s: {**s, "linear_out.weight": np.zeros(15, np.float32)}, dict(depth=3),
          ["'linear_out.weight'", r"\(H_out, 15\)", r"\(15,\)"]),
         (lambda s: _without(s, "linear_in.bias"), dict(depth=3), ["missing", "'linear_in.bias'"]),

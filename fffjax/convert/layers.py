@@ -16,6 +16,7 @@ arrays, jax arrays or torch tensors. A missing or unexpected key, or a shape tha
 raises ``ValueError`` naming the key, the expected and the found shape.
 """
 
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -47,9 +48,14 @@ def _check_keys(found: Mapping, expected: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} state_dict does not fit: {'; '.join(parts)}; expected keys {list(expected)}")
 
 
-def _check_shape(key: str, array: np.ndarray, expected: tuple) -> None:
+def _check_shape(key: str, array: np.ndarray, expected: tuple, *, explain_count=None, axis: int = 0) -> None:
+    """Refuse ``array`` unless its shape is ``expected``; ``explain_count(n)`` (`tree.explain_v2_rows`)
+    says which depth or tree count a differing node axis ``axis`` holds."""
     if tuple(array.shape) != tuple(expected):
-        raise ValueError(f"state_dict[{key!r}]: expected shape {tuple(expected)}, found {tuple(array.shape)}")
+        detail = ""
+        if explain_count is not None and array.ndim == len(expected) and array.shape[axis] != expected[axis]:
+            detail = f": {explain_count(array.shape[axis])}"
+        raise ValueError(f"state_dict[{key!r}]: expected shape {tuple(expected)}, found {tuple(array.shape)}{detail}")
 
 
 def _check_ndim(key: str, array: np.ndarray, ndim: int, expected: str) -> None:
@@ -270,8 +276,9 @@ def import_ultrafast_ff(
     _check_ndim(w_key, arrays[w_key], 2, f"({n}, H)")
     _check_ndim(out_key, arrays[out_key], 2, f"(H_out, {n})")
     features, out_features = arrays[w_key].shape[1], arrays[out_key].shape[0]
-    for key, shape in ((w_key, (n, features)), (b_key, (n,)), (out_key, (out_features, n))):
-        _check_shape(key, arrays[key], shape)
+    explain = functools.partial(tree.explain_v2_rows, depth=depth, n_trees=n_trees)
+    for key, shape, axis in ((w_key, (n, features), 0), (b_key, (n,), 0), (out_key, (out_features, n), 1)):
+        _check_shape(key, arrays[key], shape, explain_count=explain, axis=axis)
         _check_floating(key, arrays[key])
     dtype = _param_dtype(arrays[w_key])
     values = {
