@@ -355,8 +355,9 @@ def report(args) -> None:
     variants, sweeps = collect(args.runs_dirs)
     if not variants:
         raise SystemExit(f"--runs: no finished run under {[str(p) for p in args.runs_dirs]}")
-    order = {name: i for i, name in enumerate(SMALL_VARIANTS)}
-    variants = dict(sorted(variants.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    order = {name.partition("-")[2]: i for i, name in enumerate(SMALL_VARIANTS)}   # the FFN, any size
+    variants = dict(sorted(variants.items(), key=lambda kv: (kv[0].partition("-")[0],
+                                                             order.get(kv[0].partition("-")[2], len(order)), kv[0])))
     rows = summarise(variants)
     text = markdown(rows, variants, sweeps)
     written = bench.write_results(args.out, args.name, report={"sweeps": sweeps, "variants": rows},
