@@ -82,12 +82,35 @@ def test_cpu_ffi_v1_gradients_equal_xla(leaf_output_bias):
         assert_close(g, e)
 
 
+@pytest.mark.parametrize("width", [8, 96, 23])
+def test_cpu_ffi_v1_exact_gelu_leaves_equal_reference(width):
+    """The exact-GELU leaves (fffjax.v2.gelu, as BERT's feedforward) run in the kernel, forward and VJP."""
+    skip_unless_built("cpu_ffi")
+    x, weights = v1_problem(131, 37, 24, width, 10, 3)
+    actual = fff_v1_hard(x, *weights, depth=3, activation=v2.gelu, implementation="cpu_ffi")
+    assert_close(actual, v1.hard_forward_reference(x, *weights, depth=3, activation=v2.gelu))
+
+    def loss(implementation, *args):
+        return jnp.sum(fff_v1_hard(*args, depth=3, activation=v2.gelu, implementation=implementation) ** 2)
+
+    grads = jax.grad(functools.partial(loss, "cpu_ffi"), argnums=tuple(range(7)))(x, *weights)
+    expected = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(7)))(x, *weights)
+    for g, e in zip(grads, expected):
+        assert_close(g, e)
+
+
+def test_cpu_ffi_v1_rejects_an_activation_it_does_not_compile():
+    x, weights = v1_problem(3, 4, 6, 8, 5, 2)
+    with pytest.raises(ValueError, match="activation"):
+        cpu_ffi.fff_v1_hard_cpu(x, *weights, depth=2, activation=jnp.tanh)
+
+
 def test_v1_other_activations_fall_back_to_xla(monkeypatch):
-    """cpu_ffi compiles only ReLU: under implementation=None, gelu goes to "xla", relu does not."""
+    """cpu_ffi compiles ReLU and exact GELU: under implementation=None, the tanh GELU goes to "xla"."""
     skip_unless_built("cpu_ffi")
     assert registry.candidates("fff_v1_hard", None, jnp.float32, {"depth": 3})[0] == "cpu_ffi"
     x, weights = v1_problem(101, 17, 20, 8, 10, 3)
-    with pytest.raises(NotImplementedError, match="relu"):
+    with pytest.raises(NotImplementedError, match="gelu"):
         fff_v1_hard(x, *weights, depth=3, activation=jax.nn.gelu, implementation="cpu_ffi")
     calls = []
     xla_fn = registry._REGISTRY["fff_v1_hard"]["xla"].fn

@@ -14,9 +14,9 @@
 // kGroup to keep several independent row streams in flight; token ranges are split over threads.
 //
 // FFF-v1 (FffV1HardF32): per sample, descend `depth` levels (z = x . node_weights[n] +
-// node_biases[n], right when z >= 0), then the reached leaf's MLP relu(x @ w1s[leaf] + b1s[leaf]) @
-// w2s[leaf] (+ b2s[leaf]). Both layers read rows of the (in, width) / (width, out) layouts: output
-// columns are held in vector registers while the rows stream past (with AVX-512, a layer of 1, 2, 4
+// node_biases[n], right when z >= 0), then the reached leaf's MLP act(x @ w1s[leaf] + b1s[leaf]) @
+// w2s[leaf] (+ b2s[leaf]), act ReLU (attribute activation = 0) or exact GELU (1). Both layers read
+// rows of the (in, width) / (width, out) layouts: output columns are held in vector registers while the rows stream past (with AVX-512, a layer of 1, 2, 4
 // or 8 columns packs several rows per vector instead), kGroupV1 samples interleaved so that their
 // independent FMA chains hide each other's latency. At the digits demo's size (450 samples, 64 in,
 // depth 3, width 8, 10 out) the call costs ~5 us plus ~100 cycles per sample.
@@ -476,6 +476,7 @@ struct ProblemV1 {
   const float* b2s;  // null: no leaf output bias
   float* y;
   int64_t samples, din, width, dout, depth;
+  bool use_gelu;  // leaf hidden activation: exact GELU, else ReLU
 };
 
 // Samples [begin, end) in groups of kGroupV1 (a short group is padded with its last sample, which
@@ -516,7 +517,10 @@ void v1_samples(const ProblemV1& p, int64_t begin, int64_t end, float* hidden) {
       b2[g] = p.b2s ? p.b2s + leaf * p.dout : nullptr;
       hs[g] = hidden_out[g] = hidden + g * p.width;
     }
-    layer<kGroupV1>(xs, w1, b1, p.din, p.width, true, hidden_out);
+    layer<kGroupV1>(xs, w1, b1, p.din, p.width, !p.use_gelu, hidden_out);
+    if (p.use_gelu) {
+      for (int64_t i = 0; i < kGroupV1 * p.width; ++i) hidden[i] = gelu(hidden[i]);
+    }
     layer<kGroupV1>(hs, w2, p.b2s ? b2 : nullptr, p.width, p.dout, false, ys);
   }
 }
@@ -535,7 +539,7 @@ ffi::Error FffV1HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> node_wei
                          ffi::Buffer<ffi::F32> node_biases, ffi::Buffer<ffi::F32> w1s,
                          ffi::Buffer<ffi::F32> b1s, ffi::Buffer<ffi::F32> w2s,
                          ffi::Buffer<ffi::F32> b2s, ffi::ResultBuffer<ffi::F32> y, int64_t depth,
-                         int64_t leaf_output_bias) {
+                         int64_t leaf_output_bias, int64_t activation) {
   if (x.dimensions().size() != 2 || node_weights.dimensions().size() != 2 ||
       node_biases.dimensions().size() != 1 || w1s.dimensions().size() != 3 ||
       b1s.dimensions().size() != 2 || w2s.dimensions().size() != 3 || b2s.dimensions().size() != 2) {
@@ -544,6 +548,9 @@ ffi::Error FffV1HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> node_wei
   }
   if (depth < 0 || depth > kMaxLevels) {
     return ffi::Error::InvalidArgument("fffjax_v1_hard: need 0 <= depth <= 30");
+  }
+  if (activation != 0 && activation != 1) {
+    return ffi::Error::InvalidArgument("fffjax_v1_hard: activation must be 0 (ReLU) or 1 (exact GELU)");
   }
   const int64_t samples = x.dimensions()[0], din = x.dimensions()[1];
   const int64_t width = w1s.dimensions()[2], dout = w2s.dimensions()[2];
@@ -558,7 +565,7 @@ ffi::Error FffV1HardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> node_wei
   run_v1(ProblemV1{x.typed_data(), node_weights.typed_data(), node_biases.typed_data(),
                    w1s.typed_data(), b1s.typed_data(), w2s.typed_data(),
                    leaf_output_bias ? b2s.typed_data() : nullptr, y->typed_data(), samples, din,
-                   width, dout, depth});
+                   width, dout, depth, activation == 1});
   return ffi::Error::Success();
 }
 
@@ -785,7 +792,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV1HardF32, FffV1HardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("depth")
-                                  .Attr<int64_t>("leaf_output_bias"));
+                                  .Attr<int64_t>("leaf_output_bias")
+                                  .Attr<int64_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionF32, AttentionImpl,
                               ffi::Ffi::Bind()

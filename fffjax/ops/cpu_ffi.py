@@ -9,8 +9,8 @@ and the registry falls back to ``"xla"``.
 
 FFF-v2 semantics are those of :func:`fffjax.v2.conditional_forward`: strict ``> 0`` routing, exact
 erf GELU, K trees, any width. FFF-v1 semantics are those of :func:`fffjax.v1.hard_forward`: ``>= 0``
-routing, the leaf's two-layer MLP; only ``activation=jax.nn.relu`` is compiled (any other raises
-``NotImplementedError``, so the registry falls back to ``"xla"``). Attention is that of
+routing, the leaf's two-layer MLP; ``activation=jax.nn.relu`` and the exact GELU ``fffjax.v2.gelu``
+are compiled (any other raises ``NotImplementedError``, so the registry falls back to ``"xla"``). Attention is that of
 :func:`fffjax.ops.xla.attention` (crammed BERT's fused, per-head interleaved QKV projection, an additive
 bias per key, float32 softmax), read from the fused projection as it is, with no transposed copies of
 q, k and v. bf16/f16 inputs are computed in float32 and cast back. Gradients come from ``custom_vjp``
@@ -167,14 +167,17 @@ def registered_fn(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
 # --------------------------------------------------------------------------- FFF-v1
 
 
+# The leaf activations the C++ kernel compiles, by the code its `activation` attribute takes.
+V1_ACTIVATIONS = {jax.nn.relu: 0, v2.gelu: 1}
+
 _forward_v1 = with_reference_vjp(
-    lambda x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth, leaf_output_bias: _call_f32(
+    lambda x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth, leaf_output_bias, activation: _call_f32(
         _TARGET_V1, x, (node_weights, node_biases, w1s, b1s, w2s, b2s), w2s.shape[2], depth=depth,
-        leaf_output_bias=leaf_output_bias),
-    functools.partial(v1.hard_forward, activation=jax.nn.relu))
+        leaf_output_bias=leaf_output_bias, activation=V1_ACTIVATIONS[activation]),
+    v1.hard_forward)
 
 
-@functools.partial(jax.jit, static_argnames=("depth", "leaf_output_bias"))
+@functools.partial(jax.jit, static_argnames=("depth", "leaf_output_bias", "activation"))
 def fff_v1_hard_cpu(
     x: Float[Array, "batch din"],
     node_weights: Float[Array, "nodes din"],
@@ -186,31 +189,37 @@ def fff_v1_hard_cpu(
     *,
     depth: int,
     leaf_output_bias: bool = True,
+    activation=jax.nn.relu,
 ) -> Float[Array, "batch dout"]:
-    """FFF-v1 hard forward with ReLU leaves through the C++ kernel (CPU only; differentiable through jnp).
+    """FFF-v1 hard forward through the C++ kernel (CPU only; differentiable through jnp).
 
     Args:
         x: ``(B, in)`` inputs; node_weights ``(2**depth - 1, in)``; node_biases ``(2**depth - 1,)``;
             w1s ``(2**depth, in, width)``; b1s ``(2**depth, width)``; w2s ``(2**depth, width, out)``;
             b2s ``(2**depth, out)``.
         depth: descents (right when ``z >= 0``); leaf_output_bias: add ``b2s``.
+        activation: the leaves' hidden activation, ``jax.nn.relu`` or the exact GELU
+            :func:`fffjax.v2.gelu` (the keys of :data:`V1_ACTIVATIONS`).
 
     Returns:
         ``(B, out)`` in the dtype of ``x``.
     """
-    static = (("depth", depth), ("leaf_output_bias", bool(leaf_output_bias)))
+    if activation not in V1_ACTIVATIONS:
+        raise ValueError(f"activation: expected jax.nn.relu or fffjax.v2.gelu, got {activation!r}")
+    static = (("depth", depth), ("leaf_output_bias", bool(leaf_output_bias)), ("activation", activation))
     return _forward_v1(static, x, node_weights, node_biases, w1s, b1s, w2s, b2s)
 
 
 def registered_fn_v1(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: int,
                      activation=jax.nn.relu, leaf_output_bias: bool = True):
     """Registry entry for ``fff_v1_hard``: raises ``NotImplementedError`` for an activation other than
-    ``jax.nn.relu``, off the CPU, for other dtypes or when the kernel did not build."""
-    if activation is not jax.nn.relu:
-        raise NotImplementedError(f"cpu_ffi compiles only activation=jax.nn.relu, got {activation!r}")
+    ``jax.nn.relu`` and the exact GELU ``fffjax.v2.gelu``, off the CPU, for other dtypes or when the
+    kernel did not build."""
+    if activation not in V1_ACTIVATIONS:
+        raise NotImplementedError(f"cpu_ffi compiles only jax.nn.relu and fffjax.v2.gelu leaves, got {activation!r}")
     _require_usable(x)
     return fff_v1_hard_cpu(x, node_weights, node_biases, w1s, b1s, w2s, b2s, depth=depth,
-                           leaf_output_bias=bool(leaf_output_bias))
+                           leaf_output_bias=bool(leaf_output_bias), activation=activation)
 
 
 # --------------------------------------------------------------------------- attention
