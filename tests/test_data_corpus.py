@@ -50,3 +50,25 @@ def test_text_cache_follows_the_one_data_cache_variable(monkeypatch, tmp_path):
     assert fetch.cache_dir() == tmp_path.resolve()
     monkeypatch.delenv(fetch.CACHE_ENV)
     assert corpus.default_cache() == (Path("data_cache") / "text").resolve()
+
+
+def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
+    paragraph = ('Call me Ishmael. Some years ago, never mind how long, I thought I would sail. "Yes!" he said. '
+                 'It was 1851 when the ship left port for good.')
+    assert corpus.split_sentences(paragraph) == [
+        "Some years ago, never mind how long, I thought I would sail.",
+        "It was 1851 when the ship left port for good."]
+    assert corpus.split_sentences(paragraph, min_words=1)[0] == "Call me Ishmael."
+    with pytest.raises(ValueError, match="min_words"):
+        corpus.split_sentences(paragraph, min_words=0)
+
+
+def test_corpus_sentences_hold_out_the_end_of_each_document(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for name in ("austen", "kjv"):
+        lines = [f"The {name} paragraph number {i} is here. It has a second sentence too." for i in range(10)]
+        (tmp_path / "corpus" / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    train, held = corpus.corpus_sentences(tmp_path, ("austen", "kjv"), held_out_fraction=0.2)
+    assert len(train) == 2 * 8 * 2 and len(held) == 2 * 2 * 2
+    assert "The austen paragraph number 9 is here." in held
+    assert not any("number 8" in s or "number 9" in s for s in train)

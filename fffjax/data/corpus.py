@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from fffjax.data.fetch import CACHE_ENV, cache_dir
+from fffjax.data.pipeline import held_out_documents
 
 FETCH_COMMAND = "bash experiments/fetch_text.sh"
 
@@ -208,6 +209,32 @@ def read_paragraphs(files: Iterable[Path]) -> list[str]:
         with open(f, encoding="utf-8") as fh:
             lines.extend(line.rstrip("\n") for line in fh if line.strip())
     return lines
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
+
+
+def split_sentences(paragraph: str, *, min_words: int = 5, max_words: int = 60) -> list[str]:
+    """The paragraph's sentences (split after ``.``, ``!`` or ``?`` and space before a capital or a
+    digit), keeping those of ``min_words`` to ``max_words`` words: fragments and run-on lists drop out."""
+    if not 1 <= min_words <= max_words:
+        raise ValueError(f"min_words, max_words: expected 1 <= min_words <= max_words, got {min_words}, {max_words}")
+    return [s.strip() for s in _SENTENCE_END.split(paragraph)
+            if min_words <= len(s.split()) <= max_words]
+
+
+def corpus_sentences(cache: Path | None = None, sources: Iterable[str] = PROSE_SOURCES, *,
+                     held_out_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """(train, held-out) sentences of the corpus: each source is a document whose last
+    ``held_out_fraction`` of paragraphs is held out as one block, so no held-out sentence shares a
+    paragraph or its neighbourhood with a training one.
+
+    Raises:
+        FileNotFoundError: naming the fetch command when a corpus file is missing.
+    """
+    documents = [read_paragraphs([f]) for f in corpus_files(cache, sources)]
+    train, held = held_out_documents(documents, held_out_fraction)
+    return ([s for p in train for s in split_sentences(p)], [s for p in held for s in split_sentences(p)])
 
 
 def main(argv: list[str] | None = None) -> None:
