@@ -12,8 +12,9 @@ mapping ``(..., H) -> (..., H)`` may be assigned to ``layer.ffn``, among them
 :class:`fffjax.nn.FFF` (FFF-v1, built with ``activation=gelu`` of this module for BERT's leaves) and
 :class:`fffjax.nn.UltraFastFF` (FFF-v2). An FFF-v1 slot follows the model's mode: ``bert.eval()``
 makes it descend hard (one leaf per token), ``bert.train()`` makes it the soft mixture of its
-leaves. :func:`ffn_spec` records what sits in a slot, so that checkpoints rebuild it
-(:func:`bert_checkpoint_config`, :func:`bert_from_params`).
+leaves; a slot assigned after ``bert.eval()`` keeps its own mode (a new FFF starts in train mode), so
+call ``bert.eval()`` again after replacing slots. :func:`ffn_spec` records what sits in a slot, so
+that checkpoints rebuild it (:func:`bert_checkpoint_config`, :func:`bert_from_params`).
 
 The blocks are crammed BERT's (:mod:`fffjax.models.crammed_bert`): attention through
 :func:`fffjax.ops.attention` from a fused QKV projection, here with biases, its columns per-head
