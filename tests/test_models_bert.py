@@ -156,6 +156,11 @@ def test_minilm_sentence_embeddings_equal_transformers_mean_pooled_and_normalise
     mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
     expected = torch.nn.functional.normalize(mean, p=2, dim=1).numpy()
     np.testing.assert_allclose(found, expected, atol=1e-5, rtol=0)
+    # an FFF-v1 slot of one leaf holding all 1536 neurons: the same model
+    bert.layers[0].ffn = _fff_v1_from_dense(bert.layers[0].ffn)
+    bert.eval()
+    converted = np.asarray(sentence_embedding(bert(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)))
+    np.testing.assert_allclose(converted, expected, atol=1e-5, rtol=0)
     auto = transformers.AutoTokenizer.from_pretrained(folder)(SENTENCES, padding=True, truncation=True, max_length=256)
     np.testing.assert_array_equal(ids, np.asarray(auto["input_ids"]))
     np.testing.assert_array_equal(mask, np.asarray(auto["attention_mask"]))
