@@ -6,7 +6,10 @@
   ``model.safetensors`` or ``pytorch_model.bin`` read with ``weights_only=True``, and the tokenizer
   files): ``pbelcak/UltraFastBERT-1x11-long`` as downloaded, or an ``fffjax export``;
 - an fffjax checkpoint (``fffjax import`` output, a step folder of a run) or a training run folder
-  (its latest step).
+  (its latest step);
+- a Hugging Face ``BertModel`` folder (``config.json`` with ``model_type "bert"``, ``model.safetensors``,
+  the tokenizer files; all-MiniLM-L6-v2 as shipped) or a BERT checkpoint
+  (``fffjax.train.checkpoint.save_bert_checkpoint``): a :class:`fffjax.models.bert.Bert`.
 
 The model always comes back in eval mode (dropout off; call ``.train()`` to fine-tune). The
 tokenizer is looked up beside the weights: in the folder itself, then in the run folder that holds
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from fffjax.convert.hf import is_decoder_config, is_hf_config, read_hf_dir
 from fffjax.convert.ultrafastbert import import_ultrafastbert
 from fffjax.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from fffjax.models.bert import bert_from_params, is_bert_checkpoint_config, is_bert_folder, load_pretrained_bert
 from fffjax.models.crammed_bert import cast_parameters, model_from_params, model_kind
 from fffjax.train.checkpoint import crammed_bert_config, load_params, run_record
 
@@ -42,7 +46,7 @@ def is_hf_folder(path: Path | str) -> bool:
 
 
 def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, implementation: str | None = None):
-    """The crammed-BERT model stored at ``path`` (see the module docstring), in eval mode.
+    """The crammed-BERT model or BERT encoder stored at ``path`` (see the module docstring), in eval mode.
 
     Args:
         path: a published-layout folder, an fffjax checkpoint or a run folder.
@@ -52,7 +56,8 @@ def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, 
         implementation: the FFF-v2 implementation of every layer (``None``: the fastest available).
 
     Returns:
-        A `CrammedBertMLM` or `CrammedBertClassifier` in eval mode.
+        A `CrammedBertMLM` or `CrammedBertClassifier` in eval mode, or a `Bert` for a BERT folder or
+        checkpoint (``kind`` must then be None).
 
     Raises:
         ValueError: when ``path`` holds a causal decoder (``fffjax.generate.load_causal_lm`` loads it).
@@ -60,7 +65,10 @@ def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path {path} does not exist")
-    if is_hf_folder(path):
+    if is_bert_folder(path):
+        _check_no_kind(kind, path)
+        model = load_pretrained_bert(path, dtype=dtype, implementation=implementation)
+    elif is_hf_folder(path):
         state_dict, config_json = read_hf_dir(path)
         if is_decoder_config(config_json):
             raise ValueError(f"path {path} holds a causal language model, not crammed BERT; load it with "
@@ -68,15 +76,24 @@ def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, 
         model = import_ultrafastbert(state_dict, config_json, kind=kind, dtype=dtype, implementation=implementation)
     else:
         params, config, record = load_params(path)
-        stored = model_kind(params)
-        if kind is not None and kind != stored:
-            raise ValueError(f"kind: the checkpoint {record['path']} holds a {stored} model, not a {kind}")
-        model = model_from_params(crammed_bert_config(config, record["path"]), params, kind=stored, dtype=dtype,
-                                  implementation=implementation)
+        if is_bert_checkpoint_config(config):
+            _check_no_kind(kind, record["path"])
+            model = bert_from_params(config, params, dtype=dtype, implementation=implementation)
+        else:
+            stored = model_kind(params)
+            if kind is not None and kind != stored:
+                raise ValueError(f"kind: the checkpoint {record['path']} holds a {stored} model, not a {kind}")
+            model = model_from_params(crammed_bert_config(config, record["path"]), params, kind=stored, dtype=dtype,
+                                      implementation=implementation)
     if dtype != jnp.float32:
         model = cast_parameters(model, dtype)
     model.eval()
     return model
+
+
+def _check_no_kind(kind: str | None, path) -> None:
+    if kind is not None:
+        raise ValueError(f"kind: {path} holds a BERT encoder, which has no {kind!r} head; pass kind=None")
 
 
 def _tokenizer_candidates(path: Path) -> list[Path]:

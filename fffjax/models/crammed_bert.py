@@ -143,7 +143,9 @@ class Embedding(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Bidirectional multi-head attention with crammed BERT's per-head interleaved QKV, no biases.
+    """Bidirectional multi-head attention with crammed BERT's per-head interleaved QKV, no biases
+    (``use_bias=True`` adds a bias to both projections: ``query_key_value.bias (3H,)`` in the same
+    interleave, ``dense.bias (H,)``, as BERT has).
 
     ``query_key_value.kernel (H, 3H)``: output column ``h*3d + [0:d]`` is head h's query,
     ``[d:2d]`` its key, ``[2d:3d]`` its value (d = H / heads), i.e. the (B, S, 3H) projection is
@@ -159,14 +161,15 @@ class SelfAttention(nnx.Module):
 
     kernel_op: ClassVar[str] = "attention"
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, use_bias: bool = False):
         self.num_heads, self.head_width = config.num_heads, config.attention_head_width
         self.norm_factor = config.norm_factor
         self.implementation: str | None = None
         h = config.hidden_size
-        self.query_key_value = nnx.Linear(h, 3 * h, use_bias=False, dtype=dtype,
+        self.query_key_value = nnx.Linear(h, 3 * h, use_bias=use_bias, dtype=dtype,
                                           kernel_init=_normal(config.init_std), rngs=rngs)
-        self.dense = nnx.Linear(h, h, use_bias=False, dtype=dtype, kernel_init=_normal(config.init_std), rngs=rngs)
+        self.dense = nnx.Linear(h, h, use_bias=use_bias, dtype=dtype, kernel_init=_normal(config.init_std),
+                                rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x: Float[Array, "batch seq hidden"], key_bias: Float[Array, "batch seq"] | None

@@ -23,7 +23,8 @@ part of the save (see `RunCheckpoints.save`), so training does not wait for it.
 Reading for inference: `resolve_checkpoint` names the directory (a checkpoint, the one in an
 `fffjax demo` output folder, or the latest step of a run), `load_params` reads its parameters as
 host arrays with its config and run record, `load_checkpoint` rebuilds the crammed-BERT model it
-holds, and `inspect_checkpoint` describes any checkpoint (config, parameter counts, step, metrics)
+holds (`load_bert_checkpoint` the BERT encoder `save_bert_checkpoint` wrote, FFF slots and all),
+and `inspect_checkpoint` describes any checkpoint (config, parameter counts, step, metrics)
 without reading an array. They read only the `params` and `config` items (and the run record as
 plain JSON), raise `FileNotFoundError` saying what a path is when it is no checkpoint, and
 `CheckpointCorruptError` naming the checkpoint when an item cannot be read. `fffjax export`,
@@ -46,6 +47,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fffjax.models.bert import Bert, bert_checkpoint_config, bert_from_params, bert_params, is_bert_checkpoint_config
 from fffjax.models.config import ModelConfig
 from fffjax.models.crammed_bert import model_from_params, model_kind
 from fffjax.models.decoder import MODEL_NAME as DECODER_MODEL_NAME
@@ -481,6 +483,9 @@ def crammed_bert_config(config: Mapping[str, Any], path: str | Path) -> ModelCon
     if config.get("model") == DECODER_MODEL_NAME:
         raise ValueError(f"checkpoint {path} holds a causal language model, not crammed BERT; load it with "
                          "fffjax.generate.load_causal_lm")
+    if is_bert_checkpoint_config(config):
+        raise ValueError(f"checkpoint {path} holds a BERT encoder (fffjax.models.bert), not crammed BERT; load it "
+                         "with fffjax.train.checkpoint.load_bert_checkpoint or fffjax.from_pretrained")
     if "vocab_size" in config:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig.from_dict({k: v for k, v in config.items() if k in names})
@@ -523,6 +528,29 @@ def load_checkpoint(checkpoint: str | Path, *, implementation: str | None = None
     record = _run_record(step_dir)
     return model, {"path": record["path"], "kind": kind, "config": config, "step": record["step"],
                    "metrics": record["metrics"]}
+
+
+def save_bert_checkpoint(path: str | Path, bert: Bert, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a :class:`~fffjax.models.bert.Bert` as a model checkpoint: its parameters and
+    :func:`~fffjax.models.bert.bert_checkpoint_config` (the config and each layer's feedforward spec,
+    so that FFF slots are rebuilt), plus ``tokenizer``'s files (a `fffjax.data.tokenizer.Tokenizer`)
+    in the checkpoint folder when given, where `fffjax.from_pretrained` finds them. Returns the path."""
+    config = bert_checkpoint_config(bert)
+    path = save_checkpoint(path, jax.tree.map(np.asarray, bert_params(bert)), config, overwrite=overwrite)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_bert_checkpoint(checkpoint: str | Path, *, implementation: str | None = None) -> Bert:
+    """The :class:`~fffjax.models.bert.Bert` of a checkpoint written by :func:`save_bert_checkpoint` (or
+    the latest step of a run whose config is a BERT one), in eval mode, float32. A checkpoint of another
+    model raises ``ValueError`` naming its model."""
+    params, config, record = load_params(checkpoint)
+    if not is_bert_checkpoint_config(config):
+        raise ValueError(f"checkpoint {record['path']} does not hold a BERT encoder: its config names model "
+                         f"{config.get('model')!r}, not 'bert'")
+    return bert_from_params(config, params, implementation=implementation)
 
 
 def inspect_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
