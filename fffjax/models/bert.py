@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fffjax import ops, tree
+from fffjax import ops, tree, v2
 from fffjax._typing import Array, Float, Int
 from fffjax.models.config import ModelConfig, TransformerShape
 from fffjax.models.crammed_bert import (
@@ -68,10 +68,10 @@ MODEL_NAME = "bert"   # the "model" entry of a BERT checkpoint's config dict
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
-def gelu(x):
-    """The exact (erf) GELU through :func:`fffjax.ops.gelu`: BERT's ``hidden_act "gelu"``, and the leaf
-    activation to give :class:`fffjax.nn.FFF` in a BERT layer (``jax.nn.gelu``'s default is the tanh form)."""
-    return ops.gelu(x)
+# The exact (erf) GELU, BERT's ``hidden_act "gelu"``: the leaf activation to give fffjax.nn.FFF in a BERT
+# layer (jax.nn.gelu's default is the tanh form). It is fffjax.v2.gelu itself, the function the cpu_ffi
+# FFF-v1 kernel recognises and compiles.
+gelu = v2.gelu
 
 
 # Leaf activations an FFF-v1 slot may have, by the name a checkpoint records.
