@@ -26,6 +26,9 @@ def _mlm_probabilities(model: CrammedBertMLM, input_ids: Int[Array, "batch seq"]
     return jax.nn.softmax(model(input_ids, attention_mask).astype(jnp.float32), axis=-1)
 
 
+BERT_LENGTH_STEP = 16  # a Bert's batches are padded to a multiple of this many tokens (few compiled shapes)
+
+
 @nnx.jit
 def _masked_mean(model, input_ids: Int[Array, "batch seq"],
                  attention_mask: Int[Array, "batch seq"]) -> Float[Array, "batch hidden"]:
@@ -118,7 +121,10 @@ def _run_batched(function: Callable, model, tokenizer: Tokenizer, texts: Sequenc
 
 def _embed_bert(model: Bert, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int,
                 seq_length: int | None, progress: bool) -> np.ndarray:
-    """Masked means of a `Bert`'s last hidden states, each batch padded only to its longest text."""
+    """Masked means of a `Bert`'s last hidden states. Texts run in order of length, each batch padded
+    to its longest text rounded up to a multiple of ``BERT_LENGTH_STEP`` and the last batch filled with
+    repeats of its first text, so that a whole corpus compiles a handful of shapes; padding is masked,
+    so the means are those of each text alone."""
     texts = list(texts)
     if not texts:
         raise ValueError("texts: expected at least one text")
@@ -133,11 +139,17 @@ def _embed_bert(model: Bert, tokenizer: Tokenizer, texts: Sequence[str], *, batc
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="embed", unit="batch")
-    outputs = []
+    ids, mask = tokenizer.encode_longest(texts, seq_length)
+    lengths = mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    embeddings = np.empty((len(texts), model.config.hidden_size), np.float32)
     for start in starts:
-        ids, mask = tokenizer.encode_longest(texts[start:start + batch_size], seq_length)
-        outputs.append(np.asarray(_masked_mean(model, jnp.asarray(ids), jnp.asarray(mask))))
-    return np.concatenate(outputs)
+        rows = order[start:start + batch_size]
+        width = min(-(-int(lengths[rows].max()) // BERT_LENGTH_STEP) * BERT_LENGTH_STEP, ids.shape[1])
+        batch = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        means = _masked_mean(model, jnp.asarray(ids[batch, :width]), jnp.asarray(mask[batch, :width]))
+        embeddings[rows] = np.asarray(means)[:len(rows)]
+    return embeddings
 
 
 def embed(model, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 32, seq_length: int | None = None,
