@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from _mesh_helpers import make_mesh
 from flax import nnx
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from fffjax import nn, ops, parallel, tree, v1, v2
+from fffjax.ops import pallas as ops_pallas
 
 DEPTH, TREES, H, H_OUT, TOKENS = 3, 2, 8, 6, 45
 
@@ -78,11 +80,47 @@ def test_v2_one_tree_subtree_runs_each_devices_subtree_through_the_registry(impl
     check_v2(make_mesh((2, 2), ("data", "model")), n_trees=1, implementation=implementation)
 
 
-def test_v2_tree_parallel_refuses_pallas_inside_shard_map():
-    _, x, w_in, b_in, w_out = v2_cases(1, 1)[0]
-    with pytest.raises(NotImplementedError, match="pallas"):
-        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, mesh=make_mesh((2,), ("model",)),
-                                      implementation="pallas")
+@pytest.mark.parametrize("n_model", [1, 2, 4, 8])
+def test_v2_subtree_runs_each_devices_subtree_through_pallas(n_model):
+    # Pallas interpret mode inside the shard_map: forward and the kernels' custom VJP stay exact.
+    mesh = make_mesh((n_model,), ("model",))
+    _, *args = v2_cases(n_model.bit_length() - 1, 1)[0]
+    fwd = functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=1, mesh=mesh, implementation="pallas")
+    assert "pallas_call" in str(jax.make_jaxpr(fwd)(*args))
+    check_v2(mesh, n_trees=1, implementation="pallas")
+
+
+def test_v2_trees_mode_runs_pallas_with_a_data_axis():
+    # Tokens replicated over "model": each device's kernel output is summed by psum, x's gradient too.
+    check_v2(make_mesh((2, 2), ("data", "model")), mode="trees", implementation="pallas")
+
+
+def test_v2_pallas_in_subtree_mode_with_several_trees_is_refused_by_name():
+    _, x, w_in, b_in, w_out = v2_cases(1)[0]
+    with pytest.raises(NotImplementedError, match="n_trees=1"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES,
+                                      mesh=make_mesh((2,), ("model",)), implementation="pallas")
+
+
+@pytest.mark.parametrize("mode", ["subtree", "trees"])
+def test_v2_pallas_in_checked_shard_map_lowers_for_a_gpu(mode, monkeypatch):
+    # Compiled kernels run in the checked shard_map: their outputs and the custom VJP's gradients
+    # must carry the mesh axes they vary over. Cross-lowered for an abstract CUDA mesh (Triton
+    # lowering included), forward and gradient.
+    monkeypatch.setattr(ops_pallas, "_interpret", lambda: False)
+    monkeypatch.setattr(parallel, "_checks_vma", lambda implementation: True)
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    mesh = AbstractMesh((2,), ("model",), (AxisType.Auto,), abstract_device=device)
+    n_trees = 1 if mode == "subtree" else 2
+    rows = n_trees * tree.v2_nodes_per_tree(DEPTH)
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((64, 16), (rows, 16), (rows,), (rows, 16))]
+    fwd = functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=n_trees, mesh=mesh, mode=mode,
+                            implementation="pallas")
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, kernels in ((fwd, 1), (grad, 3)):
+            text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("__gpu$xla.gpu.triton") >= kernels
 
 
 def test_v2_subtree_with_data_axis_and_tiny_capacity():
