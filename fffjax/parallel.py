@@ -404,7 +404,7 @@ def fff_v2_tree_parallel(
 
 
 def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, depth, top_levels, axis,
-                  all_axes, activation, leaf_output_bias, capacity_factor):
+                  all_axes, activation, leaf_output_bias, capacity_factor, implementation):
     n_shards = 2**top_levels
     top_nw, top_nb = _varying((top_nw, top_nb), all_axes)
     data_axes = tuple(a for a in all_axes if a != axis)
@@ -417,16 +417,11 @@ def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, dept
     sub_levels = depth - top_levels
 
     def compute(rows, meta):
-        valid = meta >= 0
-        local = jnp.zeros((rows.shape[0],), jnp.int32)
-        for _ in range(sub_levels):
-            z = jnp.einsum("bi,bi->b", rows, sub_nw[local], precision=HIGHEST) + sub_nb[local]
-            local = tree.child(local, z >= 0)
-        leaf = tree.node_to_leaf(local, sub_levels)
-        hidden = activation(jnp.einsum("bi,biw->bw", rows, w1s[leaf], precision=HIGHEST) + b1s[leaf])
-        out = jnp.einsum("bw,bwo->bo", hidden, w2s[leaf], precision=HIGHEST)
-        out = out + b2s[leaf] if leaf_output_bias else out
-        return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+        # The device's routing nodes and leaves are one whole FFF-v1 of sub_levels levels: any registered
+        # kernel runs it.
+        out = ops.fff_v1_hard(rows, sub_nw, sub_nb, w1s, b1s, w2s, b2s, depth=sub_levels, activation=activation,
+                              leaf_output_bias=leaf_output_bias, implementation=implementation)
+        return jnp.where((meta >= 0)[:, None], out, 0).astype(rows.dtype)
 
     capacity = _capacity(x.shape[0], n_shards, capacity_factor)
     meta = jnp.zeros((x.shape[0],), jnp.int32)
@@ -462,6 +457,7 @@ def fff_v1_tree_parallel(
     activation: Activation = jax.nn.relu,
     leaf_output_bias: bool = True,
     capacity_factor: float = 1.25,
+    implementation: str | None = None,
 ) -> Float[Array, "*batch dout"]:
     """FFF-v1 forward with the ``2**depth`` leaves split over ``mesh``'s ``axis`` (size P, ``depth >= log2(P)``).
 
@@ -480,6 +476,9 @@ def fff_v1_tree_parallel(
         depth: routing levels; mesh, axis: the mesh and the axis the leaves are split over.
         activation: leaf hidden activation; leaf_output_bias: add ``b2s`` (hard forward).
         capacity_factor: as :func:`fff_v2_tree_parallel` (hard forward only).
+        implementation: the :func:`fffjax.ops.fff_v1_hard` implementation each device runs on its
+            subtree (hard forward only: the soft mixture has no kernel and refuses anything but
+            ``None``); ``None``: the platform's choice, as outside ``shard_map``.
 
     Returns:
         ``(..., out)``; differentiable.
@@ -490,6 +489,9 @@ def fff_v1_tree_parallel(
     if depth < top_levels:
         raise ValueError(f"depth must be an int >= log2(P) = {top_levels} for axis {axis!r} of size "
                          f"{n_shards}, got {depth!r}")
+    if soft and implementation is not None:
+        raise ValueError(f"implementation must be None for soft=True (the soft mixture runs in jnp; kernels "
+                         f"run the hard forward), got {implementation!r}")
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     other = tuple(a for a in mesh.axis_names if a != axis)
     leaf_specs = (P(axis),) * 4
@@ -506,9 +508,11 @@ def fff_v1_tree_parallel(
         top, sub = subtree_rows(depth, top_levels)
         body = functools.partial(
             _v1_hard_body, depth=depth, top_levels=top_levels, axis=axis, all_axes=tuple(mesh.axis_names),
-            activation=activation, leaf_output_bias=leaf_output_bias, capacity_factor=capacity_factor)
+            activation=activation, leaf_output_bias=leaf_output_bias, capacity_factor=capacity_factor,
+            implementation=implementation)
         specs = (token_spec, P(), P(), P(axis), P(axis)) + leaf_specs
         args = _placed(mesh, specs, x2p, node_weights[top], node_biases[top], node_weights[sub],
                        node_biases[sub], w1s, b1s, w2s, b2s)
-        y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args)
+        y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec,
+                          check_vma=_checks_vma(implementation))(*args)
     return _unpadded(y, x2.shape[0], mesh).reshape(*lead, w2s.shape[2])
