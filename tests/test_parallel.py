@@ -226,6 +226,15 @@ def test_ultrafastff_module_calls_tree_parallel():
     assert_close_per_tensor(got, plain(x))
 
 
+def test_set_tree_parallel_keeps_the_pallas_implementation_of_a_module():
+    plain = nn.UltraFastFF(H, DEPTH, rngs=nnx.Rngs(0), implementation="reference")
+    model = nn.set_tree_parallel(nn.UltraFastFF(H, DEPTH, rngs=nnx.Rngs(0), implementation="pallas"),
+                                 make_mesh((2,), ("model",)), "model")
+    x = jax.random.normal(jax.random.key(3), (2, 9, H))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda m, x: m(x))(model, x))
+    assert_close_per_tensor(jax.jit(lambda m, x: m(x))(model, x), plain(x))
+
+
 # ----------------------------------------------------------------------------- FFF-v1
 
 V1_DEPTH, V1_WIDTH = 3, 4
@@ -266,7 +275,7 @@ def test_v1_hard_equals_reference_any_skew(n_model):
     check_v1(n_model)
 
 
-@pytest.mark.parametrize("n_model", [1, 2, 4, 8])
+@pytest.mark.parametrize("n_model", [2, 8])
 def test_v1_hard_runs_each_devices_subtree_through_pallas(n_model):
     # Each device's routing nodes and leaves are one FFF-v1 (of depth 0 on 8 devices) run by the kernel.
     x, p = v1_cases(0)[0][1:]
