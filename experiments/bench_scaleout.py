@@ -23,6 +23,13 @@ Two measurements for each device count ``n`` in ``--counts`` (``n <= len(jax.dev
    with the same per-device tokens) and **all-to-all** (the five exchanges of one step, each
    ``n x capacity`` rows, timed alone in a ``shard_map``).
 
+3. ``mesh1`` (one device only): the tree-parallel layer on a mesh of one device against the plain
+   kernel, forward and forward + backward, weights as jit arguments, on ``--layer-tokens`` tokens:
+   :func:`fffjax.ops.fff_v2_hard` with ``--mesh1-implementations`` (default ``pallas`` and ``xla``)
+   beside :func:`fffjax.parallel.fff_v2_tree_parallel` running the same implementation inside its
+   ``shard_map``, interleaved by :func:`fffjax.bench.side_by_side`. The gap is the cost of the
+   ``shard_map`` and its routing bookkeeping around the kernel.
+
 Splitting the attention's tokens over both mesh axes (so tree@m scales the whole model) needs the
 trainer to split batches over ``("data", "model")``; it splits them over ``data`` only.
 
@@ -35,6 +42,7 @@ Run on the GPU machine (one call per kind)::
     python experiments/bench_scaleout.py --counts 1           # one GPU
     python experiments/bench_scaleout.py --counts 1 2         # two GPUs
     python experiments/bench_scaleout.py --counts 1 2 4 8     # eight GPUs
+    python experiments/bench_scaleout.py --counts 1 --schemes mesh1 --layer-tokens 65536   # one GPU, mesh of 1
 
 Smoke test on CPU (8 fake devices, tiny shapes)::
 
@@ -157,6 +165,45 @@ def bench_layer(args, n: int) -> dict:
             "tokens_per_s": tokens / seconds, "all_to_all_s": a2a_seconds, "compute_dtype": args.compute_dtype}
 
 
+def bench_mesh1(args) -> list[dict]:
+    """The tree-parallel layer on a mesh of one device against the plain kernel (module docstring, 3.)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AxisType
+
+    from fffjax import ops, parallel, v2
+
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+    p = v2.init(jax.random.key(0), args.hidden, args.depth, dtype=dtype)
+    weights = (p["w_in"], p["b_in"], p["w_out"])
+    x = jax.random.normal(jax.random.key(1), (args.layer_tokens, args.hidden), dtype)
+    layers = {}
+    for impl in args.mesh1_implementations:
+        layers[f"plain {impl}"] = lambda x, *w, impl=impl: ops.fff_v2_hard(
+            x, *w, depth=args.depth, implementation=impl)
+        layers[f"tree-parallel {impl}"] = lambda x, *w, impl=impl: parallel.fff_v2_tree_parallel(
+            x, *w, depth=args.depth, mesh=mesh, capacity_factor=args.capacity_factor, implementation=impl)
+    variants = {}
+    for name, layer in layers.items():
+        forward = jax.jit(layer)
+        step = jax.jit(jax.grad(lambda x, *w, layer=layer: jnp.sum(layer(x, *w).astype(jnp.float32) ** 2),
+                                argnums=(0, 1, 2, 3)))
+        variants[f"{name} forward"] = lambda forward=forward: forward(x, *weights)
+        variants[f"{name} forward+backward"] = lambda step=step: step(x, *weights)
+    timings = bench.side_by_side(variants, rounds=args.repeats * args.steps, warmup=args.warmup, log=bench.log)
+    rows = []
+    for name, t in timings.items():
+        layer, _, pass_ = name.rpartition(" ")
+        impl = layer.split(" ")[-1]
+        plain = timings[f"plain {impl} {pass_}"].median_s
+        rows.append({"bench": "mesh1", "scheme": name, "devices": 1, "hidden": args.hidden, "depth": args.depth,
+                     "tokens_per_device": args.layer_tokens, "step_s": t.median_s,
+                     "tokens_per_s": args.layer_tokens / t.median_s, "vs_plain": t.median_s / plain,
+                     "compute_dtype": args.compute_dtype})
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -169,7 +216,7 @@ def markdown(report: dict) -> str:
              "| bench | scheme | devices | step (ms) | tokens/s | scaling efficiency | all-to-all (ms) "
              "| compute (ms) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if r["bench"] != "mesh1"):
         base = next((b for b in rows if b["bench"] == r["bench"] and b["scheme"] == r["scheme"] and b["devices"] == 1),
                     None) or next((b for b in rows if b["bench"] == r["bench"] == "pretrain" and b["scheme"] == "dp"
                                    and b["devices"] == 1), None)   # tree@m has no 1-device run: vs dp
@@ -178,6 +225,12 @@ def markdown(report: dict) -> str:
         comp = f"{1e3 * base['step_s']:.2f}" if r["bench"] == "layer" and base else "–"
         lines.append(f"| {r['bench']} | {r['scheme']} | {r['devices']} | {1e3 * r['step_s']:.2f} | "
                      f"{r['tokens_per_s']:,.0f} | {eff} | {a2a} | {comp} |")
+    mesh1 = [r for r in rows if r["bench"] == "mesh1"]
+    if mesh1:
+        lines += ["", "## The tree-parallel layer on a mesh of one device against the plain kernel", "",
+                  "| variant | tokens | ms | tokens/s | time vs the plain kernel |", "|---|---|---|---|---|"]
+        lines += [f"| {r['scheme']} | {r['tokens_per_device']} | {1e3 * r['step_s']:.3f} | {r['tokens_per_s']:,.0f} "
+                  f"| {r['vs_plain']:.2f}x |" for r in mesh1]
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +239,8 @@ def main(argv=None) -> None:
     ap.add_argument("--counts", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--schemes", nargs="+", default=["dp", "fsdp", "tree@2", "layer"],
                     help="pretraining: a fffjax.train.sharding.PARALLELISM name, '@m' for a model axis of m "
-                         "devices; 'layer': the tree-parallel FFF layer benchmark")
+                         "devices; 'layer': the tree-parallel FFF layer benchmark; 'mesh1': the tree-parallel "
+                         "layer on a mesh of one device against the plain kernel (runs at n = 1 only)")
     ap.add_argument("--config", default="base")
     ap.add_argument("--per-device-batch", type=int, default=64, help="sequences per device and step")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -195,6 +249,8 @@ def main(argv=None) -> None:
     ap.add_argument("--depth", type=int, default=11)
     ap.add_argument("--layer-tokens", type=int, default=16384, help="tokens per device (layer benchmark)")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--mesh1-implementations", nargs="+", default=["pallas", "xla"],
+                    help="fff_v2_hard implementations the mesh1 scheme times, plain and tree-parallel")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
@@ -216,15 +272,19 @@ def main(argv=None) -> None:
     existing = RESULTS / f"{out}.json"
     if existing.exists():       # keep rows measured by earlier calls (other device kinds / counts)
         rows = [r for r in json.loads(existing.read_text())["rows"]
-                if not (r["devices"] in counts and r["scheme"] in a.schemes)]
+                if not (r["devices"] in counts and (r["scheme"] in a.schemes or r["bench"] in a.schemes))]
     for n in counts:
         for scheme in a.schemes:
-            if scheme.partition("@")[2] and n % int(scheme.partition("@")[2]):
+            if scheme.partition("@")[2] and n % int(scheme.partition("@")[2]) or scheme == "mesh1" and n != 1:
                 continue
-            row = bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme)
-            row["device_kind"] = jax.devices()[0].device_kind
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            if scheme == "mesh1":
+                new = bench_mesh1(a)
+            else:
+                new = [bench_layer(a, n) if scheme == "layer" else bench_pretrain(a, n, scheme)]
+            for row in new:
+                row["device_kind"] = jax.devices()[0].device_kind
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             rows.sort(key=lambda r: (r["bench"], r["scheme"], r["devices"]))
             report = {**head, "rows": rows}
             bench.write_results(RESULTS, out, report=report, markdown=markdown(report))

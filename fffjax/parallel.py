@@ -229,19 +229,17 @@ def _v2_walk(x, w_in, b_in, w_out, node, offsets, levels, acc):
     return y, node
 
 
-def _local_implementation(implementation: str | None) -> str | None:
-    """The ``fff_v2_hard`` implementation a device runs inside ``shard_map``.
+def _checks_vma(implementation: str | None) -> bool:
+    """Whether the tree-parallel ``shard_map`` types its values by the mesh axes they vary over.
 
-    A ``pallas_call`` inside ``shard_map`` must declare how its outputs vary over the mesh axes
-    (``manual_axis_type``, an API that differs between jax 0.10 and 0.11); the kernels do not yet,
-    so ``"pallas"`` is refused here and ``None`` skips it (on a GPU: ``"xla"``).
+    Compiled, the Pallas kernels declare how their outputs vary (:func:`fffjax._vma.out_struct`), so
+    the ``shard_map`` is checked. In Pallas interpret mode (off a GPU) jax evaluates a kernel's body
+    with per-device blocks beside invariant grid indices and rejects it under the check; there the
+    ``shard_map`` runs unchecked. Each device's output depends only on its own inputs either way,
+    and the unchecked transpose sums the cotangents of replicated inputs over the devices, so the
+    gradients are the same.
     """
-    if implementation == "pallas":
-        raise NotImplementedError("implementation='pallas' does not run inside the tree-parallel shard_map yet; "
-                                  "use None, 'xla', 'cpu_ffi' or 'reference'")
-    if implementation is None and jax.default_backend() == "gpu":
-        return "xla"
-    return implementation
+    return not (implementation == "pallas" and jax.default_backend() != "gpu")
 
 
 def _v2_subtree_body(x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w_out, *,
@@ -264,7 +262,7 @@ def _v2_subtree_body(x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w
         if n_trees == 1:
             # The device's subtree is one whole FFF-v2 tree in heap order: any registered kernel runs it.
             out = ops.fff_v2_hard(rows, sub_w_in, sub_b_in, sub_w_out, depth=depth - top_levels,
-                                  implementation=_local_implementation(implementation))
+                                  implementation=implementation)
         else:   # each row walks its own tree's subtree
             offsets = (jnp.maximum(tree_of_row, 0) * per_sub)[:, None]
             start = jnp.zeros((rows.shape[0], 1), jnp.int32)
@@ -307,6 +305,11 @@ def fff_v2_subtree_parallel(
         ``(tokens, H_out)``.
     """
     n_shards = check_axis(mesh, axis)
+    if implementation == "pallas" and n_trees > 1:
+        raise NotImplementedError(
+            f"implementation='pallas' runs a device's subtrees in mode='subtree' only for n_trees=1 (with "
+            f"n_trees={n_trees} each item walks its own tree's subtree in jnp); use mode='trees' or "
+            "implementation=None")
     top_levels = n_shards.bit_length() - 1
     other = tuple(a for a in mesh.axis_names if a != axis)
     token_spec = P((*other, axis))
@@ -317,14 +320,14 @@ def fff_v2_subtree_parallel(
                              implementation=implementation)
     specs = (token_spec, P(), P(), P(), P(axis), P(axis), P(axis))
     args = _placed(mesh, specs, x, top_w_in, top_b_in, top_w_out, sub_w_in, sub_b_in, sub_w_out)
-    y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args)
+    y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec,
+                      check_vma=_checks_vma(implementation))(*args)
     return _unpadded(y, n_tokens, mesh)
 
 
 def _v2_trees_body(x, w_in, b_in, w_out, *, depth, n_local_trees, axis, data_axes, implementation):
     w_in, b_in, w_out = _varying((w_in, b_in, w_out), data_axes)
-    y = ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_local_trees,
-                        implementation=_local_implementation(implementation))
+    y = ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_local_trees, implementation=implementation)
     return jax.lax.psum(y, axis)
 
 
@@ -359,8 +362,9 @@ def fff_v2_tree_parallel(
             (``"subtree"`` only; any value is exact, smaller ones cost more rounds under skew).
         implementation: the :func:`fffjax.ops.fff_v2_hard` implementation each device runs on its
             whole trees (``"trees"``) or its subtree (``"subtree"`` with one tree; K > 1 subtrees
-            walk in jnp); ``None``: the fastest that runs inside ``shard_map`` (``"cpu_ffi"`` on
-            the CPU, ``"xla"`` on a GPU); ``"pallas"`` raises ``NotImplementedError``.
+            walk in jnp, and ``"pallas"`` raises ``NotImplementedError`` there), any registered one;
+            ``None``: the platform's choice, as outside ``shard_map`` (``"cpu_ffi"`` on the CPU,
+            ``"pallas"`` or ``"reference"`` on a GPU).
 
     Returns:
         ``(..., H_out)`` in the dtype of ``x``; differentiable in ``x`` and the weights.
@@ -390,8 +394,9 @@ def fff_v2_tree_parallel(
                                  data_axes=other, implementation=implementation)
         specs = (token_spec, P(axis), P(axis), P(axis))
         args = _placed(mesh, specs, x2p, w_in, b_in, w_out)
-        y = _unpadded(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args),
-                      x2.shape[0], mesh)
+        y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec,
+                          check_vma=_checks_vma(implementation))(*args)
+        y = _unpadded(y, x2.shape[0], mesh)
     return y.reshape(*lead, w_out.shape[1])
 
 
@@ -399,7 +404,7 @@ def fff_v2_tree_parallel(
 
 
 def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, depth, top_levels, axis,
-                  all_axes, activation, leaf_output_bias, capacity_factor):
+                  all_axes, activation, leaf_output_bias, capacity_factor, implementation):
     n_shards = 2**top_levels
     top_nw, top_nb = _varying((top_nw, top_nb), all_axes)
     data_axes = tuple(a for a in all_axes if a != axis)
@@ -412,16 +417,11 @@ def _v1_hard_body(x, top_nw, top_nb, sub_nw, sub_nb, w1s, b1s, w2s, b2s, *, dept
     sub_levels = depth - top_levels
 
     def compute(rows, meta):
-        valid = meta >= 0
-        local = jnp.zeros((rows.shape[0],), jnp.int32)
-        for _ in range(sub_levels):
-            z = jnp.einsum("bi,bi->b", rows, sub_nw[local], precision=HIGHEST) + sub_nb[local]
-            local = tree.child(local, z >= 0)
-        leaf = tree.node_to_leaf(local, sub_levels)
-        hidden = activation(jnp.einsum("bi,biw->bw", rows, w1s[leaf], precision=HIGHEST) + b1s[leaf])
-        out = jnp.einsum("bw,bwo->bo", hidden, w2s[leaf], precision=HIGHEST)
-        out = out + b2s[leaf] if leaf_output_bias else out
-        return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+        # The device's routing nodes and leaves are one whole FFF-v1 of sub_levels levels: any registered
+        # kernel runs it.
+        out = ops.fff_v1_hard(rows, sub_nw, sub_nb, w1s, b1s, w2s, b2s, depth=sub_levels, activation=activation,
+                              leaf_output_bias=leaf_output_bias, implementation=implementation)
+        return jnp.where((meta >= 0)[:, None], out, 0).astype(rows.dtype)
 
     capacity = _capacity(x.shape[0], n_shards, capacity_factor)
     meta = jnp.zeros((x.shape[0],), jnp.int32)
@@ -457,6 +457,7 @@ def fff_v1_tree_parallel(
     activation: Activation = jax.nn.relu,
     leaf_output_bias: bool = True,
     capacity_factor: float = 1.25,
+    implementation: str | None = None,
 ) -> Float[Array, "*batch dout"]:
     """FFF-v1 forward with the ``2**depth`` leaves split over ``mesh``'s ``axis`` (size P, ``depth >= log2(P)``).
 
@@ -475,6 +476,9 @@ def fff_v1_tree_parallel(
         depth: routing levels; mesh, axis: the mesh and the axis the leaves are split over.
         activation: leaf hidden activation; leaf_output_bias: add ``b2s`` (hard forward).
         capacity_factor: as :func:`fff_v2_tree_parallel` (hard forward only).
+        implementation: the :func:`fffjax.ops.fff_v1_hard` implementation each device runs on its
+            subtree (hard forward only: the soft mixture has no kernel and refuses anything but
+            ``None``); ``None``: the platform's choice, as outside ``shard_map``.
 
     Returns:
         ``(..., out)``; differentiable.
@@ -485,6 +489,9 @@ def fff_v1_tree_parallel(
     if depth < top_levels:
         raise ValueError(f"depth must be an int >= log2(P) = {top_levels} for axis {axis!r} of size "
                          f"{n_shards}, got {depth!r}")
+    if soft and implementation is not None:
+        raise ValueError(f"implementation must be None for soft=True (the soft mixture runs in jnp; kernels "
+                         f"run the hard forward), got {implementation!r}")
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     other = tuple(a for a in mesh.axis_names if a != axis)
     leaf_specs = (P(axis),) * 4
@@ -501,9 +508,11 @@ def fff_v1_tree_parallel(
         top, sub = subtree_rows(depth, top_levels)
         body = functools.partial(
             _v1_hard_body, depth=depth, top_levels=top_levels, axis=axis, all_axes=tuple(mesh.axis_names),
-            activation=activation, leaf_output_bias=leaf_output_bias, capacity_factor=capacity_factor)
+            activation=activation, leaf_output_bias=leaf_output_bias, capacity_factor=capacity_factor,
+            implementation=implementation)
         specs = (token_spec, P(), P(), P(axis), P(axis)) + leaf_specs
         args = _placed(mesh, specs, x2p, node_weights[top], node_biases[top], node_weights[sub],
                        node_biases[sub], w1s, b1s, w2s, b2s)
-        y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec)(*args)
+        y = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=token_spec,
+                          check_vma=_checks_vma(implementation))(*args)
     return _unpadded(y, x2.shape[0], mesh).reshape(*lead, w2s.shape[2])

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fffjax import tree, v1
+from fffjax._vma import out_struct
 from pallas_kernels import _common as cm
 
 MAX_LEAF_WIDTH = 256
@@ -132,20 +133,21 @@ def fff_v1_hard(x, node_weights, node_biases, w1s, b1s, w2s, b2s, *, depth: int,
     if depth == 0:   # Empty node tables: keep the kernel's refs non-empty; they are never read.
         node_weights = jnp.zeros((1, width_in), x.dtype)
         node_biases = jnp.zeros((1,), x.dtype)
+    inputs = (x, node_weights, node_biases, w1s, b1s, w2s, b2s)
     params = cm.compiler_params(config.num_warps, config.num_stages)
     grid = (pl.cdiv(n_tokens, config.block_t),)
     hidden, leaf = pl.pallas_call(
         functools.partial(_descent_kernel, n_tokens=n_tokens, width_in=width_in, leaf_width=leaf_width,
                           depth=depth, cfg=config),
-        out_shape=(jax.ShapeDtypeStruct((n_tokens, leaf_width), jnp.float32),
-                   jax.ShapeDtypeStruct((n_tokens,), jnp.int32)),
+        out_shape=(out_struct((n_tokens, leaf_width), jnp.float32, *inputs),
+                   out_struct((n_tokens,), jnp.int32, *inputs)),
         grid=grid, compiler_params=params, interpret=interpret, name="fff_v1_descent",
     )(x, node_weights, node_biases, w1s.reshape(n_leaves * width_in, leaf_width), b1s)
     hidden = activation(hidden).astype(jnp.float32)
     return pl.pallas_call(
         functools.partial(_leaf_out_kernel, n_tokens=n_tokens, leaf_width=leaf_width, width_out=width_out,
                           output_bias=leaf_output_bias, cfg=config),
-        out_shape=jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype),
+        out_shape=out_struct((n_tokens, width_out), x.dtype, *inputs),
         grid=grid, compiler_params=params, interpret=interpret, name="fff_v1_leaf_out",
     )(hidden, leaf, w2s.reshape(n_leaves * leaf_width, width_out), b2s)
 

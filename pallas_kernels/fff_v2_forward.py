@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fffjax import tree, v2
+from fffjax._vma import out_struct
 from pallas_kernels import _common as cm
 
 ROUTES = ("kernel", "gemm")
@@ -305,7 +306,7 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig =
                                loop=config.route_num_stages > 1)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n_tokens,), jnp.int32),
+        out_shape=out_struct((n_tokens,), jnp.int32, x, w_in, b_in),
         grid=(pl.cdiv(n_tokens, config.route_block_t),),
         compiler_params=cm.compiler_params(config.route_num_warps, config.route_num_stages),
         interpret=interpret,
@@ -354,8 +355,7 @@ def rank_in_subtree(sub, n_sub: int, *, interpret: bool = False):
     n_programs = pl.cdiv(n_chunks, steps)
     rank, counts = pl.pallas_call(
         functools.partial(_rank_kernel, n_tokens=n_tokens, n_sub=n_sub, steps=steps),
-        out_shape=(jax.ShapeDtypeStruct((n_tokens,), jnp.int32),
-                   jax.ShapeDtypeStruct((n_programs * n_sub,), jnp.int32)),
+        out_shape=(out_struct((n_tokens,), jnp.int32, sub), out_struct((n_programs * n_sub,), jnp.int32, sub)),
         grid=(n_programs,),
         compiler_params=cm.compiler_params(4, 1),
         interpret=interpret,
@@ -441,7 +441,8 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
             "split_level=0 (the token-order kernel) or default_config(depth, n_trees)")
     common = dict(n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth, cfg=config,
                   save_residuals=save_residuals)
-    out_shape = [jax.ShapeDtypeStruct((n_tokens, width_out), x.dtype)]
+    inputs = (x, w_in, b_in, w_out)
+    out_shape = [out_struct((n_tokens, width_out), x.dtype, *inputs)]
     if split > 0:
         slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, config=config, interpret=interpret)
         kernel = functools.partial(_grouped_kernel, split=split, **common)
@@ -449,15 +450,15 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
         operands = (slots, block_sub, x, w_in, b_in, w_out)
         if save_residuals:
             n_cols = subtree_table(0, split=split, depth=depth)[0].shape[0]
-            out_shape.append(jax.ShapeDtypeStruct((slots.shape[0], n_cols), jnp.float32))
+            out_shape.append(out_struct((slots.shape[0], n_cols), jnp.float32, *inputs))
     else:
         kernel = functools.partial(_kernel, n_trees=n_trees, **common)
         grid = (pl.cdiv(n_tokens, config.block_t),)
         operands = (x, w_in, b_in, w_out)
         if save_residuals:
             p = n_trees * (depth + 1)
-            out_shape += [jax.ShapeDtypeStruct((p, n_tokens), jnp.int32),
-                          jax.ShapeDtypeStruct((p, n_tokens), jnp.float32)]
+            out_shape += [out_struct((p, n_tokens), jnp.int32, *inputs),
+                          out_struct((p, n_tokens), jnp.float32, *inputs)]
     out = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),

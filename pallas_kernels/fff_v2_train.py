@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from fffjax import v2
+from fffjax._vma import out_struct, vary_like
 from pallas_kernels import _common as cm
 from pallas_kernels.fff_v2_forward import (
     DEFAULT_CONFIG as FORWARD_CONFIG,
@@ -180,14 +181,15 @@ def backward(x, w_in, w_out, nodes, z, dy, *, depth: int, n_trees: int, interpre
     width_out = w_out.shape[1]
     levels = depth + 1
     n_rows = w_in.shape[0]
+    inputs = (x, w_in, w_out, nodes, z, dy)
     cfg = config
     token_kernel = functools.partial(
         _token_kernel, n_tokens=n_tokens, width_in=width_in, width_out=width_out, levels=levels,
         n_trees=n_trees, block_t=cfg.token_block_t, chunk=cfg.token_chunk)
     dx, dz = pl.pallas_call(
         token_kernel,
-        out_shape=(jax.ShapeDtypeStruct((n_tokens, width_in), x.dtype),
-                   jax.ShapeDtypeStruct(z.shape, jnp.float32)),
+        out_shape=(out_struct((n_tokens, width_in), x.dtype, *inputs),
+                   out_struct(z.shape, jnp.float32, *inputs)),
         grid=(pl.cdiv(n_tokens, cfg.token_block_t),),
         compiler_params=cm.compiler_params(cfg.token_num_warps, cfg.num_stages),
         interpret=interpret,
@@ -198,11 +200,12 @@ def backward(x, w_in, w_out, nodes, z, dy, *, depth: int, n_trees: int, interpre
     weight_kernel = functools.partial(
         _weight_kernel, n_tokens=n_tokens, width_in=width_in, width_out=width_out, levels=levels,
         block_t=cfg.weight_block_t, chunk=cfg.weight_chunk, interpret=bool(interpret))
-    zeros = (jnp.zeros((n_rows, width_in), jnp.float32), jnp.zeros((n_rows,), jnp.float32),
-             jnp.zeros((n_rows, width_out), jnp.float32))
+    # The outputs alias these buffers and take their type: inside shard_map they vary like the inputs.
+    zeros = tuple(vary_like(jnp.zeros(shape, jnp.float32), *inputs)
+                  for shape in ((n_rows, width_in), (n_rows,), (n_rows, width_out)))
     dw_in, db_in, dw_out = pl.pallas_call(
         weight_kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in zeros),
+        out_shape=tuple(out_struct(a.shape, a.dtype, *inputs) for a in zeros),
         grid=(n_trees, pl.cdiv(n_tokens, cfg.weight_block_t)),
         input_output_aliases={6: 0, 7: 1, 8: 2},
         compiler_params=cm.compiler_params(cfg.weight_num_warps, cfg.num_stages),
@@ -287,13 +290,14 @@ def grouped_backward(x, w_in, w_out, residuals: GroupedResiduals, dy, *, depth: 
     n_blocks, n_sub, n_top = block_sub.shape[0], 2**split, 2**split - 1
     n_cols = logits.shape[1]
     table_dtype = x.dtype          # the tensor-core operand dtype of the weight-gradient sums
+    inputs = (x, w_in, w_out, slots, block_sub, logits, dy)
     common = dict(n_tokens=n_tokens, width_in=width_in, width_out=width_out, depth=depth, split=split,
                   block_t=bt, chunk=config.grouped_chunk)
     params = cm.compiler_params(config.grouped_num_warps, config.num_stages)
     dx, dz, act = pl.pallas_call(
         functools.partial(_grouped_dx_kernel, loop=config.num_stages > 1, **common),
-        out_shape=(jax.ShapeDtypeStruct((n_tokens, width_in), x.dtype),
-                   jax.ShapeDtypeStruct(logits.shape, table_dtype), jax.ShapeDtypeStruct(logits.shape, table_dtype)),
+        out_shape=(out_struct((n_tokens, width_in), x.dtype, *inputs),
+                   out_struct(logits.shape, table_dtype, *inputs), out_struct(logits.shape, table_dtype, *inputs)),
         grid=(n_blocks,), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_dx",
     )(slots, block_sub, logits, dy, w_in, w_out)
     counts = jnp.bincount(block_sub, length=n_sub).astype(jnp.int32)
@@ -303,11 +307,11 @@ def grouped_backward(x, w_in, w_out, residuals: GroupedResiduals, dy, *, depth: 
     f32 = jnp.float32
     dw_in, dw_out, db_in, top_in, top_out, top_b = pl.pallas_call(
         functools.partial(_grouped_weight_kernel, **common),
-        out_shape=(jax.ShapeDtypeStruct(w_in.shape, f32), jax.ShapeDtypeStruct(w_out.shape, f32),
-                   jax.ShapeDtypeStruct((w_in.shape[0],), f32),
-                   jax.ShapeDtypeStruct((n_sub * n_cols, width_in), f32),
-                   jax.ShapeDtypeStruct((n_sub * n_cols, width_out), f32),
-                   jax.ShapeDtypeStruct((n_sub * n_cols,), f32)),
+        out_shape=(out_struct(w_in.shape, f32, *inputs), out_struct(w_out.shape, f32, *inputs),
+                   out_struct((w_in.shape[0],), f32, *inputs),
+                   out_struct((n_sub * n_cols, width_in), f32, *inputs),
+                   out_struct((n_sub * n_cols, width_out), f32, *inputs),
+                   out_struct((n_sub * n_cols,), f32, *inputs)),
         grid=(n_sub, n_chunks), compiler_params=params, interpret=interpret, name="fff_v2_backward_grouped_weights",
     )(block_start, slots, dz, act, x, dy)
     # Ancestor at level l of subtree s is flat node 2**l - 1 + (s >> (split - l)).
@@ -370,6 +374,10 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
         config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees, x.shape[0], x.dtype))
+    # Inside shard_map the backward kernels' gradients vary over every axis any input varies over; the
+    # custom VJP needs inputs of that same type (an input replicated over an axis then gets its
+    # gradient summed over that axis by the transpose of this cast).
+    x, w_in, b_in, w_out = (vary_like(a, x, w_in, b_in, w_out) for a in (x, w_in, b_in, w_out))
     return _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config)
 
 

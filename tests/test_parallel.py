@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from _mesh_helpers import make_mesh
 from flax import nnx
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from fffjax import nn, ops, parallel, tree, v1, v2
+from fffjax.ops import pallas as ops_pallas
 
 DEPTH, TREES, H, H_OUT, TOKENS = 3, 2, 8, 6, 45
 
@@ -78,11 +80,56 @@ def test_v2_one_tree_subtree_runs_each_devices_subtree_through_the_registry(impl
     check_v2(make_mesh((2, 2), ("data", "model")), n_trees=1, implementation=implementation)
 
 
-def test_v2_tree_parallel_refuses_pallas_inside_shard_map():
-    _, x, w_in, b_in, w_out = v2_cases(1, 1)[0]
-    with pytest.raises(NotImplementedError, match="pallas"):
-        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, mesh=make_mesh((2,), ("model",)),
-                                      implementation="pallas")
+@pytest.mark.parametrize("n_model", [1, 2, 4, 8])
+def test_v2_subtree_runs_each_devices_subtree_through_pallas(n_model):
+    # Pallas interpret mode inside the shard_map: forward and the kernels' custom VJP stay exact.
+    mesh = make_mesh((n_model,), ("model",))
+    _, *args = v2_cases(n_model.bit_length() - 1, 1)[0]
+    fwd = functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=1, mesh=mesh, implementation="pallas")
+    assert "pallas_call" in str(jax.make_jaxpr(fwd)(*args))
+    check_v2(mesh, n_trees=1, implementation="pallas")
+
+
+def test_v2_trees_mode_runs_pallas_with_a_data_axis():
+    # Tokens replicated over "model": each device's kernel output is summed by psum, x's gradient too.
+    check_v2(make_mesh((2, 2), ("data", "model")), mode="trees", implementation="pallas")
+
+
+def test_v2_pallas_in_subtree_mode_with_several_trees_is_refused_by_name():
+    _, x, w_in, b_in, w_out = v2_cases(1)[0]
+    with pytest.raises(NotImplementedError, match="n_trees=1"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES,
+                                      mesh=make_mesh((2,), ("model",)), implementation="pallas")
+
+
+@pytest.mark.parametrize("layer", ["v2 subtree", "v2 trees", "v1"])
+def test_pallas_in_checked_shard_map_lowers_for_a_gpu(layer, monkeypatch):
+    # Compiled kernels run in the checked shard_map: their outputs and the custom VJPs' gradients
+    # must carry the mesh axes they vary over. Cross-lowered for an abstract CUDA mesh (Triton
+    # lowering included), forward and gradient.
+    monkeypatch.setattr(ops_pallas, "_interpret", lambda: False)
+    monkeypatch.setattr(parallel, "_checks_vma", lambda implementation: True)
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    mesh = AbstractMesh((2,), ("model",), (AxisType.Auto,), abstract_device=device)
+    if layer == "v1":
+        nodes, leaves = tree.v1_sizes(V1_DEPTH)
+        dims = ((64, 16), (nodes, 16), (nodes,), (leaves, 16, 16), (leaves, 16), (leaves, 16, 16), (leaves, 16))
+        fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=mesh, implementation="pallas")
+        kernels = (2, 2)      # descent and leaf kernels (the backward is the reference's VJP)
+    else:
+        mode = layer.split()[1]
+        n_trees = 1 if mode == "subtree" else 2
+        rows = n_trees * tree.v2_nodes_per_tree(DEPTH)
+        dims = ((64, 16), (rows, 16), (rows,), (rows, 16))
+        fwd = functools.partial(parallel.fff_v2_tree_parallel, depth=DEPTH, n_trees=n_trees, mesh=mesh, mode=mode,
+                                implementation="pallas")
+        kernels = (1, 3)      # the forward; with the backward kernels
+    shapes = [jax.ShapeDtypeStruct(d, jnp.bfloat16) for d in dims]
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32) ** 2), argnums=tuple(range(len(dims))))
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, n_kernels in zip((fwd, grad), kernels, strict=True):
+            text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("__gpu$xla.gpu.triton") >= n_kernels
 
 
 def test_v2_subtree_with_data_axis_and_tiny_capacity():
@@ -161,6 +208,9 @@ def test_argument_errors_name_the_argument():
     p1 = v1.init(jax.random.key(0), H, 4, H_OUT, 2)
     with pytest.raises(ValueError, match="depth"):
         parallel.fff_v1_tree_parallel(x, *(p1[n] for n in v1.PARAM_NAMES), depth=2, mesh=mesh8)
+    with pytest.raises(ValueError, match="implementation"):
+        parallel.fff_v1_tree_parallel(x, *(p1[n] for n in v1.PARAM_NAMES), depth=2, mesh=make_mesh((2,), ("model",)),
+                                      soft=True, implementation="pallas")
     with pytest.raises(ValueError, match="node_weights"):
         parallel.fff_v1_tree_parallel(x, p1["node_weights"][:2], p1["node_biases"][:2],
                                       *(p1[n] for n in v1.PARAM_NAMES[2:]), depth=2, mesh=make_mesh((2,), ("model",)))
@@ -174,6 +224,15 @@ def test_ultrafastff_module_calls_tree_parallel():
     got = jax.jit(lambda m, x: m(x))(sharded, x)
     assert "all_to_all" in jax.jit(lambda m, x: m(x)).lower(sharded, x).as_text()
     assert_close_per_tensor(got, plain(x))
+
+
+def test_set_tree_parallel_keeps_the_pallas_implementation_of_a_module():
+    plain = nn.UltraFastFF(H, DEPTH, rngs=nnx.Rngs(0), implementation="reference")
+    model = nn.set_tree_parallel(nn.UltraFastFF(H, DEPTH, rngs=nnx.Rngs(0), implementation="pallas"),
+                                 make_mesh((2,), ("model",)), "model")
+    x = jax.random.normal(jax.random.key(3), (2, 9, H))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda m, x: m(x))(model, x))
+    assert_close_per_tensor(jax.jit(lambda m, x: m(x))(model, x), plain(x))
 
 
 # ----------------------------------------------------------------------------- FFF-v1
@@ -196,10 +255,9 @@ def v1_loss_and_grads(forward):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-@pytest.mark.parametrize("n_model", [2, 8])
-def test_v1_hard_equals_reference_any_skew(n_model):
+def check_v1(n_model, **kwargs):
     mesh = make_mesh((n_model,), ("model",))
-    fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=mesh)
+    fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=mesh, **kwargs)
     ref = functools.partial(ops.fff_v1_hard, depth=V1_DEPTH, implementation="reference")
     got_fn, want_fn = v1_loss_and_grads(fwd), v1_loss_and_grads(ref)
     for name, x, p in v1_cases(n_model.bit_length() - 1):
@@ -210,6 +268,21 @@ def test_v1_hard_equals_reference_any_skew(n_model):
         if name == "all_right":
             leaves = v1.hard_leaves(x, p["node_weights"], p["node_biases"], V1_DEPTH)
             assert bool(jnp.all(leaves >= 2**V1_DEPTH - 2**V1_DEPTH // n_model))
+
+
+@pytest.mark.parametrize("n_model", [2, 8])
+def test_v1_hard_equals_reference_any_skew(n_model):
+    check_v1(n_model)
+
+
+@pytest.mark.parametrize("n_model", [2, 8])
+def test_v1_hard_runs_each_devices_subtree_through_pallas(n_model):
+    # Each device's routing nodes and leaves are one FFF-v1 (of depth 0 on 8 devices) run by the kernel.
+    x, p = v1_cases(0)[0][1:]
+    fwd = functools.partial(parallel.fff_v1_tree_parallel, depth=V1_DEPTH, mesh=make_mesh((n_model,), ("model",)),
+                            implementation="pallas")
+    assert "pallas_call" in str(jax.make_jaxpr(fwd)(x, *(p[n] for n in v1.PARAM_NAMES)))
+    check_v1(n_model, implementation="pallas")
 
 
 def test_v1_soft_partial_mixtures_sum_to_soft_forward():

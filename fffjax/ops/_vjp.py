@@ -4,7 +4,7 @@ import functools
 
 import jax
 
-from fffjax.ops._vma import vary_like
+from fffjax._vma import vary_like
 
 
 def with_reference_vjp(kernel, reference):
@@ -12,7 +12,7 @@ def with_reference_vjp(kernel, reference):
     ``reference(*arrays, **dict(static))`` (same arguments and results) in the backward, recomputing
     the reference's forward. ``static`` is a tuple of ``(name, value)`` pairs (hashable, not
     differentiated); an array argument may be ``None``. Inside ``shard_map`` the cotangents take the
-    varying mesh axes of the inputs (see :mod:`fffjax.ops._vma`)."""
+    varying mesh axes of the inputs (see :mod:`fffjax._vma`)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def f(static, *arrays):

@@ -33,9 +33,9 @@ import numpy as np
 
 from fffjax import v1, v2
 from fffjax._typing import Array, Float
+from fffjax._vma import vary_like
 from fffjax.ops import xla
 from fffjax.ops._vjp import with_reference_vjp
-from fffjax.ops._vma import vary_like
 
 _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
