@@ -1,17 +1,18 @@
 """FFF-v2 (UltraFastBERT) hard forward as a Pallas TPU (Mosaic) kernel, beside its jnp reference.
 
 One program per ``block_t`` tokens. The node tables ``w_in`` and ``w_out`` sit whole in VMEM (one
-copy, not double-buffered), the biases in SMEM as float32. Every token walks its trees with scalar
-node indices: per level it reads its node's rows as one-row slices of the VMEM tables
-(``w_ref[pl.ds(n, 1), :]``), reduces ``x . w_in[n]`` across lanes to a ``(1, 1)`` logit, adds the
-bias, accumulates ``gelu(z) * w_out[n]`` in a float32 row, and steps to ``2n + 1 + (z > 0)`` with
-``z`` moved to a scalar register. The ``block_t`` walks of a block are unrolled side by side, so the
-scheduler can overlap their load-reduce-branch chains. The block's rows are stored once.
+copy, not double-buffered), the biases in SMEM as float32 (the scalar-prefetch operand). Every token
+walks its trees with scalar node indices: per level it reads its node's rows as one-row slices of the
+VMEM tables (``w_ref[pl.ds(n, 1), :]``), reduces ``x . w_in[n]`` across lanes to a ``(1, 1)`` logit,
+adds the bias, adds ``gelu(z) * w_out[n]`` to the token's row of a float32 VMEM accumulator, and steps
+to ``2n + 1 + (z > 0)`` with ``z`` moved to a scalar register. The ``block_t`` walks of a block are
+unrolled side by side, so the scheduler can overlap their load-reduce-branch chains. The block's
+rows are stored once.
 
 Why this design: the walk is the reference's own loop, with no masks, no padding of nodes and no
 dense work, so it is exact by construction and follows every (K, D, H). The alternatives (the top
-levels as one MXU matmul with one-hot masks; per-row DMA from HBM for tables larger than VMEM) are
-faster or larger but add layout cases; they can be added behind :class:`FffV2TpuConfig`.
+levels as one MXU matmul with one-hot masks; per-row DMA from HBM for tables larger than VMEM) would
+be faster or take larger tables but add layout cases; they can be added behind :class:`FffV2TpuConfig`.
 
 The GELU is ``0.5 z (1 + erf(z / sqrt 2))``: ``jax.nn.gelu(approximate=False)`` uses ``erfc``, which
 has no Mosaic lowering.
@@ -32,8 +33,8 @@ from pallas_kernels.fff_v2_forward import fff_v2_hard_reference
 __all__ = ["MAX_TABLE_BYTES", "FffV2TpuConfig", "fff_v2_hard", "fff_v2_hard_reference", "gelu"]
 
 # The VMEM the node tables may take: below the 64 MiB of a v7x TensorCore with room for the token
-# blocks (v5e and v6e have 128 MiB, v4 and v5p less per core; the 1x11 layer at H = 768 is 12.6 MB
-# in bfloat16, 25.2 MB in float32).
+# blocks (v5e and v6e have 128 MiB; the 1x11 layer at H = 768 is 12.6 MB in bfloat16, 25.2 MB in
+# float32).
 MAX_TABLE_BYTES = 48 * 2**20
 _VMEM_HEADROOM_BYTES = 8 * 2**20
 _SQRT_HALF = 0.7071067811865476
