@@ -32,10 +32,12 @@ def _compare(n_tokens, width, depth, n_trees, dtype, config, interpret):
     assert_close(np.asarray(y.astype(jnp.float32))[keep], np.asarray(ref.astype(jnp.float32))[keep], dtype)
 
 
-# Token counts not a multiple of the block; depth 0, 2 and 11; one tree and several; H = 768 and 96.
+# Token counts not a multiple of the block; depth 0, 2, 3 and 11; one tree and several; H = 768 and 96;
+# the scalar walk alone and after the top levels on the MXU (every level but the last one for 2x3).
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
-    (17, 128, 11, 1, jnp.bfloat16, None),
-    (21, 768, 2, 3, jnp.float32, None),
+    (15, 128, 11, 1, jnp.bfloat16, FffV2TpuConfig(dense_levels=4)),
+    (11, 64, 3, 2, jnp.float32, FffV2TpuConfig(dense_levels=3)),
+    (13, 768, 2, 3, jnp.float32, None),
     (40, 96, 0, 4, jnp.float32, FffV2TpuConfig(block_t=32)),
 ])
 def test_interpreted_kernel_matches_the_reference(n_tokens, width, depth, n_trees, dtype, config):
@@ -62,6 +64,11 @@ def test_routing_is_strict_and_output_width_may_differ():
 def test_bad_config_and_oversized_tables_are_refused():
     with pytest.raises(ValueError, match="block_t must be a positive multiple of 16, got 24"):
         FffV2TpuConfig(block_t=24)
+    with pytest.raises(ValueError, match="dense_levels must be >= 0, got -1"):
+        FffV2TpuConfig(dense_levels=-1)
+    x, w_in, b_in, w_out = v2_inputs(0, 4, 32, 2, 1, jnp.float32)
+    with pytest.raises(ValueError, match="config.dense_levels must be at most depth = 2"):
+        fff_v2_tpu.fff_v2_hard(x, w_in, b_in, w_out, depth=2, config=FffV2TpuConfig(dense_levels=3))
     n = tree.v2_nodes_per_tree(15)   # 65535 rows of 4096 bfloat16 columns: 1 GiB
     shapes = (S((8, 4096), jnp.bfloat16), S((n, 4096), jnp.bfloat16), S((n,), jnp.bfloat16),
               S((n, 4096), jnp.bfloat16))
@@ -89,6 +96,15 @@ def test_public_op_exports_the_mosaic_kernel_for_a_tpu(n_tokens, width, depth, n
     assert "callback" not in text   # the compiled kernel, not the interpreter
 
 
+@pytest.mark.parametrize("depth,n_trees,dtype,dense_levels", [
+    (11, 1, jnp.bfloat16, 7), (11, 1, jnp.float32, 7), (4, 4, jnp.float32, 2),
+])
+def test_kernel_with_mxu_top_levels_exports_for_a_tpu(depth, n_trees, dtype, dense_levels):
+    fn = functools.partial(fff_v2_tpu.fff_v2_hard, depth=depth, n_trees=n_trees,
+                           config=FffV2TpuConfig(dense_levels=dense_levels))
+    assert "tpu_custom_call" in _export_for_tpu(fn, 1001, 768, depth, n_trees, dtype).mlir_module()
+
+
 def test_export_catches_what_mosaic_cannot_lower(monkeypatch):
     # The check above is meaningful: jax.nn.gelu's erfc has no Mosaic lowering and fails the export.
     monkeypatch.setattr(fff_v2_tpu, "gelu", lambda z: jax.nn.gelu(z, approximate=False))
@@ -108,15 +124,15 @@ def test_pallas_tpu_is_opt_in():
 
 
 def test_pallas_tpu_implementation_runs_interpreted_off_a_tpu_with_the_reference_gradient():
-    x, w_in, b_in, w_out = v2_inputs(3, 2 * 9, 64, 2, 2, jnp.float32)
-    x = x.reshape(2, 9, 64)
+    x, w_in, b_in, w_out = v2_inputs(3, 2 * 7, 64, 2, 2, jnp.float32)
+    x = x.reshape(2, 7, 64)
 
     def loss(impl, x, w_in):
         return jnp.sum(fffjax.fff_v2_hard(x, w_in, b_in, w_out, depth=2, n_trees=2, implementation=impl) ** 2)
 
     y = fffjax.fff_v2_hard(x, w_in, b_in, w_out, depth=2, n_trees=2, implementation="pallas_tpu")
     ref = fffjax.fff_v2_hard(x, w_in, b_in, w_out, depth=2, n_trees=2, implementation="xla")
-    assert y.shape == (2, 9, 64)
+    assert y.shape == (2, 7, 64)
     assert_close(y, ref, jnp.float32)
     grads = jax.grad(functools.partial(loss, "pallas_tpu"), argnums=(0, 1))(x, w_in)
     want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, w_in)
@@ -140,7 +156,10 @@ class TestCompiledOnTpu:
 
     @pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
         (4099, 768, 11, 1, jnp.bfloat16, None), (4099, 768, 11, 1, jnp.float32, None),
+        (4099, 768, 11, 1, jnp.bfloat16, FffV2TpuConfig(dense_levels=7)),
+        (4099, 768, 11, 1, jnp.float32, FffV2TpuConfig(block_t=32, dense_levels=7)),
         (1000, 1000, 4, 128, jnp.float32, FffV2TpuConfig(block_t=32)), (333, 64, 0, 2, jnp.bfloat16, None),
+        (1000, 96, 4, 4, jnp.float32, FffV2TpuConfig(dense_levels=2)),
     ])
     def test_kernel_matches_the_reference(self, n_tokens, width, depth, n_trees, dtype, config):
         _compare(n_tokens, width, depth, n_trees, dtype, config, False)
