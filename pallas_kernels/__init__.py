@@ -1,4 +1,5 @@
-"""Pallas-Triton GPU kernels, each module beside the jnp reference it is tested against.
+"""Pallas-Triton GPU kernels and one Pallas TPU (Mosaic) kernel, each module beside the jnp reference
+it is tested against.
 
 A leaf package: its modules import jax and, for their references, :mod:`fffjax.tree`,
 :mod:`fffjax.v1` and :mod:`fffjax.v2`; they register nothing. :mod:`fffjax.ops.pallas` adapts them
@@ -13,6 +14,8 @@ Modules:
     layer_norm:     layer_norm(x, scale, bias, residual=None, *, eps, ...) (forward only)
     attention:      attention(qkv, key_bias=None, *, num_heads, scale, ...) (forward only)
     gelu:           gelu(x, ...) (forward and backward kernels)
+    fff_v2_tpu:     fff_v2_hard(x, w_in, b_in, w_out, *, depth, n_trees=1, interpret=False, config=None) for a
+                    TPU (Mosaic; checked in the TPU interpreter and by cross-lowering, not yet run on a TPU)
 """
 
 from pallas_kernels.fff_v1_forward import FffV1ForwardConfig, fff_v1_hard, fff_v1_hard_reference

@@ -22,6 +22,10 @@ import pytest  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     on_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("FFFJAX_GPU_TESTS") else False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (set FFFJAX_GPU_TESTS=1 on the GPU machine)")
+    on_tpu = jax.default_backend() == "tpu"
+    skip_tpu = pytest.mark.skip(reason="needs a TPU: compiles and runs the Mosaic kernels")
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip_gpu)
+        if item.get_closest_marker("tpu") and not on_tpu:
+            item.add_marker(skip_tpu)

@@ -3,7 +3,8 @@
 The ops: :func:`fff_v2_hard`, :func:`fff_v1_hard`, :func:`layer_norm`, :func:`attention`,
 :func:`cached_attention` (a decoder's key/value cache), :func:`gelu`. Implementations: ``"xla"``
 (always available, last resort), ``"reference"`` (masked dense FFF), ``"cpu_ffi"`` (C++ CPU
-kernels), ``"cudnn"`` (attention), ``"pallas"`` (GPU kernels from :mod:`pallas_kernels`).
+kernels), ``"cudnn"`` (attention), ``"pallas"`` (GPU kernels from :mod:`pallas_kernels`),
+``"pallas_tpu"`` (FFF-v2 on a TPU, opt-in).
 ``implementation=None`` picks the fastest available for the platform and falls back on
 ``NotImplementedError``; :mod:`fffjax.ops.registry` states the rule, and :func:`set_implementation`
 switches a model's modules.

@@ -36,9 +36,10 @@ def fff_v2_hard(
         depth: descents per tree (>= 0).
         n_trees: K, the number of independent trees, whose outputs are summed.
         implementation: ``"xla"``, ``"cpu_ffi"`` (C++ CPU kernel), ``"reference"`` (masked dense),
-            ``"pallas"`` or ``None`` (see :mod:`fffjax.ops.registry`: ``"cpu_ffi"`` then ``"xla"`` on
-            the CPU; on a GPU ``"pallas"``, or ``"reference"`` when the path holds more than
-            :data:`~fffjax.ops.registry.DENSE_PATH_FRACTION` of each tree's neurons).
+            ``"pallas"``, ``"pallas_tpu"`` (the Mosaic TPU kernel; only when named) or ``None`` (see
+            :mod:`fffjax.ops.registry`: ``"cpu_ffi"`` then ``"xla"`` on the CPU; on a GPU ``"pallas"``,
+            or ``"reference"`` when the path holds more than
+            :data:`~fffjax.ops.registry.DENSE_PATH_FRACTION` of each tree's neurons; ``"xla"`` on a TPU).
 
     Returns:
         ``(..., H_out)`` in the dtype of ``x``. Routing goes right on a strictly positive logit.

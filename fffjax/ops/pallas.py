@@ -9,6 +9,12 @@ Pallas interpret mode elsewhere (for tests), and makes it differentiable:
 * layer norm, attention and FFF-v1 (forward-only kernels) through the VJP of their jnp references
   (:func:`fffjax.ops._vjp.with_reference_vjp`).
 
+:func:`fff_v2_hard_tpu` is ``implementation="pallas_tpu"``: the Mosaic TPU kernel of
+:mod:`pallas_kernels.fff_v2_tpu`, compiled when lowered for a TPU and in Pallas interpret
+mode when lowered for another platform (plain ``interpret=True``: the TPU interpreter's ordered
+callbacks cannot sit in the platform switch), with the reference's VJP. It is opt-in: no platform's
+automatic choice includes it.
+
 :mod:`fffjax.ops.registry` imports this module behind a guard: without Pallas-Triton the
 implementation is simply not registered.
 """
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 
 from fffjax.ops._vjp import with_reference_vjp
 from pallas_kernels import attention as attention_kernel
-from pallas_kernels import fff_v1_forward, fff_v2_forward, fff_v2_train
+from pallas_kernels import fff_v1_forward, fff_v2_forward, fff_v2_tpu, fff_v2_train
 from pallas_kernels import gelu as gelu_kernel
 from pallas_kernels import layer_norm as layer_norm_kernel
 
@@ -47,6 +53,31 @@ def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
     _check_fff(x, depth)
     return fff_v2_train.fff_v2_hard_trainable(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,
                                               interpret=_interpret())
+
+
+_fff_v2_tpu_differentiable = with_reference_vjp(
+    lambda x, w_in, b_in, w_out, *, depth, n_trees, interpret: fff_v2_tpu.fff_v2_hard(
+        x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret),
+    lambda x, w_in, b_in, w_out, *, depth, n_trees, interpret: fff_v2_tpu.fff_v2_hard_reference(
+        x, w_in, b_in, w_out, depth=depth, n_trees=n_trees))
+
+
+def fff_v2_hard_tpu(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1):
+    """FFF-v2 hard forward through the Pallas TPU kernel (float32 or bfloat16, node tables up to
+    :data:`pallas_kernels.fff_v2_tpu.MAX_TABLE_BYTES` in VMEM), with the reference's VJP."""
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise NotImplementedError(f"the Pallas TPU kernel takes float32/bfloat16 inputs, got {x.dtype}")
+    table_bytes = w_in.size * w_in.dtype.itemsize + w_out.size * w_out.dtype.itemsize
+    if table_bytes > fff_v2_tpu.MAX_TABLE_BYTES:
+        raise NotImplementedError(f"the Pallas TPU kernel keeps w_in and w_out in VMEM, at most "
+                                  f"{fff_v2_tpu.MAX_TABLE_BYTES} bytes together, got {table_bytes}")
+
+    def run(interpret):
+        static = (("depth", depth), ("n_trees", n_trees), ("interpret", interpret))
+        return lambda *arrays: _fff_v2_tpu_differentiable(static, *arrays)
+
+    # Chosen when lowering, so that jax.export(..., platforms=["tpu"]) on a CPU holds the compiled kernel.
+    return jax.lax.platform_dependent(x, w_in, b_in, w_out, tpu=run(False), default=run(True))
 
 
 _fff_v1_differentiable = with_reference_vjp(

@@ -3,7 +3,8 @@
 Ops (:data:`OPS`) and their implementations:
 
 ==================== =============================================================================
-``fff_v2_hard``       ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
+``fff_v2_hard``       ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``,
+                      ``"pallas_tpu"`` (Mosaic TPU; opt-in, never an automatic choice)
 ``fff_v1_hard``       ``"xla"`` row gathers, ``"reference"`` masked dense, ``"cpu_ffi"`` C++, ``"pallas"``
 ``layer_norm``        ``"xla"``, ``"pallas"`` (one pass, residual add fused)
 ``attention``         ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV
@@ -77,6 +78,7 @@ def _builtin() -> dict[str, dict[str, Implementation]]:
         for op in OPS:
             if hasattr(pallas, op):
                 table[op]["pallas"] = Implementation(fn=getattr(pallas, op), per_device=True)
+        table["fff_v2_hard"]["pallas_tpu"] = Implementation(fn=pallas.fff_v2_hard_tpu, per_device=True)
     return table
 
 
@@ -110,7 +112,8 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
     inputs of ``dtype`` and the op's keyword arguments ``static``.
 
     * FFF ops: the C++ kernel on the CPU, Pallas on a GPU (for FFF-v2 the masked dense form first
-      when the path holds more than :data:`DENSE_PATH_FRACTION` of each tree's neurons).
+      when the path holds more than :data:`DENSE_PATH_FRACTION` of each tree's neurons), XLA on a
+      TPU (``"pallas_tpu"`` runs only when named: it has not yet run on a TPU).
     * layer norm, attention, GELU: the Pallas kernels (attention: then cuDNN) on a GPU for 16-bit
       inputs; XLA otherwise (float32 keeps XLA's rounding, which the torch parity tests pin).
     """
