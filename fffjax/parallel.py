@@ -369,6 +369,9 @@ def fff_v2_tree_parallel(
     Returns:
         ``(..., H_out)`` in the dtype of ``x``; differentiable in ``x`` and the weights.
     """
+    if implementation == "pallas_tpu":
+        raise NotImplementedError("implementation='pallas_tpu' does not run inside the tree-parallel shard_map (its "
+                                  "kernel does not declare the mesh axes its output varies over); use 'xla'")
     n_shards = check_axis(mesh, axis)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -102,6 +102,13 @@ def test_v2_pallas_in_subtree_mode_with_several_trees_is_refused_by_name():
                                       mesh=make_mesh((2,), ("model",)), implementation="pallas")
 
 
+def test_v2_pallas_tpu_inside_the_shard_map_is_refused_by_name():
+    _, x, w_in, b_in, w_out = v2_cases(1)[0]
+    with pytest.raises(NotImplementedError, match="pallas_tpu"):
+        parallel.fff_v2_tree_parallel(x, w_in, b_in, w_out, depth=DEPTH, n_trees=TREES,
+                                      mesh=make_mesh((2,), ("model",)), implementation="pallas_tpu")
+
+
 @pytest.mark.parametrize("layer", ["v2 subtree", "v2 trees", "v1"])
 def test_pallas_in_checked_shard_map_lowers_for_a_gpu(layer, monkeypatch):
     # Compiled kernels run in the checked shard_map: their outputs and the custom VJPs' gradients
