@@ -41,7 +41,8 @@ def test_v1_with_full_leaves_reproduces_the_dense_layer(depth):
     module = d2f.to_module(params, spec)
     assert isinstance(module, nn.FFF) and module.deterministic
     np.testing.assert_allclose(module(x), want, rtol=1e-6, atol=1e-6)
-    assert d2f.relative_error(dense, params, spec, x)["relative_error"] < 1e-6
+    errors = d2f.relative_error(dense, params, spec, x)
+    assert errors["relative_error"] < 1e-6 and errors["residual_error"] < 1e-6 and errors["cosine"] > 1 - 1e-6
 
 
 def test_v1_leaves_partition_the_dense_neurons():
@@ -95,7 +96,7 @@ def test_each_stage_lowers_the_error(spec):
     dense, x = dense_layer(), mixture_inputs()
     held_out = mixture_inputs(1000, seed=2)
     stage_a = d2f.init_from_dense(dense, spec, x)
-    stage_b = d2f.fit_routers(dense, stage_a, spec, x)
+    stage_b = d2f.fit_routers(dense, stage_a, spec, x, steps=150)
     seen = []
     stage_c, curve = d2f.distill_layer(dense, stage_b, spec, x, steps=300, batch_size=128, log_every=100,
                                        callback=lambda step, loss: seen.append(step))
@@ -140,6 +141,15 @@ def test_refit_outputs_lowers_the_error_of_v1_leaves():
     np.testing.assert_array_equal(refit["w1s"], routed["w1s"])
     assert (d2f.relative_error(dense, refit, spec, x)["relative_error"]
             < 0.8 * d2f.relative_error(dense, routed, spec, x)["relative_error"])
+
+
+def test_token_weights_follow_the_residual_sums_variance():
+    x = jnp.asarray([[1.0, -1.0, 0.0], [10.0, -10.0, 0.0]], jnp.float32)
+    target = jnp.zeros_like(x)
+    np.testing.assert_allclose(d2f.token_weights(x, target, "residual"), [200 / 101, 2 / 101], rtol=1e-6)
+    np.testing.assert_array_equal(d2f.token_weights(x, target, "uniform"), [1.0, 1.0])
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        d2f.token_weights(x, target, "loud")
 
 
 def test_prune_dense_keeps_the_most_energetic_neurons():

@@ -179,14 +179,35 @@ def _apply_chunked(params, spec, x, chunk: int = 8192) -> np.ndarray:
     return np.concatenate([np.asarray(_apply_jit(params, x[i:i + chunk], *key)) for i in range(0, x.shape[0], chunk)])
 
 
+WEIGHTINGS = ("residual", "uniform")
+
+
+def token_weights(x: Float[Array, "n h"], target: Float[Array, "n h"], weighting: str = "residual") -> Array:
+    """``(N,)`` weights of the tokens in the fits, mean 1.
+
+    ``"residual"``: ``1 / var(x + target)`` over the features, the variance the LayerNorm after a
+    transformer's residual add divides by, so that each token's error counts as it does after that
+    norm (in BERT a few tokens have feedforward outputs 20 times the others', which would otherwise
+    dominate every fit). ``"uniform"``: all 1, the plain squared error.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "uniform":
+        return jnp.ones((x.shape[0],), jnp.float32)
+    w = 1.0 / jnp.maximum(jnp.var(x + target, axis=1), 1e-12)
+    return w / jnp.mean(w)
+
+
 def relative_error(
     dense: Mapping[str, Array], params: Mapping[str, Array], spec: Mapping[str, Any], x: Float[Array, "n h"]
 ) -> dict[str, float]:
     """How far the converted layer is from the dense one on inputs ``x``.
 
-    Returns ``{"relative_error": ||y - y_dense|| / ||y_dense - mean(y_dense)||, "cosine": mean over
-    tokens of cos(y, y_dense)}``; the error is 0 for an exact conversion and 1 for a layer that outputs
-    the dense layer's mean output.
+    Returns ``{"relative_error": ||y - y_dense|| / ||y_dense - mean(y_dense)||, "residual_error":
+    sqrt(mean over tokens of ||y - y_dense||**2 / ||x + y_dense - its mean||**2), "cosine": mean over
+    tokens of cos(y, y_dense)}``. The relative error is 0 for an exact conversion and 1 for a layer
+    that outputs the dense layer's mean output; the residual error is the error relative to the
+    residual sum a LayerNorm normalises next (see :func:`token_weights`).
     """
     h, width = check_dense(dense)
     spec = check_spec(spec, width)
@@ -194,8 +215,11 @@ def relative_error(
     target = _apply_chunked(dense, {"kind": "dense"}, x)
     y = _apply_chunked(params, spec, x)
     err = np.linalg.norm(y - target) / max(np.linalg.norm(target - target.mean(0)), 1e-30)
+    residual = np.asarray(x) + target
+    residual = np.sum((residual - residual.mean(1, keepdims=True)) ** 2, 1)
+    residual_err = np.sqrt(np.mean(np.sum((y - target) ** 2, 1) / np.maximum(residual, 1e-30)))
     cos = np.sum(y * target, 1) / np.maximum(np.linalg.norm(y, axis=1) * np.linalg.norm(target, axis=1), 1e-30)
-    return {"relative_error": float(err), "cosine": float(np.mean(cos))}
+    return {"relative_error": float(err), "residual_error": float(residual_err), "cosine": float(np.mean(cos))}
 
 
 # ------------------------------------------------------------------------------- (a) FFF-v1 from dense
@@ -430,6 +454,7 @@ def fit_routers(
     balance: bool = False,
     refit: bool = True,
     ridge: float = 1e-3,
+    weighting: str = "residual",
 ) -> dict[str, Array]:
     """Stage (b): the routing fitted to the layer's inputs ``x``; returns new parameters.
 
@@ -442,6 +467,7 @@ def fit_routers(
     Then, with ``refit`` (the default), :func:`refit_outputs` fits each leaf's output layer to the
     tokens it now receives: a leaf of ``F / 2**d`` dense neurons keeps their ``w_out`` rows from
     stage (a), made for a sum over all F neurons, so routing alone recovers little of the output.
+    Errors are weighted per token by :func:`token_weights` (``weighting``).
 
     FFF-v2 and dense: a node's router is its own neuron, so moving it changes the output; stage (b) is
     then :func:`refit_outputs` (least squares of the output rows and ``b_out`` given the routing).
@@ -451,10 +477,10 @@ def fit_routers(
     tree.check_count(steps, "steps", 0)
     x = _check_x(x, h)
     if spec["kind"] != "fff_v1":
-        return refit_outputs(dense, params, spec, x, ridge=ridge)
+        return refit_outputs(dense, params, spec, x, ridge=ridge, weighting=weighting)
     depth = spec["depth"]
     target = jnp.asarray(_apply_chunked(dense, {"kind": "dense"}, x))
-    errors = leaf_errors(params, x, target)
+    errors = leaf_errors(params, x, target) * np.asarray(token_weights(x, target, weighting))[:, None]
     n = x.shape[0]
     mu, sigma = jnp.mean(x, 0), jnp.std(x, 0) + 1e-6
     xs = (x - mu) / sigma
@@ -485,11 +511,11 @@ def fit_routers(
         z = np.sum(np.asarray(x) * node_weights[lo + position], 1) + node_biases[lo + position]
         position = 2 * position + (z >= 0)
     routed = {**params, "node_weights": jnp.asarray(node_weights), "node_biases": jnp.asarray(node_biases)}
-    return refit_outputs(dense, routed, spec, x, ridge=ridge) if refit else routed
+    return refit_outputs(dense, routed, spec, x, ridge=ridge, weighting=weighting) if refit else routed
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "depth", "n_trees"))
-def _normal_equations_chunk(params, x, target, kind, depth, n_trees):
+def _normal_equations_chunk(params, x, target, weight, kind, depth, n_trees):
     """``A^T A`` and ``A^T y`` of the output layer's least squares on a chunk: per leaf for FFF-v1 (the
     leaf's hidden units with a 1 appended, zero for tokens routed elsewhere), over all nodes for FFF-v2
     (the visited nodes' GELUs, with a 1), over the neurons for dense (with a 1)."""
@@ -498,7 +524,8 @@ def _normal_equations_chunk(params, x, target, kind, depth, n_trees):
         hidden = _gelu(jnp.einsum("bi,liw->blw", x, params["w1s"]) + params["b1s"])
         hidden = jnp.concatenate([hidden, jnp.ones(hidden.shape[:2] + (1,), hidden.dtype)], axis=2)
         hidden = hidden * jax.nn.one_hot(leaf, params["w1s"].shape[0], dtype=hidden.dtype)[:, :, None]
-        return jnp.einsum("blw,blv->lwv", hidden, hidden), jnp.einsum("blw,bo->lwo", hidden, target)
+        weighted = hidden * weight[:, None, None]
+        return jnp.einsum("blw,blv->lwv", weighted, hidden), jnp.einsum("blw,bo->lwo", weighted, target)
     if kind == "fff_v2":
         z = x @ params["w_in"].T + params["b_in"]
         path = v2.path_from_logits(z, depth=depth, n_trees=n_trees).reshape(z.shape[0], -1)
@@ -507,7 +534,8 @@ def _normal_equations_chunk(params, x, target, kind, depth, n_trees):
     else:
         a = _gelu(x @ params["w_in"] + params["b_in"])
     a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-    return (a.T @ a)[None], (a.T @ target)[None]
+    weighted = a * weight[:, None]
+    return (weighted.T @ a)[None], (weighted.T @ target)[None]
 
 
 def refit_outputs(
@@ -517,6 +545,7 @@ def refit_outputs(
     x: Float[Array, "n h"],
     *,
     ridge: float = 1e-3,
+    weighting: str = "residual",
     chunk: int = 2048,
 ) -> dict[str, Array]:
     """The output rows refitted by least squares to the dense layer's output on ``x``, the routing and
@@ -524,7 +553,8 @@ def refit_outputs(
     ``w_out`` and ``b_out`` given each token's paths; the narrow dense layer's ``w_out``, ``b_out``.
 
     The solve is ridge-regularised towards the current values (``ridge`` times the mean diagonal of
-    ``A^T A``), so rows no token reaches keep them. Returns new parameters.
+    ``A^T A``), so rows no token reaches keep them; tokens are weighted by :func:`token_weights`.
+    Returns new parameters.
     """
     h, width = check_dense(dense)
     spec = check_spec(spec, width)
@@ -532,10 +562,11 @@ def refit_outputs(
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0, got {ridge!r}")
     target = jnp.asarray(_apply_chunked(dense, {"kind": "dense"}, x))
+    weight = token_weights(x, target, weighting)
     key = (spec["kind"], spec.get("depth"), spec.get("n_trees"))
     gram, rhs = None, None
     for i in range(0, x.shape[0], chunk):
-        g, r = _normal_equations_chunk(params, x[i:i + chunk], target[i:i + chunk], *key)
+        g, r = _normal_equations_chunk(params, x[i:i + chunk], target[i:i + chunk], weight[i:i + chunk], *key)
         gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
     gram, rhs = np.asarray(gram, np.float64), np.asarray(rhs, np.float64)
     if spec["kind"] == "fff_v1":
@@ -577,15 +608,16 @@ def _training_forward(params, x, kind, depth, n_trees):
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "kind", "depth", "n_trees", "batch_size", "steps"))
-def _distill_chunk(params, opt_state, key, x, target, scale, optimizer, kind, depth, n_trees, batch_size, steps):
-    def loss_fn(p, xb, tb):
+def _distill_chunk(params, opt_state, key, x, target, weight, scale, optimizer, kind, depth, n_trees, batch_size,
+                   steps):
+    def loss_fn(p, xb, tb, wb):
         y = _training_forward(p, xb, kind, depth, n_trees)
-        return jnp.mean(jnp.sum((y - tb) ** 2, axis=1)) / scale
+        return jnp.mean(wb * jnp.sum((y - tb) ** 2, axis=1)) / scale
 
     def step(carry, step_key):
         p, state = carry
         idx = jax.random.randint(step_key, (batch_size,), 0, x.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], target[idx])
+        loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], target[idx], weight[idx])
         updates, state = optimizer.update(grads, state, p)
         return (optax.apply_updates(p, updates), state), loss
 
@@ -605,16 +637,18 @@ def distill_layer(
     seed: int = 0,
     log_every: int = 100,
     callback: Callable[[int, float], None] | None = None,
+    weighting: str = "residual",
 ) -> tuple[dict[str, Array], np.ndarray]:
     """Stage (c): layer-wise distillation, every parameter trained with Adam (warm-up, cosine decay)
     to regress the dense layer's output on batches of ``x`` drawn with ``seed``.
 
-    The loss is the squared error over the variance of the dense output (the square of
-    :func:`relative_error`'s error). FFF-v1 trains the path inference takes: the forward descends hard
-    to one leaf, the backward is the soft mixture's (straight-through), so the leaves learn exactly
-    the hard layer and the routers get the soft gradient; there is no soft-to-hard gap to close by
-    hardening. FFF-v2 trains its hard paths (UltraFastBERT's own training; the routing gets no
-    gradient) plus ``b_out``; the dense kind trains as it is.
+    The loss is the squared error over the variance of the dense output, both weighted per token by
+    :func:`token_weights` (with ``weighting="uniform"``, the square of :func:`relative_error`'s error).
+    FFF-v1 trains the path inference takes: the forward descends hard to one leaf, the backward is
+    the soft mixture's (straight-through), so the leaves learn exactly the hard layer and the routers
+    get the soft gradient; there is no soft-to-hard gap to close by hardening. FFF-v2 trains its hard
+    paths (UltraFastBERT's own training; the routing gets no gradient) plus ``b_out``; the dense kind
+    trains as it is.
 
     Returns the trained parameters and the ``(steps,)`` loss curve. ``callback(step, loss)`` is called
     every ``log_every`` steps with the mean loss of those steps (the steps between calls run in one
@@ -629,7 +663,8 @@ def distill_layer(
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
     x = _check_x(x, h)
     target = jnp.asarray(_apply_chunked(dense, {"kind": "dense"}, x))
-    scale = jnp.maximum(jnp.mean(jnp.sum((target - jnp.mean(target, 0)) ** 2, axis=1)), 1e-30)
+    weight = token_weights(x, target, weighting)
+    scale = jnp.maximum(jnp.mean(weight * jnp.sum((target - jnp.mean(target, 0)) ** 2, axis=1)), 1e-30)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(100, steps // 10)), steps,
                                                   learning_rate * 0.01)
     optimizer = _adam(schedule)
@@ -643,7 +678,7 @@ def distill_layer(
     while done < steps:
         todo = min(log_every, steps - done)
         key, chunk_key = jax.random.split(key)
-        params, opt_state, losses = _distill_chunk(params, opt_state, chunk_key, x, target, scale, steps=todo,
+        params, opt_state, losses = _distill_chunk(params, opt_state, chunk_key, x, target, weight, scale, steps=todo,
                                                    **statics)
         curve.append(np.asarray(losses))
         done += todo
