@@ -96,7 +96,7 @@ def test_each_stage_lowers_the_error(spec):
     dense, x = dense_layer(), mixture_inputs()
     held_out = mixture_inputs(1000, seed=2)
     stage_a = d2f.init_from_dense(dense, spec, x)
-    stage_b = d2f.fit_routers(dense, stage_a, spec, x, steps=150)
+    stage_b = d2f.fit_routers(dense, stage_a, spec, x)
     seen = []
     stage_c, curve = d2f.distill_layer(dense, stage_b, spec, x, steps=300, batch_size=128, log_every=100,
                                        callback=lambda step, loss: seen.append(step))
