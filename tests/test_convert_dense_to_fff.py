@@ -159,6 +159,9 @@ def test_prune_dense_keeps_the_most_energetic_neurons():
     z = np.asarray(x @ dense["w_in"] + dense["b_in"])
     energy = (np.asarray(d2f._gelu(jnp.asarray(z))) ** 2).sum(0) * (np.asarray(dense["w_out"]) ** 2).sum(1)
     np.testing.assert_array_equal(narrow["b_in"], dense["b_in"][np.sort(np.argsort(-energy)[:8])])
+    by_norms = d2f.init_from_dense(dense, {"kind": "dense", "width": 8})
+    norms = np.linalg.norm(np.asarray(dense["w_in"]), axis=0) * np.linalg.norm(np.asarray(dense["w_out"]), axis=1)
+    np.testing.assert_array_equal(by_norms["b_in"], dense["b_in"][np.sort(np.argsort(-norms)[:8])])
 
 
 def test_spec_for_fraction_at_minilm_width():

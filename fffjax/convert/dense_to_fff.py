@@ -383,12 +383,14 @@ def init_from_dense(
     not used. FFF-v2: :func:`v2_neuron_assignment` on up to ``sample`` rows of ``x`` (standard normal
     vectors drawn with ``seed`` without ``x``). No FFF-v2 init is exact: a token computes ``K (D + 1)``
     of the neurons, while the dense output needs every neuron that is not switched off for it. The
-    dense kind is :func:`prune_dense`.
+    dense kind is :func:`prune_dense` on up to ``sample`` rows of ``x``.
     """
     h, width = check_dense(dense)
     spec = check_spec(spec, width)
     if spec["kind"] == "fff_v1":
         return _init_v1(dense, spec)
+    if spec["kind"] == "dense" and x is None:
+        return prune_dense(dense, spec["width"])
     if x is None:
         x = jax.random.normal(jax.random.key(seed), (sample, h), jnp.float32)
     x = _check_x(x, h)
