@@ -1,9 +1,11 @@
-"""PyTorch interop: FFF layers, UltraFastBERT and the causal decoder to and from PyTorch state dicts, and file I/O.
+"""PyTorch interop: FFF layers, UltraFastBERT and the causal decoder to and from PyTorch state dicts, and file I/O;
+``dense_to_fff``: a dense GELU feedforward converted into FFF-v1 or FFF-v2 (init, fitted routing, distillation).
 
 Torch, safetensors and fastfeedforward are optional (the ``torch`` extra) and imported only
 inside the functions that need them.
 """
 
+from fffjax.convert import dense_to_fff
 from fffjax.convert.decoder import export_decoder, import_decoder
 from fffjax.convert.io import load, save, to_numpy, to_numpy_dict
 from fffjax.convert.layers import (
@@ -15,6 +17,7 @@ from fffjax.convert.layers import (
 from fffjax.convert.ultrafastbert import export_ultrafastbert, import_ultrafastbert
 
 __all__ = [
+    "dense_to_fff",
     "export_decoder",
     "export_fastfeedforward",
     "export_ultrafast_ff",
