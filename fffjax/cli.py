@@ -35,6 +35,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("fffjax.convert.cmd_inspect", "show a checkpoint's config, parameter counts, step and metrics"),
     "fill-mask": ("fffjax.cmd_fill_mask", "the most likely tokens at each mask token of a text"),
     "embed": ("fffjax.cmd_embed", "mean-pooled sentence embeddings of a text file into a .npy file"),
+    "distill": ("fffjax.cmd_distill", "convert a BERT sentence encoder's feedforward layers into FFF trees, "
+                                      "distil and measure"),
     "predict": ("fffjax.cmd_predict", "the labels a fine-tuned classifier gives the texts of a file"),
     "generate": ("fffjax.cmd_generate", "continue a prompt with a causal LM checkpoint, streaming the tokens"),
     "bench": ("fffjax.bench_cli", "list the benchmark scripts of experiments/, or run one: fffjax bench NAME [ARGS]"),

@@ -45,8 +45,9 @@ V2_KEYS = ("w_in", "b_in", "w_out", "b_out")
 # A constant neuron's pre-activation in the output-bias tree of to_module: any positive value routes right.
 BIAS_TREE_LOGIT = 1.0
 _gelu = v2.gelu
-# The leaf activation to_module gives FFF-v1: the exact GELU, in the form fffjax.models.bert recognises.
-EXACT_GELU = functools.partial(jax.nn.gelu, approximate=False)
+# The leaf activation to_module gives FFF-v1: the exact GELU as fffjax.v2.gelu, the function
+# fffjax.models.bert records as "gelu" and the cpu_ffi FFF-v1 kernel compiles.
+EXACT_GELU = v2.gelu
 
 
 # ----------------------------------------------------------------------------------------- arguments
