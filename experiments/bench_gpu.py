@@ -1,6 +1,8 @@
 """FFF-v2 hard inference and conditional training on one GPU, against dense feedforward layers.
 
-Layers: H = 768, one tree of depth 11 ("1x11", UltraFastBERT) and 128 trees of depth 4 ("128x4").
+Layers: H = 768, one tree of depth 11 ("1x11", UltraFastBERT), 4 trees of depth 9 ("4x9"), 16 of
+depth 7 ("16x7") and 128 trees of depth 4 ("128x4"), all about 4096 neurons (``--layers``; the
+default run times 1x11 and 128x4).
 Forward, tokens 2**14..2**20, float32 and bfloat16: dense FF of width 4095, 4096 and 3072 through
 XLA (cuBLAS) and ``torch.nn.Linear`` (where torch is installed), the masked dense FFF form
 (``fffjax.v2.masked_forward``), the XLA gather path (``fffjax.v2.conditional_forward``) and the Pallas
@@ -20,6 +22,16 @@ Run on the GPU machine::
     python experiments/bench_gpu.py --out $OUT --sweep    # block-size sweep only
     python experiments/bench_gpu.py --out experiments/results --merge a/bench_gpu.json b/bench_gpu.json
 
+``--tree-shapes``: the tree-shape table only (``tree_shapes_{gpu,cpu}.{json,md}``): forward and training
+step (all four gradients) of each layer through :func:`fffjax.fff_v2_hard` with the default implementation
+(``"pallas"`` on a GPU, ``"cpu_ffi"`` with its reference VJP on the CPU), jitted with the weights as
+arguments, beside the dense FF of width 4095 timed the same way; quality from the decoder experiment
+(``decoder_lm_cpu.json``) where it has the shape::
+
+    python experiments/bench_gpu.py --out $OUT --tree-shapes --dtypes bfloat16 --token-exponents 12 16
+    JAX_PLATFORMS=cpu python experiments/bench_gpu.py --out experiments/results --tree-shapes \
+        --dtypes float32 --token-exponents 10
+
 CPU smoke run of the script (kernels in interpret mode, a few minutes)::
 
     python experiments/bench_gpu.py --out /tmp/bench_smoke --layers 1x11 --dtypes bfloat16 \\
@@ -27,6 +39,7 @@ CPU smoke run of the script (kernels in interpret mode, a few minutes)::
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -38,6 +51,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import fffjax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from fffjax import bench, v2  # noqa: E402
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig  # noqa: E402
@@ -45,7 +59,9 @@ from pallas_kernels.fff_v2_forward import default_config as fwd_default_config  
 from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
 
 WIDTH = 768
-LAYERS = {"1x11": (1, 11), "128x4": (128, 4)}
+LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7), "128x4": (128, 4)}
+DEFAULT_LAYERS = ("1x11", "128x4")
+QUALITY = Path(__file__).resolve().parent / "results" / "decoder_lm_cpu.json"
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -76,6 +92,12 @@ FORWARD_CANDIDATES = {
              C(block_t=16, chunk=256, num_warps=8),
              C(block_t=32, chunk=128, dense_levels=4, num_warps=4),
              C(block_t=64, chunk=128, dense_levels=5, num_warps=8)],
+    "4x9": [C(block_t=16, chunk=256, num_warps=8),
+            C(block_t=64, chunk=128, dense_levels=5, num_warps=4),
+            C(block_t=64, chunk=256, dense_levels=5, num_warps=8)],
+    "16x7": [C(block_t=16, chunk=256, num_warps=8),
+             C(block_t=64, chunk=128, dense_levels=4, num_warps=4),
+             C(block_t=64, chunk=256, dense_levels=5, num_warps=8)],
     "128x4": [C(block_t=16, chunk=256, num_warps=8),
               C(block_t=64, chunk=128, dense_levels=5, num_warps=4),
               C(block_t=64, chunk=256, dense_levels=5, num_warps=8),
@@ -276,6 +298,121 @@ def breakdown(layer: str, dtype, n_tokens: int, forward_cfg, train_cfg, alternat
     log(f"breakdown {layer} {jnp.dtype(dtype).name} T={n_tokens}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     return {"layer": layer, "dtype": jnp.dtype(dtype).name, "tokens": n_tokens, "config": forward_cfg.__dict__,
             "alternatives": [c.__dict__ for c in alternatives], "ms": ms, "timing": "device (chained)"}
+
+
+def dense_params(width: int, dtype):
+    """``(w1, b1, w2, b2)`` of a dense FF of ``width`` neurons (the arguments of :func:`dense_forward`)."""
+    k1, k2 = jax.random.split(jax.random.key(5))
+    return (jax.random.normal(k1, (WIDTH, width), dtype) * 0.03, jnp.zeros((width,), dtype),
+            jax.random.normal(k2, (width, WIDTH), dtype) * 0.03, jnp.zeros((WIDTH,), dtype))
+
+
+def dense_forward(x, w1, b1, w2, b2):
+    return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
+
+
+def training_step(forward):
+    """Jitted ``(x, *weights, dy) -> grads of sum(forward(x, *weights) * dy)`` w.r.t. ``x`` and every weight."""
+    def loss(x, *args):
+        *weights, dy = args
+        return jnp.sum(forward(x, *weights).astype(jnp.float32) * dy)
+
+    return jax.jit(lambda x, *args: jax.grad(loss, argnums=tuple(range(len(args))))(x, *args))
+
+
+def decoder_quality(path: Path = QUALITY) -> dict[str, dict]:
+    """``{layer: {"perplexity", "sd", "dense"}}`` from the decoder experiment's ``tiny-fff-KxD`` variants
+    (validation perplexity, mean and standard deviation over seeds) beside its dense twin; empty when
+    the file is missing."""
+    if not path.exists():
+        return {}
+    variants = json.loads(path.read_text())["variants"]
+    dense = variants.get("tiny-dense", {}).get("perplexity_mean")
+    return {name.removeprefix("tiny-fff-"): {"perplexity": v["perplexity_mean"], "sd": v["perplexity_sd"],
+                                             "dense": dense}
+            for name, v in variants.items() if name.startswith("tiny-fff-")}
+
+
+def tree_shapes(args, argv=None) -> dict:
+    """Forward and training-step times of each layer shape through the public op's default
+    implementation, with the dense FF-4095 timed the same way (``layer = "dense4095"``)."""
+    head = bench.provenance(__file__, argv)
+    log(f"{head['command']} on {head['device_kind']}, jax {jax.__version__}")
+    rows = []
+    out = {**head, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "quality_source": QUALITY.name,
+           "quality": decoder_quality(), "results": rows}
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        shapes = {}
+        for layer in args.layers:
+            n_trees, depth, p = layer_params(layer, dtype)
+            kw = {"depth": depth, "n_trees": n_trees}
+
+            def fff(x, a, b, c, kw=kw):
+                return fffjax.fff_v2_hard(x, a, b, c, **kw)
+
+            shapes[layer] = (fff, (p["w_in"], p["b_in"], p["w_out"]))
+        shapes["dense4095"] = (dense_forward, dense_params(4095, dtype))
+        fns = {layer: (jax.jit(forward), training_step(forward), w) for layer, (forward, w) in shapes.items()}
+        for n in (2**e for e in args.token_exponents):
+            x, dy = tokens(n, dtype), tokens(n, jnp.float32, seed=3)
+            calls = {}
+            for layer, (fwd_fn, train_fn, w) in fns.items():
+                calls[f"{layer}/forward"] = functools.partial(fwd_fn, x, *w)
+                calls[f"{layer}/train"] = functools.partial(train_fn, x, *w, dy)
+            load_before = os.getloadavg()[0]
+            times = bench.side_by_side(calls, rounds=args.rounds, budget_s=args.budget_s, log=log)
+            for layer in fns:
+                f_s, t_s = times[f"{layer}/forward"].median_s, times[f"{layer}/train"].median_s
+                rows.append({"layer": layer, "dtype": dname, "tokens": n, "forward_ms": f_s * 1e3,
+                             "train_ms": t_s * 1e3, "forward_tokens_per_s": n / f_s, "train_tokens_per_s": n / t_s,
+                             "samples": len(times[f"{layer}/forward"].samples_s),
+                             "load_average_1min": [load_before, os.getloadavg()[0]]})
+                log(f"{layer} {dname} T={n}: forward {f_s * 1e3:.3f} ms, training step {t_s * 1e3:.3f} ms")
+            bench.write_results(args.out, f"tree_shapes_{jax.default_backend()}", report=out,
+                                markdown=tree_shapes_markdown(out))
+    return out
+
+
+def tree_shapes_markdown(out: dict) -> str:
+    rows, quality = out["results"], out.get("quality", {})
+    lines = [f"# FFF-v2 tree shapes at H = {WIDTH} ({out['device_kind']})", "", bench.provenance_line(out), "",
+             "Each layer has about 4096 neurons (K trees of depth D: K (2^(D+1) - 1)); a token visits K (D + 1) of "
+             "them. Forward and training step (forward + backward, gradients of x and all weights) through "
+             "`fffjax.fff_v2_hard` with the default implementation, jitted with the weights as arguments; ms per "
+             "call (one call waited for), median of samples interleaved round by round over all layers "
+             "(`fffjax.bench.side_by_side`); in brackets the dense FF of width 4095's time "
+             "over the layer's (above 1: the FFF layer is faster). Quality: validation perplexity of the tiny "
+             f"causal decoder trained on 2 CPU cores (`{out.get('quality_source', QUALITY.name)}`, mean ± sd over "
+             "seeds; its dense twin in brackets); n/a where that experiment has no such shape. "
+             f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}.", ""]
+    for dname in dict.fromkeys(r["dtype"] for r in rows):
+        for n in sorted({r["tokens"] for r in rows if r["dtype"] == dname}):
+            sel = {r["layer"]: r for r in rows if r["dtype"] == dname and r["tokens"] == n}
+            dense = sel.get("dense4095")
+            lines += [f"## {dname}, {n} tokens", "",
+                      "| layer | neurons | on a path | forward ms | training step ms "
+                      "| decoder (tiny, CPU) perplexity |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for layer, r in sel.items():
+                if layer == "dense4095":
+                    neurons, active, q = 4095, 4095, "–"
+                else:
+                    k, d = LAYERS[layer]
+                    neurons, active = k * (2 ** (d + 1) - 1), k * (d + 1)
+                    qd = quality.get(layer)
+                    q = f"{qd['perplexity']:.1f} ± {qd['sd']:.1f} ({qd['dense']:.1f})" if qd else "n/a"
+                fwd_cell, train_cell = f"{r['forward_ms']:.3f}", f"{r['train_ms']:.3f}"
+                if dense and layer != "dense4095":
+                    fwd_cell += f" ({dense['forward_ms'] / r['forward_ms']:.1f}x)"
+                    train_cell += f" ({dense['train_ms'] / r['train_ms']:.1f}x)"
+                lines.append(f"| {layer} | {neurons} | {active} | {fwd_cell} | {train_cell} | {q} |")
+            load = next(iter(sel.values())).get("load_average_1min")
+            if load:
+                lines += ["", f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after (the machine's other "
+                          "work included)."]
+            lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def roofline_s(n_tokens: int, dtype, bandwidth: float) -> float:
@@ -517,7 +654,12 @@ def main(argv=None):
                         help="only merge the bench_gpu.json of separate runs into --out (no GPU needed)")
     parser.add_argument("--sweep", action="store_true", help="only the block-size sweep at the largest token count")
     parser.add_argument("--breakdown", action="store_true", help="only the per-stage times of the Pallas path")
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--tree-shapes", action="store_true",
+                        help="only the tree-shape table (tree_shapes_{gpu,cpu}); --layers defaults to all four")
+    parser.add_argument("--budget-s", type=float, default=3.0, help="seconds per variant in --tree-shapes")
+    parser.add_argument("--rounds", type=int, default=15, help="most samples per variant in --tree-shapes")
+    parser.add_argument("--layers", nargs="+", default=None, choices=list(LAYERS),
+                        help=f"default {' '.join(DEFAULT_LAYERS)} (all with --tree-shapes)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--token-exponents", nargs="+", type=int, default=[14, 16, 18, 20])
     parser.add_argument("--train-tune-tokens", type=int, default=2**18,
@@ -533,9 +675,14 @@ def main(argv=None):
                         help="implementations not to time, e.g. xla_gather train_xla_gather (at 128x4 and "
                              "2^20 tokens the gather path needs more memory than a GPU has)")
     args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = list(LAYERS) if args.tree_shapes else list(DEFAULT_LAYERS)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         merge(args.merge, args.out)
+        return
+    if args.tree_shapes:
+        tree_shapes(args, argv)
         return
     run(args, argv)
 

@@ -1,17 +1,29 @@
 """FFF-v2 (UltraFastBERT) hard forward as a Pallas-Triton GPU kernel, beside its jnp reference.
 
-One program per ``block_t`` tokens. The token block's inputs stay in registers as power-of-two
-column chunks. Per tree, the descent computes each token's logit against the row of its current
-node (a gathered, masked load of ``w_in[node, chunk]``), adds the bias, applies the exact GELU
-(polynomial erf) and steps to ``2n + 1 + (z > 0)``; optionally the top ``dense_levels`` levels are
-computed for all their nodes at once with a tensor-core ``dot`` (tokens of a block share those
-rows). Then every output chunk sums ``gelu(z) * w_out[node, chunk]`` over the visited nodes in
-float32 and is stored once. Optionally the kernel also writes each (tree, level)'s node and logit,
-the residuals the training backward needs.
+Token-order kernel: one program per ``block_t`` tokens (and per share of the trees, see
+``tree_programs``). The token block's inputs stay in registers as power-of-two column chunks. Per
+tree, the descent computes each token's logit against the row of its current node (a gathered,
+masked load of ``w_in[node, chunk]``), adds the bias, applies the exact GELU (polynomial erf) and
+steps to ``2n + 1 + (z > 0)``; with ``lookahead = L > 1`` a round loads the logits of the whole
+``L``-level subtree below each token's node at once (loads that do not wait on each other) and then
+descends ``L`` levels through them; optionally the top ``dense_levels`` levels are computed for all
+their nodes at once with a tensor-core ``dot`` (tokens of a block share those rows). Then every
+output chunk sums ``gelu(z) * w_out[node, chunk]`` over the visited nodes in float32 and is stored
+once. Optionally the kernel also writes each (tree, level)'s node and logit, the residuals the
+training backward needs.
+
+Grouped kernel (``split_level > 0``, one tree): tokens are routed through the top levels and
+grouped by subtree first (:func:`group_by_subtree`), then each block runs its subtree densely.
+
+At few tokens (up to :data:`WALK_MAX_TOKENS`) the grouped pipeline's fixed costs (route kernel,
+ranking, layout, several launches) dominate; :func:`default_config` then picks the token-order
+kernel as a single launch with small token blocks, several rounds of lookahead and the trees spread
+over programs (:func:`walk_config`).
 """
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -48,6 +60,13 @@ class FffV2ForwardConfig:
         route_block_t, route_chunk, route_num_warps, route_num_stages: the route kernel's tokens per
             program, columns per chunk, warps and pipelining stages (as above); a larger block rereads
             the top ``2**s - 1`` weight rows from L2 for fewer tokens.
+        lookahead: levels per round of the token-order kernel's row gathers (below ``dense_levels``):
+            a round loads the ``2**lookahead - 1`` rows of the subtree under each token's node, none
+            waiting on another, then descends ``lookahead`` levels; more rows read for fewer dependent
+            memory round trips, which is what a few tokens' latency is made of.
+        tree_programs: programs along a second grid axis of the token-order kernel that share the
+            trees (a divisor of ``n_trees``); above 1 each writes a float32 partial output and one XLA
+            sum adds them, so that few tokens still occupy many multiprocessors.
     """
 
     block_t: int = 16
@@ -61,10 +80,13 @@ class FffV2ForwardConfig:
     route_chunk: int = 128
     route_num_stages: int = 1
     route: str = "kernel"
+    lookahead: int = 1
+    tree_programs: int = 1
 
     def __post_init__(self):
         cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t", "route_chunk"))
-        for name in ("num_warps", "num_stages", "route_num_warps", "route_num_stages"):
+        for name in ("num_warps", "num_stages", "route_num_warps", "route_num_stages", "lookahead",
+                     "tree_programs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dense_levels < 0:
@@ -88,21 +110,39 @@ GROUPED_CONFIG = FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stage
 # programs fill the GPU better: the sweep in experiments/results/fff_route_gpu.md.
 FEW_TOKENS = 2**18
 FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8, route_block_t=128)
+# Up to WALK_MAX_TOKENS tokens (decoding batches) the token-order kernel in one launch beats the grouped
+# pipeline, whose route, rank and layout stages cost the same few launches at any token count.
+WALK_MAX_TOKENS = 256
+WALK_PROGRAMS = 128        # token blocks the walk aims for: about one per multiprocessor of a Hopper GPU
+WALK_MAX_TREE_PROGRAMS = 16
+WALK_CONFIG = FffV2ForwardConfig(block_t=1, chunk=256, num_warps=4, lookahead=3)
 MAX_DEPTH = 15                  # the deepest tree the kernels take; fffjax.ops falls back to "xla" beyond
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
 
 
+def walk_config(n_tokens: int, n_trees: int, base: FffV2ForwardConfig = WALK_CONFIG) -> FffV2ForwardConfig:
+    """The few-token configuration: the token-order kernel with ``base``'s tiles, token blocks of
+    ``base.block_t`` or more so that there are at most about :data:`WALK_PROGRAMS` of them, and the
+    trees spread over up to :data:`WALK_MAX_TREE_PROGRAMS` programs (a divisor of ``n_trees``)."""
+    block_t = max(base.block_t, min(16, cm.next_pow2(pl.cdiv(n_tokens, WALK_PROGRAMS))))
+    return dataclasses.replace(base, block_t=block_t, split_level=0, dense_levels=0,
+                               tree_programs=math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS))
+
+
 def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=None) -> FffV2ForwardConfig:
     """The block sizes used when none are given.
 
-    One tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4``
+    Up to :data:`WALK_MAX_TOKENS` tokens, any shape and dtype: :func:`walk_config` (one launch). Above,
+    one tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4``
     (depth 11: 7) and :data:`GROUPED_CONFIG`'s tiles (:data:`FEW_TOKENS_CONFIG`'s below
     :data:`FEW_TOKENS` tokens), several times faster than the token-order kernel there. Otherwise
     the token-order kernel with row gathers; float32 too, because IEEE float32 tile dots (no tf32)
     run without tensor cores and make the grouped kernel the slower one
     (``experiments/results/bench_gpu.md``).
     """
+    if n_tokens is not None and n_tokens <= WALK_MAX_TOKENS:
+        return walk_config(n_tokens, n_trees)
     wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
         return DEFAULT_CONFIG
@@ -128,6 +168,13 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
     x32 = [xc.astype(jnp.float32) for xc in x_chunks]
     n_dense = cm.next_pow2(max(16, 2**dense - 1)) if dense else 0
 
+    def row_logit(flat):
+        z = cm.load(b_in_ref.at[flat]).astype(jnp.float32)
+        for c in range(n_in):
+            cols, ok = cm.chunk_indices(c, c_in, width_in)
+            z += jnp.sum(x32[c] * cm.load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
+        return z
+
     def tree_body(k, y_chunks):
         base = k * per_tree
         node = jnp.zeros((bt,), jnp.int32)             # heap index inside the tree
@@ -151,14 +198,22 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
                 path.append((base + node, z))
                 node = 2 * node + 1 + (z > 0).astype(jnp.int32)
             top_act = jnp.where(on_path, cm.gelu(logits), 0.0)
-        for _ in range(dense, levels):
-            flat = base + node
-            z = cm.load(b_in_ref.at[flat]).astype(jnp.float32)
-            for c in range(n_in):
-                cols, ok = cm.chunk_indices(c, c_in, width_in)
-                z += jnp.sum(x32[c] * cm.load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
-            path.append((flat, z))
-            node = 2 * node + 1 + (z > 0).astype(jnp.int32)
+        level = dense
+        while level < levels:
+            span = min(cfg.lookahead, levels - level)
+            # Logits of the span-level subtree under each token's node, in heap order: relative depth d,
+            # offset o is node (node + 1) * 2**d - 1 + o.
+            sub_z = [row_logit(base + (node + 1) * 2**d - 1 + o) for d in range(span) for o in range(2**d)]
+            pos = jnp.zeros((bt,), jnp.int32)
+            for d in range(span):
+                z = sub_z[2**d - 1]
+                for h in range(2**d, 2 ** (d + 1) - 1):
+                    z = jnp.where(pos == h, sub_z[h], z)
+                path.append((base + node, z))
+                right = (z > 0).astype(jnp.int32)
+                node = 2 * node + 1 + right
+                pos = 2 * pos + 1 + right
+            level += span
         if save_residuals:
             node_ref, z_ref = out_refs[1], out_refs[2]
             for level, (flat, z) in enumerate(path):
@@ -179,13 +234,17 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
         return tuple(new)
 
     init = tuple(jnp.zeros((bt, c_out), jnp.float32) for _ in range(n_out))
-    if n_trees == 1:
-        y_chunks = tree_body(0, init)
+    share = n_trees // cfg.tree_programs          # trees of this program: share * g .. share * (g + 1) - 1
+    first = pl.program_id(1) * share if cfg.tree_programs > 1 else 0
+    if share == 1:
+        y_chunks = tree_body(first, init)
     else:
-        y_chunks = jax.lax.fori_loop(0, n_trees, tree_body, init)
+        y_chunks = jax.lax.fori_loop(0, share, lambda i, acc: tree_body(first + i, acc), init)
+    # With several tree programs, y is their (tree_programs * T, H_out) float32 partial sums.
+    out_rows = rows + pl.program_id(1) * n_tokens if cfg.tree_programs > 1 else rows
     for c in range(n_out):
         cols, ok = cm.chunk_indices(c, c_out, width_out)
-        cm.store_rows(y_ref, rows, cols, y_chunks[c], ok, row_ok)
+        cm.store_rows(y_ref, out_rows, cols, y_chunks[c], ok, row_ok)
 
 
 def subtree_table(sub, *, split: int, depth: int):
@@ -452,9 +511,13 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
             n_cols = subtree_table(0, split=split, depth=depth)[0].shape[0]
             out_shape.append(out_struct((slots.shape[0], n_cols), jnp.float32, *inputs))
     else:
+        if n_trees % config.tree_programs:
+            raise ValueError(f"config.tree_programs={config.tree_programs} must divide n_trees={n_trees}")
         kernel = functools.partial(_kernel, n_trees=n_trees, **common)
-        grid = (pl.cdiv(n_tokens, config.block_t),)
+        grid = (pl.cdiv(n_tokens, config.block_t), config.tree_programs)
         operands = (x, w_in, b_in, w_out)
+        if config.tree_programs > 1:
+            out_shape[0] = out_struct((config.tree_programs * n_tokens, width_out), jnp.float32, *inputs)
         if save_residuals:
             p = n_trees * (depth + 1)
             out_shape += [out_struct((p, n_tokens), jnp.int32, *inputs),
@@ -467,11 +530,14 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
         interpret=interpret,
         name="fff_v2_forward_grouped" if split else "fff_v2_forward",
     )(*operands)
+    y = out[0]
+    if split == 0 and config.tree_programs > 1:
+        y = jnp.sum(y.reshape(config.tree_programs, n_tokens, width_out), axis=0).astype(x.dtype)
     if not save_residuals:
-        return out[0]
+        return y
     if split > 0:
-        return out[0], GroupedResiduals(slots, block_sub, out[1])
-    return out[0], PathResiduals(out[1], out[2])
+        return y, GroupedResiduals(slots, block_sub, out[1])
+    return y, PathResiduals(out[1], out[2])
 
 
 def grouped_split(config: FffV2ForwardConfig, depth: int, n_trees: int) -> int:

@@ -41,9 +41,22 @@ def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
     assert_close(y[keep], ref[keep], dtype)
 
 
+@pytest.mark.parametrize("n_tokens", [1, 7, 64, 256])
+@pytest.mark.parametrize("n_trees,depth", [(1, 11), (4, 9), (16, 7), (128, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_v2_few_token_walk_on_gpu(n_tokens, n_trees, depth, dtype):
+    # The default config at these counts (walk_config), compiled.
+    x, w_in, b_in, w_out = v2_inputs(3, n_tokens, 768, depth, n_trees, dtype)
+    assert default_config(depth, n_trees, n_tokens, dtype).lookahead > 1
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    ref = pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    keep = tie_free_tokens(x, w_in, b_in, depth=depth, n_trees=n_trees)
+    assert_close(y[keep], ref[keep], dtype)
+
+
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,weight_block_t,forward", [
     (4099, 768, 11, 1, 64, PIPELINED), (70001, 768, 11, 1, 64, GROUPED), (1000, 1000, 5, 2, 128, GATHER),
-    (8192, 768, 4, 16, 256, DENSE5),
+    (8192, 768, 4, 16, 256, DENSE5), (64, 768, 9, 4, 64, default_config(9, 4, 64)),
 ])
 def test_v2_gradients_on_gpu(n_tokens, width, depth, n_trees, weight_block_t, forward):
     x, w_in, b_in, w_out = v2_inputs(1, n_tokens, width, depth, n_trees, jnp.float32)

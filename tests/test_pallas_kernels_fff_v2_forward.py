@@ -1,5 +1,7 @@
 """FFF-v2 forward kernel in Pallas interpret mode against its jnp reference (CPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,3 +220,94 @@ def test_bad_shapes_raise_naming_the_argument(bad):
 def test_config_rejects_bad_block_sizes(field, value):
     with pytest.raises(ValueError, match=field):
         FffV2ForwardConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------- few-token walk
+
+WALK_SHAPES = [(1, 11), (4, 9), (16, 7)]
+
+
+def _walk_check(n_tokens, n_trees, depth, dtype, width=64, **fields):
+    from pallas_kernels.fff_v2_forward import walk_config
+    x, w_in, b_in, w_out = v2_inputs(n_tokens + depth, n_tokens, width, depth, n_trees, dtype)
+    config = dataclasses.replace(walk_config(n_tokens, n_trees), chunk=32, **fields)
+    y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True, config=config)
+    assert y.dtype == x.dtype
+    keep = tie_free_tokens(x, w_in, b_in, depth=depth, n_trees=n_trees)
+    ref = pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
+    assert_close(y[keep], ref[keep], dtype)
+    return config
+
+
+@pytest.mark.parametrize("n_tokens,n_trees,depth,dtype", [(1, 1, 11, jnp.float32), (7, 4, 9, jnp.bfloat16),
+                                                          (3, 16, 7, jnp.float32)])
+def test_walk_matches_reference_at_few_tokens(n_tokens, n_trees, depth, dtype):
+    config = _walk_check(n_tokens, n_trees, depth, dtype)
+    assert config.tree_programs == n_trees and config.split_level == 0 and config.lookahead > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_trees,depth", WALK_SHAPES)
+@pytest.mark.parametrize("n_tokens,dtype", [(1, jnp.float32), (1, jnp.bfloat16), (7, jnp.float32),
+                                            (7, jnp.bfloat16), (64, jnp.float32),
+                                            (64, jnp.bfloat16), (256, jnp.float32), (256, jnp.bfloat16)])
+def test_walk_matches_reference_up_to_the_threshold(n_tokens, n_trees, depth, dtype):
+    # Token blocks of 16 keep interpret mode to a few programs; the GPU's blocks are smaller.
+    _walk_check(n_tokens, n_trees, depth, dtype, block_t=16, width=128)
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 3, 5])
+def test_walk_lookahead_and_tree_programs_do_not_change_the_result(lookahead):
+    # Depth 6 (7 levels): every lookahead leaves a shorter last round; 2 of 4 trees per program.
+    _walk_check(5, 4, 6, jnp.float32, lookahead=lookahead, tree_programs=2)
+
+
+def test_walk_saves_the_reference_path_for_training():
+    from pallas_kernels.fff_v2_forward import walk_config
+    depth, n_trees = 5, 4
+    x, w_in, b_in, w_out = v2_inputs(3, 9, 64, depth, n_trees, jnp.float32)
+    _, (nodes, z) = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=True,
+                                   config=dataclasses.replace(walk_config(9, n_trees), chunk=32),
+                                   save_residuals=True)
+    logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
+    path = v2.path_from_logits(logits, depth=depth, n_trees=n_trees)
+    np.testing.assert_array_equal(np.asarray(nodes).T.reshape(path.shape), np.asarray(path))
+    np.testing.assert_allclose(np.asarray(z).T, np.asarray(jnp.take_along_axis(logits, path.reshape(9, -1), axis=1)),
+                               atol=1e-5)
+
+
+def test_default_config_walks_up_to_the_threshold_and_groups_above():
+    from pallas_kernels.fff_v2_forward import WALK_MAX_TOKENS, WALK_PROGRAMS, default_config
+    for n in (1, 8, 64, WALK_MAX_TOKENS):
+        for n_trees, depth in WALK_SHAPES + [(128, 4)]:
+            cfg = default_config(depth, n_trees, n, jnp.bfloat16)
+            assert cfg.split_level == 0 and cfg.lookahead > 1
+            assert n_trees % cfg.tree_programs == 0 and cfg.tree_programs == min(n_trees, 16)
+            assert -(-n // cfg.block_t) <= WALK_PROGRAMS
+    above = default_config(11, 1, WALK_MAX_TOKENS + 1, jnp.bfloat16)
+    assert above.split_level == 7 and above.lookahead == 1
+    assert default_config(7, 16, WALK_MAX_TOKENS + 1, jnp.bfloat16).tree_programs == 1
+
+
+def test_tree_programs_must_divide_the_trees():
+    x, w_in, b_in, w_out = v2_inputs(0, 3, 64, 2, 3, jnp.float32)
+    with pytest.raises(ValueError, match="tree_programs"):
+        fff_v2_forward(x, w_in, b_in, w_out, depth=2, n_trees=3, interpret=True,
+                       config=FffV2ForwardConfig(tree_programs=2))
+    with pytest.raises(ValueError, match="lookahead"):
+        FffV2ForwardConfig(lookahead=0)
+
+
+def test_pallas_op_walks_at_few_tokens_and_its_gradients_match():
+    # Through the op (default config): the walk forward and the token-order backward.
+    depth, n_trees = 4, 4
+    x, w_in, b_in, w_out = v2_inputs(8, 6, 64, depth, n_trees, jnp.float32)
+    dy = jax.random.normal(jax.random.key(1), (6, 64), jnp.float32)
+
+    def loss(impl):
+        return lambda *a: jnp.sum(fffjax.ops.fff_v2_hard(*a, depth=depth, n_trees=n_trees, implementation=impl) * dy)
+
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)

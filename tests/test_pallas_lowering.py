@@ -15,7 +15,7 @@ import pallas_kernels as pk
 from fffjax import ops, tree, v2
 from fffjax.ops import pallas as ops_pallas
 from pallas_kernels.attention import AttentionConfig, attention
-from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, fff_v2_forward
+from pallas_kernels.fff_v2_forward import WALK_MAX_TOKENS, FffV2ForwardConfig, fff_v2_forward, walk_config
 from pallas_kernels.gelu import GeluConfig, gelu
 from pallas_kernels.layer_norm import LayerNormConfig, layer_norm
 
@@ -64,6 +64,26 @@ def test_v2_training_lowers_for_h200(width, depth, n_trees, dtype):
         assert "fff_v2_backward_grouped_dx" in text and "fff_v2_backward_grouped_weights" in text
     else:
         assert "fff_v2_backward_tokens" in text and "fff_v2_backward_weights" in text
+
+
+@pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype", [(1, 768, 11, 1, jnp.bfloat16),
+                                                                 (64, 768, 9, 4, jnp.bfloat16),
+                                                                 (256, 768, 7, 16, jnp.float32),
+                                                                 (200, 100, 4, 128, jnp.bfloat16)])
+def test_v2_few_token_walk_lowers_for_h200(n_tokens, width, depth, n_trees, dtype):
+    fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, save_residuals=True,
+                           config=walk_config(n_tokens, n_trees))
+    text = _lower_for_h200(fn, *_v2_shapes(n_tokens, width, depth, n_trees, dtype))
+    assert "fff_v2_forward" in text and "fff_v2_forward_grouped" not in text
+
+
+@pytest.mark.parametrize("n_tokens,grouped", [(64, False), (WALK_MAX_TOKENS, False), (WALK_MAX_TOKENS + 1, True)])
+def test_pallas_op_picks_the_walk_at_few_tokens(n_tokens, grouped, monkeypatch):
+    # The "pallas" op as compiled for a GPU: one walk launch up to the threshold, the grouped pipeline above.
+    monkeypatch.setattr(ops_pallas, "_interpret", lambda: False)
+    op = functools.partial(ops.fff_v2_hard, depth=11, implementation="pallas")
+    text = _lower_for_h200(op, *_v2_shapes(n_tokens, 768, 11, 1, jnp.bfloat16))
+    assert ("fff_v2_forward_grouped" in text) == grouped and ("fff_v2_route" in text) == grouped
 
 
 @pytest.mark.parametrize("width,leaf_width,depth,dtype", [(768, 256, 8, jnp.bfloat16), (100, 3, 0, jnp.float32)])

@@ -5,6 +5,9 @@ automatic choice falls back to the next implementation), runs the kernel compile
 Pallas interpret mode elsewhere (for tests), and makes it differentiable:
 
 * FFF-v2 through its conditional backward kernels (:func:`pallas_kernels.fff_v2_train.fff_v2_hard_trainable`);
+  its forward kernel's configuration follows the token count
+  (:func:`pallas_kernels.fff_v2_forward.default_config`: one few-token walk launch up to
+  :data:`~pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens, the grouped pipeline above for one deep tree);
 * GELU through its backward kernel;
 * layer norm, attention and FFF-v1 (forward-only kernels) through the VJP of their jnp references
   (:func:`fffjax.ops._vjp.with_reference_vjp`).

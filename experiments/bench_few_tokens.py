@@ -1,0 +1,203 @@
+"""Few-token latency of one FFF-v2 layer call (decoding batches) against the dense FF of the same width.
+
+H = 768; layers 1x11, 4x9 and 16x7 (4095, 4092 and 4080 neurons); 1, 8, 64 and 256 tokens per call.
+Every variant is jitted with its weights as arguments, as users call it:
+
+* ``fff_default``: :func:`fffjax.fff_v2_hard` with the default implementation (on a GPU the
+  ``"pallas"`` op, which picks the few-token walk up to
+  :data:`pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens; on the CPU ``"cpu_ffi"``).
+* GPU only: ``fff_walk`` (the few-token kernel, :func:`~pallas_kernels.fff_v2_forward.walk_config`,
+  forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default)
+  and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
+  picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
+* ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
+
+Two times per call. Latency: wall time of one jitted call until its output is ready (dispatch
+included), median of samples interleaved round by round (:func:`fffjax.bench.side_by_side`). In a
+jitted loop: ``--chain`` calls inside one ``fori_loop`` (:func:`fffjax.bench.chained`), without the
+host's dispatch, as the layer costs inside a model's jitted decode step. FFF outputs
+are checked against the float32 reference before timing (tokens with a routing logit within 1e-3 of
+0 left out: bfloat16 may send them either way).
+
+Run on the GPU machine (bfloat16)::
+
+    python experiments/bench_few_tokens.py --out experiments/results
+
+On 2 CPU cores (float32, ``cpu_ffi``; huge pages for malloc as in ``bench_cpu.py``)::
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 JAX_PLATFORMS=cpu python experiments/bench_few_tokens.py \\
+        --out experiments/results
+
+Smoke run of every variant on the CPU (seconds)::
+
+    python experiments/bench_few_tokens.py --layers 4x9 --tokens 3 --kernels --rounds 3 --budget-s 0.01
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fffjax
+from fffjax import bench, v2
+from pallas_kernels import fff_v2_forward as fwd
+
+WIDTH = 768
+DENSE_WIDTH = 4095
+LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7)}
+LOOKAHEADS = (1, 2, 3, 4)
+RESULTS = Path(__file__).resolve().parent / "results"
+log = bench.log
+
+
+def dense(x, w1, b1, w2, b2):
+    return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
+
+
+def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0):
+    """``({name: (jitted fn, args)}, (x, weights, kwargs))`` for one layer and token count; ``kernels``:
+    with the forced Pallas variants (interpreted off a GPU)."""
+    n_trees, depth = LAYERS[layer]
+    k_p, k_x, k_d = jax.random.split(jax.random.key(seed), 3)
+    p = v2.init(k_p, WIDTH, depth, n_trees=n_trees, dtype=dtype)
+    w = (p["w_in"], p["b_in"], p["w_out"])
+    x = jax.random.normal(k_x, (n_tokens, WIDTH), dtype)
+    kw = {"depth": depth, "n_trees": n_trees}
+    fns = {"fff_default": jax.jit(lambda x, a, b, c: fffjax.fff_v2_hard(x, a, b, c, **kw))}
+    if kernels:
+        interpret = jax.default_backend() != "gpu"
+
+        def forced(config):
+            return jax.jit(lambda x, a, b, c: fwd.fff_v2_forward(x, a, b, c, **kw, config=config,
+                                                                  interpret=interpret))
+
+        fns["fff_walk"] = forced(fwd.walk_config(n_tokens, n_trees))
+        for la in LOOKAHEADS:
+            if la != fwd.WALK_CONFIG.lookahead:
+                base = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la)
+                fns[f"fff_walk_lookahead{la}"] = forced(fwd.walk_config(n_tokens, n_trees, base))
+        fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
+    calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
+    k1, k2 = jax.random.split(k_d)
+    dense_w = (jax.random.normal(k1, (WIDTH, DENSE_WIDTH), dtype) * 0.03, jnp.zeros((DENSE_WIDTH,), dtype),
+               jax.random.normal(k2, (DENSE_WIDTH, WIDTH), dtype) * 0.03, jnp.zeros((WIDTH,), dtype))
+    calls[f"dense_{DENSE_WIDTH}"] = (jax.jit(dense), (x, *dense_w))
+    return calls, (x, w, kw)
+
+
+def check(calls, x, w, kw) -> dict[str, float]:
+    """Max |error| / max(1, max|ref|) of each FFF variant on the tie-free tokens."""
+    ref = np.asarray(v2.conditional_forward(*(a.astype(jnp.float32) for a in (x, *w)), **kw))
+    keep = np.asarray(v2.routing_margin(x.astype(jnp.float32), w[0].astype(jnp.float32), w[1].astype(jnp.float32),
+                                        **kw) > 1e-3)[:, None]
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    errors = {}
+    for name, (fn, args) in calls.items():
+        if name.startswith("fff"):
+            y = np.asarray(fn(*args).astype(jnp.float32))
+            errors[name] = float(np.max(np.where(keep, np.abs(y - ref), 0.0))) / scale
+    return errors
+
+
+def run(args, argv=None) -> dict:
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    head = bench.provenance(__file__, argv)
+    log(f"{head['command']} on {head['device_kind']}, {dtype.name}")
+    rows = []
+    env = {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "load_average_1min_before": os.getloadavg()[0]}
+    for layer in args.layers:
+        for n in args.tokens:
+            calls, (x, w, kw) = variants(layer, n, dtype, on_gpu or args.kernels)
+            errors = check(calls, x, w, kw)
+            bad = {k: e for k, e in errors.items() if e > (1e-5 if dtype == jnp.float32 else 2e-2)}
+            if bad:
+                raise AssertionError(f"{layer} T={n}: outputs differ from the reference: {bad}")
+            times = bench.side_by_side({k: (lambda fn=fn, a=a: fn(*a)) for k, (fn, a) in calls.items()},
+                                       rounds=args.rounds, budget_s=args.budget_s, warmup=3)
+            device = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s)
+                      for k, (fn, a) in calls.items()}
+            dense = f"dense_{DENSE_WIDTH}"
+            for name, t in times.items():
+                rows.append({"layer": layer, "tokens": n, "impl": name, "us": t.median_s * 1e6,
+                             "min_us": t.min_s * 1e6, "samples": len(t.samples_s),
+                             "vs_dense": t.median_s / times[dense].median_s, "device_us": device[name] * 1e6,
+                             "device_vs_dense": device[name] / device[dense], "max_rel_error": errors.get(name)})
+            log(f"{layer} T={n}: " + ", ".join(f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f})"
+                                               for k, t in times.items()))
+    env["load_average_1min_after"] = os.getloadavg()[0]
+    return {**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH, "results": rows}
+
+
+def markdown(out: dict) -> str:
+    rows = out["results"]
+    device = out["device_kind"]
+    lines = [f"# Few-token latency of one FFF-v2 layer call ({device})", "", bench.provenance_line(out), "",
+             f"H = {out['width']}, {out['dtype']}, weights passed as jit arguments; microseconds per call: the "
+             "latency of one call waited for (dispatch included, median of interleaved samples) and the time per "
+             "call inside a jitted loop (no dispatch, as inside a model's jitted step); in brackets the time over "
+             f"the dense FF of width {out['dense_width']} (XLA) at the same token count, timed the same way. "
+             "`fff_default` is `fffjax.fff_v2_hard` with the default implementation. "
+             f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}; 1-minute load average "
+             f"{out.get('load_average_1min_before', float('nan')):.2f} before, "
+             f"{out.get('load_average_1min_after', float('nan')):.2f} after (the machine's other work included).", ""]
+    counts = sorted({r["tokens"] for r in rows})
+    for layer in LAYERS:
+        lrows = [r for r in rows if r["layer"] == layer]
+        if not lrows:
+            continue
+        impls = list(dict.fromkeys(r["impl"] for r in lrows))
+        for key, ratio, title in (("us", "vs_dense", "latency of one call"),
+                                  ("device_us", "device_vs_dense", "per call in a jitted loop")):
+            lines += [f"## {layer}: {title}", "", "| impl | " + " | ".join(f"{n} tok" for n in counts) + " |",
+                      "|---" + "|---:" * len(counts) + "|"]
+            for impl in impls:
+                cells = []
+                for n in counts:
+                    r = next((r for r in lrows if r["impl"] == impl and r["tokens"] == n), None)
+                    cells.append("-" if r is None else f"{r[key]:.1f} ({r[ratio]:.2f}x)")
+                lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Targets (issue 18, item 3)", ""]
+    for ratio, what in (("vs_dense", "latency of one call"), ("device_vs_dense", "per call in a jitted loop")):
+        for layer in LAYERS:
+            got = [r for r in rows if r["layer"] == layer and r["impl"] == "fff_default"]
+            if not got:
+                continue
+            every = all(r[ratio] <= 1.0 for r in got)
+            lines.append(f"- {layer}, {what}: default FFF at or below the dense layer at every count: "
+                         f"{'yes' if every else 'no'} (worst {max(r[ratio] for r in got):.2f}x).")
+        at64 = next((r for r in rows if r["layer"] == "1x11" and r["impl"] == "fff_default" and r["tokens"] == 64),
+                    None)
+        if at64:
+            lines.append(f"- 1x11 at 64 tokens, {what}: {at64[ratio]:.2f}x the dense layer "
+                         f"(target <= 0.33x: {'met' if at64[ratio] <= 1 / 3 else 'not met'}).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 256])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--budget-s", type=float, default=0.5, help="time per variant per token count")
+    parser.add_argument("--chain", type=int, default=16, help="calls per jitted loop of the device-time column")
+    parser.add_argument("--kernels", action="store_true",
+                        help="time the forced Pallas variants off a GPU too (interpret mode: a smoke run only)")
+    parser.add_argument("--out", default=None, help="folder for few_tokens_{cpu,gpu}.{json,md} (default: print only)")
+    args = parser.parse_args(argv)
+    out = run(args, argv)
+    text = markdown(out)
+    print(text)
+    if args.out:
+        name = "few_tokens_gpu" if jax.default_backend() == "gpu" else "few_tokens_cpu"
+        bench.write_results(args.out, name, report=out, markdown=text)
+
+
+if __name__ == "__main__":
+    main()
