@@ -121,6 +121,40 @@ def speed_phase(args, models: dict) -> dict:
     return {"rows": rows}
 
 
+def random_students(seed: int) -> dict:
+    """A random teacher of all-MiniLM-L6-v2's shape and its stage-(a) students of the grid's end-to-end
+    targets: for timing where the pretrained weights are not at hand (the GPU machine). Routing on
+    random weights is about as balanced as on trained ones, so the speed is representative."""
+    from fffjax.convert import dense_to_fff
+    from fffjax.models.bert import Bert, BertConfig
+
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                        max_positions=512, type_vocab_size=2)
+    teacher = Bert(config, rngs=nnx.Rngs(seed))
+    teacher.eval()
+    models = {"teacher": teacher}
+    for kind, fraction, last_stage in GRID:
+        if last_stage != "d":
+            continue
+        spec = dense_to_fff.spec_for_fraction(kind, config.intermediate_size, fraction)
+        params = [dense_to_fff.init_from_dense(fd.dense_layer_params(layer.ffn), spec, seed=seed)
+                  for layer in teacher.layers]
+        models[run_name(kind, fraction)] = fd.student_from_layers(teacher, params, spec)
+    return models
+
+
+def speed_markdown(report: dict) -> str:
+    lines = ["# all-MiniLM-L6-v2-shaped students: sentence-embedding speed", "", bench.provenance_line(report), "",
+             "Random weights of all-MiniLM-L6-v2's shape, students converted by stage (a) (speed does not depend "
+             "on the training stage). One process, variants interleaved (`fffjax.bench.side_by_side`), "
+             f"{report['dtype']}.", "",
+             "| batch x tokens | model | ms per call | sentences/s | vs teacher |", "|---|---|---|---|---|"]
+    for row in report["speed"]["rows"]:
+        lines.append(f"| {row['batch']} x {row['seq']} | {row['model']} | {row['ms']:.3f} | "
+                     f"{row['sentences_per_s']:.1f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = ["# all-MiniLM-L6-v2 -> FFF: quality kept and CPU speed", "", bench.provenance_line(report), "",
              f"Teacher: all-MiniLM-L6-v2 (6 layers, H 384, feedforward 1536). {report['n_train']} training and "
@@ -202,8 +236,22 @@ def main(argv=None) -> None:
     parser.add_argument("--speed-rounds", type=int, default=10)
     parser.add_argument("--speed-budget-s", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only time random-weight students of the teacher's shape (e.g. on a GPU without "
+                             "the pretrained files); writes NAME_speed")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of --speed-only")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.speed_only:
+        models = random_students(args.seed)
+        if args.dtype == "bfloat16":
+            from fffjax.models import cast_parameters
+            models = {name: cast_parameters(m, jnp.bfloat16) for name, m in models.items()}
+        report = {**bench.provenance(__file__, argv), "dtype": args.dtype, "speed": speed_phase(args, models)}
+        paths = bench.write_results(args.out, f"{args.name}_speed", report=report, markdown=speed_markdown(report))
+        bench.log("wrote " + ", ".join(map(str, paths)))
+        return
     teacher_path = args.teacher or default_teacher()
     teacher, tokenizer = from_pretrained(teacher_path)
     train, held = sample_sentences(args.train_sentences, args.held_out, args.seed)
