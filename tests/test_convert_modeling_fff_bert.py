@@ -1,8 +1,9 @@
 """fffjax.convert.modeling_fff_bert: the torch/transformers BERT every BERT export carries. Its config refuses
-what it does not build, and a BERT checkpoint with every kind of feedforward slot exported by ``fffjax export``
-loads through the transformers Auto classes in a fresh process where fffjax cannot be imported, with the
-hidden states of fffjax; the folder reads back into fffjax (``from_pretrained``, ``fffjax embed``,
-``fffjax import``) exactly, and so does transformers' ``save_pretrained`` of it."""
+what it does not build, its FFF-v1 layer descends as fffjax's hard FFF-v1 does, and a BERT checkpoint with every
+kind of feedforward slot exported by ``fffjax export`` loads through the transformers Auto classes in a fresh
+process where fffjax cannot be imported, with the hidden states of fffjax; the folder reads back into fffjax
+(``from_pretrained``, ``fffjax embed``, ``fffjax import``) exactly, and so does transformers' ``save_pretrained``
+of it."""
 
 import dataclasses
 import json
@@ -25,7 +26,9 @@ import fffjax  # noqa: E402
 from fffjax.cli import main  # noqa: E402
 from fffjax.convert.bert import bert_keys  # noqa: E402
 from fffjax.convert.hf import BERT_AUTO_MAP  # noqa: E402
-from fffjax.models.bert import bert_checkpoint_config  # noqa: E402
+from fffjax.convert.layers import export_fastfeedforward  # noqa: E402
+from fffjax.models.bert import FFN_ACTIVATIONS, bert_checkpoint_config  # noqa: E402
+from fffjax.nn import FFF  # noqa: E402
 from fffjax.pretrained import load_model  # noqa: E402
 from fffjax.text import embed  # noqa: E402
 from fffjax.train.checkpoint import load_bert_checkpoint, save_bert_checkpoint  # noqa: E402
@@ -48,6 +51,19 @@ def test_config_refuses_what_it_does_not_build():
     with pytest.raises(ValueError, match=r"ffn_layers\[0\]\['activation'\] must be one of .* got 'tanh'"):
         hf_bert.FffBertConfig(num_hidden_layers=1, ffn_layers=[{"kind": "fff_v1", "depth": 1, "leaf_width": 2,
                                                                 "activation": "tanh"}])
+
+
+@pytest.mark.parametrize("activation, legacy_eval", [("gelu", False), ("gelu", True), ("relu", False)])
+def test_fff_v1_layer_takes_the_hard_descent_of_fffjax(activation, legacy_eval):
+    layer = FFF(16, 4, 16, 3, activation=FFN_ACTIVATIONS[activation], legacy_eval=legacy_eval, rngs=nnx.Rngs(1))
+    layer.eval()
+    module = hf_bert.HardFastFeedforward(16, 4, 3, activation, leaf_output_bias=not legacy_eval)
+    assert all(torch.isfinite(p).all() for p in module.parameters()) and int(module.depth) == 3   # its own init
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in export_fastfeedforward(layer).items()}, strict=True)
+    x = np.random.default_rng(2).standard_normal((5, 7, 16)).astype(np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(layer(jnp.asarray(x))), atol=1e-5, rtol=0)
 
 
 FRESH_PROCESS = textwrap.dedent("""

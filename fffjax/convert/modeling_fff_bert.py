@@ -64,13 +64,15 @@ class FffBertConfig(BertConfig):
 class HardFastFeedforward(nn.Module):
     """FFF-v1 in ``fastfeedforward.FFF``'s layout, its hard descent: ``node_weights (2**D - 1, H)``,
     ``node_biases (2**D - 1, 1)``, ``w1s (2**D, H, L)``, ``b1s (2**D, L)``, ``w2s (2**D, L, H_out)``,
-    ``b2s (2**D, H_out)`` and the ``depth`` buffer (int64)."""
+    ``b2s (2**D, H_out)`` and the ``depth`` buffer (int64). A new module's weights are normal(``init_std``),
+    its biases zero."""
 
     def __init__(self, hidden_size: int, leaf_width: int, depth: int, activation: str = "gelu",
-                 leaf_output_bias: bool = True):
+                 leaf_output_bias: bool = True, init_std: float = 0.02):
         super().__init__()
         n_nodes, n_leaves = 2 ** depth - 1, 2 ** depth
         self.n_depth, self.activation, self.leaf_output_bias = depth, ACTIVATIONS[activation], leaf_output_bias
+        self.init_std = init_std
         self.node_weights = nn.Parameter(torch.empty(n_nodes, hidden_size))
         self.node_biases = nn.Parameter(torch.empty(n_nodes, 1))
         self.w1s = nn.Parameter(torch.empty(n_leaves, hidden_size, leaf_width))
@@ -78,6 +80,14 @@ class HardFastFeedforward(nn.Module):
         self.w2s = nn.Parameter(torch.empty(n_leaves, leaf_width, hidden_size))
         self.b2s = nn.Parameter(torch.empty(n_leaves, hidden_size))
         self.register_buffer("depth", torch.tensor(depth, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.node_weights, self.w1s, self.w2s):
+            init.normal_(weight, mean=0.0, std=self.init_std)
+        for bias in (self.node_biases, self.b1s, self.b2s):
+            init.zeros_(bias)
+        init.constant_(self.depth, self.n_depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])                                               # (T, H)
@@ -97,7 +107,8 @@ def fff_module(config: FffBertConfig, spec: dict) -> nn.Module:
     """The FFF module of an ``fff_v1`` or ``fff_v2`` spec."""
     if spec["kind"] == "fff_v1":
         return HardFastFeedforward(config.hidden_size, spec["leaf_width"], spec["depth"],
-                                   spec.get("activation", "gelu"), not spec.get("legacy_eval", False))
+                                   spec.get("activation", "gelu"), not spec.get("legacy_eval", False),
+                                   config.initializer_range)
     return FastFeedforward(config.hidden_size, spec["depth"], spec.get("n_trees", 1))
 
 
@@ -134,10 +145,6 @@ class FffBertModel(BertModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, HardFastFeedforward):
-            for weight in (module.node_weights, module.w1s, module.w2s):
-                init.normal_(weight, mean=0.0, std=self.config.initializer_range)
-            for bias in (module.node_biases, module.b1s, module.b2s):
-                init.zeros_(bias)
-            init.constant_(module.depth, module.n_depth)
+            module.reset_parameters()
         else:
             super()._init_weights(module)
