@@ -9,7 +9,8 @@
   (its latest step);
 - a Hugging Face ``BertModel`` folder (``config.json`` with ``model_type "bert"``, ``model.safetensors``,
   the tokenizer files; all-MiniLM-L6-v2 as shipped) or a BERT checkpoint
-  (``fffjax.train.checkpoint.save_bert_checkpoint``): a :class:`fffjax.models.bert.Bert`.
+  (``fffjax.train.checkpoint.save_bert_checkpoint``) or an ``fffjax export`` of one (``config.json`` with
+  ``model_type "fff_bert"``): a :class:`fffjax.models.bert.Bert`, FFF slots and all.
 
 The model always comes back in eval mode (dropout off; call ``.train()`` to fine-tune). The
 tokenizer is looked up beside the weights: in the folder itself, then in the run folder that holds
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from fffjax.convert.bert import import_bert, is_bert_hf_config
 from fffjax.convert.hf import is_decoder_config, is_hf_config, read_hf_dir
 from fffjax.convert.ultrafastbert import import_ultrafastbert
 from fffjax.data.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -35,7 +37,7 @@ RUN_TOKENIZER_DIR = "tokenizer"  # where pretrain and finetune save the tokenize
 
 def is_hf_folder(path: Path | str) -> bool:
     """Whether ``path`` is a folder in the published layout (a ``config.json`` with an ``arch`` block)
-    or an exported causal decoder's."""
+    or an exported causal decoder's or BERT's."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
@@ -73,7 +75,11 @@ def load_model(path: Path | str, *, dtype=jnp.float32, kind: str | None = None, 
         if is_decoder_config(config_json):
             raise ValueError(f"path {path} holds a causal language model, not crammed BERT; load it with "
                              "fffjax.generate.load_causal_lm")
-        model = import_ultrafastbert(state_dict, config_json, kind=kind, dtype=dtype, implementation=implementation)
+        if is_bert_hf_config(config_json):
+            _check_no_kind(kind, path)
+            model = import_bert(state_dict, config_json, dtype=dtype, implementation=implementation)
+        else:
+            model = import_ultrafastbert(state_dict, config_json, kind=kind, dtype=dtype, implementation=implementation)
     else:
         params, config, record = load_params(path)
         if is_bert_checkpoint_config(config):

@@ -3,14 +3,15 @@
 import argparse
 
 HELP = ("write a checkpoint's model as a Hugging Face folder: crammed BERT in the published UltraFastBERT layout, "
-        "a causal LM as a decoder folder")
+        "a causal LM as a decoder folder, a BERT encoder (FFF slots and all) as a BERT folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="fffjax checkpoint or training-run directory (its latest step)")
     parser.add_argument("out_dir", help="directory to create: config.json, the weights, the modeling files "
-                                        "(modeling_crammed_bert.py; a causal LM's also modeling_fff_decoder.py) and "
-                                        "the tokenizer files; it loads in transformers with trust_remote_code")
+                                        "(modeling_crammed_bert.py; a causal LM's also modeling_fff_decoder.py, "
+                                        "a BERT's modeling_fff_bert.py) and the tokenizer files; it loads in "
+                                        "transformers with trust_remote_code")
     parser.add_argument("--format", choices=("hf", "safetensors", "pt"), default="hf",
                         help="weights file: model.safetensors (hf, the default; safetensors is the same) or "
                              "pytorch_model.bin (pt, torch.save)")

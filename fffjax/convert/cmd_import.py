@@ -2,8 +2,8 @@
 
 import argparse
 
-HELP = ("read a published-layout UltraFastBERT / crammed-BERT directory, or an exported causal LM, into an fffjax "
-        "checkpoint")
+HELP = ("read a published-layout UltraFastBERT / crammed-BERT directory, or an exported causal LM or BERT, into an "
+        "fffjax checkpoint")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -470,13 +470,18 @@ def bert_from_params(config: Mapping[str, Any], params, *, dtype=jnp.float32, im
 # ------------------------------------------------------------------------- Hugging Face BertModel
 
 
-def bert_key_map(config: BertConfig) -> dict[str, tuple[tuple, str]]:
+def bert_key_map(config: BertConfig, ffn_specs: Sequence[Mapping[str, Any]] | None = None
+                 ) -> dict[str, tuple[tuple, str]]:
     """``{BertModel key: (parameter path, how)}`` for every weight of a ``BertModel`` state dict.
 
     ``how`` is ``"copy"``, ``"transpose"`` (a torch ``weight (out, in)`` into a kernel ``(in, out)``),
     or ``"q"``, ``"k"``, ``"v"`` with ``"_weight"`` / ``"_bias"``: the part of the fused, per-head
-    interleaved QKV kernel (transposed) or bias it fills.
+    interleaved QKV kernel (transposed) or bias it fills. With ``ffn_specs`` (one :func:`ffn_spec` per
+    layer) the ``intermediate.dense`` and ``output.dense`` keys of a layer whose slot is not dense are
+    left out (:mod:`fffjax.convert.bert` maps those slots).
     """
+    if ffn_specs is not None and len(ffn_specs) != config.num_layers:
+        raise ValueError(f"ffn_specs must hold one spec per layer ({config.num_layers}), got {len(ffn_specs)}")
     keys: dict[str, tuple[tuple, str]] = {}
 
     def norm(torch_prefix: str, path: tuple):
@@ -496,10 +501,11 @@ def bert_key_map(config: BertConfig) -> dict[str, tuple[tuple, str]]:
         keys[f"{prefix}.attention.output.dense.weight"] = (layer + ("attn", "dense", "kernel"), "transpose")
         keys[f"{prefix}.attention.output.dense.bias"] = (layer + ("attn", "dense", "bias"), "copy")
         norm(f"{prefix}.attention.output.LayerNorm", layer + ("attention_norm",))
-        keys[f"{prefix}.intermediate.dense.weight"] = (layer + ("ffn", "w_in"), "transpose")
-        keys[f"{prefix}.intermediate.dense.bias"] = (layer + ("ffn", "b_in"), "copy")
-        keys[f"{prefix}.output.dense.weight"] = (layer + ("ffn", "w_out"), "transpose")
-        keys[f"{prefix}.output.dense.bias"] = (layer + ("ffn", "b_out"), "copy")
+        if ffn_specs is None or ffn_specs[i].get("kind") == "dense":
+            keys[f"{prefix}.intermediate.dense.weight"] = (layer + ("ffn", "w_in"), "transpose")
+            keys[f"{prefix}.intermediate.dense.bias"] = (layer + ("ffn", "b_in"), "copy")
+            keys[f"{prefix}.output.dense.weight"] = (layer + ("ffn", "w_out"), "transpose")
+            keys[f"{prefix}.output.dense.bias"] = (layer + ("ffn", "b_out"), "copy")
         norm(f"{prefix}.output.LayerNorm", layer + ("output_norm",))
     return keys
 
@@ -518,21 +524,24 @@ def _torch_shape(config: BertConfig, how: str, shape: tuple) -> tuple:
     return tuple(reversed(shape)) if how == "transpose" else tuple(shape)
 
 
-def params_from_bert_state_dict(state_dict: Mapping[str, Any], config: BertConfig) -> dict:
+def params_from_bert_state_dict(state_dict: Mapping[str, Any], config: BertConfig,
+                                ffn_specs: Sequence[Mapping[str, Any]] | None = None) -> dict:
     """The parameter dict of a dense :class:`Bert` (as :func:`bert_params` gives) from a ``BertModel``
     state dict of numpy arrays (the keys of :func:`bert_key_map`, plus any of ``IGNORED_KEYS``).
+    With ``ffn_specs`` the dense slots take the widths the specs give, and the parameters of the other
+    slots are left out (as are their keys from the state dict).
 
     Raises ``ValueError`` naming every missing or unexpected key, or the first key whose shape does
     not fit ``config``.
     """
-    key_map = bert_key_map(config)
+    key_map = bert_key_map(config, ffn_specs)
     missing = sorted(set(key_map) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(key_map) - set(IGNORED_KEYS))
     if missing or unexpected:
         raise ValueError(f"state_dict does not match a BertModel of this config: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
     shapes = jax.tree.map(lambda x: tuple(x.shape), bert_params(
-        nnx.eval_shape(lambda: Bert(config, rngs=nnx.Rngs(0)))))
+        nnx.eval_shape(lambda: Bert(config, ffn_specs=ffn_specs, rngs=nnx.Rngs(0)))))
     params: dict = {}
     qkv: dict[tuple, dict[str, np.ndarray]] = {}
     for key, (path, how) in key_map.items():
