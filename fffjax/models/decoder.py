@@ -89,6 +89,9 @@ class DecoderConfig(TransformerShape):
         load_balance: coefficient of the FFF-v2 load-balancing term in training
             (:meth:`CausalLM.logits_and_load_balance`, used by
             :func:`fffjax.train.objectives.causal_lm_objective`); 0 (default) leaves it out.
+        load_balance_temperature: the term's soft decision is ``sigmoid(z / load_balance_temperature)``;
+            well below the typical routing logit, it follows the hard split closely (with a temperature
+            far above the logits the sigmoid is nearly linear and the term sees only their mean).
     """
 
     vocab_size: int
@@ -105,6 +108,7 @@ class DecoderConfig(TransformerShape):
     pad_token_id: int = 0
     init_std: float = 0.02
     load_balance: float = 0.0
+    load_balance_temperature: float = 0.1
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_length", "fff_trees"):
@@ -116,6 +120,8 @@ class DecoderConfig(TransformerShape):
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if not 0.0 <= self.load_balance < float("inf"):
             raise ValueError(f"load_balance must be a finite coefficient >= 0, got {self.load_balance}")
+        if not 0.0 < self.load_balance_temperature < float("inf"):
+            raise ValueError(f"load_balance_temperature must be finite and > 0, got {self.load_balance_temperature}")
         check_transformer_fields(self)
 
     @property
@@ -332,6 +338,7 @@ class DecoderLayer(nnx.Module):
         self.ffn = _make_ffn(config, dtype=dtype, implementation=implementation, rngs=rngs)
         self.norm2 = None if self.ffn is None else LayerNorm(blocks, dtype, rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.balance_temperature = config.load_balance_temperature
 
     def __call__(self, h, update, attend: Attend, balance: "tuple[Array, list] | None" = None):
         """``balance = (weights (B, S), terms)`` (weights 1 for a token, 0 for padding): an FFF-v2
@@ -353,7 +360,7 @@ class DecoderLayer(nnx.Module):
         path, logits = v2.path_logits(tokens, ffn.w_in[...].astype(x.dtype), ffn.b_in[...].astype(x.dtype),
                                       depth=ffn.depth, n_trees=ffn.n_trees)
         return v2.load_balance_loss(path, logits, depth=ffn.depth, n_trees=ffn.n_trees,
-                                    weights=weights.reshape(-1))
+                                    weights=weights.reshape(-1), temperature=self.balance_temperature)
 
 
 class CausalLM(nnx.Module):
@@ -415,7 +422,8 @@ class CausalLM(nnx.Module):
     ) -> tuple[Float[Array, "batch seq vocab"], Float[Array, ""]]:
         """The logits of ``model(input_ids, attention_mask)`` and the FFF-v2 load-balancing term:
         :func:`fffjax.v2.load_balance_loss` of each FFF-v2 layer's real tokens, summed over the
-        layers (0 for a model without FFF-v2 layers). Not scaled by :attr:`DecoderConfig.load_balance`."""
+        layers (0 for a model without FFF-v2 layers), at :attr:`DecoderConfig.load_balance_temperature`.
+        Not scaled by :attr:`DecoderConfig.load_balance`."""
         terms: list = []
         hidden = self._hidden_states(input_ids, attention_mask, balance_terms=terms)
         return self.logits(hidden), sum(terms, jnp.zeros((), jnp.float32))
