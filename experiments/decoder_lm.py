@@ -10,7 +10,9 @@ Three phases, each resumable (a finished run is skipped)::
     python experiments/decoder_lm.py report --runs runs/decoder_lm [more run folders] --out experiments/results
 
 **train** runs ``fffjax train-lm`` once per variant and seed (``--variants``: ``SIZE-FFN`` names of
-`fffjax.models.decoder`, plus any ``SIZE-fff-KxD`` / ``SIZE-narrow-KxD`` shape), ``--parallel`` runs at
+`fffjax.models.decoder`, plus any ``SIZE-fff-KxD`` / ``SIZE-narrow-KxD`` shape; an FFF variant with the
+suffix ``-lb`` trains with the FFF-v2 load-balancing term at coefficient ``LOAD_BALANCE``, ``-lbC`` at
+coefficient ``C``: `fffjax.models.decoder.DecoderConfig.load_balance`), ``--parallel`` runs at
 a time as separate processes on one device (a small model leaves a GPU mostly idle between its
 kernels; ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` lets them share its memory, and a persistent
 compilation cache in the runs folder compiles each shape once). Every run sees the same batches of
@@ -49,10 +51,20 @@ from fffjax.models.decoder import DECODER_CONFIGS, DecoderConfig
 SMALL_VARIANTS = ("small-dense", "small-none", "small-narrow-1x11", "small-narrow-4x9", "small-narrow-16x7",
                   "small-fff-1x11", "small-fff-4x9", "small-fff-16x7")
 PROMPTS = ("and the lord said unto", "the whale", "mr. speaker, the state of the union", "it is a truth")
+LOAD_BALANCE = 0.01   # coefficient of the load-balancing term of the "-lb" variants
+LB_SUFFIX = "-lb"
 
 
 def variant_config(name: str) -> DecoderConfig:
-    """The decoder of a variant name: a preset, or ``SIZE-fff-KxD`` / ``SIZE-narrow-KxD`` of any shape."""
+    """The decoder of a variant name: a preset, or ``SIZE-fff-KxD`` / ``SIZE-narrow-KxD`` of any shape;
+    an FFF variant's name ending ``-lb`` (coefficient ``LOAD_BALANCE``) or ``-lbC`` (coefficient ``C``)
+    adds the load-balancing term."""
+    base, suffix, coefficient = name.rpartition(LB_SUFFIX)
+    if suffix and base and (not coefficient or coefficient.replace(".", "", 1).isdigit()):
+        config = variant_config(base)
+        if config.ffn != "fff":
+            raise ValueError(f"variant {name!r}: the load-balancing suffix {LB_SUFFIX!r} needs an FFF variant")
+        return dataclasses.replace(config, load_balance=float(coefficient) if coefficient else LOAD_BALANCE)
     if name in DECODER_CONFIGS:
         return DECODER_CONFIGS[name]
     size, _, rest = name.partition("-")
@@ -223,7 +235,8 @@ def _ffn_description(config: DecoderConfig) -> tuple[str, int, int]:
     """(shape, feedforward neurons per layer, neurons a token evaluates per layer)."""
     if config.ffn == "fff":
         nodes = config.fff_trees * (2 ** (config.fff_depth + 1) - 1)
-        return f"FFF-v2 {config.fff_trees}x{config.fff_depth}", nodes, config.active_neurons
+        balance = f", load balance {config.load_balance:g}" if config.load_balance else ""
+        return f"FFF-v2 {config.fff_trees}x{config.fff_depth}{balance}", nodes, config.active_neurons
     if config.ffn == "none":
         return "none (attention only)", 0, 0
     label = "dense twin" if config.ffn == "dense" else "narrow dense"
@@ -308,7 +321,10 @@ def markdown(rows: dict, variants: dict, sweeps: list[dict]) -> str:
                      f"{_ratio(r['perplexity_mean'], none)} | {dead} | {entropy} |")
     lines += ["", "*± is the standard deviation over seeds. Dead: share of the leaf level's nodes (over trees and "
               "layers, mean over seeds) that no held-out token reaches. Visit entropy: of the tokens' spread "
-              "over a tree's leaves, mean over trees, layers and seeds; D bits is a uniform spread.*", ""]
+              "over a tree's leaves, mean over trees, layers and seeds; D bits is a uniform spread."
+              + (" \"load balance c\": trained on the cross-entropy plus c times the FFF-v2 load-balancing term "
+                 "(`fffjax.v2.load_balance_loss`, summed over layers); its perplexity is the cross-entropy's alone."
+                 if any("load balance" in r["shape"] for r in rows.values()) else "") + "*", ""]
     fff_rows = {n: r for n, r in rows.items() if r["dead_fraction"] is not None}
     if fff_rows:
         lines += ["## Dead nodes and visit entropy per level (mean over layers and seeds)", ""]
@@ -337,7 +353,8 @@ def figure(rows: dict, variants: dict):
         steps = sorted(by_step)
         tokens_per_step = rows[name]["tokens"] / rows[name]["steps"]
         curves.plot([s * tokens_per_step / 1e6 for s in steps], [math.exp(np.mean(by_step[s])) for s in steps],
-                    marker=".", label=name, linestyle="--" if "narrow" in name else "-")
+                    marker=".", label=name,
+                    linestyle="--" if "narrow" in name else ":" if LB_SUFFIX in name else "-")
         r = rows[name]
         if r["dead_fraction"] is not None:
             levels.plot(range(len(r["dead_fraction"])), [100 * d for d in r["dead_fraction"]], marker="o", label=name)
@@ -356,8 +373,12 @@ def report(args) -> None:
     if not variants:
         raise SystemExit(f"--runs: no finished run under {[str(p) for p in args.runs_dirs]}")
     order = {name.partition("-")[2]: i for i, name in enumerate(SMALL_VARIANTS)}   # the FFN, any size
-    variants = dict(sorted(variants.items(), key=lambda kv: (kv[0].partition("-")[0],
-                                                             order.get(kv[0].partition("-")[2], len(order)), kv[0])))
+
+    def place(name: str):   # a "-lb" variant right after its plain twin
+        size, _, ffn = name.partition("-")
+        return size, order.get(ffn.partition(LB_SUFFIX)[0], len(order)), name
+
+    variants = dict(sorted(variants.items(), key=lambda kv: place(kv[0])))
     rows = summarise(variants)
     text = markdown(rows, variants, sweeps)
     written = bench.write_results(args.out, args.name, report={"sweeps": sweeps, "variants": rows},

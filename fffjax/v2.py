@@ -165,3 +165,77 @@ def conditional_forward(
                            preferred_element_type=acc)
         node = tree.child(node, z > 0)
     return y.astype(x.dtype)
+
+
+def path_logits(
+    x: Float[Array, "batch din"],
+    w_in: Float[Array, "nodes din"],
+    b_in: Float[Array, " nodes"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+) -> tuple[Int[Array, "batch trees levels"], Float[Array, "batch trees levels"]]:
+    """Each token's hard path (flat node indices) and the logits ``z`` of the nodes on it.
+
+    Descends as :func:`conditional_forward` does, gathering only the ``K * (D + 1)`` input rows on
+    each path, so the logits are differentiable in ``x``, ``w_in`` and ``b_in`` (the path is not:
+    it is the sign of the logits). Logits are float32 (accumulated in float32 for bf16/f16 inputs).
+    """
+    per_tree = tree.v2_nodes_per_tree(depth)
+    offsets = jnp.asarray(tree.tree_offsets(n_trees, per_tree), jnp.int32)
+    node = jnp.zeros((x.shape[0], n_trees), jnp.int32)
+    path, logits = [], []
+    for _ in range(depth + 1):
+        flat = node + offsets                                          # (B, K)
+        rows_in = w_in.at[flat].get(mode="promise_in_bounds")          # (B, K, H)
+        z = jnp.einsum("bh,bkh->bk", x, rows_in, precision=HIGHEST, preferred_element_type=jnp.float32)
+        z = z + b_in.at[flat].get(mode="promise_in_bounds").astype(jnp.float32)
+        path.append(flat)
+        logits.append(z)
+        node = tree.child(node, z > 0)
+    return jnp.stack(path, axis=-1), jnp.stack(logits, axis=-1)
+
+
+def load_balance_loss(
+    path: Int[Array, "batch trees levels"],
+    logits: Float[Array, "batch trees levels"],
+    *,
+    depth: int,
+    n_trees: int = 1,
+    weights: Float[Array, " batch"] | None = None,
+    temperature: float = 1.0,
+) -> Float[Array, ""]:
+    """A differentiable penalty on unbalanced routing, 0 when every routing node splits its tokens evenly.
+
+    For each routing node ``n`` (levels ``0 .. D-1``; a leaf's sign routes nowhere) with visitor
+    share ``c_n / W`` (token weights reaching ``n`` over all token weights) and mean soft decision
+    ``p_n = mean over its visitors of sigmoid(z / temperature)``::
+
+        loss = (1 / K) * sum_n (c_n / W) * (p_n - 1/2) ** 2
+
+    Each level of each tree contributes at most 1/4, so the loss lies in ``[0, D / 4]``. Hard
+    routing gives the logits no gradient from the task loss; this term moves each visited node's
+    ``w_in`` / ``b_in`` so that its soft decisions centre on 1/2, i.e. it sends half of its tokens
+    to each child. ``path`` and ``logits`` are :func:`path_logits`' output; ``weights (batch,)``
+    (default all 1) leave out padding tokens with 0.
+    """
+    tree.check_depth(depth)
+    tree.check_n_trees(n_trees)
+    if path.shape != logits.shape or path.ndim != 3 or path.shape[1:] != (n_trees, depth + 1):
+        raise ValueError(f"path and logits must both have shape (batch, {n_trees}, {depth + 1}) for "
+                         f"n_trees={n_trees}, depth={depth}, got {path.shape} and {logits.shape}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    weights = jnp.ones(path.shape[:1], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if weights.shape != path.shape[:1]:
+        raise ValueError(f"weights must have shape ({path.shape[0]},), got {weights.shape}")
+    routing = path[:, :, :depth].reshape(-1)                   # the leaves' logits route nowhere
+    decisions = jax.nn.sigmoid(logits[:, :, :depth].astype(jnp.float32) / temperature)
+    per_token = jnp.broadcast_to(weights[:, None, None], decisions.shape)
+    segments = n_trees * tree.v2_nodes_per_tree(depth)
+    visits = jax.ops.segment_sum(per_token.reshape(-1), routing, segments)
+    soft = jax.ops.segment_sum((per_token * decisions).reshape(-1), routing, segments)
+    total = jnp.maximum(weights.sum(), 1e-9)
+    # (c/W) (s/c - 1/2)^2 = (s - c/2)^2 / (c W), 0 for unvisited nodes
+    per_node = jnp.where(visits > 0, (soft - visits / 2) ** 2 / (jnp.maximum(visits, 1e-9) * total), 0.0)
+    return per_node.sum() / n_trees

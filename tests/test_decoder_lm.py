@@ -1,6 +1,7 @@
 """experiments/decoder_lm.py: variant names, and a two-variant sweep on a tiny corpus through all three
 phases (train, analyse, report) on the CPU."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -26,6 +27,12 @@ def test_variant_names_give_presets_and_any_tree_shape():
     assert script.variant_config("tiny-narrow-2x3").active_neurons == 8
     with pytest.raises(ValueError, match="variant 'small-wide': expected a preset"):
         script.variant_config("small-wide")
+    plain, balanced = script.variant_config("small-fff-1x11"), script.variant_config("small-fff-1x11-lb")
+    assert plain.load_balance == 0.0 and balanced == dataclasses.replace(plain, load_balance=script.LOAD_BALANCE)
+    assert script.variant_config("tiny-fff-2x3-lb0.5").load_balance == 0.5
+    assert script._ffn_description(balanced)[0] == f"FFF-v2 1x11, load balance {script.LOAD_BALANCE:g}"
+    with pytest.raises(ValueError, match="'small-dense-lb': the load-balancing suffix '-lb' needs an FFF variant"):
+        script.variant_config("small-dense-lb")
 
 
 @pytest.mark.slow

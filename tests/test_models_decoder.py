@@ -55,6 +55,34 @@ def test_config_refuses_bad_values_naming_them():
         small(pad_token_id=64)
     with pytest.raises(ValueError, match="dropout must be in"):
         small(dropout=1.0)
+    with pytest.raises(ValueError, match="load_balance must be a finite coefficient >= 0, got -0.1"):
+        small(load_balance=-0.1)
+    with pytest.raises(ValueError, match="load_balance_temperature must be finite and > 0, got 0.0"):
+        small(load_balance_temperature=0.0)
+
+
+def test_logits_and_load_balance_sum_each_fff_layer_over_real_tokens():
+    from fffjax import v2
+
+    model = make(small(load_balance=0.1))
+    ids = np.asarray(token_ids((2, 9)))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    logits, balance = model.logits_and_load_balance(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_array_equal(logits, model(jnp.asarray(ids), jnp.asarray(mask)))
+    inputs = []   # each FFF layer's input, through a spy on its call
+    for layer in model.layers:
+        ffn = layer.ffn
+        layer.ffn = lambda x, ffn=ffn: (inputs.append((x, ffn)), ffn(x))[1]
+    model(jnp.asarray(ids), jnp.asarray(mask))
+    expected, weights = 0.0, jnp.asarray(mask.ravel(), jnp.float32)
+    for x, ffn in inputs:
+        path, z = v2.path_logits(x.reshape(-1, x.shape[-1]), ffn.w_in[...], ffn.b_in[...], depth=3, n_trees=2)
+        expected += float(v2.load_balance_loss(path, z, depth=3, n_trees=2, weights=weights,
+                                               temperature=model.config.load_balance_temperature))
+    assert float(balance) == pytest.approx(expected, rel=1e-6) and expected > 0
+    for ffn in ("dense", "narrow", "none"):
+        assert float(make(small(ffn)).logits_and_load_balance(jnp.asarray(ids))[1]) == 0.0
 
 
 def test_active_neurons_of_each_feedforward():

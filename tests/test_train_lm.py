@@ -62,6 +62,22 @@ def test_train_lm_trains_evaluates_resumes_and_its_run_generates(tmp_path, capsy
     assert capsys.readouterr().out.startswith("the whale")
 
 
+@pytest.mark.slow
+def test_train_lm_with_load_balance_logs_the_term_beside_the_cross_entropy(tmp_path):
+    cache = _cache(tmp_path / "text")
+    out = tmp_path / "run"
+    config = _run_config(tmp_path / "run.json", load_balance=0.1)
+    assert _invoke(["--config", str(config), "--cache", str(cache), "--out", str(out), "--steps", "2",
+                    "--eval-every", "2", "--no-progress"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0.0 < r["load_balance"] <= 3 / 4 for r in records)   # one layer of depth 3
+    assert "eval_load_balance" in records[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["load_balance"] == 0.1 and summary["load_balance"] == records[-1]["load_balance"]
+    assert summary["eval_perplexity"] == pytest.approx(math.exp(records[-1]["eval_loss"]))
+
+
 def test_lm_data_holds_out_each_sources_end_and_is_read_back_without_the_corpus(tmp_path):
     cache = _cache(tmp_path / "text")
     tokenizer_path, train, held = lm.prepare_lm_data(cache, SOURCES, vocab_size=200, seq_length=16, holdout=0.1)

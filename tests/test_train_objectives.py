@@ -4,6 +4,7 @@ next-token loss of the causal LM objective with padding and a loss mask."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _train_helpers import VOCAB, mlm_rows, small_config
 from flax import nnx
 
@@ -65,3 +66,66 @@ def test_causal_lm_objective_predicts_the_next_real_token():
     masked, _ = causal_lm_objective(model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
                                             "loss_mask": jnp.asarray(loss_mask)})
     np.testing.assert_allclose(float(masked), nll[1, 4:].mean(), rtol=1e-5)
+
+
+def _lb_problem(load_balance: float):
+    config = DecoderConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, max_seq_length=12,
+                           ffn="fff", fff_depth=3, fff_trees=2, dropout=0.0, load_balance=load_balance)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    model.eval()
+    ids = np.asarray(mlm_rows(2)[:, :9])
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0   # left padding in row 0
+    return model, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+
+def _loss_and_grads(model, batch):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return causal_lm_objective(nnx.merge(graphdef, p, rest), batch)
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+def test_causal_lm_objective_without_load_balance_is_the_cross_entropy():
+    """Coefficient 0: the objective is the next-token loss of the logits, its gradients exactly theirs."""
+    model, batch = _lb_problem(0.0)
+    (loss, metrics), grads = _loss_and_grads(model, batch)
+    assert set(metrics) == {"accuracy"}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def reference(p):
+        logits = nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1]
+        return mlm_loss(logits, ids[:, 1:], (mask[:, :-1] * mask[:, 1:]).astype(jnp.float32))[0]
+
+    expected, expected_grads = jax.value_and_grad(reference)(params)
+    assert float(loss) == float(expected)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_causal_lm_objective_adds_the_load_balance_gradient_not_its_value():
+    plain_model, batch = _lb_problem(0.0)
+    model, _ = _lb_problem(0.5)
+    (plain, _), plain_grads = _loss_and_grads(plain_model, batch)
+    (loss, metrics), grads = _loss_and_grads(model, batch)
+    assert float(loss) == float(plain)          # the value stays the cross-entropy (eval_loss, perplexity)
+    balance = float(metrics["load_balance"])
+    assert 0.0 < balance <= 2 * 3 / 4           # two layers, each at most depth / 4
+    _, term = model.logits_and_load_balance(batch["input_ids"], batch["attention_mask"])
+    assert float(term) == pytest.approx(balance, rel=1e-6)
+    # the gradient is the cross-entropy's plus 0.5 x the term's; the term reaches the routing logits and
+    # what feeds them (w_in, b_in, the layers below), never the last layer's output rows nor the final norm
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    term_grads = jax.grad(lambda p: nnx.merge(graphdef, p, rest).logits_and_load_balance(
+        batch["input_ids"], batch["attention_mask"])[1])(params)
+    flat, flat_plain, flat_term = (dict(nnx.to_flat_state(g)) for g in (grads, plain_grads, term_grads))
+    for path, got in flat.items():
+        expected = flat_plain[path][...] + 0.5 * flat_term[path][...]
+        np.testing.assert_allclose(got[...], expected, rtol=1e-5, atol=1e-7, err_msg=str(path))
+        if path in (("layers", 1, "ffn", "w_out"),) or path[0] == "final_norm":
+            assert not np.any(flat_term[path][...]), path
+    for layer in (0, 1):
+        assert np.any(flat_term[("layers", layer, "ffn", "b_in")][...])

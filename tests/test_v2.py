@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -296,3 +297,120 @@ def test_weights_of_another_depth_or_tree_count_are_refused_as_such():
         v2.check_arguments(x, w_in, b_in, w_out, depth=3, n_trees=2)
     with pytest.raises(ValueError, match=r"b_in must have shape \(15,\), got \(7,\): 7 entries is a depth-2 tree"):
         v2.check_arguments(x, w_in, b_in[:7], w_out, depth=3, n_trees=1)
+
+
+# ---------------------------------------------------------------------------------------- load balancing
+
+
+def test_path_logits_follow_the_hard_path_and_carry_gradients():
+    x, w_in, b_in, _ = dyadic_problem(3, depth=3, n_trees=2, features=8, out_features=4, lead=(11,))
+    path, logits = v2.path_logits(x, w_in, b_in, depth=3, n_trees=2)
+    z = x @ w_in.T + b_in
+    np.testing.assert_array_equal(path, v2.path_from_logits(z, depth=3, n_trees=2))
+    np.testing.assert_allclose(logits, np.take_along_axis(np.asarray(z), np.asarray(path).reshape(11, -1), 1)
+                               .reshape(path.shape), atol=1e-6)
+    grad = jax.grad(lambda b: v2.path_logits(x, w_in, b, depth=3, n_trees=2)[1].sum())(b_in)
+    np.testing.assert_array_equal(grad, np.bincount(np.asarray(path).ravel(), minlength=b_in.shape[0]))
+
+
+def balance_problem(bias: float, *, depth: int = 2, tokens: int = 64):
+    """One tree whose level-``l`` nodes read ``x[l]``; the tokens are every sign pattern in ``{-1, +1}^depth``
+    equally often, so a node's logits are ``+-1 + bias``: every node splits its tokens evenly and
+    symmetrically for ``bias == 0``; all go to the right for ``bias > 1``."""
+    n = tree.v2_nodes_per_tree(depth)
+    signs = (np.arange(tokens)[:, None] >> np.arange(depth)) % 2
+    x = jnp.asarray(np.concatenate([2.0 * signs - 1, np.zeros((tokens, 1))], 1), jnp.float32)
+    levels = np.floor(np.log2(np.arange(n) + 1)).astype(int)
+    w_in = jnp.asarray(np.eye(depth + 1)[levels], jnp.float32)
+    return x, w_in, jnp.full((n,), bias, jnp.float32)
+
+
+def test_load_balance_loss_is_zero_when_balanced_and_positive_when_collapsed():
+    def balance(bias, **kw):
+        x, w_in, b_in = balance_problem(bias)
+        return float(v2.load_balance_loss(*v2.path_logits(x, w_in, b_in, depth=2), depth=2, **kw))
+
+    assert balance(0.0) == 0.0
+    collapsed = balance(3.0)
+    # every token takes the right child at both routing levels: (sigmoid(4) + sigmoid(2)) / 2 - 1/2 per level
+    p = (1 / (1 + math.exp(-4)) + 1 / (1 + math.exp(-2))) / 2
+    assert collapsed == pytest.approx(2 * (p - 0.5) ** 2, rel=1e-6)
+    assert balance(3.0, temperature=0.5) > collapsed   # a sharper soft decision sees the collapse more fully
+    # padding tokens (weight 0) do not count
+    x, w_in, b_in = balance_problem(3.0)
+    path, logits = v2.path_logits(x, w_in, b_in, depth=2)
+    weights = jnp.asarray(np.arange(64) % 4 == 3, jnp.float32)   # only the (+1, +1) tokens: logit 4 everywhere
+    only_right = float(v2.load_balance_loss(path, logits, depth=2, weights=weights))
+    assert only_right == pytest.approx(2 * (1 / (1 + math.exp(-4)) - 0.5) ** 2, rel=1e-6)
+
+
+def test_load_balance_gradient_moves_a_collapsed_node_towards_balance():
+    x, w_in, b_in = balance_problem(3.0)
+
+    def loss(b):
+        return v2.load_balance_loss(*v2.path_logits(x, w_in, b, depth=2), depth=2)
+
+    gradient = jax.jit(jax.grad(loss))
+    grad = np.asarray(gradient(b_in))
+    assert grad[0] > 0                      # the root sends everything right: descent lowers its bias
+    assert np.all(grad[[1, 3, 4, 5]] == 0)  # unvisited nodes and the leaves get no gradient
+    b = b_in
+    for _ in range(200):
+        b = b - 1.0 * gradient(b)
+    assert float(loss(b)) < 0.1 * float(loss(b_in))
+    assert abs(float(b[0])) < 1.0           # the root splits its tokens again (logits +-1 + b)
+
+
+def test_load_balance_loss_refuses_mismatched_shapes():
+    path = jnp.zeros((4, 1, 3), jnp.int32)
+    # our ValueError, or (under the tests' jaxtyping hook) a TypeCheckError naming the argument
+    with pytest.raises((ValueError, TypeError), match="logits"):
+        v2.load_balance_loss(path, jnp.zeros((4, 1, 2)), depth=2)
+    with pytest.raises((ValueError, TypeError), match="path"):
+        v2.load_balance_loss(jnp.zeros((4, 2, 3), jnp.int32), jnp.zeros((4, 2, 3)), depth=2)   # n_trees=1
+    with pytest.raises((ValueError, TypeError), match="weights"):
+        v2.load_balance_loss(path, jnp.zeros((4, 1, 3)), depth=2, weights=jnp.ones(3))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        v2.load_balance_loss(path, jnp.zeros((4, 1, 3)), depth=2, temperature=0.0)
+
+
+def test_load_balance_term_revives_dead_nodes_in_training():
+    """A tiny layer fitted to a regression target from biased routing (every bias +1, inputs off-centre):
+    with the term added, fewer nodes end up without tokens than with the task loss alone."""
+    from fffjax import regions
+
+    depth, features = 5, 8
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((512, features)) + 1.0, jnp.float32)
+    y = jnp.tanh(x @ jnp.asarray(rng.standard_normal((features, features)) / np.sqrt(features), jnp.float32))
+    start = v2.init(jax.random.key(0), features, depth)
+    start = {**start, "b_in": start["b_in"] + 1.0}
+
+    def dead_fraction(p):
+        visits = regions.v2_node_visits(x, p["w_in"], p["b_in"], depth=depth, n_trees=1)
+        return regions.v2_tree_usage(visits, depth=depth, n_trees=1).dead_fraction
+
+    def fit(coefficient):
+        def loss(p):
+            task = jnp.mean((v2.conditional_forward(x, p["w_in"], p["b_in"], p["w_out"], depth=depth) - y) ** 2)
+            balance = v2.load_balance_loss(*v2.path_logits(x, p["w_in"], p["b_in"], depth=depth), depth=depth)
+            return task + coefficient * balance
+
+        optimizer = optax.adam(1e-2)
+
+        @jax.jit
+        def step(p, state):
+            grads = jax.grad(loss)(p)
+            with jax.numpy_dtype_promotion("standard"):   # optax's bias correction raises an int to a float
+                updates, state = optimizer.update(grads, state, p)
+            return optax.apply_updates(p, updates), state
+
+        p, state = start, optimizer.init(start)
+        for _ in range(60):
+            p, state = step(p, state)
+        return dead_fraction(p)
+
+    assert dead_fraction(start)[-1] > 0.5
+    plain, balanced = fit(0.0), fit(1.0)
+    assert plain[-1] > 0.5                               # the task loss alone leaves most leaves dead
+    assert balanced.sum() < 0.5 * plain.sum() and balanced[-1] < 0.25

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fffjax import ops, tree
+from fffjax import ops, tree, v2
 from fffjax._typing import Array, Float, Int
 from fffjax.models.config import ModelConfig, TransformerShape, check_transformer_fields
 from fffjax.models.crammed_bert import (
@@ -61,6 +61,7 @@ from fffjax.models.crammed_bert import (
     fff_feedforward,
     module_from_params,
 )
+from fffjax.nn import UltraFastFF
 
 FFN_KINDS = ("dense", "fff", "narrow", "none")
 MODEL_NAME = "causal_lm"   # the "model" entry of a decoder's config dict: what a checkpoint holds
@@ -85,6 +86,12 @@ class DecoderConfig(TransformerShape):
         dropout: one rate for embedding, attention and residual dropout (train mode only).
         pad_token_id: the id that fills padding (never a target of the loss).
         init_std: standard deviation of the normal init of every linear and embedding.
+        load_balance: coefficient of the FFF-v2 load-balancing term in training
+            (:meth:`CausalLM.logits_and_load_balance`, used by
+            :func:`fffjax.train.objectives.causal_lm_objective`); 0 (default) leaves it out.
+        load_balance_temperature: the term's soft decision is ``sigmoid(z / load_balance_temperature)``;
+            well below the typical routing logit, it follows the hard split closely (with a temperature
+            far above the logits the sigmoid is nearly linear and the term sees only their mean).
     """
 
     vocab_size: int
@@ -100,6 +107,8 @@ class DecoderConfig(TransformerShape):
     dropout: float = 0.1
     pad_token_id: int = 0
     init_std: float = 0.02
+    load_balance: float = 0.0
+    load_balance_temperature: float = 0.1
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_length", "fff_trees"):
@@ -109,6 +118,10 @@ class DecoderConfig(TransformerShape):
             tree.check_count(self.dense_width, "dense_width", 1)
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if not 0.0 <= self.load_balance < float("inf"):
+            raise ValueError(f"load_balance must be a finite coefficient >= 0, got {self.load_balance}")
+        if not 0.0 < self.load_balance_temperature < float("inf"):
+            raise ValueError(f"load_balance_temperature must be finite and > 0, got {self.load_balance_temperature}")
         check_transformer_fields(self)
 
     @property
@@ -325,15 +338,29 @@ class DecoderLayer(nnx.Module):
         self.ffn = _make_ffn(config, dtype=dtype, implementation=implementation, rngs=rngs)
         self.norm2 = None if self.ffn is None else LayerNorm(blocks, dtype, rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.balance_temperature = config.load_balance_temperature
 
-    def __call__(self, h, update, attend: Attend):
+    def __call__(self, h, update, attend: Attend, balance: "tuple[Array, list] | None" = None):
+        """``balance = (weights (B, S), terms)`` (weights 1 for a token, 0 for padding): an FFF-v2
+        feedforward also appends its :func:`fffjax.v2.load_balance_loss` to the list ``terms``."""
         normed, h = (self.norm1(h), h) if update is None else self.norm1(update, h)
         out, kept = attend(self.attn, normed)
         out = self.dropout(out)
         if self.ffn is None:
             return h, out, kept
         normed, h = self.norm2(out, h)
+        if balance is not None and isinstance(self.ffn, UltraFastFF):
+            balance[1].append(self._load_balance(normed, balance[0]))
         return h, self.dropout(self.ffn(normed)), kept
+
+    def _load_balance(self, x, weights) -> Float[Array, ""]:
+        ffn = self.ffn
+        tokens = x.reshape(-1, x.shape[-1])
+        # the rows cast as the layer casts them, so the term sees the paths the layer takes
+        path, logits = v2.path_logits(tokens, ffn.w_in[...].astype(x.dtype), ffn.b_in[...].astype(x.dtype),
+                                      depth=ffn.depth, n_trees=ffn.n_trees)
+        return v2.load_balance_loss(path, logits, depth=ffn.depth, n_trees=ffn.n_trees,
+                                    weights=weights.reshape(-1), temperature=self.balance_temperature)
 
 
 class CausalLM(nnx.Module):
@@ -363,24 +390,43 @@ class CausalLM(nnx.Module):
 
     # ------------------------------------------------------------------ whole sequences
 
-    def _run(self, input_ids, positions, attends: Callable[[int], Attend]):
+    def _run(self, input_ids, positions, attends: Callable[[int], Attend], balance=None):
         h, update, kept = self.embedding(input_ids, positions), None, []
         for index, layer in enumerate(self.layers):
-            h, update, layer_kept = layer(h, update, attends(index))
+            h, update, layer_kept = layer(h, update, attends(index), balance)
             kept.append(layer_kept)
         hidden = self.final_norm(h) if update is None else self.final_norm(update, h)[0]
         return hidden, kept
 
     def hidden_states(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
         """Final-normed hidden states ``(B, S, H)`` in the compute dtype."""
+        return self._hidden_states(input_ids, attention_mask, balance_terms=None)
+
+    def _hidden_states(self, input_ids, attention_mask, *, balance_terms: list | None):
         input_ids = check_token_inputs(input_ids, attention_mask, self.config.max_seq_length)
         if attention_mask is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
             key_bias = None
         else:
             positions, key_bias = positions_from_mask(attention_mask), additive_mask(attention_mask, self.dtype)
-        hidden, _ = self._run(input_ids, positions, lambda _: lambda attn, x: attn.attend(x, key_bias))
+        balance = None
+        if balance_terms is not None:
+            weights = jnp.ones(input_ids.shape, jnp.float32) if attention_mask is None else \
+                (jnp.asarray(attention_mask) > 0).astype(jnp.float32)
+            balance = (weights, balance_terms)
+        hidden, _ = self._run(input_ids, positions, lambda _: lambda attn, x: attn.attend(x, key_bias), balance)
         return hidden
+
+    def logits_and_load_balance(
+        self, input_ids, attention_mask=None
+    ) -> tuple[Float[Array, "batch seq vocab"], Float[Array, ""]]:
+        """The logits of ``model(input_ids, attention_mask)`` and the FFF-v2 load-balancing term:
+        :func:`fffjax.v2.load_balance_loss` of each FFF-v2 layer's real tokens, summed over the
+        layers (0 for a model without FFF-v2 layers), at :attr:`DecoderConfig.load_balance_temperature`.
+        Not scaled by :attr:`DecoderConfig.load_balance`."""
+        terms: list = []
+        hidden = self._hidden_states(input_ids, attention_mask, balance_terms=terms)
+        return self.logits(hidden), sum(terms, jnp.zeros((), jnp.float32))
 
     def logits(self, hidden: Float[Array, "*lead hidden"]) -> Float[Array, "*lead vocab"]:
         """The tied output layer ``hidden @ E.T`` (no bias), float32 logits."""

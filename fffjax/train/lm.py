@@ -18,6 +18,11 @@ as the end of a text). Tokenizer and rows are cached under ``<cache>/lm/``. The 
 ``metrics.jsonl`` (``eval_loss`` is the mean next-token cross-entropy over the held-out rows, its
 exponential the validation perplexity), ``loss.png``, ``checkpoints/`` (resumable: the same
 command continues) and ``tokenizer/``; ``fffjax generate RUN "prompt"`` samples from it.
+
+A model whose ``load_balance`` is non-zero (a ``DecoderConfig`` field, e.g. ``"model": {...,
+"load_balance": 0.01}`` in a run JSON) trains FFF-v2 layers with the load-balancing term of
+`fffjax.train.objectives.causal_lm_objective`; ``metrics.jsonl`` and ``summary.json`` then also
+give the term (``load_balance``, ``eval_load_balance``), while ``loss`` stays the cross-entropy.
 """
 
 import argparse
@@ -149,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
                   eval_batches=lambda: eval_batches, resume=not args.no_resume, progress=not args.no_progress,
                   tokens_per_example=seq_length, plot_title=f"causal LM, {args.config}")
     final = records[-1] if records else {}
-    summary: dict[str, Any] = {k: final[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy")
-                               if k in final}
+    summary: dict[str, Any] = {k: final[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy",
+                                                     "load_balance", "eval_load_balance") if k in final}
     if "eval_loss" in summary:
         summary["eval_perplexity"] = math.exp(summary["eval_loss"])
     summary["epochs"] = config.steps * config.batch_size * seq_length / tokens

@@ -7,6 +7,7 @@ classification. Each returns its accuracy as a metric, computed from the same lo
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -60,13 +61,27 @@ def causal_lm_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Arr
     so left or right padding is never predicted nor predicts) and, when the batch has a `loss_mask
     (B, S)`, its target's `loss_mask` is 1 (e.g. 0 on the prompt of an instruction). The loss is the
     mean over counted pairs, as `mlm_loss`, with their accuracy.
+
+    A decoder whose `config.load_balance` is `c > 0` also computes its FFF-v2 load-balancing term `b`
+    (`model.logits_and_load_balance`), reported as the metric `load_balance`, and returns
+    `loss + c * (b - stop_gradient(b))`: the value stays the cross-entropy (so `loss`, `eval_loss` and
+    the perplexity keep their meaning), the gradient is that of `loss + c * b`.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids, attention_mask)[:, :-1]
+    coefficient = getattr(getattr(model, "config", None), "load_balance", 0.0)
+    if coefficient:
+        logits, balance = model.logits_and_load_balance(input_ids, attention_mask)
+        logits = logits[:, :-1]
+    else:
+        logits = model(input_ids, attention_mask)[:, :-1]
     weights = (attention_mask[:, :-1] * attention_mask[:, 1:]).astype(jnp.float32)
     if "loss_mask" in batch:
         weights = weights * batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return mlm_loss(logits, input_ids[:, 1:], weights)
+    loss, metrics = mlm_loss(logits, input_ids[:, 1:], weights)
+    if coefficient:
+        loss = loss + coefficient * (balance - jax.lax.stop_gradient(balance))
+        metrics["load_balance"] = balance
+    return loss, metrics
 
 
 def classification_objective(model: nnx.Module, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
