@@ -1,5 +1,7 @@
-"""all-MiniLM-L6-v2 converted into FFF trees: quality kept at each active fraction and stage, and the
-sentence-embedding speed on the CPU, against the teacher and a dense student of equal active width.
+"""all-MiniLM-L6-v2 converted into FFF trees: quality kept and CPU speed, against the teacher.
+
+Quality at each active fraction and stage, and sentence-embedding speed on the CPU, against the teacher
+and a dense student of equal active width.
 
     python experiments/distill_minilm.py --runs runs/distill_minilm --out experiments/results
 
@@ -48,14 +50,18 @@ def run_name(kind: str, fraction: float) -> str:
     return f"{kind}-{fraction * 100:g}pct"
 
 
-def convert_phase(args, teacher, tokenizer, data) -> dict[str, dict]:
+def convert_phase(args, teacher, tokenizer, train, held) -> dict[str, dict]:
     reports = {}
+    data = None
     for kind, fraction, last_stage in GRID[:args.configs]:
         name = run_name(kind, fraction)
         folder = args.runs / name
         if (folder / "report.json").is_file():
             reports[name] = json.loads((folder / "report.json").read_text())
             continue
+        if data is None:
+            bench.log("teacher data")
+            data = fd.prepare_data(teacher, tokenizer, train, held, layer_tokens=args.layer_tokens, seed=args.seed)
         bench.log(f"convert {name} (stages up to {last_stage})")
         config = fd.DistillConfig(kind=kind, fraction=fraction, last_stage=last_stage, layer_tokens=args.layer_tokens,
                                   layer_steps=args.layer_steps, e2e_steps=args.e2e_steps,
@@ -255,9 +261,8 @@ def main(argv=None) -> None:
     teacher_path = args.teacher or default_teacher()
     teacher, tokenizer = from_pretrained(teacher_path)
     train, held = sample_sentences(args.train_sentences, args.held_out, args.seed)
-    bench.log(f"{len(train)} training and {len(held)} held-out sentences; teacher data")
-    data = fd.prepare_data(teacher, tokenizer, train, held, layer_tokens=args.layer_tokens, seed=args.seed)
-    reports = convert_phase(args, teacher, tokenizer, data)
+    bench.log(f"{len(train)} training and {len(held)} held-out sentences")
+    reports = convert_phase(args, teacher, tokenizer, train, held)
     models = {"teacher": teacher}
     for name in reports:
         models[name] = load_bert_checkpoint(args.runs / name / "student")
