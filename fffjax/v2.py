@@ -111,13 +111,13 @@ def routing_margin(
     A logit this close to 0 can take the other branch under another summation order (another
     implementation, block size or device), and the token then reads different rows: an equally
     right answer. Comparing two implementations elementwise is meaningful only on tokens whose
-    margin is well above the summation error (e.g. ``> 1e-5`` for H = 768 in float32). Computes
-    every node's logit, as :func:`masked_forward` does (``(batch, nodes)`` float32): a test-sized tool.
+    margin is well above the summation error (e.g. ``> 1e-5`` for H = 768 in float32). The logits
+    are those of :func:`path_logits`, in float32.
     """
-    z = jnp.matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w_in, jnp.float32).T, precision=HIGHEST)
-    z = z + jnp.asarray(b_in, jnp.float32)
-    path = path_from_logits(z, depth=depth, n_trees=n_trees).reshape(z.shape[0], -1)
-    return jnp.min(jnp.abs(jnp.take_along_axis(z, path, axis=1)), axis=1)
+    f32 = jnp.float32
+    _, logits = path_logits(jnp.asarray(x, f32), jnp.asarray(w_in, f32), jnp.asarray(b_in, f32), depth=depth,
+                            n_trees=n_trees)
+    return jnp.min(jnp.abs(logits).reshape(logits.shape[0], -1), axis=1)
 
 
 def masked_forward(
