@@ -35,6 +35,7 @@ Smoke run of every variant on the CPU (seconds)::
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -57,9 +58,9 @@ def dense(x, w1, b1, w2, b2):
     return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
 
 
-def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0):
+def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, only: list[str] | None = None):
     """``({name: (jitted fn, args)}, (x, weights, kwargs))`` for one layer and token count; ``kernels``:
-    with the forced Pallas variants (interpreted off a GPU)."""
+    with the forced Pallas variants (interpreted off a GPU); ``only``: keep just these variant names."""
     n_trees, depth = LAYERS[layer]
     k_p, k_x, k_d = jax.random.split(jax.random.key(seed), 3)
     p = v2.init(k_p, WIDTH, depth, n_trees=n_trees, dtype=dtype)
@@ -85,7 +86,19 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0):
     dense_w = (jax.random.normal(k1, (WIDTH, DENSE_WIDTH), dtype) * 0.03, jnp.zeros((DENSE_WIDTH,), dtype),
                jax.random.normal(k2, (DENSE_WIDTH, WIDTH), dtype) * 0.03, jnp.zeros((WIDTH,), dtype))
     calls[f"dense_{DENSE_WIDTH}"] = (jax.jit(dense), (x, *dense_w))
+    if only:
+        calls = {k: v for k, v in calls.items() if k in only or k == f"dense_{DENSE_WIDTH}"}
     return calls, (x, w, kw)
+
+
+def first_call_s(calls) -> dict[str, float]:
+    """Wall seconds of each variant's first call (tracing, compilation and one run)."""
+    seconds = {}
+    for name, (fn, args) in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def check(calls, x, w, kw) -> dict[str, float]:
@@ -102,7 +115,9 @@ def check(calls, x, w, kw) -> dict[str, float]:
     return errors
 
 
-def run(args, argv=None) -> dict:
+def run(args, argv=None, on_cell=None) -> dict:
+    """The results of every (layer, token count) cell; ``on_cell(results so far)`` after each cell, so that
+    a run stopped by a time limit leaves the cells it finished."""
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     head = bench.provenance(__file__, argv)
@@ -111,7 +126,9 @@ def run(args, argv=None) -> dict:
     env = {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "load_average_1min_before": os.getloadavg()[0]}
     for layer in args.layers:
         for n in args.tokens:
-            calls, (x, w, kw) = variants(layer, n, dtype, on_gpu or args.kernels)
+            calls, (x, w, kw) = variants(layer, n, dtype, on_gpu or args.kernels, only=args.variants)
+            compile_s = first_call_s(calls)
+            log(f"{layer} T={n} first calls: " + ", ".join(f"{k} {s:.1f} s" for k, s in compile_s.items()))
             errors = check(calls, x, w, kw)
             bad = {k: e for k, e in errors.items() if e > (1e-5 if dtype == jnp.float32 else 2e-2)}
             if bad:
@@ -125,9 +142,13 @@ def run(args, argv=None) -> dict:
                 rows.append({"layer": layer, "tokens": n, "impl": name, "us": t.median_s * 1e6,
                              "min_us": t.min_s * 1e6, "samples": len(t.samples_s),
                              "vs_dense": t.median_s / times[dense].median_s, "device_us": device[name] * 1e6,
-                             "device_vs_dense": device[name] / device[dense], "max_rel_error": errors.get(name)})
+                             "device_vs_dense": device[name] / device[dense], "max_rel_error": errors.get(name),
+                             "first_call_s": compile_s[name]})
             log(f"{layer} T={n}: " + ", ".join(f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f})"
                                                for k, t in times.items()))
+            if on_cell:
+                on_cell({**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH,
+                         "results": rows})
     env["load_average_1min_after"] = os.getloadavg()[0]
     return {**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH, "results": rows}
 
@@ -189,14 +210,19 @@ def main(argv=None) -> None:
     parser.add_argument("--chain", type=int, default=16, help="calls per jitted loop of the device-time column")
     parser.add_argument("--kernels", action="store_true",
                         help="time the forced Pallas variants off a GPU too (interpret mode: a smoke run only)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="time only these variants (the dense layer always runs; default: all)")
     parser.add_argument("--out", default=None, help="folder for few_tokens_{cpu,gpu}.{json,md} (default: print only)")
     args = parser.parse_args(argv)
-    out = run(args, argv)
-    text = markdown(out)
-    print(text)
-    if args.out:
-        name = "few_tokens_gpu" if jax.default_backend() == "gpu" else "few_tokens_cpu"
-        bench.write_results(args.out, name, report=out, markdown=text)
+    name = "few_tokens_gpu" if jax.default_backend() == "gpu" else "few_tokens_cpu"
+
+    def save(out):
+        if args.out:
+            bench.write_results(args.out, name, report=out, markdown=markdown(out))
+
+    out = run(args, argv, on_cell=save)
+    save(out)
+    print(markdown(out))
 
 
 if __name__ == "__main__":

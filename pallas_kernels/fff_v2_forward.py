@@ -17,7 +17,7 @@ grouped by subtree first (:func:`group_by_subtree`), then each block runs its su
 
 At few tokens (up to :data:`WALK_MAX_TOKENS`) the grouped pipeline's fixed costs (route kernel,
 ranking, layout, several launches) dominate; :func:`default_config` then picks the token-order
-kernel as a single launch with small token blocks, several rounds of lookahead and the trees spread
+kernel as a single launch with small token blocks, one level per round and the trees spread
 over programs (:func:`walk_config`).
 """
 
@@ -115,7 +115,9 @@ FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8
 WALK_MAX_TOKENS = 256
 WALK_PROGRAMS = 128        # token blocks the walk aims for: about one per multiprocessor of a Hopper GPU
 WALK_MAX_TREE_PROGRAMS = 16
-WALK_CONFIG = FffV2ForwardConfig(block_t=1, chunk=256, num_warps=4, lookahead=3)
+# One level per round: on the GPU (experiments/results/few_tokens_gpu.md, 1x11 at 1, 8 and 64 tokens) it
+# beats three levels per round both in the layer's time and, by 4x, in the kernel's compile time.
+WALK_CONFIG = FffV2ForwardConfig(block_t=1, chunk=256, num_warps=4, lookahead=1)
 MAX_DEPTH = 15                  # the deepest tree the kernels take; fffjax.ops falls back to "xla" beyond
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns

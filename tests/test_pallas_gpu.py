@@ -9,7 +9,7 @@ from flax import nnx
 import fffjax
 import pallas_kernels as pk
 from fffjax import v2
-from pallas_kernels.fff_v2_forward import GROUPED_CONFIG, FffV2ForwardConfig, default_config
+from pallas_kernels.fff_v2_forward import GROUPED_CONFIG, WALK_CONFIG, FffV2ForwardConfig, default_config
 from pallas_kernels.fff_v2_train import FffV2TrainConfig
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +47,7 @@ def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
 def test_v2_few_token_walk_on_gpu(n_tokens, n_trees, depth, dtype):
     # The default config at these counts (walk_config), compiled.
     x, w_in, b_in, w_out = v2_inputs(3, n_tokens, 768, depth, n_trees, dtype)
-    assert default_config(depth, n_trees, n_tokens, dtype).lookahead > 1
+    assert default_config(depth, n_trees, n_tokens, dtype).lookahead == WALK_CONFIG.lookahead
     y = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
     ref = pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees)
     keep = tie_free_tokens(x, w_in, b_in, depth=depth, n_trees=n_trees)

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 import fffjax
 import pallas_kernels as pk
 from fffjax import v2
-from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, descend_table, fff_v2_forward, subtree_table
+from pallas_kernels.fff_v2_forward import (
+    WALK_CONFIG,
+    FffV2ForwardConfig,
+    descend_table,
+    fff_v2_forward,
+    subtree_table,
+)
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -243,7 +249,8 @@ def _walk_check(n_tokens, n_trees, depth, dtype, width=64, **fields):
                                                           (3, 16, 7, jnp.float32)])
 def test_walk_matches_reference_at_few_tokens(n_tokens, n_trees, depth, dtype):
     config = _walk_check(n_tokens, n_trees, depth, dtype)
-    assert config.tree_programs == n_trees and config.split_level == 0 and config.lookahead > 1
+    assert config.tree_programs == n_trees and config.split_level == 0
+    assert config.lookahead == WALK_CONFIG.lookahead
 
 
 @pytest.mark.slow
@@ -281,7 +288,7 @@ def test_default_config_walks_up_to_the_threshold_and_groups_above():
     for n in (1, 8, 64, WALK_MAX_TOKENS):
         for n_trees, depth in WALK_SHAPES + [(128, 4)]:
             cfg = default_config(depth, n_trees, n, jnp.bfloat16)
-            assert cfg.split_level == 0 and cfg.lookahead > 1
+            assert cfg.split_level == 0 and cfg.lookahead == WALK_CONFIG.lookahead
             assert n_trees % cfg.tree_programs == 0 and cfg.tree_programs == min(n_trees, 16)
             assert -(-n // cfg.block_t) <= WALK_PROGRAMS
     above = default_config(11, 1, WALK_MAX_TOKENS + 1, jnp.bfloat16)
