@@ -17,7 +17,9 @@ _EXPORTS = {
     "UltraFastFF": "fffjax.nn",
     "fff_v1_hard": "fffjax.ops",
     "fff_v2_hard": "fffjax.ops",
+    "fff_v2_streamed": "fffjax.ops.streaming",
     "from_pretrained": "fffjax.pretrained",
+    "stream_v2": "fffjax.ops.streaming",
 }
 _SUBMODULES = ("convert", "nn", "ops", "tree", "v1", "v2")
 
