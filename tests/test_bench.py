@@ -165,3 +165,23 @@ def test_parse_fields_gives_keyword_arguments():
     for bad in ("", "128x", "1x2x3x4x5", "ax4"):
         with pytest.raises(ValueError, match="block_qxnum_warps"):
             bench.parse_fields(bad, names)
+
+
+def test_bench_user_path_smoke_run_records_every_forward_variant_and_training_stage(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_user_path.py"
+    spec = importlib.util.spec_from_file_location("bench_user_path", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--tokens-log2", "6", "6", "--hidden", "32", "--depth", "3", "--dense-width", "64",
+                 "--budget-s", "0.005", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "user_path_cpu.json").read_text())
+    assert [(r["path"], r["weights"]) for r in report["forward"]] == [
+        ("public", "arguments"), ("public", "constants"), ("kernel", "arguments"), ("kernel", "constants"),
+        ("dense", "arguments")]
+    assert all(r["one_call_ms"] > 0 and r["in_loop_ms"] > 0 for r in report["forward"])
+    assert [r["stage"].split(",")[1].strip() for r in report["training"]] == ["public", "masked reference"]
+    assert max(report["gradient_check"]["max_rel_error_x_w_in_b_in_w_out"]) < 1e-5
