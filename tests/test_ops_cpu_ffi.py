@@ -15,13 +15,16 @@ from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry, xla
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
-def test_cpu_ffi_thread_split(monkeypatch, threads):
-    """The C++ kernel's on-demand split over threads (forced by FFFJAX_CPU_THREADS) changes nothing."""
+@pytest.mark.parametrize("n_trees,depth,tree_order", [(2, 7, "0"), (5, 4, "0"), (5, 4, "1")])
+def test_cpu_ffi_thread_split(monkeypatch, threads, n_trees, depth, tree_order):
+    """The C++ kernel's on-demand split over threads (forced by FFFJAX_CPU_THREADS) changes nothing, in
+    either order of several trees (by token block on several threads, or tree by tree: FFFJAX_CPU_TREE_ORDER)."""
     skip_unless_built("cpu_ffi")
     monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
-    x, w_in, b_in, w_out = problem(41, 700, 64, 7, 2, 48)
-    actual = fff_v2_hard(x, w_in, b_in, w_out, depth=7, n_trees=2, implementation="cpu_ffi")
-    assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=7, n_trees=2))
+    monkeypatch.setenv("FFFJAX_CPU_TREE_ORDER", tree_order)
+    x, w_in, b_in, w_out = problem(41, 700, 64, depth, n_trees, 48)
+    actual = fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, implementation="cpu_ffi")
+    assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees))
 
 
 def test_cpu_prefers_ffi_and_falls_back_to_xla():

@@ -160,8 +160,9 @@ void walk(const Problem& p, int64_t k, const int32_t* order, int64_t i_begin, in
 
 // y[t] (+)= sum_l acts[t, l] * w_out[path[t, l]] for tokens order[i], i in [i_begin, i_end):
 // 128 output columns at a time held in 8 registers while the token's rows stream past.
+// stream_out: store y past the caches (it is not read again soon).
 void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t i_end,
-                const int32_t* path, const float* acts, bool add) {
+                const int32_t* path, const float* acts, bool add, bool stream_out) {
   const int64_t levels = p.levels();
   const float* rows[kMaxLevels];
   for (int64_t i = i_begin; i < i_end; ++i) {
@@ -169,8 +170,8 @@ void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t
     const float* a = acts + t * levels;
     for (int64_t l = 0; l < levels; ++l) rows[l] = p.w_out + int64_t{path[t * levels + l]} * p.h_out;
     float* y = p.y + t * p.h_out;
-    // Written once and not read again here: stream it past the caches, which hold the weights.
-    const bool stream = !add && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+    // Not read again here: stream it past the caches, which hold the weights.
+    const bool stream = stream_out && reinterpret_cast<uintptr_t>(y) % 64 == 0;
     int64_t c = 0;
     for (; c + 128 <= p.h_out; c += 128) {
       v16 acc[8];
@@ -276,6 +277,29 @@ void run(const Problem& p) {
   int32_t* node_p = node.data();
   int32_t* path_p = path.data();
   float* acts_p = acts.data();
+  // Several trees on several threads: each block of kBlock tokens goes through every tree, tree by
+  // tree, before the next block. Threads start once per call (not twice per tree, which on a busy
+  // machine costs more than the work), a tree's rows are reused by the block's tokens, and the
+  // block's outputs stay in cache across its trees; the subtree sort is given up. On one thread
+  // the trees run one after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=1 takes that
+  // order on several threads too (for measuring the choice).
+  const char* order_env = std::getenv("FFFJAX_CPU_TREE_ORDER");
+  if (p.n_trees > 1 && threads > 1 && !(order_env && std::atoi(order_env) == 1)) {
+    parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
+      for (int64_t k = 0; k < p.n_trees; ++k) {
+        std::fill(node_p + b, node_p + e, 0);
+        for (int64_t c = b; c < e; c += kChunk) {
+          const int64_t ce = std::min(e, c + kChunk);
+          walk(p, k, nullptr, c, ce, 0, levels, node_p, path_p, acts_p);
+          accumulate(p, nullptr, c, ce, path_p, acts_p, k > 0, k == p.n_trees - 1);
+        }
+      }
+#if defined(__x86_64__)
+      __builtin_ia32_sfence();
+#endif
+    });
+    return;
+  }
   for (int64_t k = 0; k < p.n_trees; ++k) {
     std::fill(node_p, node_p + p.tokens, 0);
     parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
@@ -287,7 +311,7 @@ void run(const Problem& p) {
       for (int64_t c = b; c < e; c += kChunk) {
         const int64_t ce = std::min(e, c + kChunk);
         walk(p, k, ord, c, ce, top, levels, node_p, path_p, acts_p);
-        accumulate(p, ord, c, ce, path_p, acts_p, k > 0);
+        accumulate(p, ord, c, ce, path_p, acts_p, k > 0, k == 0);
       }
 #if defined(__x86_64__)
       __builtin_ia32_sfence();  // order the streamed stores before the thread reports done
