@@ -3,9 +3,9 @@
 In one process:
 
 1. copies from pinned host memory to the device: latency (the smallest copy) and bandwidth (the largest);
-2. exactness of both ways of serving the cold levels (:func:`fffjax.fff_v2_streamed`, ``serve="fetch"``
-   and ``"host"``) against the on-device layer, on a layer that fits (``--check-depth``);
-3. per-token latency and tokens/s at each batch for both, on the big layer, beside the hot levels alone
+2. for each way of serving the cold levels (:func:`fffjax.fff_v2_streamed`, ``serve="fetch"`` and
+   ``"host"``): its exactness against the on-device layer, on a layer that fits (``--check-depth``), then
+   per-token latency and tokens/s at each batch on the big layer, side by side with the hot levels alone,
    and the floor: the bytes a call must move over the link at the measured bandwidth (plus one latency).
 
 The big layer's weights are random (speed does not depend on them): the hot levels drawn on the device,
@@ -91,8 +91,8 @@ def copy_times(max_bytes: int, budget_s: float) -> list[dict]:
     return rows
 
 
-def check_exactness(dtype) -> dict[str, float]:
-    """Max |error| / max(1, max|ref|) of each serving mode against the on-device layer (tie-free tokens)."""
+def check_exactness(dtype, serve: str) -> float:
+    """Max |error| / max(1, max|ref|) of ``serve`` against the float32 on-device layer (tie-free tokens)."""
     depth, hot = args.check_depth, max(0, args.check_depth - 3)
     p = v2.init(jax.random.key(3), args.hidden, depth, n_trees=args.trees, dtype=dtype)
     x = jax.random.normal(jax.random.key(4), (256, args.hidden), dtype)
@@ -101,12 +101,8 @@ def check_exactness(dtype) -> dict[str, float]:
                                             depth=depth, n_trees=args.trees))
     keep = np.asarray(v2.routing_margin(x.astype(jnp.float32), p["w_in"].astype(jnp.float32),
                                         p["b_in"].astype(jnp.float32), depth=depth, n_trees=args.trees) > 1e-3)
-    scale = max(1.0, float(np.abs(ref).max()))
-    errors = {}
-    for serve in args.serve:
-        y = np.asarray(fffjax.fff_v2_streamed(x, layer, serve=serve).astype(jnp.float32))
-        errors[serve] = float(np.abs(y - ref)[keep].max()) / scale
-    return errors
+    y = np.asarray(fffjax.fff_v2_streamed(x, layer, serve=serve).astype(jnp.float32))
+    return float(np.abs(y - ref)[keep].max()) / max(1.0, float(np.abs(ref).max()))
 
 
 def big_layer(dtype) -> streaming.StreamedV2:
@@ -140,45 +136,39 @@ def big_layer(dtype) -> streaming.StreamedV2:
                                 depth=args.depth, n_trees=K, hot_levels=k)
 
 
-def time_layer(layer: streaming.StreamedV2, dtype, latency_s: float, bandwidth: float) -> list[dict]:
-    """Per batch: each serving mode and the hot levels alone, timed side by side, with the link's floor."""
-    rows = []
-    itemsize = jnp.dtype(dtype).itemsize
+def time_cell(layer: streaming.StreamedV2, serve: str, batch: int, latency_s: float, bandwidth: float) -> list[dict]:
+    """One serving mode at one batch beside the hot levels alone, timed side by side, with the link's floor."""
+    itemsize = layer.cold.dtype.itemsize
     bundle = (layer.din + layer.dout + 1) * itemsize
-    fns = {serve: jax.jit(lambda x, layer, serve=serve: fffjax.fff_v2_streamed(x, layer, serve=serve))
-           for serve in args.serve}
-    fns["hot levels only"] = jax.jit(lambda x, layer: streaming.hot_walk(x, layer)[0])
-    for batch in args.batches:
-        x = jax.random.normal(jax.random.key(batch), (batch, layer.din), dtype)
-        first, errors, ok = {}, {}, {}
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            try:
-                jax.block_until_ready(fn(x, layer))
-                ok[name] = fn
-            except Exception as error:          # a serving mode the platform cannot compile: reported, not fatal
-                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                log(f"batch {batch}: {name} failed: {errors[name]}")
-            first[name] = time.perf_counter() - start
-        times = bench.side_by_side({n: (lambda fn=fn, x=x: fn(x, layer)) for n, fn in ok.items()}, rounds=args.rounds,
-                                   budget_s=args.budget_s) if ok else {}
-        moved = {"fetch": batch * layer.n_trees * layer.subtree_nodes * bundle,
-                 "host": batch * (layer.din + layer.dout) * itemsize + batch * layer.n_trees * 4,
-                 "hot levels only": 0}
-        for name in fns:
-            t = times.get(name)
-            floor = (latency_s + moved[name] / bandwidth) if name != "hot levels only" else None
-            rows.append({"batch": batch, "variant": name, "ms": t and t.median_s * 1e3,
-                         "us_per_token": t and t.median_s * 1e6 / batch, "tokens_per_s": t and batch / t.median_s,
-                         "link_bytes": moved[name],
-                         "host_rows_read_bytes": batch * layer.n_trees * (
-                             layer.subtree_nodes if name == "fetch" else layer.cold_levels) * bundle
-                         if name != "hot levels only" else 0,
-                         "floor_ms": floor and floor * 1e3,
-                         "floor_fraction": floor and t and floor / t.median_s,
-                         "first_call_s": first[name], "error": errors.get(name)})
-        log(f"batch {batch}: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ms" for r in rows[-len(fns):]
-                                           if r["ms"] is not None))
+    fns = {serve: jax.jit(lambda x, layer: fffjax.fff_v2_streamed(x, layer, serve=serve)),
+           "hot levels only": jax.jit(lambda x, layer: streaming.hot_walk(x, layer)[0])}
+    x = jax.random.normal(jax.random.key(batch), (batch, layer.din), layer.cold.dtype)
+    first, errors, ok = {}, {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        try:
+            jax.block_until_ready(fn(x, layer))
+            ok[name] = fn
+        except Exception as error:          # a serving mode the platform cannot compile: reported, not fatal
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            log(f"batch {batch}: {name} failed: {errors[name]}")
+        first[name] = time.perf_counter() - start
+    times = bench.side_by_side({n: (lambda fn=fn: fn(x, layer)) for n, fn in ok.items()}, rounds=args.rounds,
+                               budget_s=args.budget_s) if ok else {}
+    moved = {"fetch": batch * layer.n_trees * layer.subtree_nodes * bundle,
+             "host": batch * (layer.din + layer.dout) * itemsize + batch * layer.n_trees * 4, "hot levels only": 0}
+    read = {"fetch": batch * layer.n_trees * layer.subtree_nodes * bundle,
+            "host": batch * layer.n_trees * layer.cold_levels * bundle, "hot levels only": 0}
+    rows = []
+    for name in fns:
+        t = times.get(name)
+        floor = latency_s + moved[name] / bandwidth if name != "hot levels only" else None
+        rows.append({"batch": batch, "variant": name, "ms": t and t.median_s * 1e3,
+                     "us_per_token": t and t.median_s * 1e6 / batch, "tokens_per_s": t and batch / t.median_s,
+                     "link_bytes": moved[name], "host_rows_read_bytes": read[name],
+                     "floor_ms": floor and floor * 1e3, "floor_fraction": floor and t and floor / t.median_s,
+                     "first_call_s": first[name], "error": errors.get(name)})
+    log(f"batch {batch}: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ms" for r in rows if r["ms"] is not None))
     return rows
 
 
@@ -224,28 +214,37 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
+    """Writes the results after every stage: a serving mode that brings the process down (host compute is
+    young on GPUs) leaves what ran before it."""
     dtype = jnp.dtype(args.dtype)
     head = bench.provenance(__file__, sys.argv[1:])
     log(f"{head['command']} on {head['device_kind']}, cap {args.device_memory_gb} GB (fraction {MEM_FRACTION})")
     out = {**head, "dtype": dtype.name, "device_memory_gb": args.device_memory_gb, "mem_fraction": MEM_FRACTION,
-           "check_depth": args.check_depth}
+           "check_depth": args.check_depth, "exactness": {}, "results": []}
+    name = "streaming_gpu" if jax.default_backend() == "gpu" else "streaming_cpu"
+
+    def save():
+        if args.out:
+            bench.write_results(args.out, name, report=out, markdown=markdown(out))
+
     copies = copy_times(int(args.copy_max_mb * 2**20), min(args.budget_s, 1.0))
     out.update(copies=copies, latency_s=copies[0]["s"], bandwidth=copies[-1]["bytes"] / copies[-1]["s"])
     log(f"copies: latency {out['latency_s'] * 1e6:.1f} us, bandwidth {out['bandwidth'] / 1e9:.2f} GB/s")
-    out["exactness"] = check_exactness(dtype)
-    log(f"exactness: {out['exactness']}")
     layer = big_layer(dtype)
     bundle = (layer.din + layer.dout + 1) * dtype.itemsize
     hot_gb = layer.hot_w_in.nbytes * 2 / 1e9 + layer.hot_b_in.nbytes / 1e9
     out["layer"] = {"hidden": args.hidden, "trees": args.trees, "depth": args.depth, "hot_levels": args.hot_levels,
                     "cold_levels": layer.cold_levels, "subtree_nodes": layer.subtree_nodes, "bundle_bytes": bundle,
                     "hot_gb": hot_gb, "cold_gb": layer.cold.nbytes / 1e9, "total_gb": hot_gb + layer.cold.nbytes / 1e9}
-    out["results"] = time_layer(layer, dtype, out["latency_s"], out["bandwidth"])
-    text = markdown(out)
-    print(text)
-    if args.out:
-        name = "streaming_gpu" if jax.default_backend() == "gpu" else "streaming_cpu"
-        bench.write_results(args.out, name, report=out, markdown=text)
+    save()
+    for serve in args.serve:
+        out["exactness"][serve] = check_exactness(dtype, serve)
+        log(f"exactness of {serve}: {out['exactness'][serve]:.2e}")
+        save()
+        for batch in args.batches:
+            out["results"] += time_cell(layer, serve, batch, out["latency_s"], out["bandwidth"])
+            save()
+    print(markdown(out))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ int thread_count(int64_t items, int64_t per_thread, int64_t forced_min) {
 // FFF-v2 tokens per thread: a 1x11 layer over H = 768 takes ~2 us a token on one thread, so 512
 // tokens (~1 ms) repay a second thread; the 128 tokens of one sequence do not.
 constexpr int64_t kTokensPerThread = 512;
+constexpr int64_t kBlockOrderMinTrees = 16;
 
 // Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
 // threads (the caller's included): on a shared machine a descheduled thread does not hold the
@@ -280,11 +281,14 @@ void run(const Problem& p) {
   // Several trees on several threads: each block of kBlock tokens goes through every tree, tree by
   // tree, before the next block. Threads start once per call (not twice per tree, which on a busy
   // machine costs more than the work), a tree's rows are reused by the block's tokens, and the
-  // block's outputs stay in cache across its trees; the subtree sort is given up. On one thread
-  // the trees run one after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=1 takes that
-  // order on several threads too (for measuring the choice).
+  // block's outputs stay in cache across its trees; the subtree sort is given up, which costs deep
+  // trees more than the thread starts save when they are few (4x9), so the block order is taken from
+  // kBlockOrderMinTrees trees (experiments/results/cpu_tree_order.md). On one thread the trees run one
+  // after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=0 / =1 forces the block / tree
+  // order (for measuring the choice).
   const char* order_env = std::getenv("FFFJAX_CPU_TREE_ORDER");
-  if (p.n_trees > 1 && threads > 1 && !(order_env && std::atoi(order_env) == 1)) {
+  const bool block_order = order_env ? std::atoi(order_env) == 0 : p.n_trees >= kBlockOrderMinTrees;
+  if (p.n_trees > 1 && threads > 1 && block_order) {
     parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
       for (int64_t k = 0; k < p.n_trees; ++k) {
         std::fill(node_p + b, node_p + e, 0);
