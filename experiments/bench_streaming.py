@@ -52,7 +52,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--device-memory-gb", type=float, default=None, help="cap on the GPU memory of this process")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
-    ap.add_argument("--serve", nargs="+", default=["fetch", "host"], choices=("fetch", "host"))
+    ap.add_argument("--serve", nargs="+", default=["fetch", "staged", "host"], choices=("fetch", "staged", "host"),
+                    help="fetch / host: fff_v2_streamed's serving modes; staged: the fetch done outside XLA (a numpy "
+                         "gather of the blocks from a host copy, device_put) between two jitted stages")
     ap.add_argument("--copy-max-mb", type=float, default=1024, help="largest host-to-device copy timed")
     ap.add_argument("--check-depth", type=int, default=10, help="depth of the exactness check's layer")
     ap.add_argument("--rounds", type=int, default=30)
@@ -91,6 +93,21 @@ def copy_times(max_bytes: int, budget_s: float) -> list[dict]:
     return rows
 
 
+def serving_fn(serve: str, cold_np: np.ndarray | None):
+    """``f(x, layer)`` for a serving mode; ``"staged"`` reads the blocks from ``cold_np`` (``layer.cold``'s
+    values in a numpy array) with a numpy gather and copies them in with ``device_put``."""
+    if serve != "staged":
+        return jax.jit(lambda x, layer: fffjax.fff_v2_streamed(x, layer, serve=serve))
+    hot, finish = jax.jit(streaming.hot_walk), jax.jit(streaming.walk_fetched)
+
+    def staged(x, layer):
+        y, block = hot(x, layer)
+        blocks = jax.device_put(cold_np[np.asarray(block)])
+        return finish(x, blocks, y, layer).astype(x.dtype)
+
+    return staged
+
+
 def check_exactness(dtype, serve: str) -> float:
     """Max |error| / max(1, max|ref|) of ``serve`` against the float32 on-device layer (tie-free tokens)."""
     depth, hot = args.check_depth, max(0, args.check_depth - 3)
@@ -101,12 +118,15 @@ def check_exactness(dtype, serve: str) -> float:
                                             depth=depth, n_trees=args.trees))
     keep = np.asarray(v2.routing_margin(x.astype(jnp.float32), p["w_in"].astype(jnp.float32),
                                         p["b_in"].astype(jnp.float32), depth=depth, n_trees=args.trees) > 1e-3)
-    y = np.asarray(fffjax.fff_v2_streamed(x, layer, serve=serve).astype(jnp.float32))
+    cold_np = streaming.bundle_cold_levels(p["w_in"], p["b_in"], p["w_out"], depth=depth, n_trees=args.trees,
+                                           hot_levels=hot)
+    y = np.asarray(serving_fn(serve, cold_np)(x, layer).astype(jnp.float32))
     return float(np.abs(y - ref)[keep].max()) / max(1.0, float(np.abs(ref).max()))
 
 
-def big_layer(dtype) -> streaming.StreamedV2:
-    """A random layer of ``--depth`` with its hot levels on the device and its cold bundles in pinned host memory."""
+def big_layer(dtype) -> tuple[streaming.StreamedV2, np.ndarray | None]:
+    """A random layer of ``--depth`` with its hot levels on the device and its cold bundles in pinned host memory,
+    and the cold bundles' numpy copy where ``"staged"`` is served (None otherwise)."""
     k, K, H = args.hot_levels, args.trees, args.hidden
     tree.check_depth(args.depth)
     streaming.check_hot_levels(k, args.depth)
@@ -130,17 +150,20 @@ def big_layer(dtype) -> streaming.StreamedV2:
     on_host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=streaming.COLD_MEMORY_KIND)
     cold_host = jax.device_put(cold, on_host)
     cold_host.block_until_ready()
-    del cold
+    if "staged" not in args.serve:
+        del cold
+        cold = None
     log(f"cold bundles in pinned host memory: {cold_host.nbytes / 1e9:.1f} GB in {time.perf_counter() - start:.0f} s")
     return streaming.StreamedV2(hot_w_in=hot_w_in, hot_b_in=hot_b_in, hot_w_out=hot_w_out, cold=cold_host,
-                                depth=args.depth, n_trees=K, hot_levels=k)
+                                depth=args.depth, n_trees=K, hot_levels=k), cold
 
 
-def time_cell(layer: streaming.StreamedV2, serve: str, batch: int, latency_s: float, bandwidth: float) -> list[dict]:
+def time_cell(layer: streaming.StreamedV2, cold_np, serve: str, batch: int, latency_s: float,
+              bandwidth: float) -> list[dict]:
     """One serving mode at one batch beside the hot levels alone, timed side by side, with the link's floor."""
     itemsize = layer.cold.dtype.itemsize
     bundle = (layer.din + layer.dout + 1) * itemsize
-    fns = {serve: jax.jit(lambda x, layer: fffjax.fff_v2_streamed(x, layer, serve=serve)),
+    fns = {serve: serving_fn(serve, cold_np),
            "hot levels only": jax.jit(lambda x, layer: streaming.hot_walk(x, layer)[0])}
     x = jax.random.normal(jax.random.key(batch), (batch, layer.din), layer.cold.dtype)
     first, errors, ok = {}, {}, {}
@@ -155,9 +178,10 @@ def time_cell(layer: streaming.StreamedV2, serve: str, batch: int, latency_s: fl
         first[name] = time.perf_counter() - start
     times = bench.side_by_side({n: (lambda fn=fn: fn(x, layer)) for n, fn in ok.items()}, rounds=args.rounds,
                                budget_s=args.budget_s) if ok else {}
-    moved = {"fetch": batch * layer.n_trees * layer.subtree_nodes * bundle,
+    fetched = batch * layer.n_trees * layer.subtree_nodes * bundle
+    moved = {"fetch": fetched, "staged": fetched,
              "host": batch * (layer.din + layer.dout) * itemsize + batch * layer.n_trees * 4, "hot levels only": 0}
-    read = {"fetch": batch * layer.n_trees * layer.subtree_nodes * bundle,
+    read = {"fetch": fetched, "staged": fetched,
             "host": batch * layer.n_trees * layer.cold_levels * bundle, "hot levels only": 0}
     rows = []
     for name in fns:
@@ -193,9 +217,11 @@ def markdown(out: dict) -> str:
               f"{out['check_depth']}, 256 tokens (tokens with a routing logit within 1e-3 of 0 left out): "
               + ", ".join(f"`{k}` {v:.2e}" for k, v in out["exactness"].items()) + ".", "",
               "## Per call", "",
-              "*link MB*: bytes a call must move between host and device (fetch: every token's whole cold "
-              "subtree; host: the tokens and the partial outputs); *floor*: one copy latency + link bytes at "
-              "the measured bandwidth; *of floor*: floor / measured (1 = at the floor). *host rows MB*: "
+              "*link MB*: bytes a call must move between host and device (fetch and staged: every token's whole "
+              "cold subtree; host: the tokens and the partial outputs); *staged*: the fetch done outside XLA, a "
+              "numpy gather from a host copy of the bundles and `device_put` between two jitted stages; "
+              "*floor*: one copy latency + link bytes at the measured bandwidth; *of floor*: floor / measured "
+              "(1 = at the floor). *host rows MB*: "
               "bundle rows read in host memory.", "",
               "| batch | variant | ms | us/token | tokens/s | link MB | host rows MB | floor ms | of floor "
               "| first call s |",
@@ -230,7 +256,7 @@ def main() -> None:
     copies = copy_times(int(args.copy_max_mb * 2**20), min(args.budget_s, 1.0))
     out.update(copies=copies, latency_s=copies[0]["s"], bandwidth=copies[-1]["bytes"] / copies[-1]["s"])
     log(f"copies: latency {out['latency_s'] * 1e6:.1f} us, bandwidth {out['bandwidth'] / 1e9:.2f} GB/s")
-    layer = big_layer(dtype)
+    layer, cold_np = big_layer(dtype)
     bundle = (layer.din + layer.dout + 1) * dtype.itemsize
     hot_gb = layer.hot_w_in.nbytes * 2 / 1e9 + layer.hot_b_in.nbytes / 1e9
     out["layer"] = {"hidden": args.hidden, "trees": args.trees, "depth": args.depth, "hot_levels": args.hot_levels,
@@ -242,7 +268,7 @@ def main() -> None:
         log(f"exactness of {serve}: {out['exactness'][serve]:.2e}")
         save()
         for batch in args.batches:
-            out["results"] += time_cell(layer, serve, batch, out["latency_s"], out["bandwidth"])
+            out["results"] += time_cell(layer, cold_np, serve, batch, out["latency_s"], out["bandwidth"])
             save()
     print(markdown(out))
 

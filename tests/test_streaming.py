@@ -89,9 +89,10 @@ def test_bench_streaming_smoke_run_writes_every_batch_and_serving_mode(tmp_path)
     report = json.loads((tmp_path / "streaming_cpu.json").read_text())
     assert max(report["exactness"].values()) < 1e-5
     assert [(r["batch"], r["variant"]) for r in report["results"]] == [
-        (b, v) for serve in ("fetch", "host") for b in (1, 5) for v in (serve, "hot levels only")]
+        (b, v) for serve in ("fetch", "staged", "host") for b in (1, 5) for v in (serve, "hot levels only")]
     assert all(r["error"] is None and r["ms"] > 0 for r in report["results"])
-    fetch = next(r for r in report["results"] if r["batch"] == 5 and r["variant"] == "fetch")
-    # 5 tokens x 1 tree x a cold subtree of 4 levels (15 rows) x bundle rows of 2 * 32 + 1 float32 values
-    assert fetch["link_bytes"] == 5 * 15 * 65 * 4
+    for variant in ("fetch", "staged"):
+        fetch = next(r for r in report["results"] if r["batch"] == 5 and r["variant"] == variant)
+        # 5 tokens x 1 tree x a cold subtree of 4 levels (15 rows) x bundle rows of 2 * 32 + 1 float32 values
+        assert fetch["link_bytes"] == 5 * 15 * 65 * 4
     assert report["layer"]["cold_levels"] == 4 and report["layer"]["subtree_nodes"] == 15

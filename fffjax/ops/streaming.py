@@ -181,6 +181,15 @@ def _cold_walk(x, rows_of, layer: StreamedV2, s, y):
     return y
 
 
+def walk_fetched(x: Float[Array, "batch din"], blocks: Float[Array, "batch trees subtree_nodes bundle"],
+                 y: Float[Array, "batch dout"], layer: StreamedV2) -> Float[Array, "batch dout"]:
+    """The cold levels on the device from each token's fetched subtree blocks (``layer.cold`` rows of the
+    blocks :func:`hot_walk` names), added to the hot levels' output ``y`` (float32 for 16-bit inputs).
+    ``layer.cold`` itself is not read: a caller may fetch the blocks its own way."""
+    s = jnp.zeros(blocks.shape[:2], jnp.int32)
+    return _cold_walk(x, lambda s: jnp.take_along_axis(blocks, s[..., None, None], axis=2)[:, :, 0], layer, s, y)
+
+
 @functools.partial(jax.jit, static_argnames=("serve",))
 def fff_v2_streamed(x: Float[Array, "batch din"], layer: StreamedV2, *,
                     serve: str = "fetch") -> Float[Array, "batch dout"]:
@@ -195,9 +204,7 @@ def fff_v2_streamed(x: Float[Array, "batch din"], layer: StreamedV2, *,
     if serve == "fetch":
         with compute_on("device_host"):
             blocks = layer.cold[block_on_host]                        # (B, K, subtree_nodes, bundle)
-        blocks = jax.device_put(blocks, jax.memory.Space.Device)
-        y = _cold_walk(x, lambda s: jnp.take_along_axis(blocks, s[..., None, None], axis=2)[:, :, 0],
-                       layer, jnp.zeros_like(block), y)
+        y = walk_fetched(x, jax.device_put(blocks, jax.memory.Space.Device), y, layer)
     else:
         x_on_host, s_on_host, y_on_host = jax.device_put(
             (x, jnp.zeros_like(block), jnp.zeros_like(y)), jax.memory.Space.Host)
