@@ -203,7 +203,8 @@ def test_causal_attention_matches_the_masked_einsum_form():
         ops.attention(qkv, key_bias, num_heads=heads, scale=0.5, causal=True, implementation="pallas")
 
 
-def test_cached_attention_matches_the_einsum_form_and_the_causal_rows():
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_cached_attention_matches_the_einsum_form_and_the_causal_rows(implementation):
     batch, seq, heads, width = 2, 6, 2, 4
     qkv = jax.random.normal(jax.random.key(3), (batch, seq, 3 * heads * width))
     q, k, v = ops.split_heads(qkv, heads)
@@ -213,7 +214,8 @@ def test_cached_attention_matches_the_einsum_form_and_the_causal_rows():
     v_cache = jnp.zeros((batch, slots, heads, width)).at[:, :seq].set(v)
     for t in range(seq):   # query t sees the slots 0..t, as the causal form's row t
         key_bias = jnp.where(jnp.arange(slots) <= t, 0.0, -10000.0)[None].repeat(batch, 0)
-        got = ops.cached_attention(q[:, t:t + 1], k_cache, v_cache, key_bias, scale=0.5)
+        got = ops.cached_attention(q[:, t:t + 1], k_cache, v_cache, key_bias, scale=0.5,
+                                   implementation=implementation)
         assert got.shape == (batch, 1, heads * width)
         np.testing.assert_allclose(got[:, 0], causal[:, t], atol=1e-5)
     with pytest.raises(ValueError, match=r"v must have shape \(2, 9, 2, 4\)"):

@@ -224,3 +224,56 @@ def test_cpu_ffi_attention_declines_what_it_does_not_compute():
     with pytest.raises(NotImplementedError):
         cpu_ffi.registered_fn_attention(jnp.zeros((1, 4, 6), jnp.int32), None, num_heads=2, scale=1.0)
     assert registry.candidates("attention", None, jnp.float32, {}) == ("xla",)
+
+
+# --------------------------------------------------------------------------- cached attention
+
+
+def _cache_problem(batch, queries, slots, heads, width, seed=5):
+    q, k, v = (jax.random.normal(key, (batch, n, heads, width))
+               for key, n in zip(jax.random.split(jax.random.key(seed), 3), (queries, slots, slots), strict=True))
+    filled = jnp.arange(slots)[None] < jnp.arange(1, batch + 1)[:, None] * slots // (batch + 1)
+    return q, k, v, jnp.where(filled, 0.0, -10000.0)    # rows fill different numbers of slots
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256, 8, 64), (3, 1, 37, 4, 24), (2, 5, 20, 3, 16), (4, 1, 9, 2, 7)])
+def test_cpu_ffi_cached_attention_matches_xla(shape):
+    skip_unless_built("cpu_ffi")
+    q, k, v, key_bias = _cache_problem(*shape)
+    for bias in (key_bias, None):
+        got = ops.cached_attention(q, k, v, bias, scale=0.3, implementation="cpu_ffi")
+        want = ops.cached_attention(q, k, v, bias, scale=0.3, implementation="xla")
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_cpu_ffi_cached_attention_thread_split(monkeypatch, threads):
+    skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
+    q, k, v, key_bias = _cache_problem(6, 1, 64, 4, 32)
+    np.testing.assert_allclose(ops.cached_attention(q, k, v, key_bias, scale=0.2, implementation="cpu_ffi"),
+                               ops.cached_attention(q, k, v, key_bias, scale=0.2, implementation="xla"),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_cpu_ffi_cached_attention_bfloat16_and_gradients():
+    skip_unless_built("cpu_ffi")
+    q, k, v, key_bias = _cache_problem(2, 1, 24, 2, 16)
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    got = ops.cached_attention(*bf, key_bias, scale=0.25, implementation="cpu_ffi")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), ops.cached_attention(
+        *(a.astype(jnp.float32) for a in bf), key_bias, scale=0.25, implementation="xla"), atol=2e-2)
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum(ops.cached_attention(q, k, v, key_bias, scale=0.25,
+                                                            implementation=implementation) ** 2)
+
+    for g_ffi, g_xla in zip(jax.grad(loss("cpu_ffi"), argnums=(0, 1, 2))(q, k, v),
+                            jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(g_ffi, g_xla, atol=1e-5)
+
+
+def test_cpu_prefers_the_cached_attention_kernel():
+    names = registry.candidates("cached_attention", None, jnp.float32, {"scale": 1.0})
+    assert names == (("cpu_ffi", "xla") if jax.default_backend() == "cpu" else ("xla",))

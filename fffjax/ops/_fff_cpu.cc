@@ -1,4 +1,4 @@
-// FFF-v2 and FFF-v1 hard forwards and attention on the CPU as XLA FFI custom calls (float32).
+// FFF-v2 and FFF-v1 hard forwards, attention and cached (decode) attention on the CPU as XLA FFI custom calls (float32).
 //
 // FFF-v2 (FffV2HardF32):
 // Per token and tree: walk the D+1 levels, one dot product with the node's w_in row per level
@@ -797,6 +797,85 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> key_bi
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------- cached attention
+
+struct CachedAttentionProblem {
+  const float* q;         // (batch, queries, heads, d)
+  const float* k;         // (batch, slots, heads, d)
+  const float* v;         // (batch, slots, heads, d)
+  const float* key_bias;  // (batch, slots)
+  float* out;             // (batch, queries, heads * d)
+  int64_t batch, queries, slots, heads, d;
+  float scale;
+};
+
+inline float dot_row(const float* a, const float* b, int64_t n) {
+  v16 acc = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Queries of one (sequence b, head n) over its cache: scores against every slot's key (rows read in
+// place, heads * d apart), the softmax of attention_head, then the probability-weighted sum of the
+// value rows. Decoding asks one query per row: a matrix-vector product, bound by reading the cache.
+void cached_attention_head(const CachedAttentionProblem& p, int64_t b, int64_t n, std::vector<float>& scores,
+                           std::vector<float>& bias, std::vector<float>& ctx) {
+  const int64_t slots16 = round16(p.slots), d = p.d, row = p.heads * d;
+  const float* k = p.k + b * p.slots * row + n * d;
+  const float* v = p.v + b * p.slots * row + n * d;
+  std::memcpy(bias.data(), p.key_bias + b * p.slots, p.slots * sizeof(float));
+  for (int64_t qi = 0; qi < p.queries; ++qi) {
+    const float* q = p.q + (b * p.queries + qi) * row + n * d;
+    for (int64_t t = 0; t < p.slots; ++t) scores[t] = dot_row(q, k + t * row, d);
+    softmax_row(scores.data(), bias.data(), slots16, p.scale);
+    std::fill(ctx.begin(), ctx.end(), 0.0f);
+    for (int64_t t = 0; t < p.slots; ++t) {
+      const float w = scores[t];
+      const float* vt = v + t * row;
+      int64_t i = 0;
+      for (; i + 16 <= d; i += 16) store16(ctx.data() + i, load16(ctx.data() + i) + w * load16(vt + i));
+      for (; i < d; ++i) ctx[i] += w * vt[i];
+    }
+    std::memcpy(p.out + (b * p.queries + qi) * row + n * d, ctx.data(), d * sizeof(float));
+  }
+}
+
+void run_cached_attention(const CachedAttentionProblem& p) {
+  const int64_t units = p.batch * p.heads;
+  const int64_t work_per_unit = std::max<int64_t>(1, 2 * p.queries * p.slots * p.d);
+  const int threads = units == 0 ? 1 : thread_count(units * work_per_unit, kAttentionWorkPerThread, work_per_unit);
+  parallel_for(threads, units, 1, [&](int64_t begin, int64_t end) {
+    // Scores and bias padded to 16 lanes: -inf bias beyond the slots makes them 0 in the softmax.
+    std::vector<float> scores(round16(p.slots), 0.0f), ctx(round16(p.d), 0.0f);
+    std::vector<float> bias(round16(p.slots), -std::numeric_limits<float>::infinity());
+    for (int64_t u = begin; u < end; ++u) cached_attention_head(p, u / p.heads, u % p.heads, scores, bias, ctx);
+  });
+}
+
+ffi::Error CachedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (q.dimensions().size() != 4 || k.dimensions().size() != 4 || v.dimensions().size() != 4 ||
+      key_bias.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("fffjax_cached_attention: q, k, v must be 4-D and key_bias 2-D");
+  }
+  const int64_t batch = q.dimensions()[0], queries = q.dimensions()[1], heads = q.dimensions()[2],
+                d = q.dimensions()[3], slots = k.dimensions()[1];
+  for (const auto& kv : {k.dimensions(), v.dimensions()}) {
+    if (kv[0] != batch || kv[1] != slots || kv[2] != heads || kv[3] != d) {
+      return ffi::Error::InvalidArgument("fffjax_cached_attention: k and v must have shape (batch, slots, heads, d)");
+    }
+  }
+  if (key_bias.dimensions()[0] != batch || key_bias.dimensions()[1] != slots) {
+    return ffi::Error::InvalidArgument("fffjax_cached_attention: key_bias must have shape (batch, slots)");
+  }
+  run_cached_attention(CachedAttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), key_bias.typed_data(),
+                                              out->typed_data(), batch, queries, slots, heads, d, scale});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FffV2HardF32, FffV2HardImpl,
@@ -829,4 +908,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionF32, AttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("num_heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionF32, CachedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

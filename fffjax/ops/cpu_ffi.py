@@ -13,9 +13,11 @@ routing, the leaf's two-layer MLP; ``activation=jax.nn.relu`` and the exact GELU
 are compiled (any other raises ``NotImplementedError``, so the registry falls back to ``"xla"``). Attention is that of
 :func:`fffjax.ops.xla.attention` (crammed BERT's fused, per-head interleaved QKV projection, an additive
 bias per key, float32 softmax), read from the fused projection as it is, with no transposed copies of
-q, k and v. bf16/f16 inputs are computed in float32 and cast back. Gradients come from ``custom_vjp``
-functions whose backward is the differentiable jnp path (:func:`fffjax.v2.conditional_forward` /
-:func:`fffjax.v1.hard_forward` / :func:`fffjax.ops.xla.attention`).
+q, k and v; cached attention is that of :func:`fffjax.ops.xla.cached_attention` (a decoder's queries over
+its key/value cache, rows read in place). bf16/f16 inputs are computed in float32 and cast back.
+Gradients come from ``custom_vjp`` functions whose backward is the differentiable jnp path
+(:func:`fffjax.v2.conditional_forward` / :func:`fffjax.v1.hard_forward` / :func:`fffjax.ops.xla.attention` /
+:func:`fffjax.ops.xla.cached_attention`).
 """
 import ctypes
 import functools
@@ -41,6 +43,7 @@ _SOURCE = Path(__file__).with_name("_fff_cpu.cc")
 _TARGET = "fffjax_v2_hard_f32"
 _TARGET_V1 = "fffjax_v1_hard_f32"
 _TARGET_ATTENTION = "fffjax_attention_f32"
+_TARGET_CACHED_ATTENTION = "fffjax_cached_attention_f32"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 _build_error: str | None = None
 
@@ -101,6 +104,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.FffV2HardF32), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_V1, jax.ffi.pycapsule(lib.FffV1HardF32), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_ATTENTION, jax.ffi.pycapsule(lib.AttentionF32), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_CACHED_ATTENTION, jax.ffi.pycapsule(lib.CachedAttentionF32),
+                                    platform="cpu")
     except (OSError, subprocess.CalledProcessError) as err:
         _build_error = getattr(err, "stderr", None) or str(err)
         return False
@@ -269,3 +274,42 @@ def registered_fn_attention(qkv, key_bias=None, *, num_heads: int, scale: float,
         raise NotImplementedError("the cpu_ffi attention kernel is bidirectional; use 'xla' for causal")
     _require_usable(qkv)
     return attention_cpu(qkv, key_bias, num_heads=int(num_heads), scale=float(scale))
+
+
+# --------------------------------------------------------------------------- cached attention
+
+
+def _cached_attention_f32(q, k, v, key_bias, *, scale: float):
+    """The cached-attention FFI target on float32 copies of ``q (B, Q, heads, d)``, ``k``, ``v (B, T, heads, d)``
+    and ``key_bias (B, T)`` (zeros for None): ``(B, Q, heads * d)`` in ``q.dtype``."""
+    f32 = jnp.float32
+    batch, queries, heads, width = q.shape
+    bias = jnp.zeros(k.shape[:2], f32) if key_bias is None else key_bias.astype(f32)
+    call = jax.ffi.ffi_call(_TARGET_CACHED_ATTENTION, jax.ShapeDtypeStruct((batch, queries, heads * width), f32),
+                            vmap_method="sequential")
+    out = call(q.astype(f32), k.astype(f32), v.astype(f32), bias, scale=np.float32(scale))
+    return vary_like(out.astype(q.dtype), q, k, v, *(() if key_bias is None else (key_bias,)))
+
+
+_cached_attention_forward = with_reference_vjp(_cached_attention_f32, xla.cached_attention)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def cached_attention_cpu(
+    q: Float[Array, "batch queries heads width"],
+    k: Float[Array, "batch slots heads width"],
+    v: Float[Array, "batch slots heads width"],
+    key_bias: Float[Array, "batch slots"] | None = None,
+    *,
+    scale: float,
+) -> Float[Array, "batch queries heads_width"]:
+    """:func:`fffjax.ops.xla.cached_attention` through the C++ kernel (CPU only; differentiable through jnp):
+    one (sequence, head) pair per task, each slot's key and value row read in place."""
+    return _cached_attention_forward((("scale", scale),), q, k, v, key_bias)
+
+
+def registered_fn_cached_attention(q, k, v, key_bias=None, *, scale: float):
+    """Registry entry for ``cached_attention``: raises ``NotImplementedError`` off the CPU, for other dtypes
+    or when the kernel did not build."""
+    _require_usable(q)
+    return cached_attention_cpu(q, k, v, key_bias, scale=float(scale))

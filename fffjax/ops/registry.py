@@ -9,7 +9,7 @@ Ops (:data:`OPS`) and their implementations:
 ``layer_norm``        ``"xla"``, ``"pallas"`` (one pass, residual add fused)
 ``attention``         ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV
                       projection; bidirectional only)
-``cached_attention``  ``"xla"`` (queries over a decoder's key/value cache)
+``cached_attention``  ``"xla"``, ``"cpu_ffi"`` (queries over a decoder's key/value cache)
 ``gelu``              ``"xla"`` (``jax.nn.gelu``), ``"pallas"`` (elementwise kernels)
 ==================== =============================================================================
 
@@ -71,7 +71,8 @@ def _builtin() -> dict[str, dict[str, Implementation]]:
         "layer_norm": {"xla": Implementation(fn=xla.layer_norm)},
         "attention": {"xla": Implementation(fn=xla.attention), "cudnn": Implementation(fn=xla.attention_cudnn),
                       "cpu_ffi": Implementation(fn=cpu_ffi.registered_fn_attention, per_device=True)},
-        "cached_attention": {"xla": Implementation(fn=xla.cached_attention)},
+        "cached_attention": {"xla": Implementation(fn=xla.cached_attention),
+                             "cpu_ffi": Implementation(fn=cpu_ffi.registered_fn_cached_attention, per_device=True)},
         "gelu": {"xla": Implementation(fn=xla.gelu)},
     }
     if pallas is not None:
@@ -116,6 +117,8 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
       TPU (``"pallas_tpu"`` runs only when named: it has not yet run on a TPU).
     * layer norm, attention, GELU: the Pallas kernels (attention: then cuDNN) on a GPU for 16-bit
       inputs; XLA otherwise (float32 keeps XLA's rounding, which the torch parity tests pin).
+    * cached attention: the C++ kernel on the CPU (XLA's batched matrix-vector products over the cache
+      are several times slower, ``experiments/results/cached_attention_cpu.md``), XLA elsewhere.
     """
     on_gpu = platform in GPU_PLATFORMS
     if op in ("fff_v2_hard", "fff_v1_hard"):
@@ -125,6 +128,8 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
                     and (static["depth"] + 1) / tree.v2_nodes_per_tree(static["depth"]) > DENSE_PATH_FRACTION):
                 names = ("reference",) + names
             return names
+        return ("cpu_ffi", "xla") if platform == "cpu" else ("xla",)
+    if op == "cached_attention":
         return ("cpu_ffi", "xla") if platform == "cpu" else ("xla",)
     if on_gpu and jnp.dtype(dtype).itemsize == 2:
         return ("pallas", "cudnn", "xla") if op == "attention" else ("pallas", "xla")
