@@ -9,7 +9,6 @@ before timing.
 """
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=1.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    report = {**bench.provenance(__file__, argv), "load_before": os.getloadavg()[0]}
-    report["results"] = run(args)
-    report["load_after"] = os.getloadavg()[0]
-    text = markdown(report)
-    print(text)
-    if args.out:
-        bench.write_results(args.out, "cached_attention_cpu", report=report, markdown=text)
+    bench.measure_and_report(__file__, argv, lambda: run(args), markdown, args.out, "cached_attention_cpu")
 
 
 if __name__ == "__main__":

@@ -93,13 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=2.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    report = {**bench.provenance(__file__, argv), "load_before": os.getloadavg()[0]}
-    report["results"] = run(args)
-    report["load_after"] = os.getloadavg()[0]
-    text = markdown(report)
-    print(text)
-    if args.out:
-        bench.write_results(args.out, "cpu_tree_order", report=report, markdown=text)
+    bench.measure_and_report(__file__, argv, lambda: run(args), markdown, args.out, "cpu_tree_order")
 
 
 if __name__ == "__main__":

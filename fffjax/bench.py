@@ -347,6 +347,21 @@ def provenance(script: str | Path, argv: Sequence[str] | None = None) -> dict:
             "device_kind": machine["device_kind"], "machine": machine}
 
 
+def measure_and_report(script: str | Path, argv: Sequence[str] | None, measure: Callable[[], list],
+                       render: Callable[[Mapping], str], out: str | Path | None, name: str) -> dict:
+    """Runs ``measure()`` under :func:`provenance`, with the 1-minute load average before and after
+    (``load_before``, ``load_after``; its rows under ``results``), prints ``render(report)`` and writes the
+    report to ``out/name.{json,md}`` (``out`` None: print only). Returns the report."""
+    report = {**provenance(script, argv), "load_before": os.getloadavg()[0]}
+    report["results"] = measure()
+    report["load_after"] = os.getloadavg()[0]
+    text = render(report)
+    print(text)
+    if out:
+        write_results(out, name, report=report, markdown=text)
+    return report
+
+
 def provenance_line(report: Mapping) -> str:
     """One markdown sentence: the command that made ``report``, its date, device and jax version.
 
