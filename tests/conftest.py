@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if item.get_closest_marker("tpu") and not on_tpu:
             item.add_marker(skip_tpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. Every XLA:CPU executable keeps its own
+    memory maps (code, constants, data); a test worker that compiles thousands of programs reaches the
+    kernel's per-process map limit (``vm.max_map_count``, 65530 by default), and XLA then crashes in
+    a later compile with a segmentation fault."""
+    yield
+    jax.clear_caches()
