@@ -49,6 +49,10 @@ On 2 CPU cores (``small`` at batches 1, 8, 64 and ``base`` at 1 and 8; add 256 w
 
     python experiments/bench_decoder.py --device cpu
 
+The committed CPU table adds batch 256 at ``small`` and GPT-2 medium's shape at batch 1::
+
+    python experiments/bench_decoder.py --device cpu --config small:1,8,64,256 base:1,8 medium:1
+
 CPU smoke run (the tiny presets, seconds)::
 
     python experiments/bench_decoder.py --device cpu --config tiny --batches 1,4 --prefill 2x32 \\
@@ -530,8 +534,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=sorted(DEVICES), default="gpu",
                     help="gpu: bfloat16, default implementations; cpu: float32, FFF through cpu_ffi")
     ap.add_argument("--config", nargs="+", default=None, metavar="SIZE[:BATCHES]",
-                    help="decoder sizes (tiny, small, base), each optionally with its own comma list of batches "
-                         "(default gpu: base; cpu: small base:1,8)")
+                    help="decoder sizes (tiny, small, base, medium), each optionally with its own comma list of "
+                         "batches (default gpu: base; cpu: small base:1,8)")
     ap.add_argument("--fff", default="1x11", choices=("1x11", "4x9", "16x7"), help="FFF-v2 trees x depth")
     ap.add_argument("--batches", default=None, help="comma list of decode batches (default gpu 1,8,64,256; cpu 1,8,64)")
     ap.add_argument("--prefill", default=None, help="comma list of BATCHxTOKENS prefill shapes "

@@ -171,11 +171,14 @@ class DecoderConfig(TransformerShape):
 
 
 # Sizes: "tiny" runs on 2 CPU cores in seconds; "small" is sized to the offline corpus (about 23M
-# tokens); "base" is GPT-2 small's shape (H = 768, where the dense feedforward dominates a decode step).
+# tokens); "base" is GPT-2 small's shape (H = 768, where the dense feedforward dominates a decode step);
+# "medium" is GPT-2 medium's (H = 1024, 24 layers), where the vocabulary projection's share of a step is
+# smaller still.
 _SIZES = {
     "tiny": dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=2, max_seq_length=128),
     "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_seq_length=256),
     "base": dict(vocab_size=32768, hidden_size=768, num_layers=12, num_heads=12, max_seq_length=1024),
+    "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=24, num_heads=16, max_seq_length=1024),
 }
 # Feedforwards compared at each size: the dense twin (4H), attention only, and FFF-v2 K x D with the
 # narrow dense feedforward of its active width K * (D + 1).
@@ -194,7 +197,7 @@ DECODER_CONFIGS: dict[str, DecoderConfig] = {
 
 
 def get_decoder_config(name_or_path: "str | Path") -> DecoderConfig:
-    """A preset by name (``SIZE-FFN``: sizes ``tiny``, ``small``, ``base``; feedforwards ``dense``,
+    """A preset by name (``SIZE-FFN``: sizes ``tiny``, ``small``, ``base``, ``medium``; feedforwards ``dense``,
     ``none``, ``fff-1x11``, ``fff-4x9``, ``fff-16x7``, ``narrow-1x11``, ...) or a JSON file holding
     :meth:`DecoderConfig.to_dict` output."""
     if isinstance(name_or_path, str) and name_or_path in DECODER_CONFIGS:
