@@ -55,6 +55,8 @@ def convert_phase(args, teacher, tokenizer, train, held) -> dict[str, dict]:
     data = None
     for kind, fraction, last_stage in GRID[:args.configs]:
         name = run_name(kind, fraction)
+        if args.only and name not in args.only:
+            continue
         folder = args.runs / name
         if (folder / "report.json").is_file():
             reports[name] = json.loads((folder / "report.json").read_text())
@@ -65,7 +67,8 @@ def convert_phase(args, teacher, tokenizer, train, held) -> dict[str, dict]:
         bench.log(f"convert {name} (stages up to {last_stage})")
         config = fd.DistillConfig(kind=kind, fraction=fraction, last_stage=last_stage, layer_tokens=args.layer_tokens,
                                   layer_steps=args.layer_steps, e2e_steps=args.e2e_steps,
-                                  e2e_learning_rate=args.e2e_learning_rate, seed=args.seed)
+                                  e2e_learning_rate=args.e2e_learning_rate, e2e_hidden_weight=args.e2e_hidden_weight,
+                                  e2e_similarity_weight=args.e2e_similarity_weight, seed=args.seed)
         student, report = fd.run(teacher, tokenizer, data, config, progress=lambda line: bench.log(f"  {line}"))
         save_bert_checkpoint(folder / "student", student, tokenizer=tokenizer, overwrite=True)
         tmp = folder / "report.json.tmp"
@@ -230,12 +233,18 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="distill_minilm_cpu")
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--configs", type=int, default=len(GRID), help="run the first N of the grid")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="of those, only the runs named (e.g. fff_v2-10pct dense-10pct)")
     parser.add_argument("--train-sentences", type=int, default=8000)
     parser.add_argument("--held-out", type=int, default=2000)
     parser.add_argument("--layer-tokens", type=int, default=32768)
     parser.add_argument("--layer-steps", type=int, default=600)
     parser.add_argument("--e2e-steps", type=int, default=300)
     parser.add_argument("--e2e-learning-rate", type=float, default=3e-4)
+    parser.add_argument("--e2e-hidden-weight", type=float, default=0.0,
+                        help="stage d: weight of the layer outputs' error against the teacher's")
+    parser.add_argument("--e2e-similarity-weight", type=float, default=0.0,
+                        help="stage d: weight of the pairwise similarities' error against the teacher's")
     parser.add_argument("--probe-train", type=int, default=1500)
     parser.add_argument("--probe-test", type=int, default=1000)
     parser.add_argument("--probe-length", type=int, default=128)

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=int, default=2000, help="held-out sentences to measure on")
     for name in ("layer_tokens", "layer_steps", "layer_batch", "e2e_steps", "e2e_batch", "max_length", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("layer_learning_rate", "e2e_learning_rate"):
+    for name in ("layer_learning_rate", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
 
 
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     config = DistillConfig(kind=args.kind, fraction=args.fraction, last_stage=args.last_stage,
                            **{name: getattr(args, name) for name in (
                                "layer_tokens", "layer_steps", "layer_batch", "layer_learning_rate", "e2e_steps",
-                               "e2e_batch", "e2e_learning_rate", "max_length", "seed")})
+                               "e2e_batch", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight",
+                               "max_length", "seed")})
     teacher, tokenizer = from_pretrained(teacher_path)
     train, held = sample_sentences(args.train_sentences, args.held_out, args.seed, args.sentences)
     print(f"teacher {teacher_path}; {len(train)} training and {len(held)} held-out sentences", flush=True)

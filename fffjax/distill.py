@@ -8,8 +8,11 @@ own feedforward inputs (:func:`teacher_layer_inputs`), and one more on the whole
 - ``b``: routers (and output rows) fitted on the teacher's hidden states;
 - ``c``: layer-wise distillation: each layer regresses its dense layer's output, layers independent;
 - ``d``: end-to-end distillation (:func:`distill_end_to_end`): the student's sentence embeddings
-  regress the teacher's (``1 - cosine``), every parameter but the embeddings trained, through the
-  inference path itself (hard routing, eval mode), so what is trained is what runs.
+  regress the teacher's (``1 - cosine``), optionally with two more terms: every layer's output against
+  the teacher's (the dense per-token signal of layer-wise BERT distillation, which a pooled vector
+  lacks) and the batch's pairwise similarities against the teacher's (what the Spearman measure
+  ranks); every parameter but the embeddings trained, through the inference path itself (hard
+  routing, eval mode), so what is trained is what runs.
 
 :func:`convert_bert` runs stages ``a`` to ``c`` and yields the student after each, so that each stage
 can be measured; the student is a copy of the teacher whose ``layer.ffn`` slots hold the converted
@@ -26,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax import Array
+from jaxtyping import Float, Int
 
 from fffjax import ops
 from fffjax.convert import dense_to_fff
-from fffjax.models.bert import Bert, DenseFfn, ffn_inputs, sentence_embedding
+from fffjax.models.bert import Bert, DenseFfn, ffn_inputs, layer_outputs, sentence_embedding
 from fffjax.text import embed
 from fffjax.train.optim import with_standard_promotion
 
@@ -44,8 +49,9 @@ class DistillConfig:
     feedforward neurons active per token, as a fraction of the dense width
     (:func:`fffjax.convert.dense_to_fff.spec_for_fraction`); ``last_stage``: the last of
     :data:`STAGES` to run. ``layer_*``: stage ``c`` (token vectors sampled per layer, Adam steps, batch,
-    learning rate); ``e2e_*``: stage ``d`` (steps, sentences per batch, learning rate);
-    ``max_length``: tokens per sentence in stage ``d``.
+    learning rate); ``e2e_*``: stage ``d`` (steps, sentences per batch, learning rate, and the weights
+    of its two optional loss terms, :func:`end_to_end_loss`); ``max_length``: tokens per sentence in
+    stage ``d``.
     """
 
     kind: str
@@ -58,6 +64,8 @@ class DistillConfig:
     e2e_steps: int = 200
     e2e_batch: int = 32
     e2e_learning_rate: float = 3e-5
+    e2e_hidden_weight: float = 0.0
+    e2e_similarity_weight: float = 0.0
     max_length: int = 64
     seed: int = 0
 
@@ -71,6 +79,9 @@ class DistillConfig:
         for name in ("layer_tokens", "layer_steps", "layer_batch", "e2e_steps", "e2e_batch", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        for name in ("e2e_hidden_weight", "e2e_similarity_weight"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name}: expected a weight >= 0, got {getattr(self, name)}")
 
     def stages(self) -> tuple[str, ...]:
         """The stages this config runs, in order."""
@@ -179,17 +190,53 @@ def _bert_params_filter(path, _value) -> bool:
     return not any(getattr(entry, "key", None) == "embeddings" for entry in path)
 
 
+def end_to_end_loss(student_layers: Sequence[Float[Array, "batch seq hidden"]],
+                    teacher_layers: Sequence[Float[Array, "batch seq hidden"]] | None,
+                    mask: Int[Array, "batch seq"], target: Float[Array, "batch hidden"], *,
+                    hidden_weight: float = 0.0, similarity_weight: float = 0.0) -> Float[Array, ""]:
+    """Stage ``d``'s loss on one batch, a float32 scalar:
+
+    - ``1 - cos`` of the student's sentence embedding (of its last layer's output) and ``target``, the
+      teacher's normalised embedding ``(B, H)``, averaged over the batch;
+    - plus ``hidden_weight`` x the mean over layers of the relative squared error of each layer's output
+      against the teacher's, ``sum |s - t|^2 / sum |t|^2`` over the batch's tokens (``mask`` 1);
+    - plus ``similarity_weight`` x the mean squared error of the batch's pairwise cosine similarities
+      (off the diagonal) against the teacher's.
+
+    ``student_layers``: every layer's output (:func:`fffjax.models.bert.layer_outputs`);
+    ``teacher_layers``: the teacher's, needed when ``hidden_weight > 0``.
+    """
+    emb = sentence_embedding(student_layers[-1], mask)
+    loss = jnp.mean(1.0 - jnp.sum(emb * target, axis=-1))
+    if hidden_weight > 0.0:
+        if teacher_layers is None or len(teacher_layers) != len(student_layers):
+            raise ValueError("teacher_layers: expected the teacher's output of every layer when hidden_weight > 0")
+        weights = mask.astype(jnp.float32)[..., None]
+        errors = [jnp.sum(weights * (s.astype(jnp.float32) - t.astype(jnp.float32)) ** 2)
+                  / jnp.maximum(jnp.sum(weights * t.astype(jnp.float32) ** 2), 1e-12)
+                  for s, t in zip(student_layers, teacher_layers)]
+        loss = loss + hidden_weight * jnp.mean(jnp.stack(errors))
+    if similarity_weight > 0.0:
+        off_diagonal = 1.0 - jnp.eye(emb.shape[0], dtype=jnp.float32)
+        gap = (emb @ emb.T - target @ target.T) * off_diagonal
+        loss = loss + similarity_weight * jnp.sum(gap ** 2) / jnp.maximum(jnp.sum(off_diagonal), 1.0)
+    return loss
+
+
 def distill_end_to_end(student: Bert, tokenizer, sentences: Sequence[str], teacher_embeddings: np.ndarray,
                        config: DistillConfig, callback: Callable[[int, float], None] | None = None,
-                       log_every: int = 20) -> tuple[Bert, np.ndarray]:
-    """Stage ``d``: Adam (warm-up, cosine decay) on ``1 - cos(student, teacher)`` of the sentence
-    embeddings of random batches of ``sentences`` (``teacher_embeddings`` their L2-normalised teacher
-    embeddings, ``(n, H)``), every parameter but the embeddings trained, in eval mode (no dropout, the
-    hard routing of inference) with the FFF layers in their masked dense form (``"reference"``).
+                       log_every: int = 20, *, teacher: Bert | None = None) -> tuple[Bert, np.ndarray]:
+    """Stage ``d``: Adam (warm-up, cosine decay) on :func:`end_to_end_loss` over random batches of
+    ``sentences`` (``teacher_embeddings`` their L2-normalised teacher embeddings, ``(n, H)``), every
+    parameter but the embeddings trained, in eval mode (no dropout, the hard routing of inference) with
+    the FFF layers in their masked dense form (``"reference"``). ``teacher`` (frozen) gives the layer
+    outputs of the hidden-state term; it is required when ``config.e2e_hidden_weight > 0``.
     Returns a trained copy and the ``(steps,)`` loss."""
     if len(sentences) != len(teacher_embeddings):
         raise ValueError(f"teacher_embeddings: expected one row per sentence ({len(sentences)}), "
                          f"got {len(teacher_embeddings)}")
+    if config.e2e_hidden_weight > 0.0 and teacher is None:
+        raise ValueError("teacher: required when config.e2e_hidden_weight > 0 (its layer outputs are the targets)")
     student = nnx.clone(student)
     student.eval()
     # The masked dense forms train fastest (dense matmuls, the same hard routing); inference switches back.
@@ -199,20 +246,27 @@ def distill_end_to_end(student: Bert, tokenizer, sentences: Sequence[str], teach
     ids = np.pad(ids, ((0, 0), (0, config.max_length - ids.shape[1])))
     mask = np.pad(mask, ((0, 0), (0, config.max_length - mask.shape[1])))
     graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+    use_teacher = config.e2e_hidden_weight > 0.0
+    teacher_graphdef, teacher_state = nnx.split(teacher) if use_teacher else (None, None)
     trainable = jax.tree_util.tree_map_with_path(_bert_params_filter, params)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.e2e_learning_rate, max(1, config.e2e_steps // 10),
                                                   config.e2e_steps)
     optimizer = with_standard_promotion(optax.masked(optax.adam(schedule), trainable))
     opt_state = optimizer.init(params)
 
-    def loss_fn(p, batch_ids, batch_mask, target):
+    def loss_fn(p, batch_ids, batch_mask, target, teacher_layers):
         model = nnx.merge(graphdef, p, rest)
-        emb = sentence_embedding(model(batch_ids, batch_mask), batch_mask)
-        return jnp.mean(1.0 - jnp.sum(emb * target, axis=-1))
+        return end_to_end_loss(layer_outputs(model, batch_ids, batch_mask), teacher_layers, batch_mask, target,
+                               hidden_weight=config.e2e_hidden_weight,
+                               similarity_weight=config.e2e_similarity_weight)
 
     @jax.jit
-    def step(p, state, batch_ids, batch_mask, target):
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch_ids, batch_mask, target)
+    def step(p, state, t_state, batch_ids, batch_mask, target):
+        teacher_layers = None
+        if use_teacher:
+            frozen = nnx.merge(teacher_graphdef, t_state)
+            teacher_layers = [jax.lax.stop_gradient(h) for h in layer_outputs(frozen, batch_ids, batch_mask)]
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch_ids, batch_mask, target, teacher_layers)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         updates, state = optimizer.update(grads, state, p)
         return optax.apply_updates(p, updates), state, loss
@@ -222,8 +276,8 @@ def distill_end_to_end(student: Bert, tokenizer, sentences: Sequence[str], teach
     losses = np.empty(config.e2e_steps, np.float32)
     for i in range(config.e2e_steps):
         rows = rng.choice(len(sentences), config.e2e_batch, replace=False)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]),
-                                       jnp.asarray(target[rows]))
+        params, opt_state, loss = step(params, opt_state, teacher_state, jnp.asarray(ids[rows]),
+                                       jnp.asarray(mask[rows]), jnp.asarray(target[rows]))
         losses[i] = float(loss)
         if callback is not None and (i + 1) % log_every == 0:
             callback(i + 1, float(np.mean(losses[i + 1 - log_every:i + 1])))
@@ -309,7 +363,8 @@ def run(teacher: Bert, tokenizer, data: DistillData, config: DistillConfig,
     if "d" in config.stages():
         student, losses = distill_end_to_end(
             student, tokenizer, data.train_sentences, data.teacher_train, config,
-            callback=lambda step, loss: say(f"stage d: step {step}/{config.e2e_steps} loss {loss:.4f}"))
+            callback=lambda step, loss: say(f"stage d: step {step}/{config.e2e_steps} loss {loss:.4f}"),
+            teacher=teacher)
         report["stages"]["d"] = {"seconds": time.perf_counter() - start, "loss_curve": losses[::10].tolist(),
                                  **measure(student, tokenizer, data)}
         say(f"stage d: spearman {report['stages']['d']['spearman']:.4f}")

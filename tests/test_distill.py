@@ -12,7 +12,7 @@ from flax import nnx
 from fffjax import cli, distill
 from fffjax.convert import dense_to_fff
 from fffjax.data.tokenizer import Tokenizer
-from fffjax.models.bert import Bert, BertConfig, DenseFfn
+from fffjax.models.bert import Bert, BertConfig, DenseFfn, layer_outputs, sentence_embedding
 from fffjax.nn import FFF, UltraFastFF
 from fffjax.train.checkpoint import load_bert_checkpoint, save_bert_checkpoint
 
@@ -78,7 +78,39 @@ def test_end_to_end_distillation_moves_the_student_towards_the_teacher(teacher, 
     assert losses[-10:].mean() < losses[:10].mean()
 
 
+def test_end_to_end_loss_terms_vanish_on_the_teacher_and_grow_with_the_gap(teacher, tokenizer):
+    ids, mask = (jnp.asarray(a) for a in tokenizer.encode_longest(SENTENCES[:6], 24))
+    layers = layer_outputs(teacher, ids, mask)
+    assert len(layers) == len(teacher.layers)
+    np.testing.assert_allclose(np.asarray(layers[-1]), np.asarray(teacher(ids, mask)), rtol=1e-6, atol=1e-6)
+    target = sentence_embedding(layers[-1], mask)
+    both = dict(hidden_weight=1.0, similarity_weight=1.0)
+    assert float(distill.end_to_end_loss(layers, layers, mask, target, **both)) == pytest.approx(0.0, abs=1e-5)
+    shifted = [h + 0.3 * jnp.sin(jnp.arange(h.shape[-1], dtype=h.dtype)) for h in layers]
+    cosine_only = float(distill.end_to_end_loss(shifted, layers, mask, target))
+    with_hidden = float(distill.end_to_end_loss(shifted, layers, mask, target, hidden_weight=1.0))
+    with_similarity = float(distill.end_to_end_loss(shifted, layers, mask, target, similarity_weight=1.0))
+    assert cosine_only > 0.0 and with_hidden > cosine_only and with_similarity > cosine_only
+    with pytest.raises(ValueError, match="teacher_layers"):
+        distill.end_to_end_loss(shifted, None, mask, target, hidden_weight=1.0)
+
+
+def test_end_to_end_distillation_with_layer_and_similarity_terms_trains(teacher, tokenizer):
+    data = distill.prepare_data(teacher, tokenizer, SENTENCES[:12], SENTENCES[12:], layer_tokens=200, max_length=24)
+    config = distill.DistillConfig(kind="fff_v2", fraction=0.25, last_stage="a", e2e_steps=40, e2e_batch=8,
+                                   e2e_learning_rate=3e-3, e2e_hidden_weight=1.0, e2e_similarity_weight=1.0,
+                                   max_length=24)
+    (stage_a,) = distill.convert_bert(teacher, data.layer_inputs, config)
+    with pytest.raises(ValueError, match="teacher"):
+        distill.distill_end_to_end(stage_a.student, tokenizer, data.train_sentences, data.teacher_train, config)
+    _, losses = distill.distill_end_to_end(stage_a.student, tokenizer, data.train_sentences, data.teacher_train,
+                                           config, teacher=teacher)
+    assert losses[-10:].mean() < losses[:10].mean()
+
+
 def test_bad_configs_and_inputs_name_the_argument(teacher, tokenizer):
+    with pytest.raises(ValueError, match="e2e_hidden_weight"):
+        distill.DistillConfig(kind="fff_v2", fraction=0.1, e2e_hidden_weight=-1.0)
     with pytest.raises(ValueError, match="kind"):
         distill.DistillConfig(kind="moe", fraction=0.1)
     with pytest.raises(ValueError, match="fraction"):

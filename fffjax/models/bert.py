@@ -352,6 +352,17 @@ def ffn_inputs(bert: Bert, input_ids, attention_mask=None, token_type_ids=None
     return inputs
 
 
+def layer_outputs(bert: Bert, input_ids, attention_mask=None, token_type_ids=None
+                  ) -> list[Float[Array, "batch seq hidden"]]:
+    """Every layer's output for a batch: one ``(B, S, H)`` array per layer, the last equal to ``bert(...)``."""
+    input_ids, token_type_ids, key_bias = bert._inputs(input_ids, attention_mask, token_type_ids)
+    h, outputs = bert.embeddings(input_ids, token_type_ids), []
+    for layer in bert.layers:
+        h = layer(h, key_bias)
+        outputs.append(h)
+    return outputs
+
+
 def masked_mean(hidden: Float[Array, "batch seq hidden"], attention_mask: Int[Array, "batch seq"]
                 ) -> Float[Array, "batch hidden"]:
     """The mean of ``hidden`` over each row's tokens (``attention_mask`` 1), float32; 0 for a row of padding."""
