@@ -27,13 +27,22 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
+from jax.experimental import compute_on as _compute_on
 
 from fffjax import tree, v2
 from fffjax._typing import Array, Float, Int
 
 SERVE = ("fetch", "host")
 COLD_MEMORY_KIND = "pinned_host"
+
+# The function form of compute_on: ``compute_on2`` in jax 0.10, ``compute_on`` itself from jax 0.11 on
+# (where the context-manager form is gone).
+_function_form = getattr(_compute_on, "compute_on2", None) or _compute_on.compute_on
+
+
+def on_host(fn):
+    """``fn`` run on the host (``compute_type="device_host"``), its outputs left in host memory."""
+    return _function_form(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -145,9 +154,12 @@ def _accumulator(dtype):
 
 def _level(x, rows_in, bias, rows_out, y, acc):
     """One level of every tree: logits of the ``(B, K)`` current nodes and their outputs added to ``y``."""
-    z = jnp.einsum("bh,bkh->bk", x, rows_in, precision=v2.HIGHEST, preferred_element_type=acc)
+    # 16-bit products are exact in the float32 accumulator without HIGHEST, which would have XLA convert a
+    # whole gathered-from table to float32 first (a copy as large as the hot levels themselves).
+    precision = v2.HIGHEST if x.dtype == jnp.float32 else None
+    z = jnp.einsum("bh,bkh->bk", x, rows_in, precision=precision, preferred_element_type=acc)
     z = z + bias.astype(acc)
-    y = y + jnp.einsum("bk,bkh->bh", v2.gelu(z).astype(x.dtype), rows_out, precision=v2.HIGHEST,
+    y = y + jnp.einsum("bk,bkh->bh", v2.gelu(z).astype(x.dtype), rows_out, precision=precision,
                        preferred_element_type=acc)
     return z, y
 
@@ -202,13 +214,12 @@ def fff_v2_streamed(x: Float[Array, "batch din"], layer: StreamedV2, *,
     y, block = hot_walk(x, layer)
     block_on_host = jax.device_put(block, jax.memory.Space.Host)
     if serve == "fetch":
-        with compute_on("device_host"):
-            blocks = layer.cold[block_on_host]                        # (B, K, subtree_nodes, bundle)
+        blocks = on_host(lambda cold, b: cold[b])(layer.cold, block_on_host)   # (B, K, subtree_nodes, bundle)
         y = walk_fetched(x, jax.device_put(blocks, jax.memory.Space.Device), y, layer)
     else:
         x_on_host, s_on_host, y_on_host = jax.device_put(
             (x, jnp.zeros_like(block), jnp.zeros_like(y)), jax.memory.Space.Host)
-        with compute_on("device_host"):
-            y_cold = _cold_walk(x_on_host, lambda s: layer.cold[block_on_host, s], layer, s_on_host, y_on_host)
+        y_cold = on_host(lambda xh, cold, b, s, yh: _cold_walk(xh, lambda s: cold[b, s], layer, s, yh))(
+            x_on_host, layer.cold, block_on_host, s_on_host, y_on_host)
         y = y + jax.device_put(y_cold, jax.memory.Space.Device)
     return y.astype(x.dtype)
