@@ -38,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=int, default=2000, help="held-out sentences to measure on")
     for name in ("layer_tokens", "layer_steps", "layer_batch", "e2e_steps", "e2e_batch", "max_length", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    helps = {"e2e_hidden_weight": "stage d: weight of every layer's output against the teacher's (0: off)",
+             "e2e_similarity_weight": "stage d: weight of the batch's pairwise similarities against the teacher's"}
     for name in ("layer_learning_rate", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                            help=helps.get(name))
 
 
 def sample_sentences(n_train: int, n_held_out: int, seed: int, path: Path | None = None
