@@ -328,11 +328,7 @@ class Bert(nnx.Module):
         return self.embeddings(input_ids, token_type_ids)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> Float[Array, "batch seq hidden"]:
-        input_ids, token_type_ids, key_bias = self._inputs(input_ids, attention_mask, token_type_ids)
-        h = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            h = layer(h, key_bias)
-        return h
+        return layer_outputs(self, input_ids, attention_mask, token_type_ids)[-1]
 
     def encode(self, input_ids, attention_mask=None) -> Float[Array, "batch seq hidden"]:
         """The last hidden states (token types 0), the name :mod:`fffjax.text` calls encoders by."""
@@ -354,7 +350,7 @@ def ffn_inputs(bert: Bert, input_ids, attention_mask=None, token_type_ids=None
 
 def layer_outputs(bert: Bert, input_ids, attention_mask=None, token_type_ids=None
                   ) -> list[Float[Array, "batch seq hidden"]]:
-    """Every layer's output for a batch: one ``(B, S, H)`` array per layer, the last equal to ``bert(...)``."""
+    """Every layer's output for a batch: one ``(B, S, H)`` array per layer; the last is ``bert(...)``."""
     input_ids, token_type_ids, key_bias = bert._inputs(input_ids, attention_mask, token_type_ids)
     h, outputs = bert.embeddings(input_ids, token_type_ids), []
     for layer in bert.layers:
