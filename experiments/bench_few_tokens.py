@@ -7,7 +7,8 @@ Every variant is jitted with its weights as arguments, as users call it:
   ``"pallas"`` op, which picks the few-token walk up to
   :data:`pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens; on the CPU ``"cpu_ffi"``).
 * GPU only: ``fff_walk`` (the few-token kernel, :func:`~pallas_kernels.fff_v2_forward.walk_config`,
-  forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default)
+  forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default),
+  ``fff_walk_lookahead{L}_block1`` (one token per program where the walk takes several)
   and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
 * ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
@@ -49,7 +50,7 @@ from pallas_kernels import fff_v2_forward as fwd
 WIDTH = 768
 DENSE_WIDTH = 4095
 LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7)}
-LOOKAHEADS = (1, 2, 3, 4)
+LOOKAHEADS = (1, 2, 3, 4, 6)
 RESULTS = Path(__file__).resolve().parent / "results"
 log = bench.log
 
@@ -80,6 +81,9 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             if la != fwd.WALK_CONFIG.lookahead:
                 base = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la)
                 fns[f"fff_walk_lookahead{la}"] = forced(fwd.walk_config(n_tokens, n_trees, base))
+            if fwd.walk_config(n_tokens, n_trees).block_t > 1:   # one token per program however many there are
+                one = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, lookahead=la)
+                fns[f"fff_walk_lookahead{la}_block1"] = forced(one)
         fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
     calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
     k1, k2 = jax.random.split(k_d)

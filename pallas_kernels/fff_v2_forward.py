@@ -4,9 +4,10 @@ Token-order kernel: one program per ``block_t`` tokens (and per share of the tre
 ``tree_programs``). The token block's inputs stay in registers as power-of-two column chunks. Per
 tree, the descent computes each token's logit against the row of its current node (a gathered,
 masked load of ``w_in[node, chunk]``), adds the bias, applies the exact GELU (polynomial erf) and
-steps to ``2n + 1 + (z > 0)``; with ``lookahead = L > 1`` a round loads the logits of the whole
-``L``-level subtree below each token's node at once (loads that do not wait on each other) and then
-descends ``L`` levels through them; optionally the top ``dense_levels`` levels are computed for all
+steps to ``2n + 1 + (z > 0)``; with ``lookahead = L > 1`` the levels are walked in rounds of up to
+``L`` levels (:func:`round_spans`), each gathering the rows of the whole subtree below each token's
+node as one tile (loads that do not wait on each other) and then descending through its logits in
+registers; optionally the top ``dense_levels`` levels are computed for all
 their nodes at once with a tensor-core ``dot`` (tokens of a block share those rows). Then every
 output chunk sums ``gelu(z) * w_out[node, chunk]`` over the visited nodes in float32 and is stored
 once. Optionally the kernel also writes each (tree, level)'s node and logit, the residuals the
@@ -152,6 +153,17 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
     return dataclasses.replace(tiles, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
 
 
+def round_spans(levels: int, lookahead: int) -> list[int]:
+    """The levels of each round of row gathers: ``ceil(levels / lookahead)`` rounds as even as possible
+    (deeper rounds no longer than shallower ones), so that ``lookahead = 6`` walks 12 levels as 6 + 6
+    and 8 levels as 4 + 4 rather than 6 + 2: fewer rows for the same number of dependent round trips."""
+    if levels <= 0:
+        return []
+    n_rounds = -(-levels // lookahead)
+    short, extra = divmod(levels, n_rounds)
+    return [short + 1] * extra + [short] * (n_rounds - extra)
+
+
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
             n_trees, cfg: FffV2ForwardConfig, save_residuals: bool):
     y_ref = out_refs[0]
@@ -161,7 +173,8 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
     per_tree = tree.v2_nodes_per_tree(depth)
     levels = depth + 1
     dense = min(cfg.dense_levels, levels)
-    rows = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
+    row0 = pl.program_id(0) * bt
+    rows = row0 + jnp.arange(bt, dtype=jnp.int32)
     row_ok = rows < n_tokens
     x_chunks = []
     for c in range(n_in):
@@ -169,13 +182,6 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
         x_chunks.append(cm.load_rows(x_ref, rows, cols, ok, row_ok))
     x32 = [xc.astype(jnp.float32) for xc in x_chunks]
     n_dense = cm.next_pow2(max(16, 2**dense - 1)) if dense else 0
-
-    def row_logit(flat):
-        z = cm.load(b_in_ref.at[flat]).astype(jnp.float32)
-        for c in range(n_in):
-            cols, ok = cm.chunk_indices(c, c_in, width_in)
-            z += jnp.sum(x32[c] * cm.load_rows(w_in_ref, flat, cols, ok).astype(jnp.float32), axis=1)
-        return z
 
     def tree_body(k, y_chunks):
         base = k * per_tree
@@ -201,16 +207,32 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
                 node = 2 * node + 1 + (z > 0).astype(jnp.int32)
             top_act = jnp.where(on_path, cm.gelu(logits), 0.0)
         level = dense
-        while level < levels:
-            span = min(cfg.lookahead, levels - level)
-            # Logits of the span-level subtree under each token's node, in heap order: relative depth d,
-            # offset o is node (node + 1) * 2**d - 1 + o.
-            sub_z = [row_logit(base + (node + 1) * 2**d - 1 + o) for d in range(span) for o in range(2**d)]
+        for span in round_spans(levels - dense, cfg.lookahead):
+            # One round: the logits of the span-level subtree under each token's node, gathered as one
+            # (bt * pad, chunk) tile whose row r is token r // pad's subtree position h = r % pad in
+            # heap order (h < 2**span - 1 used). Position h at relative depth d is node * 2**d + h.
+            pad = cm.next_pow2(2**span - 1)
+            r = jnp.arange(bt * pad, dtype=jnp.int32)
+            tok, h = r // pad, r % pad
+            scale = jnp.ones_like(h)
+            for d in range(1, span):
+                scale = jnp.where(h + 1 >= 2**d, 2**d, scale)
+            owner = tok[:, None] == jnp.arange(bt, dtype=jnp.int32)[None, :]          # (bt * pad, bt)
+            node_r = jnp.sum(jnp.where(owner, node[None, :], 0), axis=1)
+            ok_r = (h < 2**span - 1) & (row0 + tok < n_tokens)
+            flat_r = base + jnp.where(ok_r, node_r * scale + h, 0)
+            z_r = cm.load(b_in_ref.at[flat_r], mask=ok_r, other=0.0).astype(jnp.float32)
+            for c in range(n_in):
+                cols, ok = cm.chunk_indices(c, c_in, width_in)
+                if pad == 1 or bt == 1:
+                    x_r = x32[c]
+                else:
+                    x_r = cm.load_rows(x_ref, row0 + tok, cols, ok, ok_r).astype(jnp.float32)
+                z_r += jnp.sum(x_r * cm.load_rows(w_in_ref, flat_r, cols, ok, ok_r).astype(jnp.float32), axis=1)
             pos = jnp.zeros((bt,), jnp.int32)
-            for d in range(span):
-                z = sub_z[2**d - 1]
-                for h in range(2**d, 2 ** (d + 1) - 1):
-                    z = jnp.where(pos == h, sub_z[h], z)
+            for _ in range(span):
+                hit = r[None, :] == (jnp.arange(bt, dtype=jnp.int32) * pad + pos)[:, None]   # (bt, bt * pad)
+                z = jnp.sum(jnp.where(hit, z_r[None, :], 0.0), axis=1)
                 path.append((base + node, z))
                 right = (z > 0).astype(jnp.int32)
                 node = 2 * node + 1 + right

@@ -263,10 +263,20 @@ def test_walk_matches_reference_up_to_the_threshold(n_tokens, n_trees, depth, dt
     _walk_check(n_tokens, n_trees, depth, dtype, block_t=16, width=128)
 
 
-@pytest.mark.parametrize("lookahead", [1, 2, 3, 5])
-def test_walk_lookahead_and_tree_programs_do_not_change_the_result(lookahead):
-    # Depth 6 (7 levels): every lookahead leaves a shorter last round; 2 of 4 trees per program.
-    _walk_check(5, 4, 6, jnp.float32, lookahead=lookahead, tree_programs=2)
+@pytest.mark.parametrize("block_t", [1, 4])
+@pytest.mark.parametrize("lookahead", [1, 2, 3, 5, 7])
+def test_walk_lookahead_and_tree_programs_do_not_change_the_result(lookahead, block_t):
+    # Depth 6 (7 levels): rounds of uneven spans; 2 of 4 trees per program; 5 tokens leave the last
+    # block of 4 part empty.
+    _walk_check(5, 4, 6, jnp.float32, lookahead=lookahead, tree_programs=2, block_t=block_t)
+
+
+@pytest.mark.parametrize("levels,lookahead,spans", [(12, 1, [1] * 12), (12, 6, [6, 6]), (12, 5, [4, 4, 4]),
+                                                    (8, 6, [4, 4]), (10, 4, [4, 3, 3]), (7, 7, [7]),
+                                                    (3, 8, [3]), (0, 3, [])])
+def test_round_spans_split_the_levels_evenly(levels, lookahead, spans):
+    from pallas_kernels.fff_v2_forward import round_spans
+    assert round_spans(levels, lookahead) == spans
 
 
 def test_walk_saves_the_reference_path_for_training():

@@ -4,6 +4,7 @@ Interpret mode ignores the Triton backend's rules (power-of-two block sizes, no 
 >= 16); lowering for ``platform="cuda"`` enforces them without a GPU.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -70,9 +71,10 @@ def test_v2_training_lowers_for_h200(width, depth, n_trees, dtype):
                                                                  (64, 768, 9, 4, jnp.bfloat16),
                                                                  (256, 768, 7, 16, jnp.float32),
                                                                  (200, 100, 4, 128, jnp.bfloat16)])
-def test_v2_few_token_walk_lowers_for_h200(n_tokens, width, depth, n_trees, dtype):
-    fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, save_residuals=True,
-                           config=walk_config(n_tokens, n_trees))
+@pytest.mark.parametrize("lookahead", [1, 6])
+def test_v2_few_token_walk_lowers_for_h200(n_tokens, width, depth, n_trees, dtype, lookahead):
+    config = dataclasses.replace(walk_config(n_tokens, n_trees), lookahead=lookahead)
+    fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, save_residuals=True, config=config)
     text = _lower_for_h200(fn, *_v2_shapes(n_tokens, width, depth, n_trees, dtype))
     assert "fff_v2_forward" in text and "fff_v2_forward_grouped" not in text
 
