@@ -44,6 +44,11 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def dot_extent(n: int) -> int:
+    """``n`` padded to a power of two of at least 16: every dimension of a Triton dot needs that."""
+    return max(16, next_pow2(n))
+
+
 def column_chunks(width: int, chunk: int) -> tuple[int, int]:
     """``(chunk_size, n_chunks)``: a power-of-two chunk no wider than needed, and how many cover ``width``."""
     size = min(next_pow2(chunk), next_pow2(width))

@@ -64,15 +64,13 @@ class AttentionConfig:
         """``num_stages``, or 1 where the pipelined loop's buffers (a query tile, the sequence's keys and
         values, per stage) would pass :data:`SMEM_BUDGET`: at 512 tokens of 64-wide bf16 heads two
         stages need 288 KiB and the kernel would not launch."""
-        per_stage = (min(self.block_q, _padded(seq)) + 2 * _padded(seq)) * _padded(head_width) * itemsize
+        keys = cm.dot_extent(seq)
+        per_stage = (min(self.block_q, keys) + 2 * keys) * cm.dot_extent(head_width) * itemsize
         return self.num_stages if self.num_stages * per_stage <= SMEM_BUDGET else 1
 
 
 DEFAULT_CONFIG = AttentionConfig()   # the fastest tiles of the sweep in experiments/results/attention_gpu.md
 
-
-def _padded(n: int) -> int:
-    return max(16, cm.next_pow2(n))   # Triton dots need every dimension >= 16
 
 
 def _kernel(*refs, seq, head_width, scale, block_q, with_bias, heads_per_program, loop):
@@ -82,9 +80,9 @@ def _kernel(*refs, seq, head_width, scale, block_q, with_bias, heads_per_program
         (qkv_ref, out_ref), bias_ref = refs, None
     b, head_group, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     queries = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
-    keys = jnp.arange(_padded(seq), dtype=jnp.int32)
+    keys = jnp.arange(cm.dot_extent(seq), dtype=jnp.int32)
     query_ok, key_ok = queries < seq, keys < seq
-    cols, col_ok = cm.chunk_indices(0, _padded(head_width), head_width)
+    cols, col_ok = cm.chunk_indices(0, cm.dot_extent(head_width), head_width)
     key_bias = 0.0
     if with_bias:
         key_bias = cm.load(bias_ref.at[b * seq + keys], mask=key_ok, other=0.0).astype(jnp.float32)[None, :]
@@ -113,7 +111,7 @@ def _kernel(*refs, seq, head_width, scale, block_q, with_bias, heads_per_program
 def _kernel_call(qkv, key_bias, *, num_heads, scale, interpret, config):
     batch, seq, three_h = qkv.shape
     head_width = three_h // (3 * num_heads)
-    block_q = min(config.block_q, _padded(seq))
+    block_q = min(config.block_q, cm.dot_extent(seq))
     heads_per_program = config.heads_for(num_heads)
     num_stages = config.stages_for(seq, head_width, jnp.dtype(qkv.dtype).itemsize)
     kernel = functools.partial(_kernel, seq=seq, head_width=head_width, scale=scale, block_q=block_q,

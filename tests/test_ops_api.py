@@ -203,7 +203,7 @@ def test_causal_attention_matches_the_masked_einsum_form():
         ops.attention(qkv, key_bias, num_heads=heads, scale=0.5, causal=True, implementation="pallas")
 
 
-@pytest.mark.parametrize("implementation", [None, "xla"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas"])
 def test_cached_attention_matches_the_einsum_form_and_the_causal_rows(implementation):
     batch, seq, heads, width = 2, 6, 2, 4
     qkv = jax.random.normal(jax.random.key(3), (batch, seq, 3 * heads * width))

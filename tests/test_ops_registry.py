@@ -14,14 +14,15 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 FFF_STATIC = {"depth": 11, "n_trees": 1}
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "attention", "gelu"])
+@pytest.mark.parametrize("op", ["layer_norm", "attention", "cached_attention", "gelu"])
 def test_transformer_ops_prefer_pallas_on_a_gpu_for_16_bit_only(monkeypatch, op):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert registry.candidates(op, None, BF16, {})[0] == "pallas"
     assert registry.candidates(op, None, jnp.float16, {})[0] == "pallas"
     assert registry.candidates(op, None, F32, {}) == ("xla",)   # float32 keeps XLA's rounding
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert registry.candidates(op, None, BF16, {}) == ("xla",)
+    assert registry.candidates(op, None, BF16, {})[-1] == "xla" and "pallas" not in registry.candidates(
+        op, None, BF16, {})
 
 
 def test_attention_falls_back_from_pallas_to_cudnn_then_xla(monkeypatch):

@@ -88,6 +88,18 @@ def test_pallas_op_picks_the_walk_at_few_tokens(n_tokens, grouped, monkeypatch):
     assert ("fff_v2_forward_grouped" in text) == grouped and ("fff_v2_route" in text) == grouped
 
 
+@pytest.mark.parametrize("batch,slots,heads,width,with_bias", [(1, 512, 12, 64, True), (64, 1024, 16, 64, True),
+                                                                 (3, 37, 2, 24, False)])
+def test_cached_attention_lowers_for_h200(batch, slots, heads, width, with_bias):
+    from pallas_kernels.cached_attention import cached_attention
+    shapes = [jax.ShapeDtypeStruct((batch, 1, heads, width), jnp.bfloat16)]
+    shapes += [jax.ShapeDtypeStruct((batch, slots, heads, width), jnp.bfloat16)] * 2
+    if with_bias:
+        shapes.append(jax.ShapeDtypeStruct((batch, slots), jnp.bfloat16))
+    text = _lower_for_h200(lambda *a: cached_attention(*a, scale=0.125), *shapes)
+    assert "cached_attention" in text
+
+
 @pytest.mark.parametrize("width,leaf_width,depth,dtype", [(768, 256, 8, jnp.bfloat16), (100, 3, 0, jnp.float32)])
 def test_v1_forward_lowers_for_h200(width, leaf_width, depth, dtype):
     n_nodes, n_leaves = tree.v1_sizes(depth)

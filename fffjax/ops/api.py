@@ -189,7 +189,9 @@ def cached_attention(
         k, v: ``(B, T, heads, d)`` keys and values in the dtype of ``q``.
         key_bias: ``(B, T)`` additive bias per key (e.g. -10000 at empty slots) or None.
         scale: multiplies the scores.
-        implementation: ``"xla"`` or ``None`` (XLA everywhere).
+        implementation: ``"xla"``, ``"cpu_ffi"`` (C++, CPU, float32), ``"pallas"`` (one launch; GPU,
+            interpret mode elsewhere) or ``None`` (the platform's preference, see
+            :func:`fffjax.ops.registry.preference`).
 
     Returns:
         ``context (B, Q, heads * d)`` in the dtype of ``q``, head ``n`` at columns ``dn + [0, d)``.

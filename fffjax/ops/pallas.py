@@ -9,7 +9,7 @@ Pallas interpret mode elsewhere (for tests), and makes it differentiable:
   (:func:`pallas_kernels.fff_v2_forward.default_config`: one few-token walk launch up to
   :data:`~pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens, the grouped pipeline above for one deep tree);
 * GELU through its backward kernel;
-* layer norm, attention and FFF-v1 (forward-only kernels) through the VJP of their jnp references
+* layer norm, attention, cached attention and FFF-v1 (forward-only kernels) through the VJP of their jnp references
   (:func:`fffjax.ops._vjp.with_reference_vjp`).
 
 :func:`fff_v2_hard_tpu` is ``implementation="pallas_tpu"``: the Mosaic TPU kernel of
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fffjax.ops._vjp import with_reference_vjp
 from pallas_kernels import attention as attention_kernel
+from pallas_kernels import cached_attention as cached_attention_kernel
 from pallas_kernels import fff_v1_forward, fff_v2_forward, fff_v2_tpu, fff_v2_train
 from pallas_kernels import gelu as gelu_kernel
 from pallas_kernels import layer_norm as layer_norm_kernel
@@ -134,6 +135,21 @@ def attention(qkv, key_bias=None, *, num_heads: int, scale: float, causal: bool 
                                   f"{attention_kernel.MAX_SEQ} tokens, got {qkv.shape[1]}; use 'cudnn' or 'xla'")
     static = (("num_heads", int(num_heads)), ("scale", float(scale)), ("interpret", _interpret()))
     return _attention_differentiable(static, qkv, key_bias)
+
+
+_cached_attention_differentiable = with_reference_vjp(
+    lambda q, k, v, key_bias, *, scale, interpret: cached_attention_kernel.cached_attention(
+        q, k, v, key_bias, scale=scale, interpret=interpret),
+    lambda q, k, v, key_bias, *, scale, interpret: cached_attention_kernel.cached_attention_reference(
+        q, k, v, key_bias, scale=scale))
+
+
+def cached_attention(q, k, v, key_bias=None, *, scale: float):
+    """Queries over a key/value cache in one launch (the decode step's attention), with the reference's VJP."""
+    _check_dtype(q)
+    if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+        raise NotImplementedError("the Pallas cached-attention kernel needs at least one query and one slot")
+    return _cached_attention_differentiable((("scale", float(scale)), ("interpret", _interpret())), q, k, v, key_bias)
 
 
 def gelu(x):
