@@ -1,0 +1,205 @@
+"""The FFF-v2 layer on a GPU as a user calls it: forward, training step and their first-call times.
+
+1x11 at H = 768, bfloat16, ``--tokens`` (default 2**20) tokens. Every variant is jitted in this process:
+
+* Forward, side by side (:func:`fffjax.bench.side_by_side`, one call waited for per sample) and per
+  call inside a jitted loop (:func:`fffjax.bench.chained`, no dispatch):
+  - ``fff_args``: ``fffjax.fff_v2_hard`` with the default implementation, the weights jit arguments
+    (what a user writes);
+  - ``fff_closed``: the same with the weights closed over as jit constants (XLA may fold work on them
+    at compile time), to tell how much of a gap between the two ways of timing comes from that;
+  - ``dense_xla``: ``gelu(x @ w1 + b1) @ w2 + b2``, width 4096, weights as arguments (cuBLAS);
+  - ``dense_torch``: ``torch.nn`` Linear-GELU-Linear of width 4096 (CUDA events), where torch is installed.
+  The HBM roofline: x read once and y written once at the copy bandwidth measured in the same run.
+* Training, each in its own jitted function of all inputs: ``jax.value_and_grad`` of
+  ``sum(layer(x) * g)`` with respect to x and the weights, for the public op (default implementation)
+  and for the masked dense reference (``implementation="reference"``) at ``--tokens``, then the
+  float32 gradients of the public op against the reference's at ``--check-tokens``. For each: the
+  seconds to trace and lower, to compile, and the first run, then the step time (side by side).
+
+The results are written after every phase (``--out``), so a run stopped by a time limit keeps what it
+measured. Run on the GPU machine::
+
+    python experiments/bench_user_path_gpu.py --out experiments/results
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fffjax  # noqa: E402
+from fffjax import bench, v2  # noqa: E402
+from fffjax.bench import log  # noqa: E402
+
+WIDTH, DEPTH, DENSE_WIDTH = 768, 11, 4096
+NAME = "user_path_gpu"
+
+
+def dense(x, w1, b1, w2, b2):
+    return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
+
+
+def torch_dense_ms(n_tokens: int) -> float | None:
+    """Milliseconds per call of torch's Linear-GELU-Linear (bf16, CUDA events), None without torch or CUDA."""
+    try:
+        from bench_gpu import torch_dense_ms as measure
+    except ImportError:
+        return None
+    return measure(DENSE_WIDTH, "bfloat16", n_tokens)
+
+
+def first_call(fn, *args) -> tuple[dict, object]:
+    """``({"lower_s", "compile_s", "run_s"}, compiled)``: the ahead-of-time phases of ``jax.jit(fn)``'s first call."""
+    start = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return {"lower_s": lower_s, "compile_s": compile_s, "run_s": time.perf_counter() - start}, compiled
+
+
+def layer_inputs(n_tokens: int, dtype, seed: int = 0):
+    k_p, k_x, k_g = jax.random.split(jax.random.key(seed), 3)
+    p = v2.init(k_p, WIDTH, DEPTH, dtype=dtype)
+    x = jax.random.normal(k_x, (n_tokens, WIDTH), dtype)
+    g = jax.random.normal(k_g, (n_tokens, WIDTH), jnp.float32)
+    return x, (p["w_in"], p["b_in"], p["w_out"]), g
+
+
+def training_fn(implementation):
+    def loss(x, w_in, b_in, w_out, g):
+        y = fffjax.fff_v2_hard(x, w_in, b_in, w_out, depth=DEPTH, implementation=implementation)
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+
+def run(args, argv, save) -> dict:
+    out = {**bench.provenance(__file__, argv), "tokens": args.tokens, "width": WIDTH, "depth": DEPTH,
+           "dense_width": DENSE_WIDTH, "forward": {}, "training": {}}
+    log(f"{out['command']} on {out['device_kind']}, jax {jax.__version__}")
+    out["copy_bandwidth"] = bench.copy_bandwidth()
+    out["roofline_ms"] = args.tokens * 2 * WIDTH * 2 / out["copy_bandwidth"] * 1e3
+    log(f"copy bandwidth {out['copy_bandwidth'] / 1e12:.2f} TB/s, roofline {out['roofline_ms']:.3f} ms")
+
+    x, w, g = layer_inputs(args.tokens, jnp.bfloat16)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    bf16 = jnp.bfloat16
+    dense_w = (jax.random.normal(k1, (WIDTH, DENSE_WIDTH), bf16) * 0.03, jnp.zeros((DENSE_WIDTH,), bf16),
+               jax.random.normal(k2, (DENSE_WIDTH, WIDTH), bf16) * 0.03, jnp.zeros((WIDTH,), bf16))
+    fns = {"fff_args": (lambda x, a, b, c: fffjax.fff_v2_hard(x, a, b, c, depth=DEPTH), (x, *w)),
+           "fff_closed": (lambda x: fffjax.fff_v2_hard(x, *w, depth=DEPTH), (x,)),
+           "dense_xla": (dense, (x, *dense_w))}
+    compiled = {}
+    for name, (fn, fargs) in fns.items():
+        out["forward"][name], compiled[name] = first_call(fn, *fargs)
+        log(f"{name}: first call {out['forward'][name]}")
+    times = bench.side_by_side({k: (lambda c=compiled[k], a=fns[k][1]: c(*a)) for k in fns}, rounds=args.rounds,
+                               budget_s=args.budget_s, log=log)
+    for name, t in times.items():
+        row = out["forward"][name]
+        row["ms"] = t.median_s * 1e3
+        row["chained_ms"] = bench.chained(jax.jit(fns[name][0]), *fns[name][1], calls=8, budget_s=args.budget_s) * 1e3
+        row["of_roofline"] = out["roofline_ms"] / row["ms"]
+        log(f"{name}: {row['ms']:.3f} ms per call, {row['chained_ms']:.3f} ms chained")
+    torch_ms = torch_dense_ms(args.tokens)
+    if torch_ms is not None:
+        out["forward"]["dense_torch"] = {"ms": torch_ms}
+        log(f"dense_torch: {torch_ms:.3f} ms")
+    save(out)
+
+    for name, impl, n, dtype in (("fff_public_op", None, args.tokens, jnp.bfloat16),
+                                 ("masked_reference", "reference", args.tokens, jnp.bfloat16)):
+        xs, ws, gs = (x, w, g) if n == args.tokens else layer_inputs(n, dtype)
+        phases, step = first_call(training_fn(impl), xs, *ws, gs)
+        log(f"training {name}: first call {phases}")
+        t = bench.side_by_side({name: lambda s=step, a=(xs, *ws, gs): s(*a)}, rounds=args.rounds,
+                               budget_s=args.budget_s)[name]
+        out["training"][name] = {**phases, "tokens": n, "dtype": jnp.dtype(dtype).name, "step_ms": t.median_s * 1e3}
+        log(f"training {name}: {t.median_s * 1e3:.3f} ms per step")
+        del step
+        save(out)
+
+    xs, ws, gs = layer_inputs(args.check_tokens, jnp.float32)
+    phases, step = first_call(training_fn(None), xs, *ws, gs)
+    got = step(xs, *ws, gs)
+    want = jax.jit(training_fn("reference"))(xs, *ws, gs)
+    keep = np.asarray(v2.routing_margin(xs, ws[0], ws[1], depth=DEPTH) > 1e-3)
+    errors = [float(np.max(np.abs(np.asarray(a)[keep] - np.asarray(b)[keep])) / max(1.0, float(np.max(np.abs(b)))))
+              for a, b in ((got[1][0], want[1][0]),)]
+    errors += [float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(1.0, float(np.max(np.abs(b)))))
+               for a, b in zip(got[1][1:], want[1][1:])]
+    out["training"]["fp32_gradient_check"] = {**phases, "tokens": args.check_tokens, "dtype": "float32",
+                                              "max_rel_error_dx_dw_in_db_in_dw_out": errors}
+    log(f"fp32 gradient check at {args.check_tokens}: first call {phases}, relative errors {errors}")
+    save(out)
+    return out
+
+
+def markdown(out: dict) -> str:
+    fwd, train = out["forward"], out["training"]
+    lines = [f"# The FFF-v2 layer as users call it ({out['device_kind']})", "", bench.provenance_line(out), "",
+             f"1x11, H = {out['width']}, bfloat16, {out['tokens']:,} tokens. Copy bandwidth in this run "
+             f"{out['copy_bandwidth'] / 1e12:.2f} TB/s (read + write); roofline = x read once + y written once at "
+             f"that rate: {out['roofline_ms']:.3f} ms. *per call*: one jitted call waited for, median of samples "
+             "interleaved round by round; *chained*: per call inside a jitted loop of 8 (no dispatch). First "
+             "call: `jax.jit(f).lower(...)` (tracing and lowering), `.compile()`, the first run.", "",
+             "## Forward", "", "| variant | per call ms | chained ms | of roofline | dense XLA / this | "
+             "lower s | compile s | first run s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in fwd.items():
+        if "lower_s" not in row:
+            continue
+        ratio = fwd["dense_xla"]["ms"] / row["ms"] if "ms" in fwd.get("dense_xla", {}) and "ms" in row else float("nan")
+        lines.append(f"| {name} | {row.get('ms', float('nan')):.3f} | {row.get('chained_ms', float('nan')):.3f} | "
+                     f"{row.get('of_roofline', float('nan')):.1%} | {ratio:.2f}x | {row['lower_s']:.1f} | "
+                     f"{row['compile_s']:.1f} | {row['run_s']:.2f} |")
+    if "dense_torch" in fwd and "ms" in fwd.get("fff_args", {}):
+        lines += ["", f"torch Linear-GELU-Linear (width {out['dense_width']}, CUDA events): "
+                  f"{fwd['dense_torch']['ms']:.3f} ms = **{fwd['dense_torch']['ms'] / fwd['fff_args']['ms']:.1f}x** "
+                  "the public op's time."]
+    if train:
+        lines += ["", "## Training (value_and_grad of sum(layer(x) * g) for x and the weights)", "",
+                  "| path | tokens | dtype | lower s | compile s | first run s | step ms |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for name, row in train.items():
+            step = f"{row['step_ms']:.3f}" if "step_ms" in row else "-"
+            lines.append(f"| {name} | {row['tokens']:,} | {row['dtype']} | {row['lower_s']:.1f} | "
+                         f"{row['compile_s']:.1f} | {row['run_s']:.2f} | {step} |")
+        check = train.get("fp32_gradient_check")
+        if check:
+            lines += ["", "fp32 gradient check (public op against the masked reference; dx on tie-free tokens), max "
+                      "relative error of dx, dw_in, db_in, dw_out: "
+                      + ", ".join(f"{e:.1e}" for e in check["max_rel_error_dx_dw_in_db_in_dw_out"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2**20)
+    parser.add_argument("--check-tokens", type=int, default=2**16)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--budget-s", type=float, default=1.0, help="time per variant")
+    parser.add_argument("--out", default=None, help=f"folder of {NAME}.{{json,md}} (default: print only)")
+    args = parser.parse_args(argv)
+
+    def save(out):
+        if args.out:
+            bench.write_results(args.out, NAME, report=out, markdown=markdown(out))
+
+    out = run(args, argv, save)
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()
