@@ -8,7 +8,8 @@ Every variant is jitted with its weights as arguments, as users call it:
   :data:`pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens; on the CPU ``"cpu_ffi"``).
 * GPU only: ``fff_walk`` (the few-token kernel, :func:`~pallas_kernels.fff_v2_forward.walk_config`,
   forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default),
-  ``fff_walk_lookahead{L}_block1`` (one token per program where the walk takes several)
+  ``fff_walk_lookahead{L}_warps8`` (8 warps, for L >= 4), ``fff_walk_lookahead{L}_block1`` (one token per
+  program where the walk takes several)
   and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
 * ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
@@ -81,6 +82,9 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             if la != fwd.WALK_CONFIG.lookahead:
                 base = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la)
                 fns[f"fff_walk_lookahead{la}"] = forced(fwd.walk_config(n_tokens, n_trees, base))
+            if la >= 4:   # the wider rounds' tiles spread over twice the threads
+                wide = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la, num_warps=8)
+                fns[f"fff_walk_lookahead{la}_warps8"] = forced(fwd.walk_config(n_tokens, n_trees, wide))
             if fwd.walk_config(n_tokens, n_trees).block_t > 1:   # one token per program however many there are
                 one = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, lookahead=la)
                 fns[f"fff_walk_lookahead{la}_block1"] = forced(one)
