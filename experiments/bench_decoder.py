@@ -64,6 +64,7 @@ Redraw the md and png from the json::
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -550,6 +551,10 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds of samples per variant: slow variants take fewer (default gpu 5, cpu 4)")
     ap.add_argument("--seed", type=int, default=0, help="weights")
+    ap.add_argument("--walk-lookahead", type=int, default=None,
+                    help="levels per round of the GPU's few-token FFF walk (default: the library's WALK_CONFIG)")
+    ap.add_argument("--walk-warps", type=int, default=None,
+                    help="warps of the few-token FFF walk (default: the library's)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of decoder_speed_DEVICE.json/.md/.png")
     ap.add_argument("--from-json", default=None, metavar="JSON", help="redraw the md and png from a json")
     args = ap.parse_args(argv)
@@ -558,6 +563,10 @@ def main(argv=None) -> None:
         return
     defaults = DEVICES[args.device]
     args.config = args.config or defaults["config"]
+    tuned = {k: v for k, v in (("lookahead", args.walk_lookahead), ("num_warps", args.walk_warps)) if v is not None}
+    if tuned:   # walk_config reads WALK_CONFIG at call time
+        from pallas_kernels import fff_v2_forward
+        fff_v2_forward.WALK_CONFIG = dataclasses.replace(fff_v2_forward.WALK_CONFIG, **tuned)
     args.batches = args.batches or defaults["batches"]
     args.prefill = args.prefill or defaults["prefill"]
     args.breakdown_batches = args.breakdown_batches or defaults["breakdown_batches"]

@@ -124,10 +124,12 @@ MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns
 MAX_ROUTE_LEVELS = 8             # the route kernel's tile of top logits stays <= 256 columns
 
 
-def walk_config(n_tokens: int, n_trees: int, base: FffV2ForwardConfig = WALK_CONFIG) -> FffV2ForwardConfig:
-    """The few-token configuration: the token-order kernel with ``base``'s tiles, token blocks of
+def walk_config(n_tokens: int, n_trees: int, base: FffV2ForwardConfig | None = None) -> FffV2ForwardConfig:
+    """The few-token configuration: the token-order kernel with ``base``'s tiles (None:
+    :data:`WALK_CONFIG`, read at call time, so that a benchmark can tune it), token blocks of
     ``base.block_t`` or more so that there are at most about :data:`WALK_PROGRAMS` of them, and the
     trees spread over up to :data:`WALK_MAX_TREE_PROGRAMS` programs (a divisor of ``n_trees``)."""
+    base = WALK_CONFIG if base is None else base
     block_t = max(base.block_t, min(16, cm.next_pow2(pl.cdiv(n_tokens, WALK_PROGRAMS))))
     return dataclasses.replace(base, block_t=block_t, split_level=0, dense_levels=0,
                                tree_programs=math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS))
