@@ -43,7 +43,6 @@ import functools
 import json
 import math
 import os
-import statistics
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
@@ -134,42 +133,6 @@ def dense_xla(width: int, dtype):
     b1, b2 = jnp.zeros((width,), dtype), jnp.zeros((WIDTH,), dtype)
     f = jax.jit(lambda x: jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2)
     return f
-
-
-def torch_dense_ms(width: int, dtype_name: str, n_tokens: int):
-    """Milliseconds per call of Linear-GELU-Linear in torch (CUDA events), or None without torch/GPU."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    with torch.no_grad():
-        model = torch.nn.Sequential(torch.nn.Linear(WIDTH, width), torch.nn.GELU(),
-                                    torch.nn.Linear(width, WIDTH)).to("cuda", dt)
-        x = torch.randn(n_tokens, WIDTH, device="cuda", dtype=dt)
-        for _ in range(2):
-            model(x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(x)
-        end.record()
-        torch.cuda.synchronize()
-        est = start.elapsed_time(end)
-        reps = int(min(50, max(1, 100.0 / max(est, 1e-3))))
-        times = []
-        for _ in range(3):
-            start.record()
-            for _ in range(reps):
-                model(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-    del model, x
-    torch.cuda.empty_cache()
-    return statistics.median(times)
 
 
 def forward_impls(layer: str, dtype, config):
@@ -481,7 +444,7 @@ def run(args, argv=None):
                         except Exception as e:
                             log(f"  dense{width}_xla failed: {e}")
                         try:   # torch allocates beside JAX's preallocated pool: large sizes can run out
-                            ms = torch_dense_ms(width, dname, n) if args.torch else None
+                            ms = bench.torch_dense_ms(WIDTH, width, dname, n) if args.torch else None
                         except Exception as e:
                             log(f"  dense{width}_torch failed: {type(e).__name__}: {str(e)[:200]}")
                             ms = None

@@ -24,20 +24,15 @@ measured. Run on the GPU machine::
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import fffjax  # noqa: E402
-from fffjax import bench, v2  # noqa: E402
-from fffjax.bench import log  # noqa: E402
+import fffjax
+from fffjax import bench, v2
+from fffjax.bench import log
 
 WIDTH, DEPTH, DENSE_WIDTH = 768, 11, 4096
 NAME = "user_path_gpu"
@@ -45,15 +40,6 @@ NAME = "user_path_gpu"
 
 def dense(x, w1, b1, w2, b2):
     return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
-
-
-def torch_dense_ms(n_tokens: int) -> float | None:
-    """Milliseconds per call of torch's Linear-GELU-Linear (bf16, CUDA events), None without torch or CUDA."""
-    try:
-        from bench_gpu import torch_dense_ms as measure
-    except ImportError:
-        return None
-    return measure(DENSE_WIDTH, "bfloat16", n_tokens)
 
 
 def first_call(fn, *args) -> tuple[dict, object]:
@@ -113,7 +99,7 @@ def run(args, argv, save) -> dict:
         row["chained_ms"] = bench.chained(jax.jit(fns[name][0]), *fns[name][1], calls=8, budget_s=args.budget_s) * 1e3
         row["of_roofline"] = out["roofline_ms"] / row["ms"]
         log(f"{name}: {row['ms']:.3f} ms per call, {row['chained_ms']:.3f} ms chained")
-    torch_ms = torch_dense_ms(args.tokens)
+    torch_ms = bench.torch_dense_ms(WIDTH, DENSE_WIDTH, "bfloat16", args.tokens)
     if torch_ms is not None:
         out["forward"]["dense_torch"] = {"ms": torch_ms}
         log(f"dense_torch: {torch_ms:.3f} ms")

@@ -289,6 +289,43 @@ def copy_bandwidth(n_bytes: int = 2**31) -> float:
     return moved / seconds
 
 
+def torch_dense_ms(width_in: int, width: int, dtype_name: str, n_tokens: int) -> float | None:
+    """Milliseconds per call of torch's ``Linear(width_in, width) -> GELU -> Linear(width, width_in)`` on
+    ``n_tokens`` random tokens of ``dtype_name`` (``"float32"`` or ``"bfloat16"``), by CUDA events (median
+    of 3 timed loops); None without torch or CUDA. The dense baseline as torch users run it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    with torch.no_grad():
+        model = torch.nn.Sequential(torch.nn.Linear(width_in, width), torch.nn.GELU(),
+                                    torch.nn.Linear(width, width_in)).to("cuda", dt)
+        x = torch.randn(n_tokens, width_in, device="cuda", dtype=dt)
+        for _ in range(2):
+            model(x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        torch.cuda.synchronize()
+        reps = int(min(50, max(1, 100.0 / max(start.elapsed_time(end), 1e-3))))
+        times = []
+        for _ in range(3):
+            start.record()
+            for _ in range(reps):
+                model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+    del model, x
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 # ----------------------------------------------------------------------------- provenance
 
 
