@@ -146,9 +146,10 @@ def weight_floor(fff_config, dense_config, slots: int, itemsize: int) -> dict:
 # ----------------------------------------------------------------------------- models and programs
 
 
-def build(config_name: str, device: str, seed: int):
+def build(config_name: str, device: str, seed: int, cached_attention: str | None = None):
     """A :class:`CausalLM` of preset ``config_name`` in eval mode: bfloat16 parameters and compute on the
-    GPU; float32 with the FFF layers on ``cpu_ffi`` on the CPU."""
+    GPU; float32 with the FFF layers on ``cpu_ffi`` on the CPU; ``cached_attention`` names the decode
+    step's attention implementation (None: the automatic choice)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -163,6 +164,8 @@ def build(config_name: str, device: str, seed: int):
         cast_parameters(model, dtype)
     if device == "cpu":
         set_implementation(model, "fff_v2_hard", "cpu_ffi")
+    if cached_attention is not None:
+        set_implementation(model, "cached_attention", cached_attention)
     return model
 
 
@@ -479,7 +482,7 @@ def run(args, argv: list[str] | None) -> dict:
     impls = {"fff_v2_hard": ("cpu_ffi",) if args.device == "cpu" else
              registry.candidates("fff_v2_hard", None, dtype, {"depth": depth})}
     for op in ("attention", "cached_attention", "layer_norm", "gelu"):
-        impls[op] = registry.candidates(op, None, dtype, {})
+        impls[op] = registry.candidates(op, args.cached_attention if op == "cached_attention" else None, dtype, {})
     report = {**bench.provenance(__file__, argv), "device": args.device, "dtype": str(dtype), "fff": args.fff,
               "fff_trees": trees, "fff_depth": depth, "prompt_length": args.prompt_length, "calls": args.calls,
               "rounds": args.rounds, "implementations": {op: list(n) for op, n in impls.items()},
@@ -497,7 +500,7 @@ def run(args, argv: list[str] | None) -> dict:
             raise SystemExit(f"--prompt-length {args.prompt_length} plus {steps_needed(args)} decode steps "
                              f"exceeds {size}'s max_seq_length {config.max_seq_length}")
         began = time.perf_counter()
-        models = {kind: build(name, args.device, args.seed) for kind, name in names.items()}
+        models = {kind: build(name, args.device, args.seed, args.cached_attention) for kind, name in names.items()}
         bench.log(f"{size}: built {', '.join(names.values())} in {time.perf_counter() - began:.0f} s")
         slots = None
         for batch in batches:
@@ -551,6 +554,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds of samples per variant: slow variants take fewer (default gpu 5, cpu 4)")
     ap.add_argument("--seed", type=int, default=0, help="weights")
+    ap.add_argument("--cached-attention", default=None, metavar="NAME",
+                    help="the decode step's attention implementation (e.g. pallas; default: the automatic choice)")
     ap.add_argument("--walk-lookahead", type=int, default=None,
                     help="levels per round of the GPU's few-token FFF walk (default: the library's WALK_CONFIG)")
     ap.add_argument("--walk-warps", type=int, default=None,

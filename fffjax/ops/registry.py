@@ -9,7 +9,7 @@ Ops (:data:`OPS`) and their implementations:
 ``layer_norm``        ``"xla"``, ``"pallas"`` (one pass, residual add fused)
 ``attention``         ``"xla"``, ``"cudnn"`` (GPU), ``"pallas"`` and ``"cpu_ffi"`` (read the fused QKV
                       projection; bidirectional only)
-``cached_attention``  ``"xla"``, ``"cpu_ffi"``, ``"pallas"`` (queries over a decoder's key/value cache)
+``cached_attention``  ``"xla"``, ``"cpu_ffi"``, ``"pallas"`` (opt-in) (queries over a decoder's key/value cache)
 ``gelu``              ``"xla"`` (``jax.nn.gelu``), ``"pallas"`` (elementwise kernels)
 ==================== =============================================================================
 
@@ -118,9 +118,9 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
     * layer norm, attention, GELU: the Pallas kernels (attention: then cuDNN) on a GPU for 16-bit
       inputs; XLA otherwise (float32 keeps XLA's rounding, which the torch parity tests pin).
     * cached attention: the C++ kernel on the CPU (XLA's batched matrix-vector products over the cache
-      are several times slower, ``experiments/results/cached_attention_cpu.md``); on a GPU the one-launch
-      Pallas kernel for 16-bit inputs (XLA's several small launches make up a batch-1 decode step's
-      attention); XLA otherwise.
+      are several times slower, ``experiments/results/cached_attention_cpu.md``), XLA elsewhere. The
+      one-launch Pallas kernel runs only when named (``implementation="pallas"``) until its speed has
+      been measured on a GPU.
     """
     on_gpu = platform in GPU_PLATFORMS
     if op in ("fff_v2_hard", "fff_v1_hard"):
@@ -132,9 +132,7 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
             return names
         return ("cpu_ffi", "xla") if platform == "cpu" else ("xla",)
     if op == "cached_attention":
-        if platform == "cpu":
-            return ("cpu_ffi", "xla")
-        return ("pallas", "xla") if on_gpu and jnp.dtype(dtype).itemsize == 2 else ("xla",)
+        return ("cpu_ffi", "xla") if platform == "cpu" else ("xla",)
     if on_gpu and jnp.dtype(dtype).itemsize == 2:
         return ("pallas", "cudnn", "xla") if op == "attention" else ("pallas", "xla")
     return ("xla",)
