@@ -23,9 +23,10 @@ tokens/s = ``B`` / median seconds per step.
 **Prefill** (``--prefill``, ``BxP``): the jitted prefill of ``B`` prompts of ``P`` tokens into a cache of
 ``bucket_length(P + steps)`` slots, one call per sample, waited for; tokens/s = ``B * P`` / median seconds.
 
-**Where the time goes** (``--breakdown-batches``): timed in the same rounds as the decode steps, each
-jitted alone with its weights as arguments: the step of ``SIZE-none``; the vocabulary (the tied logits
-projection ``hidden @ E.T`` and the greedy argmax over V); the attention core over the cache
+**Where the time goes** (``--breakdown-batches``): the step of ``SIZE-none`` timed in the same rounds
+as the decode steps; then, each jitted alone with its weights as arguments and timed as device time per
+call inside a jitted loop (:func:`fffjax.bench.chained`, so without one dispatch per call): the
+vocabulary (the tied logits projection ``hidden @ E.T`` and the greedy argmax over V); the attention core over the cache
 (:func:`fffjax.ops.cached_attention`, one layer, times the layer count); the feedforward alone (one layer
 on ``(B, 1, H)``, times the layer count). Then per model: feedforward = step - step without it (what the
 step saves without the feedforward and its norm); vocabulary and attention core as timed; the rest (QKV and
@@ -65,6 +66,7 @@ Redraw the md and png from the json::
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -173,11 +175,18 @@ def pure(module, fn):
     """``call(*inputs)``: ``fn(module, *inputs)`` jitted as a function of the module's state, which is passed
     as an argument on every call."""
     import jax
+
+    unbound, state = functional(module, fn)
+    jitted = jax.jit(unbound)
+    return lambda *inputs: jitted(state, *inputs)
+
+
+def functional(module, fn):
+    """``(f, state)``: ``f(state, *inputs) = fn(module, *inputs)`` as a pure function of the module's state."""
     from flax import nnx
 
     graphdef, state = nnx.split(module)
-    jitted = jax.jit(lambda state, *inputs: fn(nnx.merge(graphdef, state), *inputs))
-    return lambda *inputs: jitted(state, *inputs)
+    return (lambda state, *inputs: fn(nnx.merge(graphdef, state), *inputs)), state
 
 
 def random_prompts(config, batch: int, length: int, seed: int):
@@ -225,9 +234,9 @@ class DecodeLoop:
 
 
 def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
-    """``{part: (zero-argument call, times per step)}``: the vocabulary (logits and greedy argmax), the
-    attention core over a cache of ``slots`` slots (``filled`` of them visible) and the feedforward, each
-    on ``batch`` rows of one token; layer 0 stands for every layer."""
+    """``{part: (pure function, its arguments, times per step)}``: the vocabulary (logits and greedy argmax),
+    the attention core over a cache of ``slots`` slots (``filled`` of them visible) and the feedforward,
+    each on ``batch`` rows of one token, the weights among the arguments; layer 0 stands for every layer."""
     import jax
     import jax.numpy as jnp
 
@@ -243,14 +252,14 @@ def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
     k = jax.random.normal(keys[2], (batch, slots, heads, width), dtype)
     v = jax.random.normal(keys[3], (batch, slots, heads, width), dtype)
     key_bias = additive_mask(jnp.arange(slots)[None, :].repeat(batch, 0) < filled, dtype)
-    vocabulary = pure(model, lambda m, x: jnp.argmax(m.logits(x), axis=-1))
+    vocabulary, weights = functional(model, lambda m, x: jnp.argmax(m.logits(x), axis=-1))
     attn = model.layers[0].attn
-    core = pure(attn, lambda a, q, k, v, bias: ops.cached_attention(
-        q, k, v, bias, scale=float(a.norm_factor), implementation=a.cached.implementation))
-    calls = {"vocabulary": (lambda: vocabulary(hidden), 1), "attention core": (lambda: core(q, k, v, key_bias), layers)}
+    implementation = attn.cached.implementation
+    core = functools.partial(ops.cached_attention, scale=float(attn.norm_factor), implementation=implementation)
+    calls = {"vocabulary": (vocabulary, (weights, hidden), 1), "attention core": (core, (q, k, v, key_bias), layers)}
     if model.layers[0].ffn is not None:
-        ffn = pure(model.layers[0].ffn, lambda f, x: f(x))
-        calls["feedforward alone"] = (lambda: ffn(hidden[:, None, :]), layers)
+        ffn, ffn_weights = functional(model.layers[0].ffn, lambda f, x: f(x))
+        calls["feedforward alone"] = (ffn, (ffn_weights, hidden[:, None, :]), layers)
     return calls
 
 
@@ -278,20 +287,22 @@ def bench_decode(args, size: str, models: dict, batch: int, breakdown: bool) -> 
     for name in names:
         variants[f"step/{name}"] = loops[name]
         keys[f"step/{name}"] = {"kind": "step", "model": name, "count": 1}
-    if breakdown:
-        for name in ("fff", "dense"):
-            for part, (call, count) in part_calls(models[name], batch, slots, args.prompt_length + steps // 2).items():
-                variants[f"{part}/{name}"] = call
-                keys[f"{part}/{name}"] = {"kind": part, "model": name, "count": count}
     times = bench.side_by_side(variants, rounds=args.rounds, calls=args.calls, warmup=args.warmup,
                                budget_s=args.budget_s / args.calls, min_rounds=args.min_rounds, log=bench.log)
     rows = []
     for label, key in keys.items():
         row = _row(times[label], size=size, batch=batch, slots=slots, prompt_length=args.prompt_length, **key)
-        row["ms_per_call"], row["ms"] = row["ms"], row["ms"] * key["count"]
-        if key["kind"] == "step":
-            row["tokens_per_s"] = batch / (row["ms"] / 1e3)
+        row["tokens_per_s"] = batch / (row["ms"] / 1e3)
         rows.append(row)
+    if breakdown:   # each part's device time inside a jitted loop: no dispatch, which would swamp a small part
+        for name in ("fff", "dense"):
+            for part, (fn, inputs, count) in part_calls(models[name], batch, slots,
+                                                        args.prompt_length + steps // 2).items():
+                per_call = bench.chained(fn, *inputs, calls=args.calls, budget_s=args.budget_s)
+                rows.append({"size": size, "batch": batch, "slots": slots, "prompt_length": args.prompt_length,
+                             "kind": part, "model": name, "count": count, "ms_per_call": 1e3 * per_call,
+                             "ms": 1e3 * per_call * count})
+                bench.log(f"{size} batch {batch} {part}/{name}: {1e3 * per_call:.4f} ms per call, x {count}")
     return rows
 
 
@@ -382,8 +393,8 @@ def markdown(report: dict) -> str:
                   f"{b['step_without_feedforward']:.3f} ms); *attention core*: softmax over the cache, one layer "
                   "timed alone x layers; *vocabulary*: logits projection and greedy argmax, timed alone; *rest*: "
                   "QKV and output projections, norms, embedding, cache writes, dispatch (the step without "
-                  "feedforward minus the two timed parts). Parts timed alone carry one call's dispatch each, so at "
-                  "small sizes *rest* can come out near zero or below.", "",
+                  "feedforward minus the two timed parts). Parts timed alone: device time per call inside a "
+                  "jitted loop (`fffjax.bench.chained`, no dispatch).", "",
                   "| part | FFF ms | FFF share | dense ms | dense share |", "|---|---:|---:|---:|---:|"]
         for part in PARTS:
             f, d = b["parts"]["fff"][part], b["parts"]["dense"][part]
@@ -398,8 +409,8 @@ def markdown(report: dict) -> str:
                   f"dense twin's (dense step / step without feedforward); the FFF step is "
                   f"{step['dense'] / step['fff']:.2f}x."]
         if min(b["parts"][m]["rest"] for m in ("fff", "dense")) < 0:
-            lines.append("*rest* is negative here: the attention core timed alone runs slower than inside the whole "
-                         "step, so read its row as an upper bound.")
+            lines.append("*rest* is negative here: the parts timed alone run slower than inside the whole step, "
+                         "so read their rows as upper bounds.")
     lines += ["", "## Batch-1 weight-read floor", "",
               "Bytes a batch-1 decode step reads per token (each weight it uses once; the static cache whole); "
               "ideal = dense bytes / FFF bytes; GB/s = bytes / measured step time.", ""]
