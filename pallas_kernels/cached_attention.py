@@ -49,7 +49,7 @@ DEFAULT_CONFIG = CachedAttentionConfig()
 
 
 
-def _kernel(*refs, queries, slots, heads, head_width, scale, block_k, with_bias):
+def _kernel(*refs, queries, slots, head_width, scale, block_k, with_bias):
     if with_bias:
         q_ref, k_ref, v_ref, bias_ref, out_ref = refs
     else:
@@ -121,7 +121,7 @@ def cached_attention(q, k, v, key_bias=None, *, scale: float, interpret: bool = 
         return cached_attention_reference(q, k, v, key_bias, scale=scale)
     config = DEFAULT_CONFIG if config is None else config
     block_k = min(config.block_k, cm.dot_extent(slots))
-    kernel = functools.partial(_kernel, queries=queries, slots=slots, heads=heads, head_width=width,
+    kernel = functools.partial(_kernel, queries=queries, slots=slots, head_width=width,
                                scale=float(scale), block_k=block_k, with_bias=key_bias is not None)
     operands = [q.reshape(batch * queries, heads * width), k.reshape(batch * slots, heads * width),
                 v.reshape(batch * slots, heads * width)]
