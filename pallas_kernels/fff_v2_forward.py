@@ -221,8 +221,11 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
             scale = jnp.ones_like(h)
             for d in range(1, span):
                 scale = jnp.where(h + 1 >= 2**d, 2**d, scale)
-            owner = tok[:, None] == jnp.arange(bt, dtype=jnp.int32)[None, :]          # (bt * pad, bt)
-            node_r = jnp.sum(jnp.where(owner, node[None, :], 0), axis=1)
+            if pad == 1:   # one level: row r is token r
+                node_r = node
+            else:
+                owner = tok[:, None] == jnp.arange(bt, dtype=jnp.int32)[None, :]      # (bt * pad, bt)
+                node_r = jnp.sum(jnp.where(owner, node[None, :], 0), axis=1)
             ok_r = (h < 2**span - 1) & (row0 + tok < n_tokens)
             flat_r = base + jnp.where(ok_r, node_r * scale + h, 0)
             z_r = cm.load(b_in_ref.at[flat_r], mask=ok_r, other=0.0).astype(jnp.float32)
@@ -235,8 +238,11 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
                 z_r += jnp.sum(x_r * cm.load_rows(w_in_ref, flat_r, cols, ok, ok_r).astype(jnp.float32), axis=1)
             pos = jnp.zeros((bt,), jnp.int32)
             for _ in range(span):
-                hit = r[None, :] == (jnp.arange(bt, dtype=jnp.int32) * pad + pos)[:, None]   # (bt, bt * pad)
-                z = jnp.sum(jnp.where(hit, z_r[None, :], 0.0), axis=1)
+                if pad == 1:
+                    z = z_r
+                else:
+                    hit = r[None, :] == (jnp.arange(bt, dtype=jnp.int32) * pad + pos)[:, None]   # (bt, bt * pad)
+                    z = jnp.sum(jnp.where(hit, z_r[None, :], 0.0), axis=1)
                 path.append((base + node, z))
                 right = (z > 0).astype(jnp.int32)
                 node = 2 * node + 1 + right
