@@ -72,7 +72,6 @@ class AttentionConfig:
 DEFAULT_CONFIG = AttentionConfig()   # the fastest tiles of the sweep in experiments/results/attention_gpu.md
 
 
-
 def _kernel(*refs, seq, head_width, scale, block_q, with_bias, heads_per_program, loop):
     if with_bias:
         qkv_ref, bias_ref, out_ref = refs

@@ -48,7 +48,6 @@ class CachedAttentionConfig:
 DEFAULT_CONFIG = CachedAttentionConfig()
 
 
-
 def _kernel(*refs, queries, slots, head_width, scale, block_k, with_bias):
     if with_bias:
         q_ref, k_ref, v_ref, bias_ref, out_ref = refs
