@@ -170,9 +170,10 @@ def test_spec_for_fraction_at_minilm_width():
     for fraction in (0.05, 0.1, 0.25):
         spec = d2f.spec_for_fraction("fff_v2", 1536, fraction)
         assert spec["n_trees"] * (2 ** (spec["depth"] + 1) - 1) <= 1536
-        assert abs(d2f.active_neurons(spec) / 1536 - fraction) < 0.01 * fraction + 1 / 1536 * spec["depth"]
+        assert fraction * 1536 - (spec["depth"] + 1) < d2f.active_neurons(spec) <= fraction * 1536
         d2f.check_spec(spec, 1536)
-    assert d2f.spec_for_fraction("dense", 1536, 0.1) == {"kind": "dense", "width": 154}
+    assert d2f.spec_for_fraction("fff_v2", 1536, 0.1) == {"kind": "fff_v2", "depth": 4, "n_trees": 30}
+    assert d2f.spec_for_fraction("dense", 1536, 0.1) == {"kind": "dense", "width": 153}
 
 
 @pytest.mark.parametrize(("spec", "message"), [

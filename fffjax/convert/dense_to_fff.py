@@ -125,8 +125,10 @@ def spec_for_fraction(kind: str, width: int, fraction: float) -> dict[str, Any]:
     """A spec whose active neurons per token are about ``fraction`` of the dense ``width`` F.
 
     ``fff_v1``: ``depth = round(log2(1 / fraction))``, ``leaf_width = F / 2**depth``. ``fff_v2``: the
-    deepest trees whose ``K = round(fraction F / (D + 1))`` trees still fit in F neurons (deeper trees
-    route more finely and use more of the dense neurons). ``dense``: ``round(fraction F)`` neurons.
+    deepest trees whose ``K = floor(fraction F / (D + 1))`` trees still fit in F neurons (deeper trees
+    route more finely and use more of the dense neurons). ``dense``: ``floor(fraction F)`` neurons.
+    FFF-v2 and dense round down (at least one tree or neuron), so that a target stated as "at most
+    this fraction active" holds.
     """
     tree.check_count(width, "width", 1)
     if not 0.0 < fraction <= 1.0:
@@ -137,15 +139,15 @@ def spec_for_fraction(kind: str, width: int, fraction: float) -> dict[str, Any]:
             depth -= 1
         return {"kind": kind, "depth": depth, "leaf_width": width // 2**depth}
     if kind == "fff_v2":
-        best = {"kind": kind, "depth": 0, "n_trees": max(1, min(width, round(fraction * width)))}
+        best = {"kind": kind, "depth": 0, "n_trees": max(1, min(width, math.floor(fraction * width)))}
         for depth in range(1, 32):
-            n_trees = max(1, round(fraction * width / (depth + 1)))
+            n_trees = max(1, math.floor(fraction * width / (depth + 1)))
             if n_trees * tree.v2_nodes_per_tree(depth) > width:
                 break
             best = {"kind": kind, "depth": depth, "n_trees": n_trees}
         return best
     if kind == "dense":
-        return {"kind": kind, "width": max(1, round(fraction * width))}
+        return {"kind": kind, "width": max(1, math.floor(fraction * width))}
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
