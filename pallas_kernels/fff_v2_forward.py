@@ -116,10 +116,10 @@ FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8
 WALK_MAX_TOKENS = 256
 WALK_PROGRAMS = 128        # token blocks the walk aims for: about one per multiprocessor of a Hopper GPU
 WALK_MAX_TREE_PROGRAMS = 16
-# One level per round: the default measured on the GPU (experiments/results/few_tokens_gpu.md, 1x11 at 1, 8
-# and 64 tokens, where rounds of three levels gathered row by row, at commit 6f28d46, were slower). Rounds
-# that gather a whole subtree as one tile (lookahead > 1 here) are not yet timed on a GPU:
-# `experiments/bench_few_tokens.py` compares them (fff_walk_lookahead{L}).
+# One level per round: the fastest measured on the GPU (experiments/results/few_tokens_gpu.md, 1x11 at 1, 8
+# and 64 tokens, against rounds of three levels gathered row by row; few_tokens_gpu_walk_rounds.md, 1x11 at
+# 1 token, against rounds that gather a whole subtree as one tile, lookahead 2, 3 and 6, each slower: the
+# tile's extra rows cost more than the dependent round trips they save).
 WALK_CONFIG = FffV2ForwardConfig(block_t=1, chunk=256, num_warps=4, lookahead=1)
 MAX_DEPTH = 15                  # the deepest tree the kernels take; fffjax.ops falls back to "xla" beyond
 MAX_GROUPED_SUBTREE_LEVELS = 5   # the subtree's dense tile stays <= 64 columns

@@ -119,8 +119,9 @@ def preference(op: str, platform: str, dtype, static: dict) -> tuple[str, ...]:
       inputs; XLA otherwise (float32 keeps XLA's rounding, which the torch parity tests pin).
     * cached attention: the C++ kernel on the CPU (XLA's batched matrix-vector products over the cache
       are several times slower, ``experiments/results/cached_attention_cpu.md``), XLA elsewhere. The
-      one-launch Pallas kernel runs only when named (``implementation="pallas"``) until its speed has
-      been measured on a GPU.
+      one-launch Pallas kernel runs only when named (``implementation="pallas"``): on a GPU it is
+      slower than XLA's at the small caches of a batch-1 decode step and faster only at large ones
+      (``experiments/results/cached_attention_gpu.md``).
     """
     on_gpu = platform in GPU_PLATFORMS
     if op in ("fff_v2_hard", "fff_v1_hard"):
