@@ -45,7 +45,7 @@ def run(args) -> list[dict]:
             inputs = (q, k, v, key_bias)
             error = float(jnp.max(jnp.abs(fns[kernel](*inputs).astype(jnp.float32)
                                           - fns["xla"](*inputs).astype(jnp.float32))))
-            times = bench.side_by_side({impl: (lambda f=f: f(*inputs)) for impl, f in fns.items()},
+            times = bench.side_by_side({impl: (lambda f=f, a=inputs: f(*a)) for impl, f in fns.items()},
                                        rounds=args.rounds, budget_s=args.budget_s)
             device = {impl: bench.chained(f, *inputs, budget_s=args.budget_s) for impl, f in fns.items()}
             row = {"preset": name, "heads": heads, "width": width, "slots": slots, "batch": batch,

@@ -14,11 +14,13 @@ on its default implementation (Pallas FFF-v2, causal attention through cuDNN or 
 
 **Decode** (``--batches``): ``B`` prompts of ``--prompt-length`` random tokens are prefilled into a cache of
 ``T = bucket_length(prompt + steps)`` slots (``steps`` covers every timed step, so no call overwrites a
-slot), then the decode step is called on the cache the last call returned (it donates it). A sample is
-``--calls`` steps sent back to back, the last one waited for: the stream :func:`fffjax.generate.generate_stream`
-keeps going (it dispatches step ``t + 1`` before it fetches step ``t``'s tokens). The models' samples are
-interleaved round by round (:func:`fffjax.bench.side_by_side`), so that a busy machine slows them alike;
-tokens/s = ``B`` / median seconds per step.
+slot), then the decode is called on the cache the last call returned (it donates it), each call running
+``--tokens-per-call`` steps (one ``scan``, as ``generate_stream(..., tokens_per_call=...)`` runs them). A
+sample is ``--calls`` calls sent back to back, the last one waited for: the stream
+:func:`fffjax.generate.generate_stream` keeps going (it dispatches call ``t + 1`` before it fetches call
+``t``'s tokens). The models' samples are interleaved round by round (:func:`fffjax.bench.side_by_side`), so
+that a busy machine slows them alike; times are per decode step (per call / steps per call), tokens/s =
+``B`` / median seconds per step.
 
 **Prefill** (``--prefill``, ``BxP``): the jitted prefill of ``B`` prompts of ``P`` tokens into a cache of
 ``bucket_length(P + steps)`` slots, one call per sample, waited for; tokens/s = ``B * P`` / median seconds.
@@ -208,16 +210,18 @@ def greedy_settings(config):
 
 
 class DecodeLoop:
-    """Calls ``model``'s jitted decode step, each call on the cache the call before returned.
+    """Calls ``model``'s jitted decode, ``tokens_per_call`` steps a call, each call on the cache the call
+    before returned.
 
-    The prompts are prefilled into a cache of ``bucket_length(prompt_length + steps)`` slots; more than
-    ``steps`` calls raise ``RuntimeError`` (a full cache would overwrite its last slot).
+    The prompts are prefilled into a cache of ``bucket_length(prompt_length + steps)`` slots; calls past
+    ``steps`` steps raise ``RuntimeError`` (a full cache would overwrite its last slot).
     """
 
-    def __init__(self, model, batch: int, prompt_length: int, steps: int, seed: int = 0):
+    def __init__(self, model, batch: int, prompt_length: int, steps: int, seed: int = 0, tokens_per_call: int = 1):
         from fffjax.generate import bucket_length, jitted_steps
 
         prefill, self.decode = jitted_steps(model)
+        self.tokens_per_call = tokens_per_call
         self.stop, self.sampling, self.key, self.pad = greedy_settings(model.config)
         ids, mask = random_prompts(model.config, batch, prompt_length, seed)
         self.slots = bucket_length(prompt_length + steps)
@@ -225,12 +229,14 @@ class DecodeLoop:
         self.left = self.slots - prompt_length
 
     def __call__(self):
-        if self.left < 1:
+        if self.left < self.tokens_per_call:
             raise RuntimeError("DecodeLoop: the cache is full; make it with more steps")
-        self.left -= 1
+        self.left -= self.tokens_per_call
         tokens, finished, cache = self.state
-        self.state = self.decode(cache, tokens, finished, self.stop, self.sampling, self.key, self.pad, greedy=True)
-        return self.state[0]
+        new, ended, cache = self.decode(cache, tokens, finished, self.stop, self.sampling, self.key, self.pad,
+                                        greedy=True, steps=self.tokens_per_call)
+        self.state = new[-1], ended[-1], cache
+        return new
 
 
 def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
@@ -273,7 +279,7 @@ def _row(timing, **fields) -> dict:
 
 def steps_needed(args) -> int:
     """Decode steps one variant may take: the warm-up calls and every sample's calls."""
-    return args.warmup + args.rounds * args.calls
+    return (args.warmup + args.rounds * args.calls) * args.tokens_per_call
 
 
 def bench_decode(args, size: str, models: dict, batch: int, breakdown: bool) -> list[dict]:
@@ -282,7 +288,8 @@ def bench_decode(args, size: str, models: dict, batch: int, breakdown: bool) -> 
     steps = steps_needed(args)
     variants, keys = {}, {}
     names = ["fff", "dense"] + (["none"] if breakdown else [])
-    loops = {name: DecodeLoop(models[name], batch, args.prompt_length, steps, seed=batch) for name in names}
+    loops = {name: DecodeLoop(models[name], batch, args.prompt_length, steps, seed=batch,
+                              tokens_per_call=args.tokens_per_call) for name in names}
     slots = loops["fff"].slots
     for name in names:
         variants[f"step/{name}"] = loops[name]
@@ -292,6 +299,9 @@ def bench_decode(args, size: str, models: dict, batch: int, breakdown: bool) -> 
     rows = []
     for label, key in keys.items():
         row = _row(times[label], size=size, batch=batch, slots=slots, prompt_length=args.prompt_length, **key)
+        for field in ("ms", "min_ms", "cpu_ms"):   # per decode step
+            row[field] /= args.tokens_per_call
+        row["tokens_per_call"] = args.tokens_per_call
         row["tokens_per_s"] = batch / (row["ms"] / 1e3)
         rows.append(row)
     if breakdown:   # each part's device time inside a jitted loop: no dispatch, which would swamp a small part
@@ -369,7 +379,8 @@ def markdown(report: dict) -> str:
              + "; ".join(f"{op} {', '.join(names)}" for op, names in report["implementations"].items()) + ". "
              f"Decode: prompts of {report['prompt_length']} tokens prefilled, then the jitted decode step of "
              "`fffjax.generate` on its static cache, "
-             f"{report['calls']} steps per sample sent back to back; prefill: one call per sample, waited for. "
+             f"{report.get('tokens_per_call', 1)} step(s) per call, {report['calls']} calls per sample sent back to "
+             "back, times per step; prefill: one call per sample, waited for. "
              "Median over samples interleaved round by round in one process (`fffjax.bench.side_by_side`); "
              "ratios from the same rounds.", ""]
     if report.get("notes"):
@@ -496,6 +507,7 @@ def run(args, argv: list[str] | None) -> dict:
         impls[op] = registry.candidates(op, args.cached_attention if op == "cached_attention" else None, dtype, {})
     report = {**bench.provenance(__file__, argv), "device": args.device, "dtype": str(dtype), "fff": args.fff,
               "fff_trees": trees, "fff_depth": depth, "prompt_length": args.prompt_length, "calls": args.calls,
+              "tokens_per_call": args.tokens_per_call,
               "rounds": args.rounds, "implementations": {op: list(n) for op, n in impls.items()},
               "load_before": list(os.getloadavg()), "notes": [], "decode": [], "decode_ratios": [], "prefill": [],
               "breakdown": [], "weight_floor": {}}
@@ -558,7 +570,9 @@ def main(argv=None) -> None:
     ap.add_argument("--breakdown-batches", default=None,
                     help="decode batches whose step is split into parts (default gpu 1,256; cpu 1,64)")
     ap.add_argument("--prompt-length", type=int, default=128, help="prompt tokens before the decode steps")
-    ap.add_argument("--calls", type=int, default=None, help="decode steps per sample (default gpu 20, cpu 8)")
+    ap.add_argument("--calls", type=int, default=None, help="decode calls per sample (default gpu 20, cpu 8)")
+    ap.add_argument("--tokens-per-call", type=int, default=1,
+                    help="decode steps per jitted call (generate_stream's tokens_per_call); times are per step")
     ap.add_argument("--rounds", type=int, default=7, help="samples per variant (at most)")
     ap.add_argument("--min-rounds", type=int, default=3, help="samples per variant (at least)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (the first compiles)")

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample among the most likely tokens holding this probability (1: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: MODEL's)")
+    parser.add_argument("--tokens-per-call", type=int, default=1,
+                        help="decode steps per jitted call (default 1); more spares the host a dispatch per token "
+                             "and streams the text in pieces of that many tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             tokens_per_call=args.tokens_per_call):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -7,10 +7,11 @@ How a call runs:
    slots, a power of two, so that every prompt length of a bucket shares one compiled prefill.
 2. The jitted prefill runs them, fills slots ``[0, P)`` of a cache of
    ``T = bucket_length(P + max_new_tokens)`` slots and picks each row's first new token.
-3. The jitted decode step feeds each row's last token in the next slot and picks the following one.
-   Its shapes depend only on the batch and ``T``: it compiles once for every token of every call
-   with the same batch, cache bucket and sampling mode (greedy or not); temperature, top-k, top-p,
-   the seed and the stop tokens are arguments, not constants.
+3. The jitted decode step feeds each row's last token in the next slot and picks the following one;
+   one call runs ``tokens_per_call`` such steps in a ``scan``. Its shapes depend only on the batch,
+   ``T`` and the steps per call: it compiles once for every token of every call with the same batch,
+   cache bucket and sampling mode (greedy or not); temperature, top-k, top-p, the seed and the stop
+   tokens are arguments, not constants.
 
 Picking a token: ``temperature == 0`` is greedy (the argmax). Otherwise the logits are divided by the
 temperature, cut to the ``top_k`` best (0: no cut), then to the smallest set of best tokens whose
@@ -110,12 +111,21 @@ def _prefill(program, leaves, input_ids, attention_mask, stop, sampling, key, *,
     return tokens, stop[tokens], cache
 
 
-@functools.partial(jax.jit, static_argnames=("program", "greedy"), donate_argnames=("cache",))
-def _decode(program, leaves, cache: KVCache, tokens, finished, stop, sampling, key, pad_id, *, greedy: bool):
-    logits, cache = _eval_model(program, leaves).decode_step(tokens, cache)
-    chosen = choose_tokens(logits, jax.random.fold_in(key, cache.length), *sampling, greedy=greedy)
-    chosen = jnp.where(finished, pad_id, chosen)
-    return chosen, finished | stop[chosen], cache
+@functools.partial(jax.jit, static_argnames=("program", "greedy", "steps"), donate_argnames=("cache",))
+def _decode(program, leaves, cache: KVCache, tokens, finished, stop, sampling, key, pad_id, *, greedy: bool,
+            steps: int):
+    model = _eval_model(program, leaves)
+
+    def step(carry, _):
+        cache, tokens, finished = carry
+        logits, cache = model.decode_step(tokens, cache)
+        chosen = choose_tokens(logits, jax.random.fold_in(key, cache.length), *sampling, greedy=greedy)
+        chosen = jnp.where(finished, pad_id, chosen)
+        finished = finished | stop[chosen]
+        return (cache, chosen, finished), (chosen, finished)
+
+    (cache, _, _), (chosen, finished) = jax.lax.scan(step, (cache, tokens, finished), length=steps)
+    return chosen, finished, cache
 
 
 def jitted_steps(model: CausalLM) -> tuple[Callable, Callable]:
@@ -126,12 +136,16 @@ def jitted_steps(model: CausalLM) -> tuple[Callable, Callable]:
 
         tokens, finished, cache = prefill(input_ids, attention_mask, stop, sampling, key,
                                           cache_length=T, greedy=True)
-        tokens, finished, cache = decode(cache, tokens, finished, stop, sampling, key, pad_id, greedy=True)
+        new, ended, cache = decode(cache, tokens, finished, stop, sampling, key, pad_id, greedy=True, steps=S)
+        tokens, finished = new[-1], ended[-1]
 
     ``input_ids, attention_mask (B, P)`` int32 (left-padded), ``stop (V,)`` bool (the stop ids),
     ``sampling`` the ``(temperature, top_k, top_p)`` scalars, ``key`` a PRNG key, ``pad_id`` an int32
-    scalar; ``decode`` donates ``cache`` (pass the one it returned last). The model's arrays are read
-    when this is called: a later change of its weights is not seen.
+    scalar. ``decode`` runs ``S`` decode steps in one call (a ``scan``; one compile per ``S``) and returns
+    every step's tokens and ended flags, ``(S, B)``; it donates ``cache`` (pass the one it returned
+    last). One call per several tokens spares the host a dispatch of the model's arrays per token,
+    which at batch 1 on a GPU costs more than the step's kernels. The model's arrays are read when this
+    is called: a later change of its weights is not seen.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be a CausalLM, got {type(model).__name__}")
@@ -196,6 +210,7 @@ def generate_stream(
     seed: int = 0,
     stop_tokens: Sequence[int] = (),
     pad_id: int | None = None,
+    tokens_per_call: int = 1,
 ) -> Iterator[np.ndarray]:
     """Yields the next token of every prompt, one ``(len(prompts),)`` int32 array per step.
 
@@ -206,6 +221,10 @@ def generate_stream(
         temperature, top_k, top_p, seed: how tokens are picked (module docstring; 0 = greedy).
         stop_tokens: ids that end a row (the row emits it, then ``pad_id``).
         pad_id: what padding and ended rows hold (default: the model's ``pad_token_id``).
+        tokens_per_call: decode steps per jitted call (:func:`jitted_steps`); the tokens are the same
+            for any value. Above 1 the host dispatches the model once per that many tokens and receives
+            them together; a call may run up to ``tokens_per_call - 1`` steps past the step at which every
+            row has ended (their tokens are dropped).
 
     The arguments are checked on the call; the model runs as the iterator is consumed, and stops
     once every row has ended.
@@ -215,11 +234,15 @@ def generate_stream(
     config = model.config
     pad_id = config.pad_token_id if pad_id is None else pad_id
     rows = _check_settings(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
+    if isinstance(tokens_per_call, bool) or not isinstance(tokens_per_call, int) or tokens_per_call < 1:
+        raise ValueError(f"tokens_per_call must be an int >= 1, got {tokens_per_call!r}")
     return _stream(model, rows, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                   top_p=float(top_p), seed=seed, stop_tokens=list(stop_tokens), pad_id=int(pad_id))
+                   top_p=float(top_p), seed=seed, stop_tokens=list(stop_tokens), pad_id=int(pad_id),
+                   tokens_per_call=tokens_per_call)
 
 
-def _stream(model: CausalLM, rows, *, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id):
+def _stream(model: CausalLM, rows, *, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id,
+            tokens_per_call):
     prompt_slots = bucket_length(max(len(row) for row in rows))
     input_ids, attention_mask = left_pad(rows, prompt_slots, pad_id)
     prefill, decode = jitted_steps(model)
@@ -230,14 +253,20 @@ def _stream(model: CausalLM, rows, *, max_new_tokens, temperature, top_k, top_p,
     key, pad, greedy = jax.random.key(seed), jnp.int32(pad_id), temperature == 0
     tokens, finished, cache = prefill(input_ids, attention_mask, stop, sampling, key,
                                       cache_length=bucket_length(prompt_slots + max_new_tokens), greedy=greedy)
-    for step in range(max_new_tokens):
-        if step + 1 < max_new_tokens:   # dispatched before this step's tokens reach the host
-            following = decode(cache, tokens, finished, stop, sampling, key, pad, greedy=greedy)
-        host_tokens, host_finished = jax.device_get((tokens, finished))
-        yield host_tokens
-        if host_finished.all() or step + 1 == max_new_tokens:
+    new, ended, done = tokens[None], finished[None], 1   # the tokens in hand, (steps, B); how many are out
+    while True:
+        steps = min(tokens_per_call, max_new_tokens - done)
+        if steps:   # dispatched before the tokens in hand reach the host
+            following = decode(cache, new[-1], ended[-1], stop, sampling, key, pad, greedy=greedy, steps=steps)
+        host_new, host_ended = jax.device_get((new, ended))
+        for row_tokens, row_ended in zip(host_new, host_ended):
+            yield row_tokens
+            if row_ended.all():
+                return
+        if not steps:
             return
-        tokens, finished, cache = following
+        new, ended, cache = following
+        done += steps
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **options) -> list[list[int]]:

@@ -88,6 +88,24 @@ def test_stop_tokens_end_a_row_which_then_emits_pad(models):
     assert len(alone) == at + 1   # the stream stops once every row has ended
 
 
+@pytest.mark.parametrize("tokens_per_call", [4, 5])
+def test_several_decode_steps_per_call_give_the_same_stream(models, tokens_per_call):
+    model = models["fff"]
+    free = gen.generate(model, PROMPTS, max_new_tokens=12)
+    settings = [dict(), dict(temperature=0.9, top_k=8, top_p=0.9, seed=2), dict(stop_tokens=[free[0][5]], pad_id=1)]
+    for options in settings:
+        one = list(gen.generate_stream(model, PROMPTS, max_new_tokens=12, **options))
+        several = list(gen.generate_stream(model, PROMPTS, max_new_tokens=12, tokens_per_call=tokens_per_call,
+                                           **options))
+        assert len(several) == len(one)   # 12 tokens, or fewer once every row has stopped
+        np.testing.assert_array_equal(np.stack(several), np.stack(one))
+    alone = list(gen.generate_stream(model, PROMPTS[:1], max_new_tokens=12, stop_tokens=[free[0][5]],
+                                     tokens_per_call=tokens_per_call))
+    assert len(alone) == free[0].index(free[0][5]) + 1   # stops mid-call at the row's stop token
+    with pytest.raises(ValueError, match="tokens_per_call must be an int >= 1"):
+        gen.generate_stream(model, PROMPTS, max_new_tokens=4, tokens_per_call=0)
+
+
 def test_prefill_and_decode_step_compile_once_per_bucket(monkeypatch):
     # a shape of its own, so that no other test has compiled its programs
     model = make(small("fff", max_seq_length=40))
@@ -198,5 +216,8 @@ def test_generate_command_streams_the_continuation(text_model, capsys):
     sampled = capsys.readouterr().out
     assert sampled == prompt + gen.generate_text(model, tokenizer, prompt, max_new_tokens=9, temperature=0.9,
                                                  top_k=20, top_p=0.95, seed=7) + "\n"
+    cli.main(["generate", str(path), prompt, "--max-new-tokens", "9", "--tokenizer", str(tokenizer_path),
+              "--tokens-per-call", "4"])
+    assert capsys.readouterr().out == prompt + expected + "\n"
     assert cli.main(["generate", str(path), prompt]) == 2  # a user error: one line, no traceback
     assert "fffjax: error:" in capsys.readouterr().err
