@@ -66,7 +66,7 @@ def convert_phase(args, teacher, tokenizer, train, held) -> dict[str, dict]:
             data = fd.prepare_data(teacher, tokenizer, train, held, layer_tokens=args.layer_tokens, seed=args.seed)
         bench.log(f"convert {name} (stages up to {last_stage})")
         config = fd.DistillConfig(kind=kind, fraction=fraction, last_stage=last_stage, layer_tokens=args.layer_tokens,
-                                  layer_steps=args.layer_steps, e2e_steps=args.e2e_steps,
+                                  layer_steps=args.layer_steps, e2e_steps=args.e2e_steps, e2e_batch=args.e2e_batch,
                                   e2e_learning_rate=args.e2e_learning_rate, e2e_hidden_weight=args.e2e_hidden_weight,
                                   e2e_similarity_weight=args.e2e_similarity_weight, seed=args.seed)
         student, report = fd.run(teacher, tokenizer, data, config, progress=lambda line: bench.log(f"  {line}"))
@@ -237,9 +237,15 @@ def main(argv=None) -> None:
                         help="of those, only the runs named (e.g. fff_v2-10pct dense-10pct)")
     parser.add_argument("--train-sentences", type=int, default=8000)
     parser.add_argument("--held-out", type=int, default=2000)
+    parser.add_argument("--sentences", type=Path, default=None,
+                        help="a file of one sentence a line (its last --held-out lines held out) instead of the "
+                             "offline corpus")
+    parser.add_argument("--convert-only", action="store_true",
+                        help="stop after the conversions (e.g. on a GPU machine without the probe data)")
     parser.add_argument("--layer-tokens", type=int, default=32768)
     parser.add_argument("--layer-steps", type=int, default=600)
     parser.add_argument("--e2e-steps", type=int, default=300)
+    parser.add_argument("--e2e-batch", type=int, default=32, help="stage d: sentences per step")
     parser.add_argument("--e2e-learning-rate", type=float, default=3e-4)
     parser.add_argument("--e2e-hidden-weight", type=float, default=0.0,
                         help="stage d: weight of the layer outputs' error against the teacher's")
@@ -269,9 +275,11 @@ def main(argv=None) -> None:
         return
     teacher_path = args.teacher or default_teacher()
     teacher, tokenizer = from_pretrained(teacher_path)
-    train, held = sample_sentences(args.train_sentences, args.held_out, args.seed)
+    train, held = sample_sentences(args.train_sentences, args.held_out, args.seed, args.sentences)
     bench.log(f"{len(train)} training and {len(held)} held-out sentences")
     reports = convert_phase(args, teacher, tokenizer, train, held)
+    if args.convert_only:
+        return
     models = {"teacher": teacher}
     for name in reports:
         models[name] = load_bert_checkpoint(args.runs / name / "student")
