@@ -12,6 +12,9 @@
 // kSortedLevels levels plus the output sum run subtree by subtree: tokens sharing a subtree run
 // back to back and read its rows of w_in and w_out from memory once. Tokens go in groups of
 // kGroup to keep several independent row streams in flight; token ranges are split over threads.
+// Layers of many small trees (from kBlockOrderMinTrees) run block by block instead: each token walks
+// kTreeGroup trees side by side against one load of its x, the logits go through a 16-lane GELU,
+// and the token's output is summed once per group of trees.
 //
 // FFF-v1 (FffV1HardF32): per sample, descend `depth` levels (z = x . node_weights[n] +
 // node_biases[n], right when z >= 0), then the reached leaf's MLP act(x @ w1s[leaf] + b1s[leaf]) @
@@ -79,14 +82,47 @@ inline void stream16(float* p, v16 v) {
 #endif
 }
 
+// Sum of the 16 lanes: pairwise halves (a few shuffles) rather than 16 dependent scalar adds.
 inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
   float s = 0.0f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+#endif
 }
 
 // Exact (erf) GELU, as torch nn.GELU() and jax.nn.gelu(approximate=False).
 inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752f)); }
+
+// GELU of 16 lanes, 0.5 z (1 + erf(z / sqrt 2)), with erf the rational approximation on [-4, 4] (+-1
+// beyond) of Eigen and XLA's CPU backend: absolute error below 5e-7, against std::erf's tens of cycles
+// a call, which in a walk of single-neuron nodes cost as much as the dot products.
+inline v16 gelu16(v16 z) {
+  v16 x = z * 0.70710678118654752f;
+  x = x > 4.0f ? v16{} + 4.0f : x;
+  x = x < -4.0f ? v16{} - 4.0f : x;
+  const v16 x2 = x * x;
+  v16 num = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  num = x2 * num + -2.10102402082508e-06f;
+  num = x2 * num + -5.69250639462346e-05f;
+  num = x2 * num + -7.34990630326855e-04f;
+  num = x2 * num + -2.95459980854025e-03f;
+  num = x2 * num + -1.60960333262415e-02f;
+  v16 den = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  den = x2 * den + -1.68282697438203e-03f;
+  den = x2 * den + -7.37332916720468e-03f;
+  den = x2 * den + -1.42647390514189e-02f;
+  return 0.5f * z * (1.0f + x * num / den);
+}
+
+// a[i] = gelu(a[i]) for i < n.
+inline void gelu_inplace(float* a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(a + i, gelu16(load16(a + i)));
+  for (; i < n; ++i) a[i] = gelu(a[i]);
+}
 
 // Logits of G tokens against G (possibly different) rows, interleaved for memory-level parallelism.
 template <int G>
@@ -107,7 +143,29 @@ inline void dots(const float* const* xs, const float* const* rows, int64_t h, fl
   }
 }
 
+// x . rows[g] for G rows against one x (loaded once for all G): G independent chains in flight.
+template <int G>
+inline void dots_shared(const float* x, const float* const* rows, int64_t h, float* out) {
+  v16 acc0[G], acc1[G];
+  for (int g = 0; g < G; ++g) acc0[g] = acc1[g] = v16{};
+  int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    const v16 x0 = load16(x + i), x1 = load16(x + i + 16);
+    for (int g = 0; g < G; ++g) {
+      acc0[g] += x0 * load16(rows[g] + i);
+      acc1[g] += x1 * load16(rows[g] + i + 16);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float s = hsum(acc0[g] + acc1[g]);
+    for (int64_t j = i; j < h; ++j) s += x[j] * rows[g][j];
+    out[g] = s;
+  }
+}
+
 constexpr int kGroup = 4;
+// Trees walked side by side per token in the block order (their rows share the token's x loads).
+constexpr int kTreeGroup = 8;
 // Deepest tree supported (node indices are int32).
 constexpr int64_t kMaxLevels = 30;
 // The last kSortedLevels levels run in subtree order (tokens sorted by node); those above in token order.
@@ -158,17 +216,50 @@ void walk(const Problem& p, int64_t k, const int32_t* order, int64_t i_begin, in
   }
 }
 
+// Walks every level of trees [k0, k0 + g_count) (g_count <= kTreeGroup) for tokens [i_begin, i_end),
+// one token at a time with its trees side by side: their rows against the token's x, which is loaded
+// once for all of them. path/acts[t * stride + g * levels + l] receive tree k0 + g's flat node index
+// and logit at level l (gelu_inplace turns the logits into activations).
+void walk_trees(const Problem& p, int64_t k0, int g_count, int64_t i_begin, int64_t i_end, int64_t stride,
+                int32_t* path, float* acts) {
+  const int64_t levels = p.levels(), per_tree = p.per_tree();
+  for (int64_t t = i_begin; t < i_end; ++t) {
+    const float* x = p.x + t * p.h;
+    int64_t node[kTreeGroup] = {};
+    int32_t* path_t = path + t * stride;
+    float* acts_t = acts + t * stride;
+    for (int64_t l = 0; l < levels; ++l) {
+      const float* rows[kTreeGroup];
+      int64_t flat[kTreeGroup];
+      for (int g = 0; g < kTreeGroup; ++g) {
+        const int gg = std::min(g, g_count - 1);  // pad a short group with its last tree
+        flat[g] = (k0 + gg) * per_tree + node[gg];
+        rows[g] = p.w_in + flat[g] * p.h;
+      }
+      float z[kTreeGroup];
+      dots_shared<kTreeGroup>(x, rows, p.h, z);
+      for (int g = 0; g < g_count; ++g) {
+        const float logit = z[g] + p.b_in[flat[g]];
+        path_t[g * levels + l] = static_cast<int32_t>(flat[g]);
+        acts_t[g * levels + l] = logit;  // gelu by the caller, 16 lanes at a time
+        node[g] = 2 * node[g] + 1 + (logit > 0.0f ? 1 : 0);
+      }
+    }
+  }
+}
+
 // y[t] (+)= sum_l acts[t, l] * w_out[path[t, l]] for tokens order[i], i in [i_begin, i_end):
 // 128 output columns at a time held in 8 registers while the token's rows stream past.
 // stream_out: store y past the caches (it is not read again soon).
-void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t i_end,
-                const int32_t* path, const float* acts, bool add, bool stream_out) {
-  const int64_t levels = p.levels();
-  const float* rows[kMaxLevels];
+// The token's rows are path/acts[t * stride + r], r < n_rows (at most kTreeGroup * kMaxLevels).
+void accumulate(const Problem& p, const int32_t* order, int64_t i_begin, int64_t i_end, int64_t stride,
+                int64_t n_rows, const int32_t* path, const float* acts, bool add, bool stream_out) {
+  const int64_t levels = n_rows;
+  const float* rows[kTreeGroup * kMaxLevels];
   for (int64_t i = i_begin; i < i_end; ++i) {
     const int64_t t = order ? order[i] : i;
-    const float* a = acts + t * levels;
-    for (int64_t l = 0; l < levels; ++l) rows[l] = p.w_out + int64_t{path[t * levels + l]} * p.h_out;
+    const float* a = acts + t * stride;
+    for (int64_t l = 0; l < levels; ++l) rows[l] = p.w_out + int64_t{path[t * stride + l]} * p.h_out;
     float* y = p.y + t * p.h_out;
     // Not read again here: stream it past the caches, which hold the weights.
     const bool stream = stream_out && reinterpret_cast<uintptr_t>(y) % 64 == 0;
@@ -269,33 +360,37 @@ void run(const Problem& p) {
   const char* sort_env = std::getenv("FFFJAX_CPU_SORT");
   const bool sort = !(sort_env && std::atoi(sort_env) == 0);
   // Scratch reused across calls (thread_local: no fresh pages to fault in on every call).
+  const char* order_env = std::getenv("FFFJAX_CPU_TREE_ORDER");
+  const bool block_order = p.n_trees > 1 && threads > 1 &&
+                           (order_env ? std::atoi(order_env) == 0 : p.n_trees >= kBlockOrderMinTrees);
+  const int64_t stride = block_order ? kTreeGroup * levels : levels;
   thread_local std::vector<int32_t> node, path, order, counts;
   thread_local std::vector<float> acts;
   node.resize(p.tokens);
-  path.resize(p.tokens * levels);
-  acts.resize(p.tokens * levels);
+  path.resize(p.tokens * stride);
+  acts.resize(p.tokens * stride);
   // Plain pointers: inside the worker threads the thread_local names would be other objects.
   int32_t* node_p = node.data();
   int32_t* path_p = path.data();
   float* acts_p = acts.data();
-  // Several trees on several threads: each block of kBlock tokens goes through every tree, tree by
-  // tree, before the next block. Threads start once per call (not twice per tree, which on a busy
+  // Several trees on several threads: each block of kBlock tokens goes through every tree, kTreeGroup
+  // trees side by side (walk_trees), before the next block. Threads start once per call (not twice per tree, which on a busy
   // machine costs more than the work), a tree's rows are reused by the block's tokens, and the
   // block's outputs stay in cache across its trees; the subtree sort is given up, which costs deep
   // trees more than the thread starts save when they are few (4x9), so the block order is taken from
   // kBlockOrderMinTrees trees (experiments/results/cpu_tree_order.md). On one thread the trees run one
   // after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=0 / =1 forces the block / tree
   // order (for measuring the choice).
-  const char* order_env = std::getenv("FFFJAX_CPU_TREE_ORDER");
-  const bool block_order = order_env ? std::atoi(order_env) == 0 : p.n_trees >= kBlockOrderMinTrees;
-  if (p.n_trees > 1 && threads > 1 && block_order) {
+  if (block_order) {
     parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
-      for (int64_t k = 0; k < p.n_trees; ++k) {
-        std::fill(node_p + b, node_p + e, 0);
+      for (int64_t k0 = 0; k0 < p.n_trees; k0 += kTreeGroup) {
+        const int g_count = static_cast<int>(std::min<int64_t>(kTreeGroup, p.n_trees - k0));
         for (int64_t c = b; c < e; c += kChunk) {
           const int64_t ce = std::min(e, c + kChunk);
-          walk(p, k, nullptr, c, ce, 0, levels, node_p, path_p, acts_p);
-          accumulate(p, nullptr, c, ce, path_p, acts_p, k > 0, k == p.n_trees - 1);
+          walk_trees(p, k0, g_count, c, ce, stride, path_p, acts_p);
+          gelu_inplace(acts_p + c * stride, (ce - c) * stride);
+          accumulate(p, nullptr, c, ce, stride, g_count * levels, path_p, acts_p, k0 > 0,
+                     k0 + kTreeGroup >= p.n_trees);
         }
       }
 #if defined(__x86_64__)
@@ -315,7 +410,7 @@ void run(const Problem& p) {
       for (int64_t c = b; c < e; c += kChunk) {
         const int64_t ce = std::min(e, c + kChunk);
         walk(p, k, ord, c, ce, top, levels, node_p, path_p, acts_p);
-        accumulate(p, ord, c, ce, path_p, acts_p, k > 0, k == 0);
+        accumulate(p, ord, c, ce, levels, levels, path_p, acts_p, k > 0, k == 0);
       }
 #if defined(__x86_64__)
       __builtin_ia32_sfence();  // order the streamed stores before the thread reports done
