@@ -71,7 +71,7 @@ def pack(args) -> None:
     weights = load_file(source / "model.safetensors")
     save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()},
               target / "model.safetensors")
-    train, held = sample_sentences(args.train_sentences, args.held_out, args.seed)
+    train, held = sample_sentences(args.train_sentences, args.held_out, args.seed, args.sentences)
     lines = [" ".join(s.split()) for s in train + held]
     (args.carry / "sentences.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.carry / "pack.json").write_text(json.dumps({"train_sentences": len(train), "held_out": len(held),
@@ -177,6 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--carry", type=Path, required=True)
     p.add_argument("--teacher", default=None)
     p.add_argument("--train-sentences", type=int, default=48000)
+    p.add_argument("--sentences", type=Path, default=None,
+                   help="a file of one sentence a line (its last --held-out lines held out) instead of the corpus")
     p.add_argument("--held-out", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("expand", help=expand.__doc__)
