@@ -131,9 +131,10 @@ def speed_phase(args, models: dict) -> dict:
 
 
 def random_students(seed: int) -> dict:
-    """A random teacher of all-MiniLM-L6-v2's shape and its stage-(a) students of the grid's end-to-end
-    targets: for timing where the pretrained weights are not at hand (the GPU machine). Routing on
-    random weights is about as balanced as on trained ones, so the speed is representative."""
+    """A random teacher of all-MiniLM-L6-v2's shape and its stage-(a) students of every (kind, fraction)
+    of the grid: for timing where the pretrained weights are not at hand (the GPU machine), and at the
+    fractions the grid trains only layer-wise. Routing on random weights is about as balanced as on
+    trained ones, so the speed is representative."""
     from fffjax.convert import dense_to_fff
     from fffjax.models.bert import Bert, BertConfig
 
@@ -142,9 +143,7 @@ def random_students(seed: int) -> dict:
     teacher = Bert(config, rngs=nnx.Rngs(seed))
     teacher.eval()
     models = {"teacher": teacher}
-    for kind, fraction, last_stage in GRID:
-        if last_stage != "d":
-            continue
+    for kind, fraction, _ in GRID:
         spec = dense_to_fff.spec_for_fraction(kind, config.intermediate_size, fraction)
         params = [dense_to_fff.init_from_dense(fd.dense_layer_params(layer.ffn), spec, seed=seed)
                   for layer in teacher.layers]
