@@ -44,14 +44,14 @@ from fffjax.models.crammed_bert import cast_parameters
 from fffjax.models.decoder import MODEL_NAME, CausalLM, DecoderConfig, KVCache, causal_lm_from_params
 from fffjax.pretrained import is_hf_folder
 from fffjax.train.checkpoint import load_params
+from fffjax.tree import check_count
 
 MIN_BUCKET = 16   # the shortest prompt bucket: shorter prompts share one compiled prefill
 
 
 def bucket_length(n: int) -> int:
     """The smallest power of two ``>= max(n, MIN_BUCKET)``: the slots a length-``n`` sequence gets."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_count(n, "n", 1)
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
@@ -160,12 +160,10 @@ def jitted_steps(model: CausalLM) -> tuple[Callable, Callable]:
 
 def _check_settings(config: DecoderConfig, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens,
                     pad_id) -> list[list[int]]:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens", 1)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no cut), got {top_k!r}")
+    check_count(top_k, "top_k", 0)   # 0: no cut
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1: no cut), got {top_p!r}")
     vocab = config.vocab_size
@@ -234,8 +232,7 @@ def generate_stream(
     config = model.config
     pad_id = config.pad_token_id if pad_id is None else pad_id
     rows = _check_settings(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
-    if isinstance(tokens_per_call, bool) or not isinstance(tokens_per_call, int) or tokens_per_call < 1:
-        raise ValueError(f"tokens_per_call must be an int >= 1, got {tokens_per_call!r}")
+    check_count(tokens_per_call, "tokens_per_call", 1)
     return _stream(model, rows, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
                    top_p=float(top_p), seed=seed, stop_tokens=list(stop_tokens), pad_id=int(pad_id),
                    tokens_per_call=tokens_per_call)
