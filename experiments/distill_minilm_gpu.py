@@ -144,6 +144,7 @@ def import_(args) -> None:
     # exact teacher's the same way rebuilds it bit for bit.
     embeddings = {k: v.astype(np.float16).astype(np.float32) if v.dtype == np.float32 else v
                   for k, v in _flatten(bert_params(teacher)).items() if k.startswith("embeddings/")}
+    teacher_held_out = fd.embeddings(teacher, tokenizer, held)
     for meta_path in sorted(args.files.glob("*.json")):
         name = meta_path.stem
         meta = json.loads(meta_path.read_text())
@@ -152,13 +153,10 @@ def import_(args) -> None:
             flat.update(load_file(args.files / f"{name}.{i}.safetensors"))
         student = bert_from_params(meta["config"], _unflatten(flat))
         report = meta["report"]
-        data = fd.DistillData(train_sentences=[], held_out_sentences=held, layer_inputs=[],
-                              teacher_train=np.zeros((0, teacher.config.hidden_size), np.float32),
-                              teacher_held_out=fd.embeddings(teacher, tokenizer, held))
         last = list(report["stages"])[-1]
         report["stages"][last]["on_gpu_against_float16_teacher"] = {
             k: report["stages"][last][k] for k in ("cosine", "spearman", "neighbours_at_1", "neighbours_at_10")}
-        report["stages"][last].update(fd.measure(student, tokenizer, data))
+        report["stages"][last].update(fd.measure(student, tokenizer, held, teacher_held_out))
         report["measured_against"] = (f"stages before {last}: the float16-rounded teacher, on the GPU; "
                                       f"stage {last}: the exact float32 teacher, here")
         folder = args.runs / name

@@ -321,13 +321,15 @@ def prepare_data(teacher: Bert, tokenizer, train_sentences: Sequence[str], held_
         embeddings(teacher, tokenizer, held_out_sentences))
 
 
-def measure(student: Bert, tokenizer, data: DistillData) -> dict[str, float]:
-    """The student against the teacher on the held-out sentences: mean cosine, Spearman of pairwise
-    similarities, nearest-neighbour agreement at 1 and 10 (:mod:`fffjax.similarity`)."""
+def measure(student: Bert, tokenizer, sentences: Sequence[str], teacher_embeddings: np.ndarray
+            ) -> dict[str, float]:
+    """The student against the teacher on ``sentences`` (the teacher's normalised embeddings of them,
+    ``(n, H)``): mean cosine, Spearman of pairwise similarities, nearest-neighbour agreement at 1 and 10
+    (:mod:`fffjax.similarity`)."""
     from fffjax import similarity
 
-    e = embeddings(student, tokenizer, data.held_out_sentences)
-    t = data.teacher_held_out
+    e = embeddings(student, tokenizer, sentences)
+    t = teacher_embeddings
     return {"cosine": similarity.mean_cosine(e, t), "spearman": similarity.similarity_spearman(e, t),
             "neighbours_at_1": similarity.neighbour_agreement(e, t, 1),
             "neighbours_at_10": similarity.neighbour_agreement(e, t, 10)}
@@ -354,7 +356,7 @@ def run(teacher: Bert, tokenizer, data: DistillData, config: DistillConfig,
     for result in convert_bert(teacher, data.layer_inputs, config, progress=say):
         student = result.student
         entry = {"seconds": time.perf_counter() - start, "layer_errors": result.layer_errors,
-                 **measure(student, tokenizer, data)}
+                 **measure(student, tokenizer, data.held_out_sentences, data.teacher_held_out)}
         if result.loss_curves is not None:
             entry["loss_curves"] = [curve[::10].tolist() for curve in result.loss_curves]
         report["stages"][result.stage] = entry
@@ -366,6 +368,6 @@ def run(teacher: Bert, tokenizer, data: DistillData, config: DistillConfig,
             callback=lambda step, loss: say(f"stage d: step {step}/{config.e2e_steps} loss {loss:.4f}"),
             teacher=teacher)
         report["stages"]["d"] = {"seconds": time.perf_counter() - start, "loss_curve": losses[::10].tolist(),
-                                 **measure(student, tokenizer, data)}
+                                 **measure(student, tokenizer, data.held_out_sentences, data.teacher_held_out)}
         say(f"stage d: spearman {report['stages']['d']['spearman']:.4f}")
     return student, report
