@@ -29,31 +29,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 
 SHARD_BYTES = 15 * 2**20
 TEACHER_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "/"))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
+def _flatten(tree: dict) -> dict[str, np.ndarray]:
+    """``{"layers/0/ffn/w_in": array, ...}`` of a nested parameter dict (safetensors takes string keys)."""
+    return {"/".join(map(str, path)): np.asarray(v) for path, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(int(part) if part.isdigit() else part, {})
-        node[int(leaf) if leaf.isdigit() else leaf] = value
-    return tree
+    """The nested dict of :func:`_flatten`'s keys (digit parts back to the list indices they were)."""
+    return traverse_util.unflatten_dict(
+        {tuple(int(part) if part.isdigit() else part for part in name.split("/")): v for name, v in flat.items()})
 
 
 def pack(args) -> None:
