@@ -31,6 +31,17 @@ def test_cpu_ffi_thread_split(monkeypatch, threads, n_trees, depth, tree_order):
     assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees))
 
 
+def test_cpu_ffi_block_order_with_a_partial_gelu_vector(monkeypatch):
+    """Block order with 9 trees of depth 4 (a full group of 8 and one tree) over 701 tokens: a chunk's
+    activations (tokens x 8 trees x 5 levels) end in a partial vector of 16, which the GELU pads."""
+    skip_unless_built("cpu_ffi")
+    monkeypatch.setenv("FFFJAX_CPU_THREADS", "2")
+    monkeypatch.setenv("FFFJAX_CPU_TREE_ORDER", "0")
+    x, w_in, b_in, w_out = problem(5, 701, 48, 4, 9, 40)
+    actual = fff_v2_hard(x, w_in, b_in, w_out, depth=4, n_trees=9, implementation="cpu_ffi")
+    assert_close(actual, v2.masked_forward(x, w_in, b_in, w_out, depth=4, n_trees=9))
+
+
 def test_cpu_prefers_ffi_and_falls_back_to_xla():
     candidates = registry.candidates("fff_v2_hard", None, jnp.float32, {"depth": 2, "n_trees": 1})
     assert candidates[-1] == "xla"

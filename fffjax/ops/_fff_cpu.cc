@@ -117,11 +117,17 @@ inline v16 gelu16(v16 z) {
   return 0.5f * z * (1.0f + x * num / den);
 }
 
-// a[i] = gelu(a[i]) for i < n.
+// a[i] = gelu16(a[i]) for i < n (the tail through a zero-padded vector, so that every element gets the
+// same GELU).
 inline void gelu_inplace(float* a, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) store16(a + i, gelu16(load16(a + i)));
-  for (; i < n; ++i) a[i] = gelu(a[i]);
+  if (i < n) {
+    float tail[16] = {};
+    std::memcpy(tail, a + i, (n - i) * sizeof(float));
+    store16(tail, gelu16(load16(tail)));
+    std::memcpy(a + i, tail, (n - i) * sizeof(float));
+  }
 }
 
 // Logits of G tokens against G (possibly different) rows, interleaved for memory-level parallelism.
