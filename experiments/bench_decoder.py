@@ -100,6 +100,14 @@ def int_list(text: str, what: str) -> list[int]:
     return [int(item) for item in items]
 
 
+def tree_shape(text: str) -> str:
+    """``"KxD"`` checked: K >= 1 trees of depth 0..15 (the kernels' deepest)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1 or int(parts[1]) > 15:
+        raise argparse.ArgumentTypeError(f"--fff must be KxD with K >= 1 trees and depth D <= 15, got {text!r}")
+    return text
+
+
 def size_specs(items: list[str], batches: list[int]) -> list[tuple[str, list[int]]]:
     """``["small", "base:1,8"]`` -> ``[("small", batches), ("base", [1, 8])]``."""
     specs = []
@@ -150,10 +158,22 @@ def weight_floor(fff_config, dense_config, slots: int, itemsize: int) -> dict:
 # ----------------------------------------------------------------------------- models and programs
 
 
-def build(config_name: str, device: str, seed: int, cached_attention: str | None = None):
-    """A :class:`CausalLM` of preset ``config_name`` in eval mode: bfloat16 parameters and compute on the
-    GPU; float32 with the FFF layers on ``cpu_ffi`` on the CPU; ``cached_attention`` names the decode
-    step's attention implementation (None: the automatic choice)."""
+def size_configs(size: str, fff: str) -> dict:
+    """``{"fff", "dense", "none"}`` -> :class:`DecoderConfig` at preset size ``size``: FFF-v2 of shape
+    ``fff`` (``"KxD"``, any trees and depth, so that a wide model's tree can have about 4H nodes like its
+    dense twin), the dense twin (4H) and no feedforward."""
+    from fffjax.models.decoder import get_decoder_config
+
+    trees, depth = (int(p) for p in fff.split("x"))
+    dense = get_decoder_config(f"{size}-dense")
+    return {"fff": dataclasses.replace(dense, ffn="fff", fff_trees=trees, fff_depth=depth), "dense": dense,
+            "none": get_decoder_config(f"{size}-none")}
+
+
+def build(config, device: str, seed: int, cached_attention: str | None = None):
+    """A :class:`CausalLM` of ``config`` (a :class:`DecoderConfig` or a preset name) in eval mode:
+    bfloat16 parameters and compute on the GPU; float32 with the FFF layers on ``cpu_ffi`` on the CPU;
+    ``cached_attention`` names the decode step's attention implementation (None: the automatic choice)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -162,7 +182,9 @@ def build(config_name: str, device: str, seed: int, cached_attention: str | None
     from fffjax.ops import set_implementation
 
     dtype = jnp.dtype(DEVICES[device]["dtype"])
-    model = CausalLM(get_decoder_config(config_name), dtype=dtype, rngs=nnx.Rngs(seed))
+    if isinstance(config, str):
+        config = get_decoder_config(config)
+    model = CausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
     model.eval()
     if dtype != jnp.float32:
         cast_parameters(model, dtype)
@@ -493,7 +515,6 @@ def check_device(device: str) -> None:
 def run(args, argv: list[str] | None) -> dict:
     import jax.numpy as jnp
 
-    from fffjax.models.decoder import get_decoder_config
     from fffjax.ops import registry
 
     check_device(args.device)
@@ -518,12 +539,13 @@ def run(args, argv: list[str] | None) -> dict:
     out = Path(args.out)
     for size, batches in specs:
         names = {"fff": f"{size}-fff-{args.fff}", "dense": f"{size}-dense", "none": f"{size}-none"}
-        config = get_decoder_config(names["fff"])
+        configs = size_configs(size, args.fff)
+        config = configs["fff"]
         if args.prompt_length + steps_needed(args) > config.max_seq_length:
             raise SystemExit(f"--prompt-length {args.prompt_length} plus {steps_needed(args)} decode steps "
                              f"exceeds {size}'s max_seq_length {config.max_seq_length}")
         began = time.perf_counter()
-        models = {kind: build(name, args.device, args.seed, args.cached_attention) for kind, name in names.items()}
+        models = {kind: build(configs[kind], args.device, args.seed, args.cached_attention) for kind in names}
         bench.log(f"{size}: built {', '.join(names.values())} in {time.perf_counter() - began:.0f} s")
         slots = None
         for batch in batches:
@@ -561,9 +583,10 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=sorted(DEVICES), default="gpu",
                     help="gpu: bfloat16, default implementations; cpu: float32, FFF through cpu_ffi")
     ap.add_argument("--config", nargs="+", default=None, metavar="SIZE[:BATCHES]",
-                    help="decoder sizes (tiny, small, base, medium), each optionally with its own comma list of "
+                    help="decoder sizes (tiny, small, base, medium, wide), each optionally with its own comma list of "
                          "batches (default gpu: base; cpu: small base:1,8)")
-    ap.add_argument("--fff", default="1x11", choices=("1x11", "4x9", "16x7"), help="FFF-v2 trees x depth")
+    ap.add_argument("--fff", default="1x11", type=tree_shape,
+                    help="FFF-v2 trees x depth, KxD (default 1x11; 1x13 has about 4H nodes at the wide size)")
     ap.add_argument("--batches", default=None, help="comma list of decode batches (default gpu 1,8,64,256; cpu 1,8,64)")
     ap.add_argument("--prefill", default=None, help="comma list of BATCHxTOKENS prefill shapes "
                                                     "(default gpu 1x512,8x128,64x128; cpu 1x256,8x128)")

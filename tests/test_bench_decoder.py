@@ -7,7 +7,8 @@ from fffjax import cli
 
 def test_bench_decoder_runs_the_tiny_presets_on_the_cpu_and_writes_its_tables(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")   # the script's subprocess, also on a GPU machine
-    argv = ["bench", "bench_decoder", "--device", "cpu", "--config", "tiny", "--batches", "1,2", "--prefill", "2x16",
+    argv = ["bench", "bench_decoder", "--device", "cpu", "--config", "tiny", "--fff", "2x5", "--batches", "1,2",
+            "--prefill", "2x16",
             "--breakdown-batches", "1", "--prompt-length", "8", "--rounds", "1", "--min-rounds", "1", "--calls", "2",
             "--warmup", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0, capfd.readouterr().err[-3000:]
@@ -19,9 +20,15 @@ def test_bench_decoder_runs_the_tiny_presets_on_the_cpu_and_writes_its_tables(tm
     (parts,) = report["breakdown"]
     assert set(parts["parts"]["fff"]) == {"feedforward", "attention core", "vocabulary", "rest"}
     floor = report["weight_floor"]["tiny"]
-    # tiny: H 64, 2 layers; the dense FFN reads 2 * 4H * H values a layer, FFF 1x11 12 nodes of 2H + 1
+    # tiny: H 64, 2 layers; the dense FFN reads 2 * 4H * H values a layer, FFF 2x5 2 * 6 nodes of 2H + 1
     assert floor["dense_bytes"]["feedforward"] == 4 * 2 * 2 * 4 * 64 * 64
-    assert floor["fff_bytes"]["feedforward"] == 4 * 2 * 12 * (2 * 64 + 1)
+    assert floor["fff_bytes"]["feedforward"] == 4 * 2 * 2 * 6 * (2 * 64 + 1)
+    assert (report["fff_trees"], report["fff_depth"]) == (2, 5)
     assert floor["ideal_speedup"] > 1
     assert "| tiny | 1 |" in (tmp_path / "decoder_speed_cpu.md").read_text()
     assert (tmp_path / "decoder_speed_cpu.png").stat().st_size > 0
+
+
+def test_bench_decoder_refuses_a_tree_shape_the_kernels_do_not_take(capfd):
+    assert cli.main(["bench", "bench_decoder", "--device", "cpu", "--fff", "1x16"]) == 2
+    assert "--fff must be KxD" in capfd.readouterr().err
