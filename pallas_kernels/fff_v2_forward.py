@@ -68,6 +68,12 @@ class FffV2ForwardConfig:
         tree_programs: programs along a second grid axis of the token-order kernel that share the
             trees (a divisor of ``n_trees``); above 1 each writes a float32 partial output and one XLA
             sum adds them, so that few tokens still occupy many multiprocessors.
+        chunk_tokens: 0, or ``C > 0`` for the grouped kernel's one-pass layout (forward without
+            residuals): the tokens are routed and grouped ``C`` at a time, the grouped kernel of a
+            chunk right after its route kernel (:func:`chunked_grouped_forward`), so that the grouped
+            kernel's second read of the chunk's ``x`` rows finds them in L2 when ``C * H`` elements fit
+            there; the route kernel also places each token in its subtree's bucket (atomic counts),
+            which replaces the rank kernel and the layout.
     """
 
     block_t: int = 16
@@ -83,6 +89,7 @@ class FffV2ForwardConfig:
     route: str = "kernel"
     lookahead: int = 1
     tree_programs: int = 1
+    chunk_tokens: int = 0
 
     def __post_init__(self):
         cm.check_powers_of_two(self, ("block_t", "chunk", "route_block_t", "route_chunk"))
@@ -98,6 +105,8 @@ class FffV2ForwardConfig:
             raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
         if self.split_level < 0:
             raise ValueError(f"split_level must be >= 0, got {self.split_level}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0, got {self.chunk_tokens}")
         if self.split_level > 0 and self.block_t < 16:
             raise ValueError(f"split_level > 0 needs block_t >= 16 (tensor-core dot), got {self.block_t}")
 
@@ -341,36 +350,53 @@ def _grouped_kernel(slots_ref, block_sub_ref, x_ref, w_in_ref, b_in_ref, w_out_r
     """
     b = pl.program_id(0)
     slot_rows, tok, tok_ok = block_tokens(slots_ref, b, cfg.block_t, n_tokens)
-    col, rows, col_ok = subtree_table(block_sub_ref[b], split=split, depth=depth)
+    col, logits = _grouped_block(block_sub_ref[b], tok, tok_ok, x_ref, w_in_ref, b_in_ref, w_out_ref, out_refs[0],
+                                 width_in=width_in, width_out=width_out, depth=depth, split=split, cfg=cfg)
+    if save_residuals:
+        cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
+
+
+def _grouped_block(sub, tok, tok_ok, x_ref, w_in_ref, b_in_ref, w_out_ref, y_ref, *, width_in, width_out, depth,
+                   split, cfg: FffV2ForwardConfig):
+    """``y[tok] = `` the layer for the block's tokens ``tok (bt,)`` (where ``tok_ok``), all of which entered
+    level-``split`` subtree ``sub``: one dense table of their shared path and the subtree's nodes. Returns
+    the table's ``(col, logits)``."""
+    col, rows, col_ok = subtree_table(sub, split=split, depth=depth)
     pipelined = cfg.num_stages > 1
     logits = cm.table_dot(x_ref, tok, tok_ok, w_in_ref, rows, col_ok, width_in, cfg.chunk, loop=pipelined)
     logits += cm.load(b_in_ref.at[rows], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
-    if save_residuals:
-        cm.store(out_refs[1].at[slot_rows[:, None], col[None, :]], logits)
     on_path, _ = descend_table(logits, col, split=split, depth=depth)
     act = jnp.where(on_path, cm.gelu(logits), 0.0)
     act = act if x_ref.dtype == jnp.float32 else act.astype(x_ref.dtype)
-    cm.store_table_product(out_refs[0], tok, tok_ok, act, w_out_ref, rows, col_ok, width_out, cfg.chunk,
+    cm.store_table_product(y_ref, tok, tok_ok, act, w_out_ref, rows, col_ok, width_out, cfg.chunk,
                            loop=pipelined)
+    return col, logits
 
 
-def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk, loop):
-    """Each token's level-``split`` subtree: the top ``2**split - 1`` logits by one tensor-core dot per
-    column chunk, then ``split`` strict ``> 0`` steps. Only ``sub (T,)`` goes back to HBM."""
+def _route_rows(x_ref, w_in_ref, b_in_ref, rows, row_ok, *, width_in, split, chunk, loop):
+    """``sub (len(rows),)``: the level-``split`` subtree each token of ``rows`` enters: the top
+    ``2**split - 1`` logits by one tensor-core dot per column chunk, then ``split`` strict ``> 0`` steps."""
     n_top = 2**split - 1
     n_cols = cm.next_pow2(max(16, n_top))
-    rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
-    row_ok = rows < n_tokens
     top = jnp.arange(n_cols, dtype=jnp.int32)
     top_ok = top < n_top
     top_rows = jnp.where(top_ok, top, 0)
     logits = cm.table_dot(x_ref, rows, row_ok, w_in_ref, top_rows, top_ok, width_in, chunk, loop=loop)
     logits += cm.load(b_in_ref.at[top_rows], mask=top_ok, other=0.0).astype(jnp.float32)[None, :]
-    node = jnp.zeros((block_t,), jnp.int32)
+    node = jnp.zeros(rows.shape, jnp.int32)
     for _ in range(split):
         z = jnp.sum(jnp.where(top[None, :] == node[:, None], logits, 0.0), axis=1)
         node = 2 * node + 1 + (z > 0).astype(jnp.int32)
-    cm.store(sub_ref.at[rows], node - n_top, mask=row_ok)
+    return node - n_top
+
+
+def _route_kernel(x_ref, w_in_ref, b_in_ref, sub_ref, *, n_tokens, width_in, split, block_t, chunk, loop):
+    """Each token's level-``split`` subtree (:func:`_route_rows`). Only ``sub (T,)`` goes back to HBM."""
+    rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    row_ok = rows < n_tokens
+    sub = _route_rows(x_ref, w_in_ref, b_in_ref, rows, row_ok, width_in=width_in, split=split, chunk=chunk,
+                      loop=loop)
+    cm.store(sub_ref.at[rows], sub, mask=row_ok)
 
 
 def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig = GROUPED_CONFIG,
