@@ -9,7 +9,10 @@
   - ``fff_closed``: the same with the weights closed over as jit constants (XLA may fold work on them
     at compile time), to tell how much of a gap between the two ways of timing comes from that;
   - ``dense_xla``: ``gelu(x @ w1 + b1) @ w2 + b2``, width 4096, weights as arguments (cuBLAS);
-  - ``dense_torch``: ``torch.nn`` Linear-GELU-Linear of width 4096 (CUDA events), where torch is installed.
+  - ``dense_torch``: ``torch.nn`` Linear-GELU-Linear of width 4096 (CUDA events), where torch is installed;
+  - ``fff_chunkC`` for each ``--chunk-tokens C``: the Pallas op with the default tiles and the one-pass
+    layout of ``C`` tokens per chunk (``FffV2ForwardConfig.chunk_tokens``), weights as arguments; its
+    largest difference from ``fff_args`` is reported (0 when each token's output is bit for bit the same).
   The HBM roofline: x read once and y written once at the copy bandwidth measured in the same run.
 * Training, each in its own jitted function of all inputs: ``jax.value_and_grad`` of
   ``sum(layer(x) * g)`` with respect to x and the weights, for the public op (default implementation)
@@ -69,6 +72,16 @@ def layer_inputs(n_tokens: int, dtype, seed: int = 0):
     return x, (p["w_in"], p["b_in"], p["w_out"]), g
 
 
+def chunked_layer(chunk_tokens: int, n_tokens: int):
+    """The Pallas layer with the default tiles at ``n_tokens`` and the one-pass layout of ``chunk_tokens``."""
+    import dataclasses
+
+    from pallas_kernels import fff_v2_forward as fwd
+
+    config = dataclasses.replace(fwd.default_config(DEPTH, 1, n_tokens, jnp.bfloat16), chunk_tokens=chunk_tokens)
+    return lambda x, a, b, c: fwd.fff_v2_forward(x, a, b, c, depth=DEPTH, config=config)
+
+
 def training_fn(implementation):
     def loss(x, w_in, b_in, w_out, g):
         y = fffjax.fff_v2_hard(x, w_in, b_in, w_out, depth=DEPTH, implementation=implementation)
@@ -93,6 +106,8 @@ def run(args, argv, save) -> dict:
     fns = {"fff_args": (lambda x, a, b, c: fffjax.fff_v2_hard(x, a, b, c, depth=DEPTH), (x, *w)),
            "fff_closed": (lambda x: fffjax.fff_v2_hard(x, *w, depth=DEPTH), (x,)),
            "dense_xla": (dense, (x, *dense_w))}
+    for chunk in args.chunk_tokens:
+        fns[f"fff_chunk{chunk}"] = (chunked_layer(chunk, args.tokens), (x, *w))
     compiled = {}
     for name, (fn, fargs) in fns.items():
         out["forward"][name], compiled[name] = first_call(fn, *fargs)
@@ -105,11 +120,17 @@ def run(args, argv, save) -> dict:
         row["chained_ms"] = bench.chained(jax.jit(fns[name][0]), *fns[name][1], calls=8, budget_s=args.budget_s) * 1e3
         row["of_roofline"] = out["roofline_ms"] / row["ms"]
         log(f"{name}: {row['ms']:.3f} ms per call, {row['chained_ms']:.3f} ms chained")
+    want = np.asarray(compiled["fff_args"](*fns["fff_args"][1]).astype(jnp.float32))
+    for chunk in args.chunk_tokens:
+        got = np.asarray(compiled[f"fff_chunk{chunk}"](*fns[f"fff_chunk{chunk}"][1]).astype(jnp.float32))
+        out["forward"][f"fff_chunk{chunk}"]["max_abs_diff_from_fff_args"] = float(np.max(np.abs(got - want)))
     torch_ms = bench.torch_dense_ms(WIDTH, DENSE_WIDTH, "bfloat16", args.tokens)
     if torch_ms is not None:
         out["forward"]["dense_torch"] = {"ms": torch_ms}
         log(f"dense_torch: {torch_ms:.3f} ms")
     save(out)
+    if args.skip_training:
+        return out
 
     for name, impl in (("fff_public_op", None), ("masked_reference", "reference")):
         phases, step = first_call(training_fn(impl), x, *w, g)
@@ -158,6 +179,13 @@ def markdown(out: dict) -> str:
         lines += ["", f"torch Linear-GELU-Linear (width {out['dense_width']}, CUDA events): "
                   f"{fwd['dense_torch']['ms']:.3f} ms = **{fwd['dense_torch']['ms'] / fwd['fff_args']['ms']:.1f}x** "
                   "the public op's time."]
+        for name, row in fwd.items():
+            if name.startswith("fff_chunk") and "ms" in row:
+                lines.append(f"{name}: torch's time / its time **{fwd['dense_torch']['ms'] / row['ms']:.1f}x**.")
+    diffs = [f"{name} {row['max_abs_diff_from_fff_args']:g}" for name, row in fwd.items()
+             if "max_abs_diff_from_fff_args" in row]
+    if diffs:
+        lines += ["", "Largest |difference| of each one-pass output from `fff_args`'s: " + ", ".join(diffs) + "."]
     if train:
         lines += ["", "## Training (value_and_grad of sum(layer(x) * g) for x and the weights)", "",
                   "| path | tokens | dtype | lower s | compile s | first run s | step ms |",
@@ -181,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=2**20)
     parser.add_argument("--check-tokens", type=int, default=2**16)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--chunk-tokens", type=int, nargs="*", default=[],
+                        help="also time the one-pass layout with these tokens per chunk")
+    parser.add_argument("--skip-training", action="store_true", help="forward only")
     parser.add_argument("--budget-s", type=float, default=1.0, help="time per variant")
     parser.add_argument("--out", default=None, help=f"folder of {NAME}.{{json,md}} (default: print only)")
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from fffjax import tree, v2
 from fffjax._vma import out_struct
@@ -433,6 +434,113 @@ def route_to_subtrees(x, w_in, b_in, *, split: int, config: FffV2ForwardConfig =
     )(x, w_in, b_in)
 
 
+def _route_place_kernel(chunk_ref, x_ref, w_in_ref, b_in_ref, counts_in_ref, counts_ref, slots_ref, *, n_tokens,
+                        width_in, split, chunk_tokens, block_t, chunk, loop):
+    """Routes a block of chunk ``c = chunk_ref[0]``'s tokens (:func:`_route_rows`) and places each in its
+    subtree's bucket: ``slots[sub * C + k] = token`` for the ``k``-th token of subtree ``sub`` placed in
+    the chunk. A block's tokens of one subtree are ranked in token order (a cumulative sum of their
+    one-hot table); one atomic add per subtree on ``counts[c]`` reserves the block's places after the
+    blocks placed before it (in whichever order the programs run: every token's output is computed
+    from its own row, so the order of a bucket changes no value)."""
+    del counts_in_ref   # the same buffer as counts_ref
+    c = chunk_ref[0]
+    n_sub = 2**split
+    n_cols = cm.next_pow2(max(16, n_sub))
+    local = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    rows = c * chunk_tokens + local
+    row_ok = (local < chunk_tokens) & (rows < n_tokens)
+    sub = _route_rows(x_ref, w_in_ref, b_in_ref, rows, row_ok, width_in=width_in, split=split, chunk=chunk,
+                      loop=loop)
+    cols = jnp.arange(n_cols, dtype=jnp.int32)
+    hit = ((sub[:, None] == cols[None, :]) & row_ok[:, None]).astype(jnp.int32)     # (block_t, n_cols)
+    rank = jnp.sum(hit * (jnp.cumsum(hit, axis=0) - hit), axis=1)
+    # counts has n_cols (>= n_sub) entries per chunk, so the add needs no mask (interpret mode has none).
+    placed_before = plgpu.atomic_add(counts_ref, (c * n_cols + cols,), jnp.sum(hit, axis=0))
+    start = jnp.sum(hit * placed_before[None, :], axis=1)
+    # Tokens past the chunk's end point past the table: a masked lane could otherwise share a real
+    # token's slot, and interpret mode writes masked lanes back with the old value.
+    slot = jnp.where(row_ok, sub * chunk_tokens + start + rank, n_sub * chunk_tokens)
+    cm.store(slots_ref.at[slot], rows, mask=row_ok)
+
+
+def _chunk_grouped_kernel(chunk_ref, counts_ref, slots_ref, x_ref, w_in_ref, b_in_ref, w_out_ref, *y_refs,
+                          n_tokens, width_in, width_out, depth, split, chunk_tokens, cfg: FffV2ForwardConfig):
+    """Program ``b`` runs block ``b`` of chunk ``c = chunk_ref[0]``'s buckets (:func:`_route_place_kernel`):
+    subtree ``s`` owns ``ceil(counts[c, s] / bt)`` consecutive blocks, in subtree order; programs past
+    the last block store nothing. ``y_refs`` is ``(y,)`` or, with an aliased input, ``(y_in, y)``."""
+    y_ref = y_refs[-1]
+    c = chunk_ref[0]
+    bt = cfg.block_t
+    n_sub = 2**split
+    n_cols = cm.next_pow2(max(16, n_sub))
+    cols = jnp.arange(n_cols, dtype=jnp.int32)
+    counts = cm.load(counts_ref.at[c * n_cols + cols])
+    blocks = (counts + bt - 1) // bt
+    ends = jnp.cumsum(blocks)
+    b = pl.program_id(0)
+    sub = jnp.minimum(jnp.sum((ends <= b).astype(jnp.int32)), n_sub - 1)
+    mine = cols == sub
+    first = jnp.sum(jnp.where(mine, ends - blocks, 0))
+    count = jnp.sum(jnp.where(mine, counts, 0))
+    pos = (b - first) * bt + jnp.arange(bt, dtype=jnp.int32)
+    tok_ok = (pos >= 0) & (pos < count)
+    tok = cm.load(slots_ref.at[sub * chunk_tokens + pos], mask=tok_ok, other=n_tokens)
+    tok = jnp.where(tok_ok, tok, n_tokens)
+    _grouped_block(sub, tok, tok_ok, x_ref, w_in_ref, b_in_ref, w_out_ref, y_ref, width_in=width_in,
+                   width_out=width_out, depth=depth, split=split, cfg=cfg)
+
+
+def chunked_grouped_forward(x, w_in, b_in, w_out, *, depth: int, split: int, config: FffV2ForwardConfig,
+                            interpret: bool = False):
+    """The grouped forward in one pass over ``x``: ``y (T, H_out)`` in ``x.dtype``.
+
+    For each chunk of ``C = config.chunk_tokens`` tokens, two launches: the route kernel places the
+    chunk's tokens in per-subtree buckets (:func:`_route_place_kernel`), then the grouped kernel runs
+    the buckets (:func:`_chunk_grouped_kernel`) while the chunk's rows of ``x`` are still in L2 (for
+    ``C * H`` elements well under its size). The chunks run in a ``lax.fori_loop`` with a static trip
+    count (no host round trip per chunk); ``y`` is the first chunk's output buffer, written in place
+    by the others (``input_output_aliases``), so that no pass initialises it.
+    """
+    n_tokens, width_in = x.shape
+    width_out = w_out.shape[1]
+    chunk_tokens = min(config.chunk_tokens, n_tokens)
+    n_chunks = pl.cdiv(n_tokens, chunk_tokens)
+    n_sub = 2**split
+    n_cols = cm.next_pow2(max(16, n_sub))
+    bt = config.block_t
+    inputs = (x, w_in, b_in, w_out)
+    place = pl.pallas_call(
+        functools.partial(_route_place_kernel, n_tokens=n_tokens, width_in=width_in, split=split,
+                          chunk_tokens=chunk_tokens, block_t=config.route_block_t, chunk=config.route_chunk,
+                          loop=config.route_num_stages > 1),
+        out_shape=(out_struct((n_chunks * n_cols,), jnp.int32, *inputs),
+                   out_struct((n_sub * chunk_tokens,), jnp.int32, *inputs)),
+        grid=(pl.cdiv(chunk_tokens, config.route_block_t),),
+        input_output_aliases={4: 0},
+        compiler_params=cm.compiler_params(config.route_num_warps, config.route_num_stages),
+        interpret=interpret,
+        name="fff_v2_route_place",
+    )
+    grouped = functools.partial(_chunk_grouped_kernel, n_tokens=n_tokens, width_in=width_in, width_out=width_out,
+                                depth=depth, split=split, chunk_tokens=chunk_tokens, cfg=config)
+    grouped_call = dict(out_shape=out_struct((n_tokens, width_out), x.dtype, *inputs),
+                        grid=(pl.cdiv(chunk_tokens, bt) + n_sub,),
+                        compiler_params=cm.compiler_params(config.num_warps, config.num_stages),
+                        interpret=interpret, name="fff_v2_forward_chunk")
+
+    def run_chunk(c, counts, y=None):
+        chunk = jnp.reshape(c, (1,)).astype(jnp.int32)
+        counts, slots = place(chunk, x, w_in, b_in, counts)
+        if y is None:
+            return counts, pl.pallas_call(grouped, **grouped_call)(chunk, counts, slots, *inputs)
+        return counts, pl.pallas_call(grouped, input_output_aliases={7: 0}, **grouped_call)(
+            chunk, counts, slots, *inputs, y)
+
+    counts, y = run_chunk(0, jnp.zeros((n_chunks * n_cols,), jnp.int32))
+    counts, y = jax.lax.fori_loop(1, n_chunks, lambda c, carry: run_chunk(c, *carry), (counts, y))
+    return y
+
+
 RANK_CHUNK = 64          # tokens per step of the rank kernel's loop
 RANK_PROGRAMS = 256      # about two waves of a Hopper GPU's 132 SMs
 
@@ -562,6 +670,9 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
                   save_residuals=save_residuals)
     inputs = (x, w_in, b_in, w_out)
     out_shape = [out_struct((n_tokens, width_out), x.dtype, *inputs)]
+    if split > 0 and config.chunk_tokens and not save_residuals:
+        return chunked_grouped_forward(x, w_in, b_in, w_out, depth=depth, split=split, config=config,
+                                       interpret=interpret)
     if split > 0:
         slots, block_sub = group_by_subtree(x, w_in, b_in, split=split, config=config, interpret=interpret)
         kernel = functools.partial(_grouped_kernel, split=split, **common)

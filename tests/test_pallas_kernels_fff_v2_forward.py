@@ -101,6 +101,57 @@ def test_grouped_layout_pads_each_subtree_to_whole_blocks():
         assert np.all(sub[toks[toks >= 0]] == s)                           # one subtree per block
 
 
+@pytest.mark.parametrize("n_tokens,width,depth,split,chunk_tokens,dtype", [
+    (100, 64, 6, 3, 32, jnp.float32),      # a ragged last chunk of 4 tokens, 8 subtrees in 16-column counts
+    (77, 96, 8, 4, 16, jnp.bfloat16),      # chunks smaller than a route block
+    (50, 64, 5, 2, 64, jnp.float32),       # one chunk larger than the input
+    (300, 768, 11, 7, 128, jnp.bfloat16),  # the 1x11 layout: 128 subtrees, most buckets of one or two tokens
+])
+def test_one_pass_forward_equals_the_grouped_forward_bit_for_bit(n_tokens, width, depth, split, chunk_tokens, dtype):
+    # Same tiles, other layout: every token's row meets the same table in the same order, so its output is
+    # the same bits whichever bucket slot the atomic counts gave it.
+    x, w_in, b_in, w_out = v2_inputs(1, n_tokens, width, depth, 1, dtype)
+    grouped = FffV2ForwardConfig(block_t=16, chunk=pow2_chunk_for(width), split_level=split, route_block_t=16,
+                                 route_chunk=pow2_chunk_for(width))
+    want = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=grouped)
+    one_pass = dataclasses.replace(grouped, chunk_tokens=chunk_tokens)
+    got = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=one_pass)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    assert_close(got, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=depth), dtype)
+    # With residuals (the training forward) the whole-input layout runs: its table is what the backward reads.
+    _, residuals = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, interpret=True, config=one_pass,
+                                  save_residuals=True)
+    assert residuals.slots.shape[0] >= n_tokens
+
+
+def test_one_pass_buckets_hold_every_token_of_a_chunk_once_in_its_subtree():
+    import functools
+
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.fff_v2_forward import _route_place_kernel
+    x, w_in, b_in, _ = v2_inputs(4, 70, 64, 5, 1, jnp.float32)
+    split, chunk_tokens, n_chunks = 2, 32, 3
+    place = pl.pallas_call(
+        functools.partial(_route_place_kernel, n_tokens=70, width_in=64, split=split, chunk_tokens=chunk_tokens,
+                          block_t=16, chunk=64, loop=False),
+        out_shape=(jax.ShapeDtypeStruct((n_chunks * 16,), jnp.int32),
+                   jax.ShapeDtypeStruct((4 * chunk_tokens,), jnp.int32)),
+        grid=(2,), input_output_aliases={4: 0}, interpret=True)
+    logits = jnp.matmul(x, w_in.T, precision="highest") + b_in
+    sub = np.asarray(v2.path_from_logits(logits, depth=5, n_trees=1))[:, 0, split] - 3
+    counts = jnp.zeros((n_chunks * 16,), jnp.int32)
+    for c in range(n_chunks):
+        counts, slots = place(jnp.array([c], jnp.int32), x, w_in, b_in, counts)
+        counts_c, slots = np.asarray(counts)[c * 16:(c + 1) * 16], np.asarray(slots).reshape(4, chunk_tokens)
+        tokens = np.arange(c * chunk_tokens, min(70, (c + 1) * chunk_tokens))
+        np.testing.assert_array_equal(counts_c[:4], np.bincount(sub[tokens], minlength=4))
+        assert not counts_c[4:].any()
+        for s in range(4):
+            # In token order: interpret mode runs the programs one after another.
+            np.testing.assert_array_equal(slots[s, :counts_c[s]], tokens[sub[tokens] == s])
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_route_kernel_and_gemm_route_agree(dtype):
     from pallas_kernels.fff_v2_forward import FffV2ForwardConfig, route_to_subtrees

@@ -54,6 +54,20 @@ def test_v2_forward_lowers_for_h200(width, depth, n_trees, dtype, config):
     assert ("fff_v2_forward_grouped" in text) == (config.split_level > 0 and n_trees == 1)
 
 
+@pytest.mark.parametrize("n_tokens,width,dtype,config", [
+    (2**15 + 5, 768, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7,
+                                                        route_block_t=128, route_chunk=64, route_num_warps=8,
+                                                        route_num_stages=3, chunk_tokens=8192)),
+    (1001, 1000, jnp.float32, FffV2ForwardConfig(block_t=32, chunk=256, split_level=8, route_block_t=64,
+                                                 chunk_tokens=256)),
+])
+def test_v2_one_pass_forward_lowers_for_h200(n_tokens, width, dtype, config):
+    fn = functools.partial(fff_v2_forward, depth=11, config=config)
+    text = _lower_for_h200(fn, *_v2_shapes(n_tokens, width, 11, 1, dtype))
+    assert "fff_v2_route_place" in text and "fff_v2_forward_chunk" in text
+    assert "fff_v2_rank" not in text and "fff_v2_forward_grouped" not in text
+
+
 @pytest.mark.parametrize("width,depth,n_trees,dtype", [(768, 11, 1, jnp.bfloat16), (1000, 4, 4, jnp.float32)])
 def test_v2_training_lowers_for_h200(width, depth, n_trees, dtype):
     def loss(*args):
