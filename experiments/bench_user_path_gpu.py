@@ -10,7 +10,8 @@
     at compile time), to tell how much of a gap between the two ways of timing comes from that;
   - ``dense_xla``: ``gelu(x @ w1 + b1) @ w2 + b2``, width 4096, weights as arguments (cuBLAS);
   - ``dense_torch``: ``torch.nn`` Linear-GELU-Linear of width 4096 (CUDA events), where torch is installed;
-  - ``fff_chunkC`` for each ``--chunk-tokens C``: the Pallas op with the default tiles and the one-pass
+  - ``fff_chunkC[_rR]`` for each ``--chunk-tokens C`` (and ``--chunk-route-block R``): the Pallas op with
+    the default tiles (route programs of ``R`` tokens) and the one-pass
     layout of ``C`` tokens per chunk (``FffV2ForwardConfig.chunk_tokens``), weights as arguments; its
     largest difference from ``fff_args`` is reported (0 when each token's output is bit for bit the same).
   The HBM roofline: x read once and y written once at the copy bandwidth measured in the same run.
@@ -72,13 +73,16 @@ def layer_inputs(n_tokens: int, dtype, seed: int = 0):
     return x, (p["w_in"], p["b_in"], p["w_out"]), g
 
 
-def chunked_layer(chunk_tokens: int, n_tokens: int):
-    """The Pallas layer with the default tiles at ``n_tokens`` and the one-pass layout of ``chunk_tokens``."""
+def chunked_layer(chunk_tokens: int, n_tokens: int, route_block_t: int | None = None):
+    """The Pallas layer with the default tiles at ``n_tokens`` and the one-pass layout of ``chunk_tokens``
+    (and ``route_block_t`` tokens per route program, None: the default's)."""
     import dataclasses
 
     from pallas_kernels import fff_v2_forward as fwd
 
     config = dataclasses.replace(fwd.default_config(DEPTH, 1, n_tokens, jnp.bfloat16), chunk_tokens=chunk_tokens)
+    if route_block_t is not None:
+        config = dataclasses.replace(config, route_block_t=route_block_t)
     return lambda x, a, b, c: fwd.fff_v2_forward(x, a, b, c, depth=DEPTH, config=config)
 
 
@@ -106,8 +110,10 @@ def run(args, argv, save) -> dict:
     fns = {"fff_args": (lambda x, a, b, c: fffjax.fff_v2_hard(x, a, b, c, depth=DEPTH), (x, *w)),
            "fff_closed": (lambda x: fffjax.fff_v2_hard(x, *w, depth=DEPTH), (x,)),
            "dense_xla": (dense, (x, *dense_w))}
-    for chunk in args.chunk_tokens:
-        fns[f"fff_chunk{chunk}"] = (chunked_layer(chunk, args.tokens), (x, *w))
+    one_pass = [(f"fff_chunk{c}" + (f"_r{r}" if r else ""), c, r) for c in args.chunk_tokens
+                for r in (args.chunk_route_block or [None])]
+    for name, chunk, route_block in one_pass:
+        fns[name] = (chunked_layer(chunk, args.tokens, route_block), (x, *w))
     compiled = {}
     for name, (fn, fargs) in fns.items():
         out["forward"][name], compiled[name] = first_call(fn, *fargs)
@@ -121,9 +127,9 @@ def run(args, argv, save) -> dict:
         row["of_roofline"] = out["roofline_ms"] / row["ms"]
         log(f"{name}: {row['ms']:.3f} ms per call, {row['chained_ms']:.3f} ms chained")
     want = np.asarray(compiled["fff_args"](*fns["fff_args"][1]).astype(jnp.float32))
-    for chunk in args.chunk_tokens:
-        got = np.asarray(compiled[f"fff_chunk{chunk}"](*fns[f"fff_chunk{chunk}"][1]).astype(jnp.float32))
-        out["forward"][f"fff_chunk{chunk}"]["max_abs_diff_from_fff_args"] = float(np.max(np.abs(got - want)))
+    for name, _, _ in one_pass:
+        got = np.asarray(compiled[name](*fns[name][1]).astype(jnp.float32))
+        out["forward"][name]["max_abs_diff_from_fff_args"] = float(np.max(np.abs(got - want)))
     torch_ms = bench.torch_dense_ms(WIDTH, DENSE_WIDTH, "bfloat16", args.tokens)
     if torch_ms is not None:
         out["forward"]["dense_torch"] = {"ms": torch_ms}
@@ -211,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--chunk-tokens", type=int, nargs="*", default=[],
                         help="also time the one-pass layout with these tokens per chunk")
+    parser.add_argument("--chunk-route-block", type=int, nargs="*", default=[],
+                        help="route programs' tokens for the one-pass variants (default: the default tiles')")
     parser.add_argument("--skip-training", action="store_true", help="forward only")
     parser.add_argument("--budget-s", type=float, default=1.0, help="time per variant")
     parser.add_argument("--out", default=None, help=f"folder of {NAME}.{{json,md}} (default: print only)")
