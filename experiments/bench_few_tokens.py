@@ -8,7 +8,8 @@ Every variant is jitted with its weights as arguments, as users call it:
   :data:`pallas_kernels.fff_v2_forward.WALK_MAX_TOKENS` tokens; on the CPU ``"cpu_ffi"``).
 * GPU only: ``fff_walk`` (the few-token kernel, :func:`~pallas_kernels.fff_v2_forward.walk_config`,
   forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default),
-  ``fff_walk_lookahead{L}_warps8`` (8 warps, for L >= 4), ``fff_walk_lookahead{L}_block1`` (one token per
+  ``fff_walk_lookahead{L}_warps8`` (8 warps, for L >= 4), ``fff_walk_lookahead{L}_warps{1,2}`` (1 or 2 warps,
+  L = 1, 2: a level's dot product reduced within fewer warps), ``fff_walk_lookahead{L}_block1`` (one token per
   program where the walk takes several)
   and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
@@ -52,6 +53,7 @@ WIDTH = 768
 DENSE_WIDTH = 4095
 LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7)}
 LOOKAHEADS = (1, 2, 3, 4, 6)
+WALK_WARPS = (1, 2)
 RESULTS = Path(__file__).resolve().parent / "results"
 log = bench.log
 
@@ -88,6 +90,10 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             if fwd.walk_config(n_tokens, n_trees).block_t > 1:   # one token per program however many there are
                 one = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, lookahead=la)
                 fns[f"fff_walk_lookahead{la}_block1"] = forced(one)
+        for warps in WALK_WARPS:   # fewer warps: the row's dot product reduced within fewer warps per level
+            for la in (1, 2):
+                few = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la, num_warps=warps)
+                fns[f"fff_walk_lookahead{la}_warps{warps}"] = forced(fwd.walk_config(n_tokens, n_trees, few))
         fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
     calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
     k1, k2 = jax.random.split(k_d)
