@@ -93,10 +93,7 @@ inline float hsum(v16 v) {
 #endif
 }
 
-// Exact (erf) GELU, as torch nn.GELU() and jax.nn.gelu(approximate=False).
-inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752f)); }
-
-// GELU of 16 lanes, 0.5 z (1 + erf(z / sqrt 2)), with erf the rational approximation on [-4, 4] (+-1
+// GELU of 16 lanes (every GELU of these kernels), 0.5 z (1 + erf(z / sqrt 2)), with erf the rational approximation on [-4, 4] (+-1
 // beyond) of Eigen and XLA's CPU backend: absolute error below 5e-7, against std::erf's tens of cycles
 // a call, which in a walk of single-neuron nodes cost as much as the dot products.
 inline v16 gelu16(v16 z) {
@@ -170,6 +167,7 @@ inline void dots_shared(const float* x, const float* const* rows, int64_t h, flo
 }
 
 constexpr int kGroup = 4;
+static_assert(kGroup <= 16, "walk() computes a token group's GELUs as one 16-lane vector");
 // Trees walked side by side per token in the block order (their rows share the token's x loads).
 constexpr int kTreeGroup = 8;
 // Deepest tree supported (node indices are int32).
@@ -211,13 +209,15 @@ void walk(const Problem& p, int64_t k, const int32_t* order, int64_t i_begin, in
       for (int g = 0; g < kGroup; ++g) rows[g] = p.w_in + (offset + node[t[g]]) * p.h;
       float z[kGroup];
       dots<kGroup>(xs, rows, p.h, z);
+      alignas(64) float logits[16] = {};
       for (int g = 0; g < g_count; ++g) {
         const int64_t flat = offset + node[t[g]];
-        const float logit = z[g] + p.b_in[flat];
+        logits[g] = z[g] + p.b_in[flat];
         path[t[g] * levels + l] = static_cast<int32_t>(flat);
-        acts[t[g] * levels + l] = gelu(logit);
-        node[t[g]] = 2 * node[t[g]] + 1 + (logit > 0.0f ? 1 : 0);
+        node[t[g]] = 2 * node[t[g]] + 1 + (logits[g] > 0.0f ? 1 : 0);
       }
+      store16(logits, gelu16(load16(logits)));  // the group's GELUs as one vector
+      for (int g = 0; g < g_count; ++g) acts[t[g] * levels + l] = logits[g];
     }
   }
 }
@@ -648,7 +648,7 @@ void v1_samples(const ProblemV1& p, int64_t begin, int64_t end, float* hidden) {
     }
     layer<kGroupV1>(xs, w1, b1, p.din, p.width, !p.use_gelu, hidden_out);
     if (p.use_gelu) {
-      for (int64_t i = 0; i < kGroupV1 * p.width; ++i) hidden[i] = gelu(hidden[i]);
+      gelu_inplace(hidden, kGroupV1 * p.width);
     }
     layer<kGroupV1>(hs, w2, p.b2s ? b2 : nullptr, p.width, p.dout, false, ys);
   }
