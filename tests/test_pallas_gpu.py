@@ -1,5 +1,7 @@
 """The compiled Pallas kernels on a real GPU against their references (run with FFFJAX_GPU_TESTS=1)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -20,6 +22,7 @@ DENSE5 = FffV2ForwardConfig(block_t=64, chunk=128, dense_levels=5)
 GROUPED = FffV2ForwardConfig(block_t=64, chunk=128, split_level=7)      # column chunks unrolled
 PIPELINED = GROUPED_CONFIG                                              # column chunks as pipelined loops
 FEW_TOKENS = default_config(11, 1, 2**15)                               # 128-token blocks in both kernels
+ONE_PASS = dataclasses.replace(GROUPED_CONFIG, chunk_tokens=16384)      # route and group 16384 at a time
 
 
 @pytest.mark.parametrize("n_tokens,width,depth,n_trees,dtype,config", [
@@ -30,6 +33,7 @@ FEW_TOKENS = default_config(11, 1, 2**15)                               # 128-to
     (4099, 768, 11, 1, jnp.bfloat16, DENSE5), (1000, 1000, 7, 2, jnp.float32, GATHER),
     (16384, 768, 4, 128, jnp.bfloat16, DENSE5), (333, 64, 15, 1, jnp.float32, GATHER),
     (4099, 768, 4, 128, jnp.float32, GATHER),
+    (70000, 768, 11, 1, jnp.bfloat16, ONE_PASS), (4099, 768, 11, 1, jnp.float32, ONE_PASS),
 ])
 def test_v2_forward_on_gpu(n_tokens, width, depth, n_trees, dtype, config):
     # 128 trees x 5 levels x 4099 tokens: 2.6M routing decisions, dozens within 1e-5 of 0.
