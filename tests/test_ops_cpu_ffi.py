@@ -15,14 +15,15 @@ from fffjax.ops import cpu_ffi, fff_v1_hard, fff_v2_hard, registry, xla
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
-@pytest.mark.parametrize("n_trees,depth,tree_order", [(2, 7, "0"), (5, 4, "0"), (5, 4, "1"), (17, 3, None)])
+@pytest.mark.parametrize("n_trees,depth,tree_order", [(2, 7, "0"), (5, 4, "0"), (5, 4, "1"), (17, 3, None),
+                                                         (8, 3, None), (7, 3, None)])
 def test_cpu_ffi_thread_split(monkeypatch, threads, n_trees, depth, tree_order):
     """The C++ kernel's on-demand split over threads (forced by FFFJAX_CPU_THREADS) changes nothing, in
     either order of several trees (by token block on several threads, or tree by tree; FFFJAX_CPU_TREE_ORDER
     forces one)."""
     skip_unless_built("cpu_ffi")
     monkeypatch.setenv("FFFJAX_CPU_THREADS", threads)
-    if tree_order is None:                    # the kernel's own choice: the block order from 16 trees
+    if tree_order is None:                    # the kernel's own choice: the block order from 8 trees
         monkeypatch.delenv("FFFJAX_CPU_TREE_ORDER", raising=False)
     else:
         monkeypatch.setenv("FFFJAX_CPU_TREE_ORDER", tree_order)

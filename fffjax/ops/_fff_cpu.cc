@@ -320,7 +320,9 @@ int thread_count(int64_t items, int64_t per_thread, int64_t forced_min) {
 // FFF-v2 tokens per thread: a 1x11 layer over H = 768 takes ~2 us a token on one thread, so 512
 // tokens (~1 ms) repay a second thread; the 128 tokens of one sequence do not.
 constexpr int64_t kTokensPerThread = 512;
-constexpr int64_t kBlockOrderMinTrees = 16;
+// One full group of trees walked side by side: from there the block order is at least as fast as the tree
+// order at H 384 and 768, while with 4 trees the tree order's sort wins (experiments/results/cpu_tree_order.md).
+constexpr int64_t kBlockOrderMinTrees = kTreeGroup;
 
 // Runs fn(i_begin, i_end) over [0, n) in blocks of `block` handed out on demand to `threads`
 // threads (the caller's included): on a shared machine a descheduled thread does not hold the
