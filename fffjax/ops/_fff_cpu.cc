@@ -93,9 +93,9 @@ inline float hsum(v16 v) {
 #endif
 }
 
-// GELU of 16 lanes (every GELU of these kernels), 0.5 z (1 + erf(z / sqrt 2)), with erf the rational approximation on [-4, 4] (+-1
-// beyond) of Eigen and XLA's CPU backend: absolute error below 5e-7, against std::erf's tens of cycles
-// a call, which in a walk of single-neuron nodes cost as much as the dot products.
+// GELU of 16 lanes (every GELU of these kernels), 0.5 z (1 + erf(z / sqrt 2)), with erf the rational
+// approximation on [-4, 4] (+-1 beyond) of Eigen and XLA's CPU backend: absolute error below 5e-7, against
+// std::erf's tens of cycles a call, which in a walk of single-neuron nodes cost as much as the dot products.
 inline v16 gelu16(v16 z) {
   v16 x = z * 0.70710678118654752f;
   x = x > 4.0f ? v16{} + 4.0f : x;
@@ -167,7 +167,6 @@ inline void dots_shared(const float* x, const float* const* rows, int64_t h, flo
 }
 
 constexpr int kGroup = 4;
-static_assert(kGroup <= 16, "walk() computes a token group's GELUs as one 16-lane vector");
 // Trees walked side by side per token in the block order (their rows share the token's x loads).
 constexpr int kTreeGroup = 8;
 // Deepest tree supported (node indices are int32).
@@ -209,15 +208,14 @@ void walk(const Problem& p, int64_t k, const int32_t* order, int64_t i_begin, in
       for (int g = 0; g < kGroup; ++g) rows[g] = p.w_in + (offset + node[t[g]]) * p.h;
       float z[kGroup];
       dots<kGroup>(xs, rows, p.h, z);
-      alignas(64) float logits[16] = {};
       for (int g = 0; g < g_count; ++g) {
         const int64_t flat = offset + node[t[g]];
-        logits[g] = z[g] + p.b_in[flat];
+        z[g] += p.b_in[flat];
         path[t[g] * levels + l] = static_cast<int32_t>(flat);
-        node[t[g]] = 2 * node[t[g]] + 1 + (logits[g] > 0.0f ? 1 : 0);
+        node[t[g]] = 2 * node[t[g]] + 1 + (z[g] > 0.0f ? 1 : 0);
       }
-      store16(logits, gelu16(load16(logits)));  // the group's GELUs as one vector
-      for (int g = 0; g < g_count; ++g) acts[t[g] * levels + l] = logits[g];
+      gelu_inplace(z, g_count);  // the group's GELUs as one vector
+      for (int g = 0; g < g_count; ++g) acts[t[g] * levels + l] = z[g];
     }
   }
 }
@@ -382,13 +380,13 @@ void run(const Problem& p) {
   int32_t* path_p = path.data();
   float* acts_p = acts.data();
   // Several trees on several threads: each block of kBlock tokens goes through every tree, kTreeGroup
-  // trees side by side (walk_trees), before the next block. Threads start once per call (not twice per tree, which on a busy
-  // machine costs more than the work), a tree's rows are reused by the block's tokens, and the
-  // block's outputs stay in cache across its trees; the subtree sort is given up, which costs deep
-  // trees more than the thread starts save when they are few (4x9), so the block order is taken from
-  // kBlockOrderMinTrees trees (experiments/results/cpu_tree_order.md). On one thread the trees run one
-  // after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=0 / =1 forces the block / tree
-  // order (for measuring the choice).
+  // trees side by side (walk_trees), before the next block. Threads start once per call (not twice per
+  // tree, which on a busy machine costs more than the work), a tree's rows are reused by the block's
+  // tokens, and the block's outputs stay in cache across its trees; the subtree sort is given up, which
+  // costs deep trees more than the thread starts save when they are few (4x9), so the block order is
+  // taken from kBlockOrderMinTrees trees (experiments/results/cpu_tree_order.md). On one thread the trees
+  // run one after the other over all tokens, sorted. FFFJAX_CPU_TREE_ORDER=0 / =1 forces the block /
+  // tree order (for measuring the choice).
   if (block_order) {
     parallel_for(threads, p.tokens, kBlock, [&](int64_t b, int64_t e) {
       for (int64_t k0 = 0; k0 < p.n_trees; k0 += kTreeGroup) {
