@@ -100,12 +100,18 @@ def int_list(text: str, what: str) -> list[int]:
     return [int(item) for item in items]
 
 
-def tree_shape(text: str) -> str:
-    """``"KxD"`` checked: K >= 1 trees of depth 0..15 (the kernels' deepest)."""
+def tree_shape(text: str) -> tuple[int, int]:
+    """``"KxD"`` -> ``(K, D)``, checked by the package's own count checks (K >= 1 trees, depth D >= 0;
+    ``fffjax.ops`` runs depths the kernels do not take through ``"xla"``)."""
+    from fffjax import tree
+
     parts = text.split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1 or int(parts[1]) > 15:
-        raise argparse.ArgumentTypeError(f"--fff must be KxD with K >= 1 trees and depth D <= 15, got {text!r}")
-    return text
+    try:
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"got {text!r}")
+        return tree.check_n_trees(int(parts[0]), "trees"), tree.check_depth(int(parts[1]))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--fff must be KxD (trees x depth): {error}") from None
 
 
 def size_specs(items: list[str], batches: list[int]) -> list[tuple[str, list[int]]]:
@@ -158,13 +164,12 @@ def weight_floor(fff_config, dense_config, slots: int, itemsize: int) -> dict:
 # ----------------------------------------------------------------------------- models and programs
 
 
-def size_configs(size: str, fff: str) -> dict:
-    """``{"fff", "dense", "none"}`` -> :class:`DecoderConfig` at preset size ``size``: FFF-v2 of shape
-    ``fff`` (``"KxD"``, any trees and depth, so that a wide model's tree can have about 4H nodes like its
-    dense twin), the dense twin (4H) and no feedforward."""
+def size_configs(size: str, trees: int, depth: int) -> dict:
+    """``{"fff", "dense", "none"}`` -> :class:`DecoderConfig` at preset size ``size``: FFF-v2 of ``trees``
+    trees of ``depth`` (any shape, so that a wide model's tree can have about 4H nodes like its dense
+    twin), the dense twin (4H) and no feedforward."""
     from fffjax.models.decoder import get_decoder_config
 
-    trees, depth = (int(p) for p in fff.split("x"))
     dense = get_decoder_config(f"{size}-dense")
     return {"fff": dataclasses.replace(dense, ffn="fff", fff_trees=trees, fff_depth=depth), "dense": dense,
             "none": get_decoder_config(f"{size}-none")}
@@ -521,12 +526,13 @@ def run(args, argv: list[str] | None) -> dict:
     specs = size_specs(args.config, int_list(args.batches, "--batches"))
     breakdown_batches = int_list(args.breakdown_batches, "--breakdown-batches")
     dtype = jnp.dtype(DEVICES[args.device]["dtype"])
-    trees, depth = (int(p) for p in args.fff.split("x"))
+    trees, depth = args.fff
+    fff_name = f"{trees}x{depth}"
     impls = {"fff_v2_hard": ("cpu_ffi",) if args.device == "cpu" else
              registry.candidates("fff_v2_hard", None, dtype, {"depth": depth})}
     for op in ("attention", "cached_attention", "layer_norm", "gelu"):
         impls[op] = registry.candidates(op, args.cached_attention if op == "cached_attention" else None, dtype, {})
-    report = {**bench.provenance(__file__, argv), "device": args.device, "dtype": str(dtype), "fff": args.fff,
+    report = {**bench.provenance(__file__, argv), "device": args.device, "dtype": str(dtype), "fff": fff_name,
               "fff_trees": trees, "fff_depth": depth, "prompt_length": args.prompt_length, "calls": args.calls,
               "tokens_per_call": args.tokens_per_call,
               "rounds": args.rounds, "implementations": {op: list(n) for op, n in impls.items()},
@@ -538,8 +544,8 @@ def run(args, argv: list[str] | None) -> dict:
                                "a full report has 1, 8, 64 and 256.")
     out = Path(args.out)
     for size, batches in specs:
-        names = {"fff": f"{size}-fff-{args.fff}", "dense": f"{size}-dense", "none": f"{size}-none"}
-        configs = size_configs(size, args.fff)
+        names = {"fff": f"{size}-fff-{fff_name}", "dense": f"{size}-dense", "none": f"{size}-none"}
+        configs = size_configs(size, trees, depth)
         config = configs["fff"]
         if args.prompt_length + steps_needed(args) > config.max_seq_length:
             raise SystemExit(f"--prompt-length {args.prompt_length} plus {steps_needed(args)} decode steps "
@@ -585,7 +591,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", nargs="+", default=None, metavar="SIZE[:BATCHES]",
                     help="decoder sizes (tiny, small, base, medium, wide), each optionally with its own comma list of "
                          "batches (default gpu: base; cpu: small base:1,8)")
-    ap.add_argument("--fff", default="1x11", type=tree_shape,
+    ap.add_argument("--fff", default=(1, 11), type=tree_shape,
                     help="FFF-v2 trees x depth, KxD (default 1x11; 1x13 has about 4H nodes at the wide size)")
     ap.add_argument("--batches", default=None, help="comma list of decode batches (default gpu 1,8,64,256; cpu 1,8,64)")
     ap.add_argument("--prefill", default=None, help="comma list of BATCHxTOKENS prefill shapes "

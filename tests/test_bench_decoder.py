@@ -29,6 +29,6 @@ def test_bench_decoder_runs_the_tiny_presets_on_the_cpu_and_writes_its_tables(tm
     assert (tmp_path / "decoder_speed_cpu.png").stat().st_size > 0
 
 
-def test_bench_decoder_refuses_a_tree_shape_the_kernels_do_not_take(capfd):
-    assert cli.main(["bench", "bench_decoder", "--device", "cpu", "--fff", "1x16"]) == 2
+def test_bench_decoder_refuses_a_tree_shape_without_trees(capfd):
+    assert cli.main(["bench", "bench_decoder", "--device", "cpu", "--fff", "0x5"]) == 2
     assert "--fff must be KxD" in capfd.readouterr().err
