@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import triton as plgpu_triton
 
 from fffjax import tree, v2
 from fffjax._vma import out_struct
@@ -455,7 +455,7 @@ def _route_place_kernel(chunk_ref, x_ref, w_in_ref, b_in_ref, counts_in_ref, cou
     hit = ((sub[:, None] == cols[None, :]) & row_ok[:, None]).astype(jnp.int32)     # (block_t, n_cols)
     rank = jnp.sum(hit * (jnp.cumsum(hit, axis=0) - hit), axis=1)
     # counts has n_cols (>= n_sub) entries per chunk, so the add needs no mask (interpret mode has none).
-    placed_before = plgpu.atomic_add(counts_ref, (c * n_cols + cols,), jnp.sum(hit, axis=0))
+    placed_before = plgpu_triton.atomic_add(counts_ref, (c * n_cols + cols,), jnp.sum(hit, axis=0))
     start = jnp.sum(hit * placed_before[None, :], axis=1)
     # Tokens past the chunk's end point past the table: a masked lane could otherwise share a real
     # token's slot, and interpret mode writes masked lanes back with the old value.
