@@ -241,14 +241,16 @@ def main(argv=None) -> None:
                              "offline corpus")
     parser.add_argument("--convert-only", action="store_true",
                         help="stop after the conversions (e.g. on a GPU machine without the probe data)")
-    parser.add_argument("--layer-tokens", type=int, default=32768)
-    parser.add_argument("--layer-steps", type=int, default=600)
-    parser.add_argument("--e2e-steps", type=int, default=300)
-    parser.add_argument("--e2e-batch", type=int, default=32, help="stage d: sentences per step")
-    parser.add_argument("--e2e-learning-rate", type=float, default=3e-4)
-    parser.add_argument("--e2e-hidden-weight", type=float, default=0.0,
+    defaults = fd.DistillConfig(kind="fff_v2", fraction=0.1)
+    parser.add_argument("--layer-tokens", type=int, default=defaults.layer_tokens)
+    parser.add_argument("--layer-steps", type=int, default=600,
+                        help="stage c: Adam steps per layer (fewer than the library's default, for 2 CPU cores)")
+    parser.add_argument("--e2e-steps", type=int, default=defaults.e2e_steps)
+    parser.add_argument("--e2e-batch", type=int, default=defaults.e2e_batch, help="stage d: sentences per step")
+    parser.add_argument("--e2e-learning-rate", type=float, default=defaults.e2e_learning_rate)
+    parser.add_argument("--e2e-hidden-weight", type=float, default=defaults.e2e_hidden_weight,
                         help="stage d: weight of the layer outputs' error against the teacher's")
-    parser.add_argument("--e2e-similarity-weight", type=float, default=0.0,
+    parser.add_argument("--e2e-similarity-weight", type=float, default=defaults.e2e_similarity_weight,
                         help="stage d: weight of the pairwise similarities' error against the teacher's")
     parser.add_argument("--probe-train", type=int, default=1500)
     parser.add_argument("--probe-test", type=int, default=1000)

@@ -61,9 +61,9 @@ class DistillConfig:
     layer_steps: int = 1000
     layer_batch: int = 512
     layer_learning_rate: float = 3e-3
-    e2e_steps: int = 200
+    e2e_steps: int = 300
     e2e_batch: int = 32
-    e2e_learning_rate: float = 3e-5
+    e2e_learning_rate: float = 3e-4
     e2e_hidden_weight: float = 0.0
     e2e_similarity_weight: float = 0.0
     max_length: int = 64
