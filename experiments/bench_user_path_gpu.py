@@ -115,9 +115,16 @@ def run(args, argv, save) -> dict:
     for name, chunk, route_block in one_pass:
         fns[name] = (chunked_layer(chunk, args.tokens, route_block), (x, *w))
     compiled = {}
-    for name, (fn, fargs) in fns.items():
-        out["forward"][name], compiled[name] = first_call(fn, *fargs)
+    for name, (fn, fargs) in list(fns.items()):
+        try:
+            out["forward"][name], compiled[name] = first_call(fn, *fargs)
+        except Exception as error:  # noqa: BLE001 - a one-pass variant that fails to build is reported, not fatal
+            if name not in {n for n, _, _ in one_pass}:
+                raise
+            out["forward"][name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+            del fns[name]
         log(f"{name}: first call {out['forward'][name]}")
+    one_pass = [entry for entry in one_pass if entry[0] in fns]
     times = bench.side_by_side({k: (lambda c=compiled[k], a=fns[k][1]: c(*a)) for k in fns}, rounds=args.rounds,
                                budget_s=args.budget_s, log=log)
     for name, t in times.items():
@@ -188,6 +195,9 @@ def markdown(out: dict) -> str:
         for name, row in fwd.items():
             if name.startswith("fff_chunk") and "ms" in row:
                 lines.append(f"{name}: torch's time / its time **{fwd['dense_torch']['ms'] / row['ms']:.1f}x**.")
+    failed = [f"{name} ({row['error']})" for name, row in fwd.items() if "error" in row]
+    if failed:
+        lines += ["", "Failed to build: " + "; ".join(failed) + "."]
     diffs = [f"{name} {row['max_abs_diff_from_fff_args']:g}" for name, row in fwd.items()
              if "max_abs_diff_from_fff_args" in row]
     if diffs:
