@@ -31,7 +31,7 @@ from flax import nnx
 
 from fffjax import bench, similarity
 from fffjax import distill as fd
-from fffjax.cmd_distill import default_teacher, sample_sentences
+from fffjax.cmd_distill import add_config_arguments, config_from_args, default_teacher, sample_sentences
 from fffjax.data.labelled import load_task
 from fffjax.models.bert import sentence_embedding
 from fffjax.pretrained import from_pretrained
@@ -63,12 +63,10 @@ def convert_phase(args, teacher, tokenizer, train, held) -> dict[str, dict]:
             continue
         if data is None:
             bench.log("teacher data")
-            data = fd.prepare_data(teacher, tokenizer, train, held, layer_tokens=args.layer_tokens, seed=args.seed)
+            data = fd.prepare_data(teacher, tokenizer, train, held, layer_tokens=args.layer_tokens,
+                                   max_length=args.max_length, seed=args.seed)
         bench.log(f"convert {name} (stages up to {last_stage})")
-        config = fd.DistillConfig(kind=kind, fraction=fraction, last_stage=last_stage, layer_tokens=args.layer_tokens,
-                                  layer_steps=args.layer_steps, e2e_steps=args.e2e_steps, e2e_batch=args.e2e_batch,
-                                  e2e_learning_rate=args.e2e_learning_rate, e2e_hidden_weight=args.e2e_hidden_weight,
-                                  e2e_similarity_weight=args.e2e_similarity_weight, seed=args.seed)
+        config = config_from_args(args, kind=kind, fraction=fraction, last_stage=last_stage)
         student, report = fd.run(teacher, tokenizer, data, config, progress=lambda line: bench.log(f"  {line}"))
         save_bert_checkpoint(folder / "student", student, tokenizer=tokenizer, overwrite=True)
         tmp = folder / "report.json.tmp"
@@ -241,23 +239,13 @@ def main(argv=None) -> None:
                              "offline corpus")
     parser.add_argument("--convert-only", action="store_true",
                         help="stop after the conversions (e.g. on a GPU machine without the probe data)")
-    defaults = fd.DistillConfig(kind="fff_v2", fraction=0.1)
-    parser.add_argument("--layer-tokens", type=int, default=defaults.layer_tokens)
-    parser.add_argument("--layer-steps", type=int, default=600,
-                        help="stage c: Adam steps per layer (fewer than the library's default, for 2 CPU cores)")
-    parser.add_argument("--e2e-steps", type=int, default=defaults.e2e_steps)
-    parser.add_argument("--e2e-batch", type=int, default=defaults.e2e_batch, help="stage d: sentences per step")
-    parser.add_argument("--e2e-learning-rate", type=float, default=defaults.e2e_learning_rate)
-    parser.add_argument("--e2e-hidden-weight", type=float, default=defaults.e2e_hidden_weight,
-                        help="stage d: weight of the layer outputs' error against the teacher's")
-    parser.add_argument("--e2e-similarity-weight", type=float, default=defaults.e2e_similarity_weight,
-                        help="stage d: weight of the pairwise similarities' error against the teacher's")
+    # Fewer layer-wise steps than the library's default: the grid runs on 2 CPU cores.
+    add_config_arguments(parser, layer_steps=600)
     parser.add_argument("--probe-train", type=int, default=1500)
     parser.add_argument("--probe-test", type=int, default=1000)
     parser.add_argument("--probe-length", type=int, default=128)
     parser.add_argument("--speed-rounds", type=int, default=10)
     parser.add_argument("--speed-budget-s", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-only", action="store_true",
                         help="only time random-weight students of the teacher's shape (e.g. on a GPU without "
                              "the pretrained files); writes NAME_speed")

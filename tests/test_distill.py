@@ -137,3 +137,18 @@ def test_distill_command_writes_the_student_and_report(teacher, tokenizer, tmp_p
     assert isinstance(load_bert_checkpoint(out / "student").layers[0].ffn, FFF)
     assert "spearman" in capsys.readouterr().out
     assert cli.main(argv) == 2  # --out exists: a user error, reported in one line
+
+
+def test_config_flags_default_to_the_dataclass_take_overrides_and_build_the_config():
+    import argparse
+
+    from fffjax import cmd_distill
+
+    parser = argparse.ArgumentParser()
+    cmd_distill.add_config_arguments(parser, layer_steps=600)
+    args = parser.parse_args(["--e2e-learning-rate", "1e-3", "--seed", "3"])
+    config = cmd_distill.config_from_args(args, kind="dense", fraction=0.25, last_stage="c")
+    assert config == distill.DistillConfig(kind="dense", fraction=0.25, last_stage="c", layer_steps=600,
+                                           e2e_learning_rate=1e-3, seed=3)
+    with pytest.raises(ValueError, match="e2e_lr"):
+        cmd_distill.add_config_arguments(argparse.ArgumentParser(), e2e_lr=1e-3)
