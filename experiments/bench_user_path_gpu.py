@@ -115,12 +115,14 @@ def run(args, argv, save) -> dict:
     for name, chunk, route_block in one_pass:
         fns[name] = (chunked_layer(chunk, args.tokens, route_block), (x, *w))
     compiled = {}
+    one_pass_names = {name for name, _, _ in one_pass}
     for name, (fn, fargs) in list(fns.items()):
         try:
             out["forward"][name], compiled[name] = first_call(fn, *fargs)
-        except Exception as error:  # noqa: BLE001 - a one-pass variant that fails to build is reported, not fatal
-            if name not in {n for n, _, _ in one_pass}:
+        except Exception as error:
+            if name not in one_pass_names:
                 raise
+            # A one-pass variant that fails to build is reported, and the other variants are still timed.
             out["forward"][name] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
             del fns[name]
         log(f"{name}: first call {out['forward'][name]}")
