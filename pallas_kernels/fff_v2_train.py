@@ -373,7 +373,8 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
-        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(depth, n_trees, x.shape[0], x.dtype))
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(
+            depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1])))
     # Inside shard_map the backward kernels' gradients vary over every axis any input varies over; the
     # custom VJP needs inputs of that same type (an input replicated over an axis then gets its
     # gradient summed over that axis by the transpose of this cast).

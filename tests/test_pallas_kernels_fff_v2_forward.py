@@ -357,6 +357,28 @@ def test_default_config_walks_up_to_the_threshold_and_groups_above():
     assert default_config(7, 16, WALK_MAX_TOKENS + 1, jnp.bfloat16).tree_programs == 1
 
 
+def test_walk_chunks_widen_with_the_row_width():
+    from pallas_kernels.fff_v2_forward import WALK_MAX_CHUNKS, default_config, walk_config
+    assert walk_config(1, 1).chunk == WALK_CONFIG.chunk
+    assert walk_config(1, 1, width=768).chunk == WALK_CONFIG.chunk
+    for width in (768, 1000, 4096, 8192):
+        chunk = default_config(13, 1, 1, jnp.bfloat16, width=width).chunk
+        assert -(-width // chunk) <= WALK_MAX_CHUNKS and chunk >= WALK_CONFIG.chunk
+    assert default_config(13, 1, 1, jnp.bfloat16, width=4096).chunk == 1024
+
+
+def test_walk_with_widened_chunks_matches_the_reference():
+    # A narrow base chunk, so that a small row (H = 200, H_out = 72) needs the widening: 32-column chunks
+    # would take 7 per row; WALK_MAX_CHUNKS of them take 64 columns each.
+    from pallas_kernels.fff_v2_forward import walk_config
+    x, w_in, b_in, w_out = v2_inputs(5, 6, 200, 4, 1, jnp.float32, width_out=72)
+    base = dataclasses.replace(WALK_CONFIG, chunk=32)
+    config = walk_config(6, 1, base, width=200)
+    assert config.chunk == 64
+    got = fff_v2_forward(x, w_in, b_in, w_out, depth=4, n_trees=1, config=config, interpret=True)
+    assert_close(got, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=4, n_trees=1), jnp.float32)
+
+
 def test_tree_programs_must_divide_the_trees():
     x, w_in, b_in, w_out = v2_inputs(0, 3, 64, 2, 3, jnp.float32)
     with pytest.raises(ValueError, match="tree_programs"):
