@@ -126,10 +126,11 @@ FEW_TOKENS_CONFIG = dataclasses.replace(GROUPED_CONFIG, block_t=128, num_warps=8
 WALK_MAX_TOKENS = 256
 WALK_PROGRAMS = 128        # token blocks the walk aims for: about one per multiprocessor of a Hopper GPU
 WALK_MAX_TREE_PROGRAMS = 16
-# The walk unrolls levels x column chunks; at most this many chunks per row keeps the Triton program of a
-# wide layer (H = 4096) as small as that of H = 768: with 256-column chunks it would repeat them 16 times per
-# level, a program five times larger that Triton compiles too slowly for a model's step.
-WALK_MAX_CHUNKS = 4
+# The token-order kernel (the walk included) unrolls levels x column chunks; at most this many chunks per
+# row keeps its Triton program for a wide layer (H = 4096) as small as for H = 768: with 256-column chunks it
+# would repeat them 16 times per level, a program five times larger that Triton compiles too slowly for a
+# model's step.
+MAX_ROW_CHUNKS = 4
 # One level per round: the fastest measured on the GPU (experiments/results/few_tokens_gpu.md, 1x11 at 1, 8
 # and 64 tokens, against rounds of three levels gathered row by row; few_tokens_gpu_walk_rounds.md, 1x11 at
 # 1 token, against rounds that gather a whole subtree as one tile, lookahead 2, 3 and 6, each slower: the
@@ -145,34 +146,39 @@ def walk_config(n_tokens: int, n_trees: int, base: FffV2ForwardConfig | None = N
     """The few-token configuration: the token-order kernel with ``base``'s tiles (None:
     :data:`WALK_CONFIG`, read at call time, so that a benchmark can tune it), token blocks of
     ``base.block_t`` or more so that there are at most about :data:`WALK_PROGRAMS` of them, column
-    chunks of ``base.chunk`` or wider so that a row of ``width`` (the larger of H and H_out; None: any)
-    takes at most :data:`WALK_MAX_CHUNKS`, and the trees spread over up to
+    chunks of :func:`row_chunk` for ``width`` (the larger of H and H_out; None: any), and the trees spread
+    over up to
     :data:`WALK_MAX_TREE_PROGRAMS` programs (a divisor of ``n_trees``)."""
     base = WALK_CONFIG if base is None else base
     block_t = max(base.block_t, min(16, cm.next_pow2(pl.cdiv(n_tokens, WALK_PROGRAMS))))
-    chunk = base.chunk if width is None else max(base.chunk, cm.next_pow2(pl.cdiv(width, WALK_MAX_CHUNKS)))
-    return dataclasses.replace(base, block_t=block_t, chunk=chunk, split_level=0, dense_levels=0,
-                               tree_programs=math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS))
+    return dataclasses.replace(base, block_t=block_t, chunk=row_chunk(base.chunk, width), split_level=0,
+                               dense_levels=0, tree_programs=math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS))
+
+
+def row_chunk(chunk: int, width: int | None) -> int:
+    """The token-order kernel's column chunk: ``chunk``, or wider (a power of two) so that a row of
+    ``width`` columns (None: any) takes at most :data:`MAX_ROW_CHUNKS`."""
+    return chunk if width is None else max(chunk, cm.next_pow2(pl.cdiv(width, MAX_ROW_CHUNKS)))
 
 
 def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=None, *,
                    width: int | None = None) -> FffV2ForwardConfig:
     """The block sizes used when none are given.
 
-    Up to :data:`WALK_MAX_TOKENS` tokens, any shape and dtype: :func:`walk_config` (one launch; ``width``,
-    the larger of H and H_out, sets its column chunks). Above,
+    Up to :data:`WALK_MAX_TOKENS` tokens, any shape and dtype: :func:`walk_config` (one launch). Above,
     one tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4``
     (depth 11: 7) and :data:`GROUPED_CONFIG`'s tiles (:data:`FEW_TOKENS_CONFIG`'s below
     :data:`FEW_TOKENS` tokens), several times faster than the token-order kernel there. Otherwise
-    the token-order kernel with row gathers; float32 too, because IEEE float32 tile dots (no tf32)
-    run without tensor cores and make the grouped kernel the slower one
+    the token-order kernel with row gathers (column chunks of :func:`row_chunk`); float32 too,
+    because IEEE float32 tile dots (no tf32) run without tensor cores and make the grouped kernel the
+    slower one
     (``experiments/results/bench_gpu.md``).
     """
     if n_tokens is not None and n_tokens <= WALK_MAX_TOKENS:
         return walk_config(n_tokens, n_trees, width=width)
     wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
-        return DEFAULT_CONFIG
+        return dataclasses.replace(DEFAULT_CONFIG, chunk=row_chunk(DEFAULT_CONFIG.chunk, width))
     tiles = FEW_TOKENS_CONFIG if n_tokens is not None and n_tokens < FEW_TOKENS else GROUPED_CONFIG
     return dataclasses.replace(tiles, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
 

@@ -358,18 +358,22 @@ def test_default_config_walks_up_to_the_threshold_and_groups_above():
 
 
 def test_walk_chunks_widen_with_the_row_width():
-    from pallas_kernels.fff_v2_forward import WALK_MAX_CHUNKS, default_config, walk_config
+    from pallas_kernels.fff_v2_forward import DEFAULT_CONFIG, MAX_ROW_CHUNKS, default_config, walk_config
     assert walk_config(1, 1).chunk == WALK_CONFIG.chunk
     assert walk_config(1, 1, width=768).chunk == WALK_CONFIG.chunk
     for width in (768, 1000, 4096, 8192):
-        chunk = default_config(13, 1, 1, jnp.bfloat16, width=width).chunk
-        assert -(-width // chunk) <= WALK_MAX_CHUNKS and chunk >= WALK_CONFIG.chunk
+        for n_tokens in (1, 1024):   # the walk, then the token-order kernel (depth 13 is too deep to group)
+            config = default_config(13, 1, n_tokens, jnp.bfloat16, width=width)
+            assert config.split_level == 0
+            assert -(-width // config.chunk) <= MAX_ROW_CHUNKS and config.chunk >= DEFAULT_CONFIG.chunk
     assert default_config(13, 1, 1, jnp.bfloat16, width=4096).chunk == 1024
+    assert default_config(13, 1, 1024, jnp.bfloat16, width=4096).chunk == 1024
+    assert default_config(11, 1, 1024, jnp.bfloat16, width=4096).split_level == 7   # grouped: its own tiles
 
 
 def test_walk_with_widened_chunks_matches_the_reference():
     # A narrow base chunk, so that a small row (H = 200, H_out = 72) needs the widening: 32-column chunks
-    # would take 7 per row; WALK_MAX_CHUNKS of them take 64 columns each.
+    # would take 7 per row; MAX_ROW_CHUNKS of them take 64 columns each.
     from pallas_kernels.fff_v2_forward import walk_config
     x, w_in, b_in, w_out = v2_inputs(5, 6, 200, 4, 1, jnp.float32, width_out=72)
     base = dataclasses.replace(WALK_CONFIG, chunk=32)
