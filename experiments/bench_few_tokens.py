@@ -10,7 +10,8 @@ Every variant is jitted with its weights as arguments, as users call it:
   forced), ``fff_walk_lookahead{L}`` (the same with the other ``lookahead`` values, to tune the default),
   ``fff_walk_lookahead{L}_warps8`` (8 warps, for L >= 4), ``fff_walk_lookahead{L}_warps{1,2}`` (1 or 2 warps,
   L = 1, 2: a level's dot product reduced within fewer warps), ``fff_walk_lookahead{L}_block1`` (one token per
-  program where the walk takes several)
+  program where the walk takes several), ``fff_walk_tree_rows`` (several trees: one program per token, its
+  trees as the rows of its tiles, ``tree_rows``)
   and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
 * ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
@@ -94,6 +95,10 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             for la in (1, 2):
                 few = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la, num_warps=warps)
                 fns[f"fff_walk_lookahead{la}_warps{warps}"] = forced(fwd.walk_config(n_tokens, n_trees, few))
+        if n_trees > 1:   # one program per token, its trees walked together as the rows of its tiles
+            rows = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, tree_programs=1,
+                                           tree_rows=True)
+            fns["fff_walk_tree_rows"] = forced(rows)
         fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
     calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
     k1, k2 = jax.random.split(k_d)

@@ -8,7 +8,9 @@ steps to ``2n + 1 + (z > 0)``; with ``lookahead = L > 1`` the levels are walked 
 ``L`` levels (:func:`round_spans`), each gathering the rows of the whole subtree below each token's
 node as one tile (loads that do not wait on each other) and then descending through its logits in
 registers; optionally the top ``dense_levels`` levels are computed for all
-their nodes at once with a tensor-core ``dot`` (tokens of a block share those rows). Then every
+their nodes at once with a tensor-core ``dot`` (tokens of a block share those rows). With
+``tree_rows`` a program takes one token instead, and the rows of its tiles are that token's trees,
+all walked at once. Then every
 output chunk sums ``gelu(z) * w_out[node, chunk]`` over the visited nodes in float32 and is stored
 once. Optionally the kernel also writes each (tree, level)'s node and logit, the residuals the
 training backward needs.
@@ -69,6 +71,11 @@ class FffV2ForwardConfig:
         tree_programs: programs along a second grid axis of the token-order kernel that share the
             trees (a divisor of ``n_trees``); above 1 each writes a float32 partial output and one XLA
             sum adds them, so that few tokens still occupy many multiprocessors.
+        tree_rows: the token-order kernel with one program per token whose tile rows are the
+            token's ``K`` trees (``next_pow2(K)`` rows), walked together: ``depth + 1`` dependent
+            rounds of ``K`` independent row reads, and the trees' outputs summed in registers, where
+            ``tree_programs > 1`` writes float32 partial outputs for an XLA sum. Needs ``block_t = 1``,
+            ``lookahead = 1``, no dense levels, one tree program; forward only (no residuals).
         chunk_tokens: 0, or ``C > 0`` for the grouped kernel's one-pass layout (forward without
             residuals): the tokens are routed and grouped ``C`` at a time, the grouped kernel of a
             chunk right after its route kernel (:func:`chunked_grouped_forward`), so that the grouped
@@ -90,6 +97,7 @@ class FffV2ForwardConfig:
     route: str = "kernel"
     lookahead: int = 1
     tree_programs: int = 1
+    tree_rows: bool = False
     chunk_tokens: int = 0
 
     def __post_init__(self):
@@ -106,6 +114,11 @@ class FffV2ForwardConfig:
             raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
         if self.split_level < 0:
             raise ValueError(f"split_level must be >= 0, got {self.split_level}")
+        if self.tree_rows and (self.block_t, self.lookahead, self.dense_levels, self.split_level,
+                               self.tree_programs) != (1, 1, 0, 0, 1):
+            raise ValueError("tree_rows needs block_t=1, lookahead=1, dense_levels=0, split_level=0 and "
+                             f"tree_programs=1, got {self.block_t}, {self.lookahead}, {self.dense_levels}, "
+                             f"{self.split_level} and {self.tree_programs}")
         if self.chunk_tokens < 0:
             raise ValueError(f"chunk_tokens must be >= 0, got {self.chunk_tokens}")
         if self.split_level > 0 and self.block_t < 16:
@@ -197,15 +210,22 @@ def round_spans(levels: int, lookahead: int) -> list[int]:
 def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in, width_out, depth,
             n_trees, cfg: FffV2ForwardConfig, save_residuals: bool):
     y_ref = out_refs[0]
-    bt = cfg.block_t
     c_in, n_in = cm.column_chunks(width_in, cfg.chunk)
     c_out, n_out = cm.column_chunks(width_out, cfg.chunk)
     per_tree = tree.v2_nodes_per_tree(depth)
     levels = depth + 1
     dense = min(cfg.dense_levels, levels)
-    row0 = pl.program_id(0) * bt
-    rows = row0 + jnp.arange(bt, dtype=jnp.int32)
-    row_ok = rows < n_tokens
+    if cfg.tree_rows:      # row r: tree r of token program_id(0)
+        bt = cm.next_pow2(n_trees)
+        row0 = pl.program_id(0)
+        trees = jnp.arange(bt, dtype=jnp.int32)
+        rows = jnp.zeros((bt,), jnp.int32) + row0
+        row_ok = trees < n_trees
+    else:
+        bt = cfg.block_t
+        row0 = pl.program_id(0) * bt
+        rows = row0 + jnp.arange(bt, dtype=jnp.int32)
+        row_ok = rows < n_tokens
     x_chunks = []
     for c in range(n_in):
         cols, ok = cm.chunk_indices(c, c_in, width_in)
@@ -252,7 +272,7 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
             else:
                 owner = tok[:, None] == jnp.arange(bt, dtype=jnp.int32)[None, :]      # (bt * pad, bt)
                 node_r = jnp.sum(jnp.where(owner, node[None, :], 0), axis=1)
-            ok_r = (h < 2**span - 1) & (row0 + tok < n_tokens)
+            ok_r = row_ok if pad == 1 else (h < 2**span - 1) & (row0 + tok < n_tokens)
             flat_r = base + jnp.where(ok_r, node_r * scale + h, 0)
             z_r = cm.load(b_in_ref.at[flat_r], mask=ok_r, other=0.0).astype(jnp.float32)
             for c in range(n_in):
@@ -294,6 +314,16 @@ def _kernel(x_ref, w_in_ref, b_in_ref, w_out_ref, *out_refs, n_tokens, width_in,
         return tuple(new)
 
     init = tuple(jnp.zeros((bt, c_out), jnp.float32) for _ in range(n_out))
+    if cfg.tree_rows:
+        # Rows past the last tree point at tree 0, so that every address stays in range; their loads are
+        # masked off (logit 0, GELU 0) and the sum leaves them out as well.
+        y_chunks = tree_body(jnp.where(row_ok, trees, 0), init)
+        token = jnp.zeros((1,), jnp.int32) + row0
+        for c in range(n_out):
+            cols, ok = cm.chunk_indices(c, c_out, width_out)
+            total = jnp.sum(jnp.where(row_ok[:, None], y_chunks[c], 0.0), axis=0)[None, :]
+            cm.store_rows(y_ref, token, cols, total, ok, token < n_tokens)
+        return
     share = n_trees // cfg.tree_programs          # trees of this program: share * g .. share * (g + 1) - 1
     first = pl.program_id(1) * share if cfg.tree_programs > 1 else 0
     if share == 1:
@@ -700,6 +730,8 @@ def fff_v2_forward(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interp
     else:
         if n_trees % config.tree_programs:
             raise ValueError(f"config.tree_programs={config.tree_programs} must divide n_trees={n_trees}")
+        if config.tree_rows and save_residuals:
+            raise ValueError("config.tree_rows is forward only: it writes no residuals (save_residuals=False)")
         kernel = functools.partial(_kernel, n_trees=n_trees, **common)
         grid = (pl.cdiv(n_tokens, config.block_t), config.tree_programs)
         operands = (x, w_in, b_in, w_out)

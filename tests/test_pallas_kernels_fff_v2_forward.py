@@ -322,6 +322,24 @@ def test_walk_lookahead_and_tree_programs_do_not_change_the_result(lookahead, bl
     _walk_check(5, 4, 6, jnp.float32, lookahead=lookahead, tree_programs=2, block_t=block_t)
 
 
+@pytest.mark.parametrize("n_tokens,n_trees,depth,dtype", [(5, 4, 6, jnp.float32), (3, 3, 5, jnp.bfloat16),
+                                                          (2, 16, 4, jnp.float32), (4, 1, 6, jnp.float32)])
+def test_walk_with_tree_rows_matches_reference(n_tokens, n_trees, depth, dtype):
+    # 3 trees fill 3 of 4 tile rows; one tree is the ordinary walk with one row.
+    _walk_check(n_tokens, n_trees, depth, dtype, tree_rows=True, tree_programs=1, block_t=1)
+
+
+def test_tree_rows_refuses_what_it_does_not_do():
+    with pytest.raises(ValueError, match="tree_rows needs block_t=1"):
+        FffV2ForwardConfig(tree_rows=True, block_t=16)
+    with pytest.raises(ValueError, match="tree_rows needs"):
+        FffV2ForwardConfig(tree_rows=True, block_t=1, lookahead=2)
+    x, w_in, b_in, w_out = v2_inputs(0, 3, 64, 3, 2, jnp.float32)
+    with pytest.raises(ValueError, match="save_residuals=False"):
+        fff_v2_forward(x, w_in, b_in, w_out, depth=3, n_trees=2, interpret=True, save_residuals=True,
+                       config=FffV2ForwardConfig(tree_rows=True, block_t=1))
+
+
 @pytest.mark.parametrize("levels,lookahead,spans", [(12, 1, [1] * 12), (12, 6, [6, 6]), (12, 5, [4, 4, 4]),
                                                     (8, 6, [4, 4]), (10, 4, [4, 3, 3]), (7, 7, [7]),
                                                     (3, 8, [3]), (0, 3, [])])

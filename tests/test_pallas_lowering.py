@@ -54,6 +54,14 @@ def test_v2_forward_lowers_for_h200(width, depth, n_trees, dtype, config):
     assert ("fff_v2_forward_grouped" in text) == (config.split_level > 0 and n_trees == 1)
 
 
+@pytest.mark.parametrize("n_tokens,n_trees,depth", [(1, 4, 9), (64, 16, 7), (8, 3, 6)])
+def test_v2_walk_with_tree_rows_lowers_for_h200(n_tokens, n_trees, depth):
+    config = FffV2ForwardConfig(block_t=1, chunk=256, num_warps=4, tree_rows=True)
+    fn = functools.partial(fff_v2_forward, depth=depth, n_trees=n_trees, config=config)
+    text = _lower_for_h200(fn, *_v2_shapes(n_tokens, 768, depth, n_trees, jnp.bfloat16))
+    assert "fff_v2_forward" in text
+
+
 @pytest.mark.parametrize("n_tokens,width,dtype,config", [
     (2**15 + 5, 768, jnp.bfloat16, FffV2ForwardConfig(block_t=64, chunk=64, num_warps=4, num_stages=3, split_level=7,
                                                         route_block_t=128, route_chunk=64, route_num_warps=8,
