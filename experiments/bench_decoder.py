@@ -30,10 +30,12 @@ as the decode steps; then, each jitted alone with its weights as arguments and t
 call inside a jitted loop (:func:`fffjax.bench.chained`, so without one dispatch per call): the
 vocabulary (the tied logits projection ``hidden @ E.T`` and the greedy argmax over V); the attention core over the cache
 (:func:`fffjax.ops.cached_attention`, one layer, times the layer count); the feedforward alone (one layer
-on ``(B, 1, H)``, times the layer count). Then per model: feedforward = step - step without it (what the
-step saves without the feedforward and its norm); vocabulary and attention core as timed; the rest (QKV and
-output projections, norms, embedding lookup, cache writes, dispatch) = step without feedforward -
-vocabulary - attention core.
+on ``(B, 1, H)``, times the layer count; the same input every call, so an FFF walks one path from cache),
+then over ``NEW_TOKENS`` different inputs a call (a ``lax.scan``; new paths, as in a decode step), alone
+and with its norm and residual add (what the step without feedforward leaves out). Then per model:
+feedforward = step - step without it (what the step saves without the feedforward and its norm);
+vocabulary and attention core as timed; the rest (QKV and output projections, norms, embedding lookup,
+cache writes, dispatch) = step without feedforward - vocabulary - attention core.
 
 **Batch-1 weight-read floor**: at batch 1 a decode step reads every weight it uses once per token. Values
 read per token: embedding rows ``2H``, attention projections ``4 H^2`` per layer, norms ``2H`` each, the
@@ -86,6 +88,10 @@ DEVICES = {
 }
 ALL_BATCHES = (1, 8, 64, 256)   # the decode batches of a full report
 PARTS = ("feedforward", "attention core", "vocabulary", "rest")
+NEW_TOKENS = 16   # different inputs per call of the breakdown's feedforward parts timed on new tokens
+ALONE = {"feedforward alone": "feedforward timed alone (x layers)",
+         "feedforward, new tokens": f"feedforward alone, {NEW_TOKENS} new inputs a call (x layers)",
+         "norm + feedforward + residual, new tokens": "norm + feedforward + residual, new inputs (x layers)"}
 
 
 def name_of(device: str) -> str:
@@ -293,6 +299,17 @@ def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
     if model.layers[0].ffn is not None:
         ffn, ffn_weights = functional(model.layers[0].ffn, lambda f, x: f(x))
         calls["feedforward alone"] = (ffn, (ffn_weights, hidden[:, None, :]), layers)
+        # The loop above feeds one input, so an FFF walks the same path each call, from L2. In a decode
+        # step every token is new: these scan over NEW_TOKENS different inputs per call.
+        fresh = jax.random.normal(keys[0], (NEW_TOKENS, batch, 1, h), dtype)
+
+        def over_new_tokens(step):
+            return lambda module, xs: jax.lax.scan(lambda c, x: (c, step(module, x)), 0, xs)[1]
+
+        ffn_new, _ = functional(model.layers[0].ffn, over_new_tokens(lambda f, x: f(x)))
+        half, block_weights = functional(model.layers[0], over_new_tokens(lambda b, x: x + b.ffn(b.norm2(x))))
+        calls["feedforward, new tokens"] = (ffn_new, (ffn_weights, fresh), layers / NEW_TOKENS)
+        calls["norm + feedforward + residual, new tokens"] = (half, (block_weights, fresh), layers / NEW_TOKENS)
     return calls
 
 
@@ -368,7 +385,7 @@ def breakdown(rows: list[dict], size: str, batch: int) -> dict | None:
     if ("step", "none") not in ms:
         return None
     out = {"size": size, "batch": batch, "step_without_feedforward": ms["step", "none"], "step": {},
-           "feedforward_alone": {}, "parts": {}}
+           "feedforward_alone": {}, "alone": {kind: {} for kind in ALONE}, "parts": {}}
     for model in ("fff", "dense"):
         step = ms["step", model]
         parts = {"feedforward": step - ms["step", "none"], "attention core": ms["attention core", model],
@@ -376,6 +393,8 @@ def breakdown(rows: list[dict], size: str, batch: int) -> dict | None:
         parts["rest"] = ms["step", "none"] - parts["attention core"] - parts["vocabulary"]
         out["step"][model] = step
         out["feedforward_alone"][model] = ms.get(("feedforward alone", model))
+        for kind in ALONE:
+            out["alone"][kind][model] = ms.get((kind, model))
         out["parts"][model] = parts
     return out
 
@@ -439,9 +458,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {part} | {f:.3f} | {100 * f / step['fff']:.0f}% | {d:.3f} | "
                          f"{100 * d / step['dense']:.0f}% |")
         lines.append(f"| **whole step** | **{step['fff']:.3f}** | | **{step['dense']:.3f}** | |")
-        alone = b["feedforward_alone"]
-        if alone.get("fff") is not None:
-            lines.append(f"| feedforward timed alone (x layers) | {alone['fff']:.3f} | | {alone['dense']:.3f} | |")
+        alone = b.get("alone", {"feedforward alone": b["feedforward_alone"]})
+        for kind, label in ALONE.items():
+            if alone.get(kind, {}).get("fff") is not None:
+                lines.append(f"| {label} | {alone[kind]['fff']:.3f} | | {alone[kind]['dense']:.3f} | |")
         free = step["dense"] / b["step_without_feedforward"]
         lines += ["", f"With a feedforward that cost nothing the step would be **{free:.2f}x** the "
                   f"dense twin's (dense step / step without feedforward); the FFF step is "

@@ -19,13 +19,17 @@ def test_bench_decoder_runs_the_tiny_presets_on_the_cpu_and_writes_its_tables(tm
     assert {(r["model"], r["tokens"]) for r in report["prefill"]} == {("fff", 16), ("dense", 16)}
     (parts,) = report["breakdown"]
     assert set(parts["parts"]["fff"]) == {"feedforward", "attention core", "vocabulary", "rest"}
+    alone = parts["alone"]
+    assert set(alone) == {"feedforward alone", "feedforward, new tokens", "norm + feedforward + residual, new tokens"}
+    assert all(alone[kind][model] > 0 for kind in alone for model in ("fff", "dense"))
     floor = report["weight_floor"]["tiny"]
     # tiny: H 64, 2 layers; the dense FFN reads 2 * 4H * H values a layer, FFF 2x5 2 * 6 nodes of 2H + 1
     assert floor["dense_bytes"]["feedforward"] == 4 * 2 * 2 * 4 * 64 * 64
     assert floor["fff_bytes"]["feedforward"] == 4 * 2 * 2 * 6 * (2 * 64 + 1)
     assert (report["fff_trees"], report["fff_depth"]) == (2, 5)
     assert floor["ideal_speedup"] > 1
-    assert "| tiny | 1 |" in (tmp_path / "decoder_speed_cpu.md").read_text()
+    text = (tmp_path / "decoder_speed_cpu.md").read_text()
+    assert "| tiny | 1 |" in text and "| norm + feedforward + residual, new inputs (x layers) |" in text
     assert (tmp_path / "decoder_speed_cpu.png").stat().st_size > 0
 
 
