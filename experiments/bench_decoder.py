@@ -634,6 +634,8 @@ def main(argv=None) -> None:
                     help="levels per round of the GPU's few-token FFF walk (default: the library's WALK_CONFIG)")
     ap.add_argument("--walk-warps", type=int, default=None,
                     help="warps of the few-token FFF walk (default: the library's)")
+    ap.add_argument("--walk-tree-rows", action="store_true",
+                    help="the few-token FFF walk with one program per token and its trees as tile rows (tree_rows)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of decoder_speed_DEVICE.json/.md/.png")
     ap.add_argument("--from-json", default=None, metavar="JSON", help="redraw the md and png from a json")
     args = ap.parse_args(argv)
@@ -642,7 +644,8 @@ def main(argv=None) -> None:
         return
     defaults = DEVICES[args.device]
     args.config = args.config or defaults["config"]
-    tuned = {k: v for k, v in (("lookahead", args.walk_lookahead), ("num_warps", args.walk_warps)) if v is not None}
+    tuned = {k: v for k, v in (("lookahead", args.walk_lookahead), ("num_warps", args.walk_warps),
+                               ("tree_rows", args.walk_tree_rows or None)) if v is not None}
     if tuned:   # walk_config reads WALK_CONFIG at call time
         from pallas_kernels import fff_v2_forward
         fff_v2_forward.WALK_CONFIG = dataclasses.replace(fff_v2_forward.WALK_CONFIG, **tuned)

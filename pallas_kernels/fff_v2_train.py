@@ -40,6 +40,7 @@ from pallas_kernels.fff_v2_forward import (
     fff_v2_forward,
     grouped_split,
     subtree_table,
+    walk_config,
 )
 
 
@@ -335,9 +336,17 @@ def _fff_v2_train(x, w_in, b_in, w_out, depth, n_trees, interpret, config):
                           config=config.forward)
 
 
+def saving_forward(forward: FffV2ForwardConfig, n_tokens: int, n_trees: int) -> FffV2ForwardConfig:
+    """``forward``, or for a ``tree_rows`` walk (which writes no residuals) the walk over tree programs
+    with the same tiles, whose residuals the backward reads."""
+    if not forward.tree_rows:
+        return forward
+    return walk_config(n_tokens, n_trees, dataclasses.replace(forward, tree_rows=False))
+
+
 def _fff_v2_train_fwd(x, w_in, b_in, w_out, depth, n_trees, interpret, config):
     saved = fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret,
-                           config=config.forward, save_residuals=True)
+                           config=saving_forward(config.forward, x.shape[0], n_trees), save_residuals=True)
     return saved[0], (x, w_in, b_in, w_out, saved)
 
 
@@ -373,8 +382,8 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
-        config = dataclasses.replace(DEFAULT_CONFIG, forward=default_config(
-            depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1])))
+        forward = default_config(depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1]))
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=forward)
     # Inside shard_map the backward kernels' gradients vary over every axis any input varies over; the
     # custom VJP needs inputs of that same type (an input replicated over an axis then gets its
     # gradient summed over that axis by the transpose of this cast).

@@ -329,6 +329,33 @@ def test_walk_with_tree_rows_matches_reference(n_tokens, n_trees, depth, dtype):
     _walk_check(n_tokens, n_trees, depth, dtype, tree_rows=True, tree_programs=1, block_t=1)
 
 
+def test_the_op_with_a_tree_rows_walk_evaluates_with_it_and_trains_through_tree_programs(monkeypatch):
+    # With WALK_CONFIG.tree_rows (read at call time) the op's forward is the tree_rows walk; its gradient
+    # comes from the walk over tree programs, which saves the path.
+    import pallas_kernels.fff_v2_forward as fwd
+    from pallas_kernels.fff_v2_train import saving_forward
+    monkeypatch.setattr(fwd, "WALK_CONFIG", dataclasses.replace(fwd.WALK_CONFIG, tree_rows=True))
+    depth, n_trees = 4, 4
+    assert fwd.default_config(depth, n_trees, 6, jnp.float32).tree_rows
+    saving = saving_forward(fwd.default_config(depth, n_trees, 6, jnp.float32), 6, n_trees)
+    assert not saving.tree_rows and saving.tree_programs == n_trees
+    x, w_in, b_in, w_out = v2_inputs(9, 6, 64, depth, n_trees, jnp.float32)
+    dy = jax.random.normal(jax.random.key(2), (6, 64), jnp.float32)
+
+    def loss(impl):
+        return lambda *a: jnp.sum(fffjax.ops.fff_v2_hard(*a, depth=depth, n_trees=n_trees, implementation=impl) * dy)
+
+    for impl_y, want_y in zip(fffjax.ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,
+                                                      implementation="pallas"),
+                              fffjax.ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,
+                                                      implementation="xla")):
+        np.testing.assert_allclose(np.asarray(impl_y), np.asarray(want_y), atol=1e-5, rtol=1e-5)
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
 def test_tree_rows_refuses_what_it_does_not_do():
     with pytest.raises(ValueError, match="tree_rows needs block_t=1"):
         FffV2ForwardConfig(tree_rows=True, block_t=16)
