@@ -11,7 +11,8 @@ Every variant is jitted with its weights as arguments, as users call it:
   ``fff_walk_lookahead{L}_warps8`` (8 warps, for L >= 4), ``fff_walk_lookahead{L}_warps{1,2}`` (1 or 2 warps,
   L = 1, 2: a level's dot product reduced within fewer warps), ``fff_walk_lookahead{L}_block1`` (one token per
   program where the walk takes several), ``fff_walk_tree_rows`` (several trees: one program per token, its
-  trees as the rows of its tiles, ``tree_rows``)
+  trees as the rows of its tiles, ``tree_rows``), ``fff_walk_dense{L}`` (16-token blocks whose top L levels
+  are one tensor-core dot over their nodes, ``dense_levels``: fewer dependent levels, fewer programs)
   and ``fff_above_threshold`` (the configuration :func:`~pallas_kernels.fff_v2_forward.default_config`
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
 * ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
@@ -55,6 +56,7 @@ DENSE_WIDTH = 4095
 LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7)}
 LOOKAHEADS = (1, 2, 3, 4, 6)
 WALK_WARPS = (1, 2)
+WALK_DENSE_LEVELS = (4, 6)
 RESULTS = Path(__file__).resolve().parent / "results"
 log = bench.log
 
@@ -95,6 +97,9 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             for la in (1, 2):
                 few = fwd.dataclasses.replace(fwd.WALK_CONFIG, lookahead=la, num_warps=warps)
                 fns[f"fff_walk_lookahead{la}_warps{warps}"] = forced(fwd.walk_config(n_tokens, n_trees, few))
+        for top in WALK_DENSE_LEVELS:   # top levels as one tensor-core dot per 16-token block, then the walk
+            tensor_top = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=16, dense_levels=top)
+            fns[f"fff_walk_dense{top}"] = forced(tensor_top)
         if n_trees > 1:   # one program per token, its trees walked together as the rows of its tiles
             rows = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, tree_programs=1,
                                            tree_rows=True)
