@@ -73,8 +73,8 @@ class FffV2ForwardConfig:
             sum adds them, so that few tokens still occupy many multiprocessors.
         tree_rows: the token-order kernel with one program per token whose tile rows are the
             token's ``K`` trees (``next_pow2(K)`` rows), walked together: ``depth + 1`` dependent
-            rounds of ``K`` independent row reads, and the trees' outputs summed in registers, where
-            ``tree_programs > 1`` writes float32 partial outputs for an XLA sum. Needs ``block_t = 1``,
+            rounds of ``K`` independent row reads, and the trees' outputs summed in registers instead
+            of the float32 partial outputs and XLA sum of ``tree_programs > 1``. Needs ``block_t = 1``,
             ``lookahead = 1``, no dense levels, one tree program; forward only (no residuals).
         chunk_tokens: 0, or ``C > 0`` for the grouped kernel's one-pass layout (forward without
             residuals): the tokens are routed and grouped ``C`` at a time, the grouped kernel of a
@@ -187,8 +187,7 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
     :data:`FEW_TOKENS` tokens), several times faster than the token-order kernel there. Otherwise
     the token-order kernel with row gathers (column chunks of :func:`row_chunk`); float32 too,
     because IEEE float32 tile dots (no tf32) run without tensor cores and make the grouped kernel the
-    slower one
-    (``experiments/results/bench_gpu.md``).
+    slower one (``experiments/results/bench_gpu.md``).
     """
     if n_tokens is not None and n_tokens <= WALK_MAX_TOKENS:
         return walk_config(n_tokens, n_trees, width=width)
