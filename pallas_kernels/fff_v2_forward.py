@@ -144,6 +144,10 @@ WALK_MAX_TREE_PROGRAMS = 16
 # would repeat them 16 times per level, a program five times larger that Triton compiles too slowly for a
 # model's step.
 MAX_ROW_CHUNKS = 4
+# A token block's inputs stay in registers as float32: at most this many values (16 tokens of H <= 1024, the
+# widths the default tiles run at) per program, so that a wide layer's blocks hold fewer tokens rather than
+# spill.
+MAX_BLOCK_VALUES = 16 * 1024
 # One level per round: the fastest measured on the GPU (experiments/results/few_tokens_gpu.md, 1x11 at 1, 8
 # and 64 tokens, against rounds of three levels gathered row by row; few_tokens_gpu_walk_rounds.md, 1x11 at
 # 1 token, against rounds that gather a whole subtree as one tile, lookahead 2, 3 and 6, each slower: the
@@ -185,7 +189,8 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
     one tree of depth 5..12 and 16-bit inputs: the grouped kernel with ``split_level = depth - 4``
     (depth 11: 7) and :data:`GROUPED_CONFIG`'s tiles (:data:`FEW_TOKENS_CONFIG`'s below
     :data:`FEW_TOKENS` tokens), several times faster than the token-order kernel there. Otherwise
-    the token-order kernel with row gathers (column chunks of :func:`row_chunk`); float32 too,
+    the token-order kernel with row gathers (column chunks of :func:`row_chunk`, token blocks of at
+    most :data:`MAX_BLOCK_VALUES` input values); float32 too,
     because IEEE float32 tile dots (no tf32) run without tensor cores and make the grouped kernel the
     slower one (``experiments/results/bench_gpu.md``).
     """
@@ -193,7 +198,10 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
         return walk_config(n_tokens, n_trees, width=width)
     wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if wide or not (n_trees == 1 and MAX_GROUPED_SUBTREE_LEVELS <= depth <= 7 + MAX_GROUPED_SUBTREE_LEVELS):
-        return dataclasses.replace(DEFAULT_CONFIG, chunk=row_chunk(DEFAULT_CONFIG.chunk, width))
+        block_t = DEFAULT_CONFIG.block_t
+        if width is not None:
+            block_t = max(1, min(block_t, MAX_BLOCK_VALUES // cm.next_pow2(width)))
+        return dataclasses.replace(DEFAULT_CONFIG, block_t=block_t, chunk=row_chunk(DEFAULT_CONFIG.chunk, width))
     tiles = FEW_TOKENS_CONFIG if n_tokens is not None and n_tokens < FEW_TOKENS else GROUPED_CONFIG
     return dataclasses.replace(tiles, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
 

@@ -413,6 +413,9 @@ def test_walk_chunks_widen_with_the_row_width():
             assert -(-width // config.chunk) <= MAX_ROW_CHUNKS and config.chunk >= DEFAULT_CONFIG.chunk
     assert default_config(13, 1, 1, jnp.bfloat16, width=4096).chunk == 1024
     assert default_config(13, 1, 1024, jnp.bfloat16, width=4096).chunk == 1024
+    # ... and its token blocks shrink so that a block's float32 inputs stay at 16 x 1024 values
+    assert [default_config(13, 1, 1024, jnp.bfloat16, width=w).block_t for w in (768, 1024, 2048, 4096, 32768)] \
+        == [16, 16, 8, 4, 1]
     assert default_config(11, 1, 1024, jnp.bfloat16, width=4096).split_level == 7   # grouped: its own tiles
 
 
@@ -426,6 +429,19 @@ def test_walk_with_widened_chunks_matches_the_reference():
     assert config.chunk == 64
     got = fff_v2_forward(x, w_in, b_in, w_out, depth=4, n_trees=1, config=config, interpret=True)
     assert_close(got, pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=4, n_trees=1), jnp.float32)
+
+
+def test_token_order_default_at_a_wide_row_matches_the_reference():
+    # Above the walk's token counts, two trees: the token-order kernel with 8-token blocks of 512-column
+    # chunks at H = 2048.
+    from pallas_kernels.fff_v2_forward import WALK_MAX_TOKENS, default_config
+    n_tokens = WALK_MAX_TOKENS + 3
+    config = default_config(2, 2, n_tokens, jnp.float32, width=2048)
+    assert (config.split_level, config.block_t, config.chunk) == (0, 8, 512)
+    x, w_in, b_in, w_out = v2_inputs(4, n_tokens, 2048, 2, 2, jnp.float32)
+    got = pk.fff_v2_hard(x, w_in, b_in, w_out, depth=2, n_trees=2, interpret=True)
+    keep = tie_free_tokens(x, w_in, b_in, depth=2, n_trees=2)
+    assert_close(got[keep], pk.fff_v2_hard_reference(x, w_in, b_in, w_out, depth=2, n_trees=2)[keep], jnp.float32)
 
 
 def test_tree_programs_must_divide_the_trees():
