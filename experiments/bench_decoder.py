@@ -379,20 +379,19 @@ def bench_prefill(args, size: str, models: dict, batch: int, length: int) -> lis
 
 
 def breakdown(rows: list[dict], size: str, batch: int) -> dict | None:
-    """``{model: {part: ms}, "step": {model: ms}, "feedforward alone": {model: ms}}`` of one size and batch
-    (see the module docstring), or None where the parts were not timed."""
+    """``{..., "parts": {model: {part: ms}}, "step": {model: ms}, "alone": {kind: {model: ms}}}`` of one size
+    and batch (see the module docstring), or None where the parts were not timed."""
     ms = {(r["kind"], r["model"]): r["ms"] for r in rows if r["size"] == size and r["batch"] == batch}
     if ("step", "none") not in ms:
         return None
     out = {"size": size, "batch": batch, "step_without_feedforward": ms["step", "none"], "step": {},
-           "feedforward_alone": {}, "alone": {kind: {} for kind in ALONE}, "parts": {}}
+           "alone": {kind: {} for kind in ALONE}, "parts": {}}
     for model in ("fff", "dense"):
         step = ms["step", model]
         parts = {"feedforward": step - ms["step", "none"], "attention core": ms["attention core", model],
                  "vocabulary": ms["vocabulary", model]}
         parts["rest"] = ms["step", "none"] - parts["attention core"] - parts["vocabulary"]
         out["step"][model] = step
-        out["feedforward_alone"][model] = ms.get(("feedforward alone", model))
         for kind in ALONE:
             out["alone"][kind][model] = ms.get((kind, model))
         out["parts"][model] = parts
@@ -458,7 +457,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {part} | {f:.3f} | {100 * f / step['fff']:.0f}% | {d:.3f} | "
                          f"{100 * d / step['dense']:.0f}% |")
         lines.append(f"| **whole step** | **{step['fff']:.3f}** | | **{step['dense']:.3f}** | |")
-        alone = b.get("alone", {"feedforward alone": b["feedforward_alone"]})
+        # A JSON report without "alone" (--from-json) holds the one-input loop as "feedforward_alone".
+        alone = b.get("alone") or {"feedforward alone": b["feedforward_alone"]}
         for kind, label in ALONE.items():
             if alone.get(kind, {}).get("fff") is not None:
                 lines.append(f"| {label} | {alone[kind]['fff']:.3f} | | {alone[kind]['dense']:.3f} | |")
