@@ -101,9 +101,8 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             tensor_top = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=16, dense_levels=top)
             fns[f"fff_walk_dense{top}"] = forced(tensor_top)
         if n_trees > 1:   # one program per token, its trees walked together as the rows of its tiles
-            rows = fwd.dataclasses.replace(fwd.walk_config(n_tokens, n_trees), block_t=1, tree_programs=1,
-                                           tree_rows=True)
-            fns["fff_walk_tree_rows"] = forced(rows)
+            rows = fwd.dataclasses.replace(fwd.WALK_CONFIG, tree_rows=True)
+            fns["fff_walk_tree_rows"] = forced(fwd.walk_config(n_tokens, n_trees, rows))
         fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
     calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
     k1, k2 = jax.random.split(k_d)

@@ -167,12 +167,13 @@ def walk_config(n_tokens: int, n_trees: int, base: FffV2ForwardConfig | None = N
     over up to :data:`WALK_MAX_TREE_PROGRAMS` programs (a divisor of ``n_trees``); with
     ``base.tree_rows``, one token and all its trees per program instead."""
     base = WALK_CONFIG if base is None else base
-    chunk = row_chunk(base.chunk, width)
     if base.tree_rows:
-        return dataclasses.replace(base, block_t=1, chunk=chunk, split_level=0, dense_levels=0, tree_programs=1)
-    block_t = max(base.block_t, min(16, cm.next_pow2(pl.cdiv(n_tokens, WALK_PROGRAMS))))
-    return dataclasses.replace(base, block_t=block_t, chunk=chunk, split_level=0, dense_levels=0,
-                               tree_programs=math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS))
+        block_t, tree_programs = 1, 1
+    else:
+        block_t = max(base.block_t, min(16, cm.next_pow2(pl.cdiv(n_tokens, WALK_PROGRAMS))))
+        tree_programs = math.gcd(n_trees, WALK_MAX_TREE_PROGRAMS)
+    return dataclasses.replace(base, block_t=block_t, chunk=row_chunk(base.chunk, width), split_level=0,
+                               dense_levels=0, tree_programs=tree_programs)
 
 
 def row_chunk(chunk: int, width: int | None) -> int:
