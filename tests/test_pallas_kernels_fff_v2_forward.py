@@ -345,11 +345,9 @@ def test_the_op_with_a_tree_rows_walk_evaluates_with_it_and_trains_through_tree_
     def loss(impl):
         return lambda *a: jnp.sum(fffjax.ops.fff_v2_hard(*a, depth=depth, n_trees=n_trees, implementation=impl) * dy)
 
-    for impl_y, want_y in zip(fffjax.ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,
-                                                      implementation="pallas"),
-                              fffjax.ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees,
-                                                      implementation="xla")):
-        np.testing.assert_allclose(np.asarray(impl_y), np.asarray(want_y), atol=1e-5, rtol=1e-5)
+    y = {impl: fffjax.ops.fff_v2_hard(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, implementation=impl)
+         for impl in ("pallas", "xla")}
+    np.testing.assert_allclose(np.asarray(y["pallas"]), np.asarray(y["xla"]), atol=1e-5, rtol=1e-5)
     got = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
     want = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)
     for g, w in zip(got, want):
