@@ -94,7 +94,7 @@ def test_active_neurons_of_each_feedforward():
 
 
 def test_presets_hold_the_issue_shapes():
-    for size in ("tiny", "small", "base", "medium", "wide"):
+    for size in ("tiny", "small", "base", "medium", "wide", "xwide"):
         dense = DECODER_CONFIGS[f"{size}-dense"]
         assert dense.active_neurons == 4 * dense.hidden_size
         assert DECODER_CONFIGS[f"{size}-none"].active_neurons == 0
@@ -107,6 +107,7 @@ def test_presets_hold_the_issue_shapes():
     assert DECODER_CONFIGS["base-dense"].hidden_size == 768
     assert (DECODER_CONFIGS["medium-dense"].hidden_size, DECODER_CONFIGS["medium-dense"].num_layers) == (1024, 24)
     assert (DECODER_CONFIGS["wide-dense"].hidden_size, DECODER_CONFIGS["wide-dense"].num_layers) == (4096, 8)
+    assert (DECODER_CONFIGS["xwide-dense"].hidden_size, DECODER_CONFIGS["xwide-dense"].num_layers) == (8192, 4)
     assert get_decoder_config("tiny-fff-4x9") is DECODER_CONFIGS["tiny-fff-4x9"]
     with pytest.raises(ValueError, match="neither a decoder preset"):
         get_decoder_config("tiny-fff-3x3")

@@ -174,13 +174,16 @@ class DecoderConfig(TransformerShape):
 # tokens); "base" is GPT-2 small's shape (H = 768, where the dense feedforward dominates a decode step);
 # "medium" is GPT-2 medium's (H = 1024, 24 layers), where the vocabulary projection's share of a step is
 # smaller still; "wide" has a 7B-class model's width (H = 4096, 8 layers), where a GPU's batch-1 decode step
-# reads enough weight bytes per layer for the dense feedforward to outweigh the per-kernel fixed costs.
+# reads enough weight bytes per layer for the dense feedforward to outweigh the per-kernel fixed costs;
+# "xwide" has a 70B-class model's width (H = 8192, 4 layers), where a GPU's batch-1 step reads four times the
+# weight bytes per layer for about the same number of dependent row reads in an FFF walk.
 _SIZES = {
     "tiny": dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=2, max_seq_length=128),
     "small": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_seq_length=256),
     "base": dict(vocab_size=32768, hidden_size=768, num_layers=12, num_heads=12, max_seq_length=1024),
     "medium": dict(vocab_size=32768, hidden_size=1024, num_layers=24, num_heads=16, max_seq_length=1024),
     "wide": dict(vocab_size=32768, hidden_size=4096, num_layers=8, num_heads=32, max_seq_length=1024),
+    "xwide": dict(vocab_size=32768, hidden_size=8192, num_layers=4, num_heads=64, max_seq_length=1024),
 }
 # Feedforwards compared at each size: the dense twin (4H), attention only, and FFF-v2 K x D with the
 # narrow dense feedforward of its active width K * (D + 1).
@@ -199,9 +202,9 @@ DECODER_CONFIGS: dict[str, DecoderConfig] = {
 
 
 def get_decoder_config(name_or_path: "str | Path") -> DecoderConfig:
-    """A preset by name (``SIZE-FFN``: sizes ``tiny``, ``small``, ``base``, ``medium``, ``wide``; feedforwards
-    ``dense``, ``none``, ``fff-1x11``, ``fff-4x9``, ``fff-16x7``, ``narrow-1x11``, ...) or a JSON file holding
-    :meth:`DecoderConfig.to_dict` output."""
+    """A preset by name (``SIZE-FFN``: sizes ``tiny``, ``small``, ``base``, ``medium``, ``wide``, ``xwide``;
+    feedforwards ``dense``, ``none``, ``fff-1x11``, ``fff-4x9``, ``fff-16x7``, ``narrow-1x11``, ...) or a JSON
+    file holding :meth:`DecoderConfig.to_dict` output."""
     if isinstance(name_or_path, str) and name_or_path in DECODER_CONFIGS:
         return DECODER_CONFIGS[name_or_path]
     path = Path(name_or_path)
