@@ -609,10 +609,11 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=sorted(DEVICES), default="gpu",
                     help="gpu: bfloat16, default implementations; cpu: float32, FFF through cpu_ffi")
     ap.add_argument("--config", nargs="+", default=None, metavar="SIZE[:BATCHES]",
-                    help="decoder sizes (tiny, small, base, medium, wide, xwide), each optionally with its own comma list of "
-                         "batches (default gpu: base; cpu: small base:1,8)")
+                    help="decoder sizes (tiny, small, base, medium, wide, xwide), each optionally with its own comma "
+                         "list of batches (default gpu: base; cpu: small base:1,8)")
     ap.add_argument("--fff", default=(1, 11), type=tree_shape,
-                    help="FFF-v2 trees x depth, KxD (default 1x11; 1x13 has about 4H nodes at the wide size, 1x14 at xwide)")
+                    help="FFF-v2 trees x depth, KxD (default 1x11; 1x13 has about 4H nodes at the wide size, 1x14 at "
+                         "xwide)")
     ap.add_argument("--batches", default=None, help="comma list of decode batches (default gpu 1,8,64,256; cpu 1,8,64)")
     ap.add_argument("--prefill", default=None, help="comma list of BATCHxTOKENS prefill shapes "
                                                     "(default gpu 1x512,8x128,64x128; cpu 1x256,8x128)")

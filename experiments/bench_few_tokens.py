@@ -17,10 +17,12 @@ Every variant is jitted with its weights as arguments, as users call it:
   picks just above the threshold: the grouped pipeline for 1x11, the 16-token blocks for several trees).
 * ``dense_4095``: ``gelu(x @ w1 + b1) @ w2 + b2`` through XLA (cuBLAS on a GPU), exact GELU.
 
-Two times per call. Latency: wall time of one jitted call until its output is ready (dispatch
+Three times per call. Latency: wall time of one jitted call until its output is ready (dispatch
 included), median of samples interleaved round by round (:func:`fffjax.bench.side_by_side`). In a
 jitted loop: ``--chain`` calls inside one ``fori_loop`` (:func:`fffjax.bench.chained`), without the
-host's dispatch, as the layer costs inside a model's jitted decode step. FFF outputs
+host's dispatch, as the layer costs inside a model's jitted decode step loop. Unrolled: the same calls
+written out one after another in one jitted program (``unroll=True``), as a model's layers follow each
+other inside a step, without the loop's fixed cost per iteration. FFF outputs
 are checked against the float32 reference before timing (tokens with a routing logit within 1e-3 of
 0 left out: bfloat16 may send them either way).
 
@@ -160,15 +162,18 @@ def run(args, argv=None, on_cell=None) -> dict:
                                        rounds=args.rounds, budget_s=args.budget_s, warmup=3)
             device = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s)
                       for k, (fn, a) in calls.items()}
+            unrolled = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s, unroll=True)
+                        for k, (fn, a) in calls.items()}
             dense = f"dense_{DENSE_WIDTH}"
             for name, t in times.items():
                 rows.append({"layer": layer, "tokens": n, "impl": name, "us": t.median_s * 1e6,
                              "min_us": t.min_s * 1e6, "samples": len(t.samples_s),
                              "vs_dense": t.median_s / times[dense].median_s, "device_us": device[name] * 1e6,
-                             "device_vs_dense": device[name] / device[dense], "max_rel_error": errors.get(name),
+                             "device_vs_dense": device[name] / device[dense], "unrolled_us": unrolled[name] * 1e6,
+                             "unrolled_vs_dense": unrolled[name] / unrolled[dense], "max_rel_error": errors.get(name),
                              "first_call_s": compile_s[name]})
-            log(f"{layer} T={n}: " + ", ".join(f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f})"
-                                               for k, t in times.items()))
+            log(f"{layer} T={n}: " + ", ".join(f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f}, "
+                                               f"unrolled {unrolled[k] * 1e6:.1f})" for k, t in times.items()))
             if on_cell:
                 on_cell({**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH,
                          "results": rows})
@@ -176,13 +181,19 @@ def run(args, argv=None, on_cell=None) -> dict:
     return {**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH, "results": rows}
 
 
+# (time key, ratio key, title) of each time per call the tables show
+TIMES = (("us", "vs_dense", "latency of one call"), ("device_us", "device_vs_dense", "per call in a jitted loop"),
+         ("unrolled_us", "unrolled_vs_dense", "per call unrolled in one jitted program"))
+
+
 def markdown(out: dict) -> str:
     rows = out["results"]
     device = out["device_kind"]
     lines = [f"# Few-token latency of one FFF-v2 layer call ({device})", "", bench.provenance_line(out), "",
              f"H = {out['width']}, {out['dtype']}, weights passed as jit arguments; microseconds per call: the "
-             "latency of one call waited for (dispatch included, median of interleaved samples) and the time per "
-             "call inside a jitted loop (no dispatch, as inside a model's jitted step); in brackets the time over "
+             "latency of one call waited for (dispatch included, median of interleaved samples), the time per "
+             "call inside a jitted loop (no dispatch, as inside a model's jitted step loop) and per call of the "
+             "same calls unrolled in one jitted program (no loop, as a model's layers); in brackets the time over "
              f"the dense FF of width {out['dense_width']} (XLA) at the same token count, timed the same way. "
              "`fff_default` is `fffjax.fff_v2_hard` with the default implementation. "
              f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}; 1-minute load average "
@@ -194,8 +205,9 @@ def markdown(out: dict) -> str:
         if not lrows:
             continue
         impls = list(dict.fromkeys(r["impl"] for r in lrows))
-        for key, ratio, title in (("us", "vs_dense", "latency of one call"),
-                                  ("device_us", "device_vs_dense", "per call in a jitted loop")):
+        for key, ratio, title in TIMES:
+            if not all(key in r for r in lrows):   # reports written before a column existed
+                continue
             lines += [f"## {layer}: {title}", "", "| impl | " + " | ".join(f"{n} tok" for n in counts) + " |",
                       "|---" + "|---:" * len(counts) + "|"]
             for impl in impls:
@@ -206,7 +218,9 @@ def markdown(out: dict) -> str:
                 lines.append(f"| {impl} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Targets (issue 18, item 3)", ""]
-    for ratio, what in (("vs_dense", "latency of one call"), ("device_vs_dense", "per call in a jitted loop")):
+    for _, ratio, what in TIMES:
+        if not all(ratio in r for r in rows):
+            continue
         for layer in LAYERS:
             got = [r for r in rows if r["layer"] == layer and r["impl"] == "fff_default"]
             if not got:

@@ -105,14 +105,17 @@ def stream(fn: Callable, *args, calls: int | None = 10, warmup: int = 2, repeats
     return statistics.median(runs)
 
 
-def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats: int = 3) -> float:
+def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats: int = 3,
+            unroll: bool = False) -> float:
     """Device seconds per call of ``fn(*args)``, without the host's dispatch.
 
     ``calls`` calls run in one jitted ``fori_loop``; each call's inputs pass through an optimization
     barrier together with the previous call's outputs, so XLA can neither hoist a call out of the
     loop nor drop one. The loop is timed by :func:`stream` (``calls=None``, ``budget_s``,
     ``repeats``) and the time divided by ``calls``. For stages of tens of microseconds, whose
-    dispatch would otherwise dominate.
+    dispatch would otherwise dominate. ``unroll=True`` writes the calls out one after another in the
+    jitted program instead of a loop, as a model's layers are: a GPU's loop bounds each iteration with
+    its own control flow, a fixed cost per call that a straight-line program does not pay.
     """
     _check_positive(calls=calls)
 
@@ -121,7 +124,7 @@ def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats
             return jax.lax.optimization_barrier((state[0], fn(*state[0])))
 
         out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
-        return jax.lax.fori_loop(0, calls, body, (args, out))[1]
+        return jax.lax.fori_loop(0, calls, body, (args, out), unroll=unroll)[1]
 
     return stream(jax.jit(looped), *args, calls=None, budget_s=budget_s, repeats=repeats) / calls
 

@@ -27,6 +27,7 @@ def test_latency_stream_chained_return_positive_seconds(tiny):
     assert _positive_finite(bench.stream(fn, x, calls=3, warmup=1, repeats=2))
     assert _positive_finite(bench.stream(fn, x, calls=None, warmup=2, repeats=2, budget_s=0.01))
     assert _positive_finite(bench.chained(fn, x, calls=4, budget_s=0.01, repeats=2))
+    assert _positive_finite(bench.chained(fn, x, calls=4, budget_s=0.01, repeats=2, unroll=True))
 
 
 def test_latency_waits_for_every_call_and_stream_only_sends():
