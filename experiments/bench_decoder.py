@@ -31,7 +31,9 @@ call inside a jitted loop (:func:`fffjax.bench.chained`, so without one dispatch
 vocabulary (the tied logits projection ``hidden @ E.T`` and the greedy argmax over V); the attention core over the cache
 (:func:`fffjax.ops.cached_attention`, one layer, times the layer count); the feedforward alone (one layer
 on ``(B, 1, H)``, times the layer count; the same input every call, so an FFF walks one path from cache),
-then over ``NEW_TOKENS`` different inputs a call (a ``lax.scan``; new paths, as in a decode step), alone
+then over ``NEW_TOKENS`` different inputs a call (a ``lax.scan``: a new path per input, as in a decode
+step, though the loop repeats the same inputs every call, so that their rows are in L2 after the first:
+these rows tell a walk's cost per new path from one path's, not rows read from HBM from rows in L2), alone
 and with its norm and residual add (what the step without feedforward leaves out). Then per model:
 feedforward = step - step without it (what the step saves without the feedforward and its norm);
 vocabulary and attention core as timed; the rest (QKV and output projections, norms, embedding lookup,
@@ -300,7 +302,8 @@ def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
         ffn, ffn_weights = functional(model.layers[0].ffn, lambda f, x: f(x))
         calls["feedforward alone"] = (ffn, (ffn_weights, hidden[:, None, :]), layers)
         # The loop above feeds one input, so an FFF walks the same path each call, from L2. In a decode
-        # step every token is new: these scan over NEW_TOKENS different inputs per call.
+        # step every token is new: these scan over NEW_TOKENS different inputs per call (the same ones in
+        # every call of the loop, so their paths too are in L2 after the first).
         fresh = jax.random.normal(keys[0], (NEW_TOKENS, batch, 1, h), dtype)
 
         def over_new_tokens(step):
