@@ -34,7 +34,9 @@ on ``(B, 1, H)``, times the layer count; the same input every call, so an FFF wa
 then over ``NEW_TOKENS`` different inputs a call (a ``lax.scan``: a new path per input, as in a decode
 step, though the loop repeats the same inputs every call, so that their rows are in L2 after the first:
 these rows tell a walk's cost per new path from one path's, not rows read from HBM from rows in L2), alone
-and with its norm and residual add (what the step without feedforward leaves out). Then per model:
+and with its norm and residual add (what the step without feedforward leaves out); with ``--flush-mb M``,
+also over new inputs each after a read of M MB, minus the same loop without the feedforward: the
+feedforward from cold caches, as after the other layers' weights inside a step. Then per model:
 feedforward = step - step without it (what the step saves without the feedforward and its norm);
 vocabulary and attention core as timed; the rest (QKV and output projections, norms, embedding lookup,
 cache writes, dispatch) = step without feedforward - vocabulary - attention core.
@@ -93,7 +95,11 @@ PARTS = ("feedforward", "attention core", "vocabulary", "rest")
 NEW_TOKENS = 16   # different inputs per call of the breakdown's feedforward parts timed on new tokens
 ALONE = {"feedforward alone": "feedforward timed alone (x layers)",
          "feedforward, new tokens": f"feedforward alone, {NEW_TOKENS} new inputs a call (x layers)",
-         "norm + feedforward + residual, new tokens": "norm + feedforward + residual, new inputs (x layers)"}
+         "norm + feedforward + residual, new tokens": "norm + feedforward + residual, new inputs (x layers)",
+         "feedforward after a cache flush": "feedforward alone after a cache flush, new inputs (x layers)"}
+# The cache-flush rows: each new input is preceded by a read of --flush-mb MB; the feedforward's time after a
+# flush is the difference of these two loops' times (see part_calls).
+FLUSH_KINDS = ("cache flush", "cache flush + feedforward")
 
 
 def name_of(device: str) -> str:
@@ -274,10 +280,11 @@ class DecodeLoop:
         return new
 
 
-def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
+def part_calls(model, batch: int, slots: int, filled: int, flush_mb: int = 0) -> dict[str, tuple]:
     """``{part: (pure function, its arguments, times per step)}``: the vocabulary (logits and greedy argmax),
     the attention core over a cache of ``slots`` slots (``filled`` of them visible) and the feedforward,
-    each on ``batch`` rows of one token, the weights among the arguments; layer 0 stands for every layer."""
+    each on ``batch`` rows of one token, the weights among the arguments; layer 0 stands for every layer.
+    ``flush_mb > 0`` adds the :data:`FLUSH_KINDS` loops: new inputs, each after a read of ``flush_mb`` MB."""
     import jax
     import jax.numpy as jnp
 
@@ -313,6 +320,29 @@ def part_calls(model, batch: int, slots: int, filled: int) -> dict[str, tuple]:
         half, block_weights = functional(model.layers[0], over_new_tokens(lambda b, x: x + b.ffn(b.norm2(x))))
         calls["feedforward, new tokens"] = (ffn_new, (ffn_weights, fresh), layers / NEW_TOKENS)
         calls["norm + feedforward + residual, new tokens"] = (half, (block_weights, fresh), layers / NEW_TOKENS)
+        if flush_mb > 0:
+            # Inside a step the other layers' weights pass through the caches between two feedforward calls.
+            # Here every new input first reads flush_mb MB (a GPU: more than its L2), then the feedforward
+            # runs; the loop without the feedforward is timed too, and the difference is the feedforward
+            # starting from cold caches.
+            flush = jnp.ones((flush_mb * 2**20 // 4,), jnp.float32)
+
+            def after_flush(step):
+                def run(*inputs):
+                    *module, buf, xs = inputs
+
+                    def body(carry, x):
+                        # The sum depends on the carry, so XLA cannot hoist the read out of the loop; the
+                        # barriers order flush, feedforward, next flush.
+                        done, x = jax.lax.optimization_barrier((jnp.minimum(jnp.sum(buf * carry), 1.0), x))
+                        y = x if step is None else step(*module, x)
+                        return jax.lax.optimization_barrier((done, y))
+                    return jax.lax.scan(body, jnp.float32(1), xs)[1]
+                return run
+
+            ffn_cold, _ = functional(model.layers[0].ffn, after_flush(lambda f, x: f(x)))
+            calls["cache flush"] = (after_flush(None), (flush, fresh), layers / NEW_TOKENS)
+            calls["cache flush + feedforward"] = (ffn_cold, (ffn_weights, flush, fresh), layers / NEW_TOKENS)
     return calls
 
 
@@ -353,8 +383,8 @@ def bench_decode(args, size: str, models: dict, batch: int, breakdown: bool) -> 
         rows.append(row)
     if breakdown:   # each part's device time inside a jitted loop: no dispatch, which would swamp a small part
         for name in ("fff", "dense"):
-            for part, (fn, inputs, count) in part_calls(models[name], batch, slots,
-                                                        args.prompt_length + steps // 2).items():
+            for part, (fn, inputs, count) in part_calls(models[name], batch, slots, args.prompt_length + steps // 2,
+                                                        args.flush_mb).items():
                 per_call = bench.chained(fn, *inputs, calls=args.calls, budget_s=args.budget_s)
                 rows.append({"size": size, "batch": batch, "slots": slots, "prompt_length": args.prompt_length,
                              "kind": part, "model": name, "count": count, "ms_per_call": 1e3 * per_call,
@@ -397,6 +427,9 @@ def breakdown(rows: list[dict], size: str, batch: int) -> dict | None:
         out["step"][model] = step
         for kind in ALONE:
             out["alone"][kind][model] = ms.get((kind, model))
+        if all((kind, model) in ms for kind in FLUSH_KINDS):
+            flush, both = (ms[kind, model] for kind in FLUSH_KINDS)
+            out["alone"]["feedforward after a cache flush"][model] = both - flush
         out["parts"][model] = parts
     return out
 
@@ -634,6 +667,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="weights")
     ap.add_argument("--cached-attention", default=None, metavar="NAME",
                     help="the decode step's attention implementation (e.g. pallas; default: the automatic choice)")
+    ap.add_argument("--flush-mb", type=int, default=0,
+                    help="with the breakdown, also time the feedforward on new inputs each after a read of this many "
+                         "MB (e.g. 128, past a Hopper GPU's 50 MB L2): the feedforward from cold caches (0: not)")
     ap.add_argument("--walk-lookahead", type=int, default=None,
                     help="levels per round of the GPU's few-token FFF walk (default: the library's WALK_CONFIG)")
     ap.add_argument("--walk-warps", type=int, default=None,
