@@ -207,6 +207,12 @@ def default_config(depth: int, n_trees: int, n_tokens: int | None = None, dtype=
     return dataclasses.replace(tiles, split_level=depth + 1 - MAX_GROUPED_SUBTREE_LEVELS)
 
 
+def operand_config(x, w_out, *, depth: int, n_trees: int) -> FffV2ForwardConfig:
+    """:func:`default_config` for these operands: ``x`` of ``(T, H)`` and ``w_out`` of ``(N, H_out)`` give
+    the token count, the dtype and the row width (the larger of ``H`` and ``H_out``)."""
+    return default_config(depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1]))
+
+
 def round_spans(levels: int, lookahead: int) -> list[int]:
     """The levels of each round of row gathers: ``ceil(levels / lookahead)`` rounds as even as possible
     (deeper rounds no longer than shallower ones), so that ``lookahead = 6`` walks 12 levels as 6 + 6
@@ -790,7 +796,7 @@ def fff_v2_hard(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1, interpret
         ``(T, H_out)`` in ``x.dtype``, accumulated in float32.
     """
     if config is None:
-        config = default_config(depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1]))
+        config = operand_config(x, w_out, depth=depth, n_trees=n_trees)
     return fff_v2_forward(x, w_in, b_in, w_out, depth=depth, n_trees=n_trees, interpret=interpret, config=config)
 
 

@@ -35,10 +35,10 @@ from pallas_kernels.fff_v2_forward import (
     GroupedResiduals,
     block_tokens,
     check_shapes,
-    default_config,
     descend_table,
     fff_v2_forward,
     grouped_split,
+    operand_config,
     subtree_table,
     walk_config,
 )
@@ -382,8 +382,7 @@ def fff_v2_hard_trainable(x, w_in, b_in, w_out, *, depth: int, n_trees: int = 1,
     """
     check_shapes(x, w_in, b_in, w_out, depth, n_trees)
     if config is None:
-        forward = default_config(depth, n_trees, x.shape[0], x.dtype, width=max(x.shape[1], w_out.shape[1]))
-        config = dataclasses.replace(DEFAULT_CONFIG, forward=forward)
+        config = dataclasses.replace(DEFAULT_CONFIG, forward=operand_config(x, w_out, depth=depth, n_trees=n_trees))
     # Inside shard_map the backward kernels' gradients vary over every axis any input varies over; the
     # custom VJP needs inputs of that same type (an input replicated over an axis then gets its
     # gradient summed over that axis by the transpose of this cast).

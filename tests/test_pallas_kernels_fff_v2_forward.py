@@ -401,7 +401,13 @@ def test_default_config_walks_up_to_the_threshold_and_groups_above():
 
 
 def test_walk_chunks_widen_with_the_row_width():
-    from pallas_kernels.fff_v2_forward import DEFAULT_CONFIG, MAX_ROW_CHUNKS, default_config, walk_config
+    from pallas_kernels.fff_v2_forward import (
+        DEFAULT_CONFIG,
+        MAX_ROW_CHUNKS,
+        default_config,
+        operand_config,
+        walk_config,
+    )
     assert walk_config(1, 1).chunk == WALK_CONFIG.chunk
     assert walk_config(1, 1, width=768).chunk == WALK_CONFIG.chunk
     for width in (768, 1000, 4096, 8192):
@@ -415,6 +421,9 @@ def test_walk_chunks_widen_with_the_row_width():
     assert [default_config(13, 1, 1024, jnp.bfloat16, width=w).block_t for w in (768, 1024, 2048, 4096, 32768)] \
         == [16, 16, 8, 4, 1]
     assert default_config(11, 1, 1024, jnp.bfloat16, width=4096).split_level == 7   # grouped: its own tiles
+    # the public entry points size the chunks by the wider of the input and output rows
+    x, w_out = jax.ShapeDtypeStruct((1, 768), jnp.bfloat16), jax.ShapeDtypeStruct((2**14 - 1, 4096), jnp.bfloat16)
+    assert operand_config(x, w_out, depth=13, n_trees=1) == default_config(13, 1, 1, jnp.bfloat16, width=4096)
 
 
 def test_walk_with_widened_chunks_matches_the_reference():
