@@ -25,12 +25,14 @@ Run on the GPU machine::
 ``--tree-shapes``: the tree-shape table only (``tree_shapes_{gpu,cpu}.{json,md}``): forward and training
 step (all four gradients) of each layer through :func:`fffjax.fff_v2_hard` with the default implementation
 (``"pallas"`` on a GPU, ``"cpu_ffi"`` with its reference VJP on the CPU), jitted with the weights as
-arguments, beside the dense FF of width 4095 timed the same way; quality from the decoder experiment
-(``decoder_lm_cpu.json``) where it has the shape::
+arguments, beside the dense FF of width 4095 timed the same way; quality from the decoder experiments
+(``QUALITY_SOURCES``: one column each) where they have the shape. ``--from-json`` redraws a table with the
+decoder experiments' current reports, without timing anything::
 
     python experiments/bench_gpu.py --out $OUT --tree-shapes --dtypes bfloat16 --token-exponents 12 16
     JAX_PLATFORMS=cpu python experiments/bench_gpu.py --out experiments/results --tree-shapes \
         --dtypes float32 --token-exponents 10
+    python experiments/bench_gpu.py --tree-shapes --from-json experiments/results/tree_shapes_cpu.json
 
 CPU smoke run of the script (kernels in interpret mode, a few minutes)::
 
@@ -60,7 +62,9 @@ from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
 WIDTH = 768
 LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7), "128x4": (128, 4)}
 DEFAULT_LAYERS = ("1x11", "128x4")
-QUALITY = Path(__file__).resolve().parent / "results" / "decoder_lm_cpu.json"
+# Decoder experiments whose validation perplexity the tree-shape table shows, one column each.
+QUALITY_SOURCES = tuple(Path(__file__).resolve().parent / "results" / name
+                        for name in ("decoder_lm_cpu.json", "decoder_lm_cpu_3000.json"))
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -283,17 +287,24 @@ def training_step(forward):
     return jax.jit(lambda x, *args: jax.grad(loss, argnums=tuple(range(len(args))))(x, *args))
 
 
-def decoder_quality(path: Path = QUALITY) -> dict[str, dict]:
-    """``{layer: {"perplexity", "sd", "dense"}}`` from the decoder experiment's ``tiny-fff-KxD`` variants
-    (validation perplexity, mean and standard deviation over seeds) beside its dense twin; empty when
-    the file is missing."""
+def decoder_quality(path: Path) -> dict | None:
+    """One decoder experiment's quality by layer shape: ``{"source", "tokens", "seeds", "layers":
+    {layer: {"perplexity", "sd", "dense"}}}`` from its ``tiny-fff-KxD`` variants (validation perplexity,
+    mean and standard deviation over seeds) beside its dense twin; None when the file is missing."""
     if not path.exists():
-        return {}
+        return None
     variants = json.loads(path.read_text())["variants"]
     dense = variants.get("tiny-dense", {}).get("perplexity_mean")
-    return {name.removeprefix("tiny-fff-"): {"perplexity": v["perplexity_mean"], "sd": v["perplexity_sd"],
-                                             "dense": dense}
-            for name, v in variants.items() if name.startswith("tiny-fff-")}
+    fff = {name.removeprefix("tiny-fff-"): v for name, v in variants.items() if name.startswith("tiny-fff-")}
+    some = next(iter(variants.values()))
+    return {"source": path.name, "tokens": some["tokens"], "seeds": max(len(v["seeds"]) for v in fff.values()),
+            "layers": {layer: {"perplexity": v["perplexity_mean"], "sd": v["perplexity_sd"], "dense": dense,
+                               "seeds": len(v["seeds"])} for layer, v in fff.items()}}
+
+
+def quality_columns() -> list[dict]:
+    """:func:`decoder_quality` of every ``QUALITY_SOURCES`` file that exists."""
+    return [q for q in map(decoder_quality, QUALITY_SOURCES) if q is not None]
 
 
 def tree_shapes(args, argv=None) -> dict:
@@ -302,8 +313,8 @@ def tree_shapes(args, argv=None) -> dict:
     head = bench.provenance(__file__, argv)
     log(f"{head['command']} on {head['device_kind']}, jax {jax.__version__}")
     rows = []
-    out = {**head, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "quality_source": QUALITY.name,
-           "quality": decoder_quality(), "results": rows}
+    out = {**head, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "quality": quality_columns(),
+           "results": rows}
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         shapes = {}
@@ -337,8 +348,18 @@ def tree_shapes(args, argv=None) -> dict:
     return out
 
 
+def _quality_cell(column: dict, layer: str) -> str:
+    q = column["layers"].get(layer)
+    if q is None:
+        return "n/a"
+    spread = f" ± {q['sd']:.1f}" if q["seeds"] > 1 else ""
+    return f"{q['perplexity']:.1f}{spread} ({q['dense']:.1f})"
+
+
 def tree_shapes_markdown(out: dict) -> str:
-    rows, quality = out["results"], out.get("quality", {})
+    rows, columns = out["results"], out.get("quality", [])
+    sources = "; ".join(f"`{c['source']}`: {c['tokens'] / 1e6:.1f}M training tokens, {c['seeds']} seed(s)"
+                        for c in columns)
     lines = [f"# FFF-v2 tree shapes at H = {WIDTH} ({out['device_kind']})", "", bench.provenance_line(out), "",
              "Each layer has about 4096 neurons (K trees of depth D: K (2^(D+1) - 1)); a token visits K (D + 1) of "
              "them. Forward and training step (forward + backward, gradients of x and all weights) through "
@@ -346,30 +367,30 @@ def tree_shapes_markdown(out: dict) -> str:
              "call (one call waited for), median of samples interleaved round by round over all layers "
              "(`fffjax.bench.side_by_side`); in brackets the dense FF of width 4095's time "
              "over the layer's (above 1: the FFF layer is faster). Quality: validation perplexity of the tiny "
-             f"causal decoder trained on 2 CPU cores (`{out.get('quality_source', QUALITY.name)}`, mean ± sd over "
-             "seeds; its dense twin in brackets); n/a where that experiment has no such shape. "
-             f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}.", ""]
+             "causal decoder (H = 64) trained on 2 CPU cores with this shape of tree, one column per experiment "
+             f"({sources}; mean ± sd over seeds where there are several; its dense twin in brackets); n/a where "
+             f"an experiment has no such shape. GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}.", ""]
+    quality_head = "".join(f" | perplexity, {c['tokens'] / 1e6:.1f}M tokens" for c in columns)
     for dname in dict.fromkeys(r["dtype"] for r in rows):
         for n in sorted({r["tokens"] for r in rows if r["dtype"] == dname}):
             sel = {r["layer"]: r for r in rows if r["dtype"] == dname and r["tokens"] == n}
             dense = sel.get("dense4095")
             lines += [f"## {dname}, {n} tokens", "",
-                      "| layer | neurons | on a path | forward ms | training step ms "
-                      "| decoder (tiny, CPU) perplexity |",
-                      "|---|---:|---:|---:|---:|---:|"]
+                      f"| layer | neurons | on a path | forward ms | training step ms{quality_head} |",
+                      "|---|---:|---:|---:|---:" + "|---:" * len(columns) + "|"]
             for layer, r in sel.items():
                 if layer == "dense4095":
-                    neurons, active, q = 4095, 4095, "–"
+                    neurons, active, quality = 4095, 4095, ["–"] * len(columns)
                 else:
                     k, d = LAYERS[layer]
                     neurons, active = k * (2 ** (d + 1) - 1), k * (d + 1)
-                    qd = quality.get(layer)
-                    q = f"{qd['perplexity']:.1f} ± {qd['sd']:.1f} ({qd['dense']:.1f})" if qd else "n/a"
+                    quality = [_quality_cell(c, layer) for c in columns]
                 fwd_cell, train_cell = f"{r['forward_ms']:.3f}", f"{r['train_ms']:.3f}"
                 if dense and layer != "dense4095":
                     fwd_cell += f" ({dense['forward_ms'] / r['forward_ms']:.1f}x)"
                     train_cell += f" ({dense['train_ms'] / r['train_ms']:.1f}x)"
-                lines.append(f"| {layer} | {neurons} | {active} | {fwd_cell} | {train_cell} | {q} |")
+                lines.append(f"| {layer} | {neurons} | {active} | {fwd_cell} | {train_cell} |"
+                             + "".join(f" {q} |" for q in quality))
             load = next(iter(sel.values())).get("load_average_1min")
             if load:
                 lines += ["", f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after (the machine's other "
@@ -610,6 +631,15 @@ def merge(paths, folder) -> dict:
     return out
 
 
+def redraw_tree_shapes(path: Path) -> dict:
+    """The tree-shape report at ``path`` with its quality columns read again from ``QUALITY_SOURCES``,
+    written back beside it (json and md); its timings are kept as they are."""
+    out = {**json.loads(path.read_text()), "quality": quality_columns()}
+    out.pop("quality_source", None)
+    bench.write_results(path.parent, path.stem, report=out, markdown=tree_shapes_markdown(out))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).resolve().parent / "results")))
@@ -619,6 +649,9 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true", help="only the per-stage times of the Pallas path")
     parser.add_argument("--tree-shapes", action="store_true",
                         help="only the tree-shape table (tree_shapes_{gpu,cpu}); --layers defaults to all four")
+    parser.add_argument("--from-json", default=None, metavar="JSON",
+                        help="with --tree-shapes: rewrite that table (json and md, beside it) with the decoder "
+                             "experiments' current quality, timing nothing")
     parser.add_argument("--budget-s", type=float, default=3.0, help="seconds per variant in --tree-shapes")
     parser.add_argument("--rounds", type=int, default=15, help="most samples per variant in --tree-shapes")
     parser.add_argument("--layers", nargs="+", default=None, choices=list(LAYERS),
@@ -643,6 +676,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         merge(args.merge, args.out)
+        return
+    if args.tree_shapes and args.from_json:
+        redraw_tree_shapes(Path(args.from_json))
         return
     if args.tree_shapes:
         tree_shapes(args, argv)
