@@ -64,7 +64,8 @@ LAYERS = {"1x11": (1, 11), "4x9": (4, 9), "16x7": (16, 7), "128x4": (128, 4)}
 DEFAULT_LAYERS = ("1x11", "128x4")
 # Decoder experiments whose validation perplexity the tree-shape table shows, one column each.
 QUALITY_SOURCES = tuple(Path(__file__).resolve().parent / "results" / name
-                        for name in ("decoder_lm_cpu.json", "decoder_lm_cpu_3000.json"))
+                        for name in ("decoder_lm_cpu.json", "decoder_lm_cpu_3000.json",
+                                     "decoder_lm_cpu_3000_baselines.json"))
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -370,7 +371,8 @@ def tree_shapes_markdown(out: dict) -> str:
              "causal decoder (H = 64) trained on 2 CPU cores with this shape of tree, one column per experiment "
              f"({sources}; mean ± sd over seeds where there are several; its dense twin in brackets); n/a where "
              f"an experiment has no such shape. GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}.", ""]
-    quality_head = "".join(f" | perplexity, {c['tokens'] / 1e6:.1f}M tokens" for c in columns)
+    quality_head = "".join(f" | perplexity, {c['tokens'] / 1e6:.1f}M tokens (`{Path(c['source']).stem}`)"
+                           for c in columns)
     for dname in dict.fromkeys(r["dtype"] for r in rows):
         for n in sorted({r["tokens"] for r in rows if r["dtype"] == dname}):
             sel = {r["layer"]: r for r in rows if r["dtype"] == dname and r["tokens"] == n}
