@@ -290,15 +290,16 @@ def training_step(forward):
 
 def decoder_quality(path: Path) -> dict | None:
     """One decoder experiment's quality by layer shape: ``{"source", "tokens", "seeds", "layers":
-    {layer: {"perplexity", "sd", "dense"}}}`` from its ``tiny-fff-KxD`` variants (validation perplexity,
-    mean and standard deviation over seeds) beside its dense twin; None when the file is missing."""
+    {layer: {"perplexity", "sd", "dense", "seeds"}}}`` from its ``tiny-fff-KxD`` variants (validation
+    perplexity, mean and standard deviation over seeds) beside its dense twin; None when the file is missing."""
     if not path.exists():
         return None
     variants = json.loads(path.read_text())["variants"]
     dense = variants.get("tiny-dense", {}).get("perplexity_mean")
     fff = {name.removeprefix("tiny-fff-"): v for name, v in variants.items() if name.startswith("tiny-fff-")}
     some = next(iter(variants.values()))
-    return {"source": path.name, "tokens": some["tokens"], "seeds": max(len(v["seeds"]) for v in fff.values()),
+    seeds = max((len(v["seeds"]) for v in fff.values()), default=0)
+    return {"source": path.name, "tokens": some["tokens"], "seeds": seeds,
             "layers": {layer: {"perplexity": v["perplexity_mean"], "sd": v["perplexity_sd"], "dense": dense,
                                "seeds": len(v["seeds"])} for layer, v in fff.items()}}
 
@@ -673,6 +674,8 @@ def main(argv=None):
                         help="implementations not to time, e.g. xla_gather train_xla_gather (at 128x4 and "
                              "2^20 tokens the gather path needs more memory than a GPU has)")
     args = parser.parse_args(argv)
+    if args.from_json and not args.tree_shapes:
+        parser.error("--from-json redraws a tree-shape table: pass it with --tree-shapes")
     if args.layers is None:
         args.layers = list(LAYERS) if args.tree_shapes else list(DEFAULT_LAYERS)
     os.makedirs(args.out, exist_ok=True)
