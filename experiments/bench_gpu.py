@@ -638,7 +638,6 @@ def redraw_tree_shapes(path: Path) -> dict:
     """The tree-shape report at ``path`` with its quality columns read again from ``QUALITY_SOURCES``,
     written back beside it (json and md); its timings are kept as they are."""
     out = {**json.loads(path.read_text()), "quality": quality_columns()}
-    out.pop("quality_source", None)
     bench.write_results(path.parent, path.stem, report=out, markdown=tree_shapes_markdown(out))
     return out
 
