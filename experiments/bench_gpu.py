@@ -65,7 +65,7 @@ DEFAULT_LAYERS = ("1x11", "128x4")
 # Decoder experiments whose validation perplexity the tree-shape table shows, one column each.
 QUALITY_SOURCES = tuple(Path(__file__).resolve().parent / "results" / name
                         for name in ("decoder_lm_cpu.json", "decoder_lm_cpu_3000.json",
-                                     "decoder_lm_cpu_3000_baselines.json"))
+                                     "decoder_lm_cpu_3000_baselines.json", "decoder_lm_cpu_128x4.json"))
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
