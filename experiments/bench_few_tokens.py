@@ -22,7 +22,10 @@ included), median of samples interleaved round by round (:func:`fffjax.bench.sid
 jitted loop: ``--chain`` calls inside one ``fori_loop`` (:func:`fffjax.bench.chained`), without the
 host's dispatch, as the layer costs inside a model's jitted decode step loop. Unrolled: the same calls
 written out one after another in one jitted program (``unroll=True``), as a model's layers follow each
-other inside a step, without the loop's fixed cost per iteration. FFF outputs
+other inside a step, without the loop's fixed cost per iteration; these two read one set of weights,
+which stays in a GPU's L2 cache (a 1x11 layer is 12.6 MB in bfloat16). As a model's layers: ``--layer-sets``
+calls in one jitted program, each with its own weights (:func:`fffjax.bench.chained_layers`), so that
+the weights come from HBM as in a model's step. FFF outputs
 are checked against the float32 reference before timing (tokens with a routing logit within 1e-3 of
 0 left out: bfloat16 may send them either way).
 
@@ -67,13 +70,39 @@ def dense(x, w1, b1, w2, b2):
     return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
 
 
+def fff_weights(key, layer: str, dtype) -> tuple:
+    """``(w_in, b_in, w_out)`` of one FFF-v2 layer of shape ``layer`` at H = :data:`WIDTH`."""
+    n_trees, depth = LAYERS[layer]
+    p = v2.init(key, WIDTH, depth, n_trees=n_trees, dtype=dtype)
+    return p["w_in"], p["b_in"], p["w_out"]
+
+
+def dense_weights(key, dtype) -> tuple:
+    """``(w1, b1, w2, b2)`` of the dense FF of width :data:`DENSE_WIDTH` (the arguments of :func:`dense`)."""
+    k1, k2 = jax.random.split(key)
+    return (jax.random.normal(k1, (WIDTH, DENSE_WIDTH), dtype) * 0.03, jnp.zeros((DENSE_WIDTH,), dtype),
+            jax.random.normal(k2, (DENSE_WIDTH, WIDTH), dtype) * 0.03, jnp.zeros((WIDTH,), dtype))
+
+
+def layer_sets(calls, layer: str, dtype, n_sets: int, seed: int = 0) -> dict[str, list[tuple]]:
+    """Each variant's arguments for :func:`fffjax.bench.chained_layers`: its input beside ``n_sets`` distinct
+    weight sets of its kind (FFF or dense), the first being the one it is otherwise timed with."""
+    keys = jax.random.split(jax.random.key(seed + 1), 2 * n_sets)
+    fff = [fff_weights(k, layer, dtype) for k in keys[:n_sets]]
+    dense_sets = [dense_weights(k, dtype) for k in keys[n_sets:]]
+    sets = {}
+    for name, (_, args) in calls.items():
+        others = dense_sets if name.startswith("dense") else fff
+        sets[name] = [args] + [(args[0], *w) for w in others[1:]]
+    return sets
+
+
 def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, only: list[str] | None = None):
     """``({name: (jitted fn, args)}, (x, weights, kwargs))`` for one layer and token count; ``kernels``:
     with the forced Pallas variants (interpreted off a GPU); ``only``: keep just these variant names."""
     n_trees, depth = LAYERS[layer]
     k_p, k_x, k_d = jax.random.split(jax.random.key(seed), 3)
-    p = v2.init(k_p, WIDTH, depth, n_trees=n_trees, dtype=dtype)
-    w = (p["w_in"], p["b_in"], p["w_out"])
+    w = fff_weights(k_p, layer, dtype)
     x = jax.random.normal(k_x, (n_tokens, WIDTH), dtype)
     kw = {"depth": depth, "n_trees": n_trees}
     fns = {"fff_default": jax.jit(lambda x, a, b, c: fffjax.fff_v2_hard(x, a, b, c, **kw))}
@@ -107,10 +136,7 @@ def variants(layer: str, n_tokens: int, dtype, kernels: bool, seed: int = 0, onl
             fns["fff_walk_tree_rows"] = forced(fwd.walk_config(n_tokens, n_trees, rows))
         fns["fff_above_threshold"] = forced(fwd.default_config(depth, n_trees, fwd.WALK_MAX_TOKENS + 1, dtype))
     calls = {name: (fn, (x, *w)) for name, fn in fns.items()}
-    k1, k2 = jax.random.split(k_d)
-    dense_w = (jax.random.normal(k1, (WIDTH, DENSE_WIDTH), dtype) * 0.03, jnp.zeros((DENSE_WIDTH,), dtype),
-               jax.random.normal(k2, (DENSE_WIDTH, WIDTH), dtype) * 0.03, jnp.zeros((WIDTH,), dtype))
-    calls[f"dense_{DENSE_WIDTH}"] = (jax.jit(dense), (x, *dense_w))
+    calls[f"dense_{DENSE_WIDTH}"] = (jax.jit(dense), (x, *dense_weights(k_d, dtype)))
     if only:
         calls = {k: v for k, v in calls.items() if k in only or k == f"dense_{DENSE_WIDTH}"}
     return calls, (x, w, kw)
@@ -164,26 +190,32 @@ def run(args, argv=None, on_cell=None) -> dict:
                       for k, (fn, a) in calls.items()}
             unrolled = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s, unroll=True)
                         for k, (fn, a) in calls.items()}
+            sets = layer_sets(calls, layer, dtype, args.layer_sets)
+            layers = {k: bench.chained_layers(fn, sets[k], budget_s=args.budget_s) for k, (fn, _) in calls.items()}
             dense = f"dense_{DENSE_WIDTH}"
             for name, t in times.items():
                 rows.append({"layer": layer, "tokens": n, "impl": name, "us": t.median_s * 1e6,
                              "min_us": t.min_s * 1e6, "samples": len(t.samples_s),
                              "vs_dense": t.median_s / times[dense].median_s, "device_us": device[name] * 1e6,
                              "device_vs_dense": device[name] / device[dense], "unrolled_us": unrolled[name] * 1e6,
-                             "unrolled_vs_dense": unrolled[name] / unrolled[dense], "max_rel_error": errors.get(name),
+                             "unrolled_vs_dense": unrolled[name] / unrolled[dense], "layers_us": layers[name] * 1e6,
+                             "layers_vs_dense": layers[name] / layers[dense], "max_rel_error": errors.get(name),
                              "first_call_s": compile_s[name]})
-            log(f"{layer} T={n}: " + ", ".join(f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f}, "
-                                               f"unrolled {unrolled[k] * 1e6:.1f})" for k, t in times.items()))
+            log(f"{layer} T={n}: " + ", ".join(
+                f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f}, unrolled {unrolled[k] * 1e6:.1f}, "
+                f"{args.layer_sets} layers {layers[k] * 1e6:.1f})" for k, t in times.items()))
             if on_cell:
                 on_cell({**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH,
-                         "results": rows})
+                         "layer_sets": args.layer_sets, "results": rows})
     env["load_average_1min_after"] = os.getloadavg()[0]
-    return {**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH, "results": rows}
+    return {**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH,
+            "layer_sets": args.layer_sets, "results": rows}
 
 
 # (time key, ratio key, title) of each time per call the tables show
 TIMES = (("us", "vs_dense", "latency of one call"), ("device_us", "device_vs_dense", "per call in a jitted loop"),
-         ("unrolled_us", "unrolled_vs_dense", "per call unrolled in one jitted program"))
+         ("unrolled_us", "unrolled_vs_dense", "per call unrolled in one jitted program"),
+         ("layers_us", "layers_vs_dense", "per call over distinct weights, as a model's layers"))
 
 
 def markdown(out: dict) -> str:
@@ -193,7 +225,9 @@ def markdown(out: dict) -> str:
              f"H = {out['width']}, {out['dtype']}, weights passed as jit arguments; microseconds per call: the "
              "latency of one call waited for (dispatch included, median of interleaved samples), the time per "
              "call inside a jitted loop (no dispatch, as inside a model's jitted step loop) and per call of the "
-             "same calls unrolled in one jitted program (no loop, as a model's layers); in brackets the time over "
+             "same calls unrolled in one jitted program (no loop; the weights stay in the GPU's L2 cache when they "
+             f"fit) and per call of {out.get('layer_sets', '?')} calls in one jitted program that each read their "
+             "own weights (as a model's layers: read from HBM once they exceed the cache); in brackets the time over "
              f"the dense FF of width {out['dense_width']} (XLA) at the same token count, timed the same way. "
              "`fff_default` is `fffjax.fff_v2_hard` with the default implementation. "
              f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}; 1-minute load average "
@@ -245,12 +279,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--budget-s", type=float, default=0.5, help="time per variant per token count")
     parser.add_argument("--chain", type=int, default=16, help="calls per jitted loop of the device-time column")
+    parser.add_argument("--layer-sets", type=int, default=16,
+                        help="distinct weight sets (calls) of the column timed as a model's layers")
     parser.add_argument("--kernels", action="store_true",
                         help="time the forced Pallas variants off a GPU too (interpret mode: a smoke run only)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help="time only these variants (the dense layer always runs; default: all)")
     parser.add_argument("--out", default=None, help="folder for few_tokens_{cpu,gpu}.{json,md} (default: print only)")
     args = parser.parse_args(argv)
+    for flag, value in (("--chain", args.chain), ("--layer-sets", args.layer_sets)):
+        if value < 1:
+            parser.error(f"{flag}: expected a positive number of calls, got {value}")
     name = "few_tokens_gpu" if jax.default_backend() == "gpu" else "few_tokens_cpu"
 
     def save(out):

@@ -129,6 +129,29 @@ def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats
     return stream(jax.jit(looped), *args, calls=None, budget_s=budget_s, repeats=repeats) / calls
 
 
+
+def chained_layers(fn: Callable, arg_sets: Sequence[tuple], *, budget_s: float = 0.3, repeats: int = 3) -> float:
+    """Device seconds per call of ``fn``, one call per argument tuple of ``arg_sets`` written out in order
+    in one jitted program, as a model's layers each read their own weights.
+
+    Unlike :func:`chained`, whose calls all read one set of weights (which stays in a GPU's L2 cache when
+    it fits), the calls here read ``len(arg_sets)`` distinct sets: with more bytes than the cache holds,
+    each call finds its weights in HBM, as in a model's step. Each call's inputs pass through an
+    optimization barrier together with the previous call's output, so XLA can neither reorder, merge nor
+    drop a call. Timed by :func:`stream` (``calls=None``, ``budget_s``, ``repeats``).
+    """
+    _check_positive(calls=len(arg_sets))
+
+    def layers(*sets):
+        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *sets[0]))
+        for args in sets:
+            args, out = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+
+    return stream(jax.jit(layers), *arg_sets, calls=None, budget_s=budget_s, repeats=repeats) / len(arg_sets)
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """One variant's times in :func:`side_by_side`, per call.

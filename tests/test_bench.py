@@ -30,6 +30,20 @@ def test_latency_stream_chained_return_positive_seconds(tiny):
     assert _positive_finite(bench.chained(fn, x, calls=4, budget_s=0.01, repeats=2, unroll=True))
 
 
+
+def test_chained_layers_calls_each_weight_set_in_order():
+    traced = []
+
+    def fn(x, w):
+        traced.append(w.shape)
+        return jnp.sum(x) * w
+
+    sets = [(jnp.ones((3,)), jnp.ones((n, n))) for n in (2, 3, 4)]
+    assert _positive_finite(bench.chained_layers(fn, sets, budget_s=0.01, repeats=2))
+    assert traced[-3:] == [(2, 2), (3, 3), (4, 4)]   # after eval_shape's trace of the first set, one call per set
+    with pytest.raises(ValueError, match="calls"):
+        bench.chained_layers(fn, [], budget_s=0.01)
+
 def test_latency_waits_for_every_call_and_stream_only_sends():
     sent = []
 

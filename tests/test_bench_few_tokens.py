@@ -11,7 +11,7 @@ def test_bench_few_tokens_times_the_walk_variants(tmp_path, capfd, monkeypatch):
     # against the float32 reference before it is timed.
     argv = ["bench", "few_tokens", "--layers", "4x9", "--tokens", "1", "--kernels", "--variants", "fff_default",
             "fff_walk_tree_rows", "fff_walk_dense4", "--budget-s", "0.01", "--rounds", "2", "--chain", "2",
-            "--out", str(tmp_path)]
+            "--layer-sets", "2", "--out", str(tmp_path)]
     assert cli.main(argv) == 0, capfd.readouterr().err[-3000:]
     report = json.loads((tmp_path / "few_tokens_cpu.json").read_text())
     rows = {row["impl"]: row for row in report["results"]}
@@ -19,5 +19,7 @@ def test_bench_few_tokens_times_the_walk_variants(tmp_path, capfd, monkeypatch):
     for name in ("fff_default", "fff_walk_tree_rows", "fff_walk_dense4"):
         assert rows[name]["max_rel_error"] < 1e-4
         assert rows[name]["us"] > 0 and rows[name]["device_us"] > 0 and rows[name]["unrolled_us"] > 0
+        assert rows[name]["layers_us"] > 0
     text = (tmp_path / "few_tokens_cpu.md").read_text()
     assert "| fff_walk_tree_rows |" in text and "## 4x9: per call unrolled in one jitted program" in text
+    assert "## 4x9: per call over distinct weights, as a model's layers" in text
