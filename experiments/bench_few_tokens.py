@@ -20,12 +20,10 @@ Every variant is jitted with its weights as arguments, as users call it:
 Three times per call. Latency: wall time of one jitted call until its output is ready (dispatch
 included), median of samples interleaved round by round (:func:`fffjax.bench.side_by_side`). In a
 jitted loop: ``--chain`` calls inside one ``fori_loop`` (:func:`fffjax.bench.chained`), without the
-host's dispatch, as the layer costs inside a model's jitted decode step loop. Unrolled: the same calls
-written out one after another in one jitted program (``unroll=True``), as a model's layers follow each
-other inside a step, without the loop's fixed cost per iteration; these two read one set of weights,
-which stays in a GPU's L2 cache (a 1x11 layer is 12.6 MB in bfloat16). As a model's layers: ``--layer-sets``
-calls in one jitted program, each with its own weights (:func:`fffjax.bench.chained_layers`), so that
-the weights come from HBM as in a model's step. FFF outputs
+host's dispatch; every call reads one set of weights, which stays in a GPU's L2 cache (a 1x11 layer is
+12.6 MB in bfloat16), and each iteration pays the loop's fixed cost. As a model's layers: ``--layer-sets``
+calls written out one after another in one jitted program, each with its own weights
+(:func:`fffjax.bench.chained_layers`), so that the weights come from HBM as in a model's step. FFF outputs
 are checked against the float32 reference before timing (tokens with a routing logit within 1e-3 of
 0 left out: bfloat16 may send them either way).
 
@@ -188,8 +186,6 @@ def run(args, argv=None, on_cell=None) -> dict:
                                        rounds=args.rounds, budget_s=args.budget_s, warmup=3)
             device = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s)
                       for k, (fn, a) in calls.items()}
-            unrolled = {k: bench.chained(fn, *a, calls=args.chain, budget_s=args.budget_s, unroll=True)
-                        for k, (fn, a) in calls.items()}
             sets = layer_sets(calls, layer, dtype, args.layer_sets)
             layers = {k: bench.chained_layers(fn, sets[k], budget_s=args.budget_s) for k, (fn, _) in calls.items()}
             dense = f"dense_{DENSE_WIDTH}"
@@ -197,13 +193,12 @@ def run(args, argv=None, on_cell=None) -> dict:
                 rows.append({"layer": layer, "tokens": n, "impl": name, "us": t.median_s * 1e6,
                              "min_us": t.min_s * 1e6, "samples": len(t.samples_s),
                              "vs_dense": t.median_s / times[dense].median_s, "device_us": device[name] * 1e6,
-                             "device_vs_dense": device[name] / device[dense], "unrolled_us": unrolled[name] * 1e6,
-                             "unrolled_vs_dense": unrolled[name] / unrolled[dense], "layers_us": layers[name] * 1e6,
+                             "device_vs_dense": device[name] / device[dense], "layers_us": layers[name] * 1e6,
                              "layers_vs_dense": layers[name] / layers[dense], "max_rel_error": errors.get(name),
                              "first_call_s": compile_s[name]})
             log(f"{layer} T={n}: " + ", ".join(
-                f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f}, unrolled {unrolled[k] * 1e6:.1f}, "
-                f"{args.layer_sets} layers {layers[k] * 1e6:.1f})" for k, t in times.items()))
+                f"{k} {t.median_s * 1e6:.1f} us (in a loop {device[k] * 1e6:.1f}, {args.layer_sets} layers "
+                f"{layers[k] * 1e6:.1f})" for k, t in times.items()))
             if on_cell:
                 on_cell({**head, **env, "dtype": dtype.name, "width": WIDTH, "dense_width": DENSE_WIDTH,
                          "layer_sets": args.layer_sets, "results": rows})
@@ -214,7 +209,6 @@ def run(args, argv=None, on_cell=None) -> dict:
 
 # (time key, ratio key, title) of each time per call the tables show
 TIMES = (("us", "vs_dense", "latency of one call"), ("device_us", "device_vs_dense", "per call in a jitted loop"),
-         ("unrolled_us", "unrolled_vs_dense", "per call unrolled in one jitted program"),
          ("layers_us", "layers_vs_dense", "per call over distinct weights, as a model's layers"))
 
 
@@ -224,10 +218,10 @@ def markdown(out: dict) -> str:
     lines = [f"# Few-token latency of one FFF-v2 layer call ({device})", "", bench.provenance_line(out), "",
              f"H = {out['width']}, {out['dtype']}, weights passed as jit arguments; microseconds per call: the "
              "latency of one call waited for (dispatch included, median of interleaved samples), the time per "
-             "call inside a jitted loop (no dispatch, as inside a model's jitted step loop) and per call of the "
-             "same calls unrolled in one jitted program (no loop; the weights stay in the GPU's L2 cache when they "
-             f"fit) and per call of {out.get('layer_sets', '?')} calls in one jitted program that each read their "
-             "own weights (as a model's layers: read from HBM once they exceed the cache); in brackets the time over "
+             "call inside a jitted loop of calls on one set of weights (no dispatch; the weights stay in a GPU's L2 "
+             f"cache) and per call of {out.get('layer_sets', '?')} calls written out in one jitted program that each "
+             "read their own weights (as a model's layers: read from HBM once they exceed the cache); in brackets "
+             "the time over "
              f"the dense FF of width {out['dense_width']} (XLA) at the same token count, timed the same way. "
              "`fff_default` is `fffjax.fff_v2_hard` with the default implementation. "
              f"GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}; 1-minute load average "

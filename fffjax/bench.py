@@ -105,17 +105,32 @@ def stream(fn: Callable, *args, calls: int | None = 10, warmup: int = 2, repeats
     return statistics.median(runs)
 
 
-def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats: int = 3,
-            unroll: bool = False) -> float:
+def calls_in_order(fn: Callable, arg_sets: Sequence[tuple]) -> list:
+    """The outputs of ``fn(*args)`` for each tuple of ``arg_sets``, traced as calls in that order.
+
+    Each call's inputs pass through an optimization barrier together with the previous call's output,
+    and every barrier's output is returned, so that XLA can neither reorder, merge nor drop a call (an
+    output nothing reads lets XLA prune it from the barrier and then remove its call as dead code).
+    """
+    out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *arg_sets[0]))
+    outs = []
+    for args in arg_sets:
+        args, out = jax.lax.optimization_barrier((args, out))
+        outs.append(out)
+        out = fn(*args)
+    return outs[1:] + [out]
+
+
+def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats: int = 3) -> float:
     """Device seconds per call of ``fn(*args)``, without the host's dispatch.
 
     ``calls`` calls run in one jitted ``fori_loop``; each call's inputs pass through an optimization
     barrier together with the previous call's outputs, so XLA can neither hoist a call out of the
     loop nor drop one. The loop is timed by :func:`stream` (``calls=None``, ``budget_s``,
     ``repeats``) and the time divided by ``calls``. For stages of tens of microseconds, whose
-    dispatch would otherwise dominate. ``unroll=True`` writes the calls out one after another in the
-    jitted program instead of a loop, as a model's layers are: a GPU's loop bounds each iteration with
-    its own control flow, a fixed cost per call that a straight-line program does not pay.
+    dispatch would otherwise dominate. A GPU's loop bounds each iteration with its own control flow, a
+    fixed cost per call that a model's layers, written out one after another, do not pay:
+    :func:`chained_layers` times calls that way.
     """
     _check_positive(calls=calls)
 
@@ -124,32 +139,24 @@ def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats
             return jax.lax.optimization_barrier((state[0], fn(*state[0])))
 
         out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
-        return jax.lax.fori_loop(0, calls, body, (args, out), unroll=unroll)[1]
+        return jax.lax.fori_loop(0, calls, body, (args, out))[1]
 
     return stream(jax.jit(looped), *args, calls=None, budget_s=budget_s, repeats=repeats) / calls
 
 
-
 def chained_layers(fn: Callable, arg_sets: Sequence[tuple], *, budget_s: float = 0.3, repeats: int = 3) -> float:
     """Device seconds per call of ``fn``, one call per argument tuple of ``arg_sets`` written out in order
-    in one jitted program, as a model's layers each read their own weights.
+    in one jitted program (:func:`calls_in_order`), as a model's layers each read their own weights.
 
     Unlike :func:`chained`, whose calls all read one set of weights (which stays in a GPU's L2 cache when
-    it fits), the calls here read ``len(arg_sets)`` distinct sets: with more bytes than the cache holds,
-    each call finds its weights in HBM, as in a model's step. Each call's inputs pass through an
-    optimization barrier together with the previous call's output, so XLA can neither reorder, merge nor
-    drop a call. Timed by :func:`stream` (``calls=None``, ``budget_s``, ``repeats``).
+    it fits) inside a loop, the calls here are straight-line code and read ``len(arg_sets)`` distinct
+    sets: with more bytes than the cache holds, each call finds its weights in HBM, as in a model's step.
+    Distinct buffers also keep XLA from merging calls whose inputs it could prove equal. Timed by
+    :func:`stream` (``calls=None``, ``budget_s``, ``repeats``).
     """
     _check_positive(calls=len(arg_sets))
-
-    def layers(*sets):
-        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *sets[0]))
-        for args in sets:
-            args, out = jax.lax.optimization_barrier((args, out))
-            out = fn(*args)
-        return out
-
-    return stream(jax.jit(layers), *arg_sets, calls=None, budget_s=budget_s, repeats=repeats) / len(arg_sets)
+    program = jax.jit(lambda *sets: calls_in_order(fn, sets))
+    return stream(program, *arg_sets, calls=None, budget_s=budget_s, repeats=repeats) / len(arg_sets)
 
 
 @dataclasses.dataclass(frozen=True)
