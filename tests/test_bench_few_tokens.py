@@ -23,3 +23,10 @@ def test_bench_few_tokens_times_the_walk_variants(tmp_path, capfd, monkeypatch):
     text = (tmp_path / "few_tokens_cpu.md").read_text()
     assert "| fff_walk_tree_rows |" in text and "## 4x9: per call in a jitted loop" in text
     assert "## 4x9: per call over distinct weights, as a model's layers" in text
+
+
+
+def test_bench_few_tokens_refuses_no_layer_calls(capfd, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cli.main(["bench", "few_tokens", "--layer-sets", "0"]) != 0
+    assert "--layer-sets: expected a positive number of calls, got 0" in capfd.readouterr().err
