@@ -55,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import fffjax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from fffjax import bench, v2  # noqa: E402
+from fffjax.models.decoder import DECODER_CONFIGS  # noqa: E402
 from pallas_kernels.fff_v2_forward import FffV2ForwardConfig  # noqa: E402
 from pallas_kernels.fff_v2_forward import default_config as fwd_default_config  # noqa: E402
 from pallas_kernels.fff_v2_train import FffV2TrainConfig  # noqa: E402
@@ -65,7 +66,8 @@ DEFAULT_LAYERS = ("1x11", "128x4")
 # Decoder experiments whose validation perplexity the tree-shape table shows, one column each.
 QUALITY_SOURCES = tuple(Path(__file__).resolve().parent / "results" / name
                         for name in ("decoder_lm_cpu.json", "decoder_lm_cpu_3000.json",
-                                     "decoder_lm_cpu_3000_baselines.json", "decoder_lm_cpu_128x4.json"))
+                                     "decoder_lm_cpu_3000_baselines.json", "decoder_lm_cpu_128x4.json",
+                                     "decoder_lm_gpu.json"))
 DENSE_WIDTHS = (4095, 4096, 3072)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -289,17 +291,22 @@ def training_step(forward):
 
 
 def decoder_quality(path: Path) -> dict | None:
-    """One decoder experiment's quality by layer shape: ``{"source", "tokens", "seeds", "layers":
-    {layer: {"perplexity", "sd", "dense", "seeds"}}}`` from its ``tiny-fff-KxD`` variants (validation
-    perplexity, mean and standard deviation over seeds) beside its dense twin; None when the file is missing."""
+    """One decoder experiment's quality by layer shape: ``{"source", "size", "width", "device", "tokens",
+    "seeds", "layers": {layer: {"perplexity", "sd", "dense", "seeds"}}}`` from its ``SIZE-fff-KxD`` variants
+    (validation perplexity, mean and standard deviation over seeds) beside its dense twin ``SIZE-dense``;
+    None when the file is missing."""
     if not path.exists():
         return None
-    variants = json.loads(path.read_text())["variants"]
-    dense = variants.get("tiny-dense", {}).get("perplexity_mean")
-    fff = {name.removeprefix("tiny-fff-"): v for name, v in variants.items() if name.startswith("tiny-fff-")}
+    report = json.loads(path.read_text())
+    variants = report["variants"]
+    size = next(name.removesuffix("-dense") for name in variants if name.endswith("-dense"))
+    dense = variants[f"{size}-dense"]["perplexity_mean"]
+    prefix = f"{size}-fff-"
+    fff = {name.removeprefix(prefix): v for name, v in variants.items() if name.startswith(prefix)}
     some = next(iter(variants.values()))
     seeds = max((len(v["seeds"]) for v in fff.values()), default=0)
-    return {"source": path.name, "tokens": some["tokens"], "seeds": seeds,
+    return {"source": path.name, "size": size, "width": DECODER_CONFIGS[f"{size}-dense"].hidden_size,
+            "device": report["sweeps"][0]["device_kind"], "tokens": some["tokens"], "seeds": seeds,
             "layers": {layer: {"perplexity": v["perplexity_mean"], "sd": v["perplexity_sd"], "dense": dense,
                                "seeds": len(v["seeds"])} for layer, v in fff.items()}}
 
@@ -360,7 +367,8 @@ def _quality_cell(column: dict, layer: str) -> str:
 
 def tree_shapes_markdown(out: dict) -> str:
     rows, columns = out["results"], out.get("quality", [])
-    sources = "; ".join(f"`{c['source']}`: {c['tokens'] / 1e6:.1f}M training tokens, {c['seeds']} seed(s)"
+    sources = "; ".join(f"`{c['source']}`: the `{c['size']}` decoder (H = {c['width']}) on "
+                        f"{c['device']}, {c['tokens'] / 1e6:.1f}M training tokens, {c['seeds']} seed(s)"
                         for c in columns)
     lines = [f"# FFF-v2 tree shapes at H = {WIDTH} ({out['device_kind']})", "", bench.provenance_line(out), "",
              "Each layer has about 4096 neurons (K trees of depth D: K (2^(D+1) - 1)); a token visits K (D + 1) of "
@@ -368,11 +376,12 @@ def tree_shapes_markdown(out: dict) -> str:
              "`fffjax.fff_v2_hard` with the default implementation, jitted with the weights as arguments; ms per "
              "call (one call waited for), median of samples interleaved round by round over all layers "
              "(`fffjax.bench.side_by_side`); in brackets the dense FF of width 4095's time "
-             "over the layer's (above 1: the FFF layer is faster). Quality: validation perplexity of the tiny "
-             "causal decoder (H = 64) trained on 2 CPU cores with this shape of tree, one column per experiment "
+             "over the layer's (above 1: the FFF layer is faster). Quality: validation perplexity of a causal "
+             "decoder trained with this shape of tree, one column per experiment "
              f"({sources}; mean ± sd over seeds where there are several; its dense twin in brackets); n/a where "
              f"an experiment has no such shape. GLIBC_TUNABLES={out.get('glibc_tunables') or '(unset)'}.", ""]
-    quality_head = "".join(f" | perplexity, {c['tokens'] / 1e6:.1f}M tokens (`{Path(c['source']).stem}`)"
+    quality_head = "".join(f" | perplexity, {c['size']}, {c['tokens'] / 1e6:.1f}M tokens "
+                           f"(`{Path(c['source']).stem}`)"
                            for c in columns)
     for dname in dict.fromkeys(r["dtype"] for r in rows):
         for n in sorted({r["tokens"] for r in rows if r["dtype"] == dname}):

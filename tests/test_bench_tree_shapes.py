@@ -27,3 +27,7 @@ def test_tree_shape_redraw_shows_each_decoder_experiments_perplexity(tmp_path, c
     row_1x11 = next(line for line in text.splitlines() if line.startswith("| 1x11 |"))
     assert f"{decoder['tiny-fff-1x11']['perplexity_mean']:.1f} ± " in row_1x11
     assert f"({decoder['tiny-dense']['perplexity_mean']:.1f})" in row_1x11
+    small = json.loads((RESULTS / "decoder_lm_gpu.json").read_text())["variants"]   # another size, another device
+    assert "perplexity, small, " in header
+    assert f"{small['small-fff-1x11']['perplexity_mean']:.1f} ± " in row_1x11
+    assert f"({small['small-dense']['perplexity_mean']:.1f})" in row_1x11
