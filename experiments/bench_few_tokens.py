@@ -85,13 +85,13 @@ def dense_weights(key, dtype) -> tuple:
 def layer_sets(calls, layer: str, dtype, n_sets: int, seed: int = 0) -> dict[str, list[tuple]]:
     """Each variant's arguments for :func:`fffjax.bench.chained_layers`: its input beside ``n_sets`` distinct
     weight sets of its kind (FFF or dense), the first being the one it is otherwise timed with."""
-    keys = jax.random.split(jax.random.key(seed + 1), 2 * n_sets)
-    fff = [fff_weights(k, layer, dtype) for k in keys[:n_sets]]
-    dense_sets = [dense_weights(k, dtype) for k in keys[n_sets:]]
+    keys = jax.random.split(jax.random.key(seed + 1), 2 * (n_sets - 1))
+    fff = [fff_weights(k, layer, dtype) for k in keys[:n_sets - 1]]
+    dense_sets = [dense_weights(k, dtype) for k in keys[n_sets - 1:]]
     sets = {}
     for name, (_, args) in calls.items():
         others = dense_sets if name.startswith("dense") else fff
-        sets[name] = [args] + [(args[0], *w) for w in others[1:]]
+        sets[name] = [args] + [(args[0], *w) for w in others]
     return sets
 
 

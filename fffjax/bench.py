@@ -105,6 +105,11 @@ def stream(fn: Callable, *args, calls: int | None = 10, warmup: int = 2, repeats
     return statistics.median(runs)
 
 
+def _zero_outputs(fn: Callable, *args):
+    """Zeros shaped like ``fn(*args)``'s outputs (traced, not run): the "previous output" of a first call."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+
+
 def calls_in_order(fn: Callable, arg_sets: Sequence[tuple]) -> list:
     """The outputs of ``fn(*args)`` for each tuple of ``arg_sets``, traced as calls in that order.
 
@@ -112,7 +117,7 @@ def calls_in_order(fn: Callable, arg_sets: Sequence[tuple]) -> list:
     and every barrier's output is returned, so that XLA can neither reorder, merge nor drop a call (an
     output nothing reads lets XLA prune it from the barrier and then remove its call as dead code).
     """
-    out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *arg_sets[0]))
+    out = _zero_outputs(fn, *arg_sets[0])
     outs = []
     for args in arg_sets:
         args, out = jax.lax.optimization_barrier((args, out))
@@ -138,8 +143,7 @@ def chained(fn: Callable, *args, calls: int = 16, budget_s: float = 0.3, repeats
         def body(_, state):
             return jax.lax.optimization_barrier((state[0], fn(*state[0])))
 
-        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
-        return jax.lax.fori_loop(0, calls, body, (args, out))[1]
+        return jax.lax.fori_loop(0, calls, body, (args, _zero_outputs(fn, *args)))[1]
 
     return stream(jax.jit(looped), *args, calls=None, budget_s=budget_s, repeats=repeats) / calls
 

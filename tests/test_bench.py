@@ -30,7 +30,6 @@ def test_latency_stream_chained_return_positive_seconds(tiny):
     assert _positive_finite(bench.chained(fn, x, calls=4, budget_s=0.01, repeats=2))
 
 
-
 def test_chained_layers_calls_each_weight_set_in_order():
     traced = []
 
@@ -53,6 +52,7 @@ def test_calls_in_order_keeps_every_call_in_the_compiled_program():
     assert len(re.findall(r"\bdot\(", text)) == 5
     outs = program(*sets)
     assert [float(o[0, 0]) for o in outs] == [8.0 * i for i in range(5)]
+
 
 def test_latency_waits_for_every_call_and_stream_only_sends():
     sent = []

@@ -25,7 +25,6 @@ def test_bench_few_tokens_times_the_walk_variants(tmp_path, capfd, monkeypatch):
     assert "## 4x9: per call over distinct weights, as a model's layers" in text
 
 
-
 def test_bench_few_tokens_refuses_no_layer_calls(capfd, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert cli.main(["bench", "few_tokens", "--layer-sets", "0"]) != 0
